@@ -1,0 +1,270 @@
+//! Encapsulation at TC egress on the underlay: IPIP or VXLAN headers in front of IPv4 packets
+//! headed for a remote node's pod CIDR, then the outer next hop from the kernel's FIB.
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use maps_common::{CounterId, DropReason, NodeConfig, PodRoute, route_mode};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    udp::UdpHdr,
+    vxlan::VxlanHdr,
+};
+
+use crate::{
+    DP_CONFIG, DP_POD_CIDRS,
+    counters::{count, count_peer},
+    csum,
+    parse::{ptr_at, ptr_at_mut},
+};
+
+const AF_INET: u8 = 2;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_UDP: u8 = 17;
+const OUTER_TTL: u8 = 64;
+/// DF bit in the first byte of the IPv4 flags/fragment-offset field.
+const IP_DF: u8 = 0x40;
+/// Source ports the Linux VXLAN device picks from (its default ip_local_port_range).
+const VXLAN_SPORT_MIN: u32 = 32768;
+const VXLAN_SPORT_MAX: u32 = 61000;
+
+/// Everything VXLAN puts between the outer Ethernet header and the inner IPv4 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct VxlanHeaders {
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+    inner_eth: EthHdr,
+}
+const _: () = assert!(core::mem::size_of::<VxlanHeaders>() == 50);
+
+/// Encapsulates the packet if its destination lies in a remote node's encapsulated pod CIDR.
+///
+/// Returns `TC_ACT_OK` for packets it leaves alone (counted as passed or native), the verdict of
+/// the redirect for encapsulated packets, or the reason to drop.
+#[inline(always)]
+pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
+    let len = ctx.len();
+    let Some(cfg) = DP_CONFIG.get(0) else {
+        return Ok(pass(len));
+    };
+    if cfg.node_addr == [0; 4] {
+        return Ok(pass(len));
+    }
+    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
+        return Ok(pass(len));
+    };
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Ok(pass(len));
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
+        return Ok(pass(len));
+    };
+    // SAFETY: ptr_at checked the bounds; copy the 20 bytes before the head moves.
+    let inner = unsafe { *ip };
+    let Some(route) = DP_POD_CIDRS.get(&Key::new(32, inner.dst_addr)) else {
+        return Ok(pass(len));
+    };
+    let route = *route;
+    match route.mode {
+        route_mode::IPIP | route_mode::VXLAN => {}
+        route_mode::NATIVE => {
+            count(CounterId::NativeForward, len);
+            count_peer(route.peer_idx, true, len);
+            return Ok(TC_ACT_OK);
+        }
+        _ => return Ok(pass(len)),
+    }
+    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
+        return Err(DropReason::BadInnerHeader);
+    }
+    encap(ctx, cfg, &route, &inner)?;
+    let counter = if route.mode == route_mode::VXLAN {
+        CounterId::EncapVxlan
+    } else {
+        CounterId::EncapIpip
+    };
+    count(counter, len);
+    count_peer(route.peer_idx, true, len);
+    forward(ctx, cfg, route.node_addr)
+}
+
+#[inline(always)]
+fn pass(len: u32) -> i32 {
+    count(CounterId::Pass, len);
+    TC_ACT_OK
+}
+
+/// Inserts the tunnel headers after the Ethernet header and writes them.
+///
+/// On success the packet is `eth | outer IPv4 | [UDP | VXLAN | inner eth] | inner IPv4 ...`,
+/// GSO metadata updated so a GSO packet is segmented as a tunnel packet. Fails with `TooBig`
+/// when a non-GSO packet would exceed the underlay MTU, `AdjustFailed` when the kernel refuses
+/// the room, `Truncated` when the new headers are not in the linear area.
+#[inline(always)]
+fn encap(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+) -> Result<(), DropReason> {
+    let vxlan = route.mode == route_mode::VXLAN;
+    let overhead: u32 = if vxlan {
+        maps_common::VXLAN_OVERHEAD
+    } else {
+        maps_common::IPIP_OVERHEAD
+    };
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0
+        && cfg.underlay_mtu != 0
+        && ctx.len() - EthHdr::LEN as u32 + overhead > cfg.underlay_mtu
+    {
+        return Err(DropReason::TooBig);
+    }
+
+    let inner_len = u16::from_be_bytes(inner.tot_len);
+    let mut outer = Ipv4Hdr {
+        vihl: 0x45,
+        // RFC 6040 normal mode: DSCP and ECN copied from the inner header.
+        tos: inner.tos,
+        tot_len: inner_len.wrapping_add(overhead as u16).to_be_bytes(),
+        id: inner.id,
+        // RFC 2003: DF copied from the inner header.
+        frags: [inner.frags[0] & IP_DF, 0],
+        ttl: OUTER_TTL,
+        proto: if vxlan { IPPROTO_UDP } else { IPPROTO_IPIP },
+        check: [0; 2],
+        src_addr: cfg.node_addr,
+        dst_addr: route.node_addr,
+    };
+    outer.check = csum::ipv4_header(&outer);
+
+    if !vxlan {
+        ctx.adjust_room(
+            overhead as i32,
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64,
+        )
+        .map_err(|_| DropReason::AdjustFailed)?;
+        // Revalidate after adjust_room: the head moved.
+        let p = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
+        // SAFETY: bounds checked just above.
+        unsafe { *p = outer };
+        return Ok(());
+    }
+
+    // The hash of the inner flow picks the source port, as the Linux VXLAN device does.
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
+        + VXLAN_SPORT_MIN;
+    let hdrs = VxlanHeaders {
+        ip: outer,
+        udp: UdpHdr {
+            src: (sport as u16).to_be_bytes(),
+            dst: cfg.vxlan_port.to_be_bytes(),
+            len: inner_len.wrapping_add(30).to_be_bytes(),
+            // Zero: allowed for UDP over IPv4 and what Calico and Cilium send.
+            check: [0; 2],
+        },
+        vxlan: VxlanHdr {
+            flags: network_types::vxlan::VXLAN_I_FLAG_MASK,
+            _reserved1: [0; 3],
+            vni: [(cfg.vni >> 16) as u8, (cfg.vni >> 8) as u8, cfg.vni as u8],
+            _reserved2: 0,
+        },
+        inner_eth: EthHdr {
+            dst_addr: route.vtep_mac,
+            src_addr: cfg.vtep_mac,
+            ether_type: EtherType::Ipv4 as u16,
+        },
+    };
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+        | encap_l2_len();
+    ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| DropReason::AdjustFailed)?;
+    // Revalidate after adjust_room: the head moved.
+    let p = ptr_at_mut::<VxlanHeaders, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe { *p = hdrs };
+    Ok(())
+}
+
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN)`: the inner L2 header length, in bits 56..63.
+#[inline(always)]
+const fn encap_l2_len() -> u64 {
+    (EthHdr::LEN as u64 & 0xff) << 56
+}
+
+/// Sends the encapsulated packet to the outer next hop that the kernel's FIB and neighbour
+/// table give for the peer.
+///
+/// Returns `TC_ACT_OK` when the next hop is on this interface (MACs rewritten), the redirect
+/// verdict when it is on another interface or its neighbour entry must first be resolved;
+/// `TooBig` when the FIB says the packet exceeds the path MTU, `FibLookupFailed` otherwise.
+#[inline(always)]
+fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, DropReason> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
+    // SAFETY: params lives on the stack for the call.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+            // SAFETY: bounds checked just above.
+            unsafe {
+                (*eth).dst_addr = params.dmac;
+                (*eth).src_addr = params.smac;
+            }
+            if params.ifindex == ifindex {
+                Ok(TC_ACT_OK)
+            } else {
+                // SAFETY: plain helper call.
+                Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32)
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: all-zero is a valid bpf_redir_neigh.
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = AF_INET as u32;
+            // SAFETY: the FIB wrote the next hop's IPv4 address into ipv4_dst.
+            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+            // SAFETY: nh lives on the stack for the call.
+            Ok(unsafe {
+                bpf_redirect_neigh(
+                    params.ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            } as i32)
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::TooBig),
+        _ => Err(DropReason::FibLookupFailed),
+    }
+}

@@ -1,0 +1,97 @@
+//! Entry points and maps of the datapath's kernel programs. Entry points only dispatch; the
+//! work lives in `encap` (TC egress) and `decap` (XDP or TC ingress).
+#![no_std]
+#![no_main]
+
+mod counters;
+mod csum;
+mod decap;
+mod encap;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use maps_common::{
+    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats,
+    PodRoute,
+};
+
+const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
+
+/// This node's settings (one entry); see `maps_common::NodeConfig`.
+#[btf_map]
+pub static DP_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Pod CIDR -> owning node. The agent resizes it with `--max-nodes`.
+#[btf_map]
+pub static DP_POD_CIDRS: LpmTrie<[u8; 4], PodRoute, MAX_NODES> = LpmTrie::new();
+
+/// Underlay address -> known node; decapsulation accepts only these sources.
+#[btf_map]
+pub static DP_NODES: HashMap<[u8; 4], NodeEntry, MAX_NODES> = HashMap::new();
+
+/// Packets and bytes by `CounterId`.
+#[btf_map]
+pub static DP_COUNTERS: PerCpuArray<Counter, { CounterId::COUNT as usize }> = PerCpuArray::new();
+
+/// Dropped packets and bytes by `DropReason`.
+#[btf_map]
+pub static DP_DROPS: PerCpuArray<Counter, { DropReason::COUNT as usize }> = PerCpuArray::new();
+
+/// Traffic per peer node, by `PodRoute::peer_idx`.
+#[btf_map]
+pub static DP_PEER_STATS: PerCpuArray<PeerStats, MAX_NODES> = PerCpuArray::new();
+
+/// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.
+#[classifier]
+pub fn tc_encap_egress(ctx: TcContext) -> i32 {
+    match encap::try_encap(&ctx) {
+        Ok(action) => action,
+        Err(reason) => drop_tc(&ctx, reason),
+    }
+}
+
+/// XDP on the underlay: decapsulates IPIP and VXLAN from known nodes.
+#[xdp]
+pub fn xdp_decap_ingress(ctx: XdpContext) -> u32 {
+    match decap::try_decap_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            let len = (ctx.data_end() - ctx.data()) as u32;
+            counters::count_drop(reason, len);
+            debug!(&ctx, "xdp drop reason={}", reason as u32);
+            XDP_DROP
+        }
+    }
+}
+
+/// TC ingress on the underlay: the same decapsulation where XDP costs more.
+#[classifier]
+pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
+    match decap::try_decap_tc(&ctx) {
+        Ok(action) => action,
+        Err(reason) => drop_tc(&ctx, reason),
+    }
+}
+
+#[inline(always)]
+fn drop_tc(ctx: &TcContext, reason: DropReason) -> i32 {
+    counters::count_drop(reason, ctx.len());
+    debug!(ctx, "tc drop reason={}", reason as u32);
+    TC_ACT_SHOT
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

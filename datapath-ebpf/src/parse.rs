@@ -1,0 +1,49 @@
+//! The one bounds-checked way to reach packet memory, for both XDP and TC contexts.
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// A context whose packet bytes lie between `data()` and `data_end()`.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+/// Returns a pointer to a `T` at `offset`, or `None` when the packet is shorter than
+/// `offset + size_of::<T>()`. Re-call after any change of the packet's head: old pointers are
+/// invalid then.
+#[inline(always)]
+pub fn ptr_at<T, P: Packet>(ctx: &P, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Mutable variant of [`ptr_at`], same contract.
+#[inline(always)]
+pub fn ptr_at_mut<T, P: Packet>(ctx: &P, offset: usize) -> Option<*mut T> {
+    ptr_at::<T, P>(ctx, offset).map(|p| p as *mut T)
+}

@@ -1,0 +1,263 @@
+//! Map keys, values, names and reason codes shared by the kernel programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and no `bool`/enum fields, so
+//! the kernel and userspace agree byte for byte and `bpftool map dump` shows named fields (BTF).
+//! Wire-order fields are `[u8; N]`; everything else is host order.
+#![no_std]
+
+/// Names of the maps, as they appear in the object file, in bpffs and in `bpftool map list`.
+pub mod map_names {
+    /// `Array<NodeConfig, 1>`: this node's own settings.
+    pub const CONFIG: &str = "DP_CONFIG";
+    /// `LpmTrie<[u8; 4], PodRoute>`: pod CIDR -> owning node.
+    pub const POD_CIDRS: &str = "DP_POD_CIDRS";
+    /// `HashMap<[u8; 4], NodeEntry>`: underlay address -> known node (decap accepts only these).
+    pub const NODES: &str = "DP_NODES";
+    /// `PerCpuArray<Counter>` indexed by [`crate::CounterId`].
+    pub const COUNTERS: &str = "DP_COUNTERS";
+    /// `PerCpuArray<Counter>` indexed by [`crate::DropReason`].
+    pub const DROPS: &str = "DP_DROPS";
+    /// `PerCpuArray<PeerStats>` indexed by [`crate::PodRoute::peer_idx`].
+    pub const PEER_STATS: &str = "DP_PEER_STATS";
+    /// All maps the agent pins, in the order `datapath stats` reads them.
+    pub const ALL: [&str; 6] = [CONFIG, POD_CIDRS, NODES, COUNTERS, DROPS, PEER_STATS];
+}
+
+/// Names of the kernel programs (their function names in `datapath-ebpf`).
+pub mod prog_names {
+    /// TC egress on the underlay interface: encapsulates traffic for remote pod CIDRs.
+    pub const TC_ENCAP_EGRESS: &str = "tc_encap_egress";
+    /// XDP on the underlay interface: decapsulates IPIP/VXLAN for this node.
+    pub const XDP_DECAP_INGRESS: &str = "xdp_decap_ingress";
+    /// TC ingress variant of the decapsulation, for drivers where XDP costs more.
+    pub const TC_DECAP_INGRESS: &str = "tc_decap_ingress";
+}
+
+/// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
+/// supported cluster).
+pub const DEFAULT_MAX_NODES: u32 = 5000;
+
+/// Bytes IPIP adds: one outer IPv4 header.
+pub const IPIP_OVERHEAD: u32 = 20;
+/// Bytes VXLAN adds: outer IPv4 + UDP + VXLAN header + inner Ethernet header.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// IANA's VXLAN port, Calico's default.
+pub const VXLAN_PORT_IANA: u16 = 4789;
+/// The Linux VXLAN device's default port, Flannel's default.
+pub const VXLAN_PORT_LINUX: u16 = 8472;
+
+/// `PodRoute::mode`: how traffic to a pod CIDR leaves this node.
+pub mod route_mode {
+    /// Pod CIDR of this node: not touched by the encap program.
+    pub const LOCAL: u8 = 0;
+    /// Reached natively (same-subnet peer under crossSubnet): passed unencapsulated.
+    pub const NATIVE: u8 = 1;
+    /// Encapsulated in IPIP (IP protocol 4).
+    pub const IPIP: u8 = 2;
+    /// Encapsulated in VXLAN.
+    pub const VXLAN: u8 = 3;
+
+    /// Human name of a mode, for `datapath routes` and metrics.
+    pub const fn name(mode: u8) -> &'static str {
+        match mode {
+            LOCAL => "local",
+            NATIVE => "native",
+            IPIP => "ipip",
+            VXLAN => "vxlan",
+            _ => "unknown",
+        }
+    }
+}
+
+/// `NodeConfig::flags` bits.
+pub mod config_flags {
+    /// Compute the outer UDP checksum of VXLAN packets instead of sending zero.
+    pub const UDP_CSUM: u32 = 1 << 0;
+    /// After decapsulation, require the inner source to lie in the sender's pod CIDR.
+    pub const INNER_SRC_CHECK: u32 = 1 << 1;
+}
+
+/// This node's settings; the single entry of `DP_CONFIG`. All zero means "not configured yet":
+/// the programs then pass every packet untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's underlay IPv4 address, wire order.
+    pub node_addr: [u8; 4],
+    /// VXLAN network identifier (24 bits used), host order.
+    pub vni: u32,
+    /// This node's VTEP MAC: inner source MAC of the VXLAN frames it sends.
+    pub vtep_mac: [u8; 6],
+    /// VXLAN UDP destination port, host order.
+    pub vxlan_port: u16,
+    /// `config_flags` bits.
+    pub flags: u32,
+    /// MTU of the underlay interface; encapsulated non-GSO packets must fit in it.
+    pub underlay_mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
+
+/// Value of `DP_POD_CIDRS` (key: `[u8; 4]` address with a prefix length): the node that owns a
+/// pod CIDR and how to reach it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRoute {
+    /// Owning node's underlay IPv4 address, wire order.
+    pub node_addr: [u8; 4],
+    /// Owning node's VTEP MAC: inner destination MAC of VXLAN frames sent to it.
+    pub vtep_mac: [u8; 6],
+    /// `route_mode` value.
+    pub mode: u8,
+    pub _pad: u8,
+    /// Slot of the owning node in `DP_PEER_STATS`.
+    pub peer_idx: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodRoute>() == 16);
+
+/// Value of `DP_NODES` (key: the node's underlay IPv4, wire order): a node this one accepts
+/// encapsulated traffic from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// Slot of the node in `DP_PEER_STATS`.
+    pub peer_idx: u32,
+    /// `route_mode` value of the node's pod CIDR (informational for decap).
+    pub mode: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeEntry>() == 8);
+
+/// A packet and byte count; the value of `DP_COUNTERS` and `DP_DROPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Traffic to and from one peer node; the value of `DP_PEER_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Packets and bytes this node encapsulated toward the peer (or sent natively).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets and bytes decapsulated from the peer.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+
+/// Index into `DP_COUNTERS`. Bytes are counted as the packet's length when the program saw it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterId {
+    EncapIpip = 0,
+    EncapVxlan = 1,
+    DecapIpip = 2,
+    DecapVxlan = 3,
+    /// Sent to a pod CIDR of a same-subnet peer without encapsulation (crossSubnet).
+    NativeForward = 4,
+    /// Not ours: passed untouched (not IPv4, not for a remote pod, not addressed to this node).
+    Pass = 5,
+}
+
+impl CounterId {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [CounterId; Self::COUNT as usize] = [
+        Self::EncapIpip,
+        Self::EncapVxlan,
+        Self::DecapIpip,
+        Self::DecapVxlan,
+        Self::NativeForward,
+        Self::Pass,
+    ];
+
+    /// (direction, mode) labels of the counter, as the metrics endpoint exports them.
+    pub const fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Self::EncapIpip => ("encap", "ipip"),
+            Self::EncapVxlan => ("encap", "vxlan"),
+            Self::DecapIpip => ("decap", "ipip"),
+            Self::DecapVxlan => ("decap", "vxlan"),
+            Self::NativeForward => ("native", "none"),
+            Self::Pass => ("pass", "none"),
+        }
+    }
+}
+
+/// Why a program dropped a packet; the index into `DP_DROPS`. Separate from action codes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A header the program needed was cut short.
+    Truncated = 0,
+    /// Encapsulated traffic for this node from an address that is not a known node.
+    UnknownPeer = 1,
+    /// VXLAN with a VNI other than the configured one.
+    WrongVni = 2,
+    /// VXLAN header without the I flag, or with reserved flags set.
+    BadVxlanFlags = 3,
+    /// Inner source address outside the sending node's pod CIDR.
+    InnerSrcSpoofed = 4,
+    /// VXLAN whose inner frame is not IPv4.
+    InnerNotIpv4 = 5,
+    /// Outer IPv4 header with options, addressed to this node as a tunnel packet.
+    OuterIpOptions = 6,
+    /// Fragmented outer IPv4 tunnel packet (cannot be reassembled in the program).
+    OuterFragment = 7,
+    /// Encapsulated packet would exceed the underlay MTU (the route MTU should have caught it).
+    TooBig = 8,
+    /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` refused.
+    AdjustFailed = 9,
+    /// No route to the peer's underlay address in the kernel FIB.
+    FibLookupFailed = 10,
+    /// Inner IPv4 header that is not a valid IPv4 header (version, IHL, length).
+    BadInnerHeader = 11,
+}
+
+impl DropReason {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [DropReason; Self::COUNT as usize] = [
+        Self::Truncated,
+        Self::UnknownPeer,
+        Self::WrongVni,
+        Self::BadVxlanFlags,
+        Self::InnerSrcSpoofed,
+        Self::InnerNotIpv4,
+        Self::OuterIpOptions,
+        Self::OuterFragment,
+        Self::TooBig,
+        Self::AdjustFailed,
+        Self::FibLookupFailed,
+        Self::BadInnerHeader,
+    ];
+
+    /// The reason's name as `datapath stats` and the metrics endpoint print it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::UnknownPeer => "unknown_peer",
+            Self::WrongVni => "wrong_vni",
+            Self::BadVxlanFlags => "bad_vxlan_flags",
+            Self::InnerSrcSpoofed => "inner_src_spoofed",
+            Self::InnerNotIpv4 => "inner_not_ipv4",
+            Self::OuterIpOptions => "outer_ip_options",
+            Self::OuterFragment => "outer_fragment",
+            Self::TooBig => "too_big",
+            Self::AdjustFailed => "adjust_failed",
+            Self::FibLookupFailed => "fib_lookup_failed",
+            Self::BadInnerHeader => "bad_inner_header",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::PodRoute {}
+    unsafe impl aya::Pod for super::NodeEntry {}
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::PeerStats {}
+}
