@@ -1,1 +1,252 @@
-fn main() {}
+//! `datapath`: the node agent's command line (run, check, stats, routes, detach).
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use datapath_user::{
+    agent::{self, AgentOptions},
+    cluster::{self, Defaults, Encap, Limits},
+    loader::{self, DecapHook},
+    maps::DatapathMaps,
+    net,
+    stats::Snapshot,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "datapath",
+    version,
+    about = "eBPF IPIP/VXLAN encapsulation datapath for Kubernetes pod networking"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Settings a Kubernetes NodeList does not carry (a cluster file's own values win).
+#[derive(clap::Args, Clone)]
+struct ModeArgs {
+    /// Encapsulation when the cluster state does not say: ipip or vxlan.
+    #[arg(long, default_value = "vxlan")]
+    encapsulation: Encap,
+    /// Reach same-subnet peers natively (Calico CrossSubnet, Flannel DirectRouting).
+    #[arg(long)]
+    cross_subnet: bool,
+    /// VXLAN network identifier (Calico 4096, Flannel 1).
+    #[arg(long, default_value_t = 4096)]
+    vni: u32,
+    /// VXLAN UDP port (4789 IANA/Calico, 8472 Flannel/Linux default).
+    #[arg(long, default_value_t = maps_common::VXLAN_PORT_IANA)]
+    vxlan_port: u16,
+}
+
+impl ModeArgs {
+    fn defaults(&self) -> Defaults {
+        Defaults {
+            encap: self.encapsulation,
+            cross_subnet: self.cross_subnet,
+            vni: self.vni,
+            port: self.vxlan_port,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent: load and attach the programs, keep the maps in step with the
+    /// cluster file.
+    #[command(after_help = "Example:\n  datapath run --cluster /etc/datapath/cluster.yaml --node node1 --metrics 127.0.0.1:9464")]
+    Run {
+        /// Cluster file (YAML/JSON) or `kubectl get nodes -o json` output. Watched for changes;
+        /// SIGHUP reloads too.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// This node's name in the cluster state.
+        #[arg(long)]
+        node: String,
+        /// Underlay interface; defaults to the one that holds the node's address.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Directory (on bpffs, mounted if needed) for pinned maps and links.
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Serve Prometheus metrics on this address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// Where decapsulation runs.
+        #[arg(long, value_enum, default_value = "xdp")]
+        decap: DecapHook,
+        /// Agent log level (error, warn, info, debug, trace); debug and trace also turn on the
+        /// kernel programs' logs.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Entries of the per-node maps.
+        #[arg(long, default_value_t = maps_common::DEFAULT_MAX_NODES)]
+        max_nodes: u32,
+        /// Do not require a decapsulated packet's inner source to lie in the sender's pod CIDR.
+        #[arg(long)]
+        no_inner_src_check: bool,
+        /// How often to check the cluster file for changes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        watch_ms: u64,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Validate a cluster file: print every problem, exit non-zero if any.
+    #[command(after_help = "Example:\n  kubectl get nodes -o json > nodes.json && datapath check --cluster nodes.json --node node1")]
+    Check {
+        #[arg(long)]
+        cluster: PathBuf,
+        /// Also require this node to be present.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = maps_common::DEFAULT_MAX_NODES)]
+        max_nodes: u32,
+        #[command(flatten)]
+        mode: ModeArgs,
+    },
+    /// Print the datapath's counters, read from the pinned maps.
+    #[command(after_help = "Example:\n  datapath stats --json | jq .drops")]
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print what the kernel maps hold: pod CIDR -> node, VTEP MAC, mode.
+    #[command(after_help = "Example:\n  datapath routes --pin-dir /sys/fs/bpf/datapath")]
+    Routes {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove the programs, links, pins and routes the agent made.
+    #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
+    Detach {
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn kernel_log_level(level: &str) -> u8 {
+    match level {
+        "trace" => 5,
+        "debug" => 4,
+        _ => 0,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match &cli.cmd {
+        Cmd::Run { log_level, .. } => log_level.clone(),
+        _ => "warn".into(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run {
+            cluster,
+            node,
+            iface,
+            pin_dir,
+            metrics,
+            decap,
+            log_level,
+            max_nodes,
+            no_inner_src_check,
+            watch_ms,
+            mode,
+        } => {
+            let opts = AgentOptions {
+                cluster_file: cluster,
+                node,
+                iface,
+                pin_dir,
+                metrics,
+                decap,
+                log_level: kernel_log_level(&log_level),
+                max_nodes,
+                inner_src_check: !no_inner_src_check,
+                defaults: mode.defaults(),
+                watch_interval: Duration::from_millis(watch_ms),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check {
+            cluster,
+            node,
+            max_nodes,
+            mode,
+        } => {
+            let limits = Limits {
+                max_nodes,
+                own_node: node,
+            };
+            let text = std::fs::read_to_string(&cluster)
+                .with_context(|| format!("reading {}", cluster.display()))?;
+            match cluster::parse(&text, &mode.defaults(), &limits) {
+                Ok(c) => {
+                    println!(
+                        "ok: {} nodes, {} (vni {}, port {}), crossSubnet {}",
+                        c.nodes.len(),
+                        c.encap.name(),
+                        c.vni,
+                        c.port,
+                        c.cross_subnet
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(invalid) => {
+                    for p in &invalid.0 {
+                        println!("{p}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::Stats { json, pin_dir } | Cmd::Routes { json, pin_dir } if json => {
+            let maps = DatapathMaps::open_pinned(&pin_dir)?;
+            println!("{}", serde_json::to_string_pretty(&Snapshot::read(&maps)?)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stats { pin_dir, .. } => {
+            let maps = DatapathMaps::open_pinned(&pin_dir)?;
+            print!("{}", Snapshot::read(&maps)?.render_stats());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Routes { pin_dir, .. } => {
+            let maps = DatapathMaps::open_pinned(&pin_dir)?;
+            print!("{}", Snapshot::read(&maps)?.render_routes());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Detach { pin_dir } => {
+            let removed = loader::remove_pins(&pin_dir)?;
+            net::flush_routes()?;
+            println!(
+                "detached: removed {} pins under {} and the routes of proto {}",
+                removed.len(),
+                pin_dir.display(),
+                net::ROUTE_PROTO
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! `datapath run`: load or adopt the datapath, keep its maps and routes in step with the
+//! cluster file (watched, and reloaded on SIGHUP), serve metrics, and leave everything pinned
+//! and forwarding when stopped.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cluster::{self, Cluster, Defaults, Limits},
+    loader::{self, DecapHook, LoadOptions},
+    maps::{self, Changes, DatapathMaps, LocalOptions},
+    net,
+    stats::Snapshot,
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub cluster_file: PathBuf,
+    pub node: String,
+    pub iface: Option<String>,
+    pub pin_dir: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub decap: DecapHook,
+    pub log_level: u8,
+    pub max_nodes: u32,
+    pub inner_src_check: bool,
+    pub defaults: Defaults,
+    /// How often the cluster file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// Reload bookkeeping exported as metrics.
+#[derive(Default)]
+struct ReloadState {
+    last_reload_unix: f64,
+    last_reload_ok: bool,
+    reloads: u64,
+    failures: u64,
+    pod_mtu: u32,
+}
+
+struct Shared {
+    maps: DatapathMaps,
+    reload: ReloadState,
+}
+
+/// Reads and validates the cluster file.
+pub fn read_cluster(
+    path: &std::path::Path,
+    defaults: &Defaults,
+    limits: &Limits,
+) -> anyhow::Result<Cluster> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading cluster file {}", path.display()))?;
+    Ok(cluster::parse(&text, defaults, limits)?)
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Computes the desired state for `cluster` and applies it to the maps and routes.
+fn sync(
+    shared: &mut Shared,
+    cluster: &Cluster,
+    local: &LocalOptions,
+) -> Result<Changes, maps::MapsError> {
+    let have = shared.maps.read_nodes()?;
+    let want = maps::plan(cluster, local, &have)?;
+    let mut changes = shared.maps.apply(&want)?;
+    maps::apply_routes(&want.routes, &mut changes)?;
+    shared.reload.pod_mtu = want.pod_mtu;
+    Ok(changes)
+}
+
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let limits = Limits {
+        max_nodes: opts.max_nodes,
+        own_node: Some(opts.node.clone()),
+    };
+    let cluster = read_cluster(&opts.cluster_file, &opts.defaults, &limits)?;
+    let me = cluster.node(&opts.node).context("own node")?.clone();
+    let iface = match &opts.iface {
+        Some(name) => net::iface(name)?,
+        None => net::iface_with_addr(me.address)?,
+    };
+    let local = LocalOptions {
+        node: opts.node.clone(),
+        iface: iface.clone(),
+        inner_src_check: opts.inner_src_check,
+        max_nodes: opts.max_nodes,
+    };
+
+    loader::ensure_bpffs(&opts.pin_dir)?;
+    let adopting = loader::map_pin_path(&opts.pin_dir, maps_common::map_names::CONFIG).exists();
+    let mut ebpf = loader::load(&LoadOptions {
+        max_nodes: opts.max_nodes,
+        log_level: opts.log_level,
+        pin_dir: Some(opts.pin_dir.clone()),
+    })?;
+    if opts.log_level > 0 {
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(mut logger) => {
+                std::thread::spawn(move || {
+                    loop {
+                        logger.flush();
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+            Err(e) => warn!("kernel logs unavailable: {e}"),
+        }
+    }
+    let maps = DatapathMaps::take(&mut ebpf)?;
+    let shared = Arc::new(Mutex::new(Shared {
+        maps,
+        reload: ReloadState::default(),
+    }));
+    {
+        let mut s = shared.lock().expect("lock");
+        let changes = sync(&mut s, &cluster, &local)?;
+        s.reload.last_reload_ok = true;
+        s.reload.last_reload_unix = now();
+        info!(
+            node = %opts.node,
+            iface = %iface.name,
+            mode = cluster.encap.name(),
+            pod_mtu = s.reload.pod_mtu,
+            adopted = adopting,
+            ?changes,
+            "cluster state applied"
+        );
+    }
+    loader::attach(&mut ebpf, &iface.name, opts.decap, Some(&opts.pin_dir))?;
+    info!(
+        pin_dir = %opts.pin_dir.display(),
+        decap = ?opts.decap,
+        "programs attached; pod MTU for this mode is {}",
+        shared.lock().expect("lock").reload.pod_mtu
+    );
+
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        info!(%addr, "serving metrics");
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                let body = metrics_body(&shared);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+    }
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(opts.watch_interval);
+    let mut stamp = file_stamp(&opts.cluster_file);
+    loop {
+        let reason = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = file_stamp(&opts.cluster_file);
+                if now == stamp { continue; }
+                stamp = now;
+                "file changed"
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let mut s = shared.lock().expect("lock");
+        s.reload.reloads += 1;
+        s.reload.last_reload_unix = now();
+        match read_cluster(&opts.cluster_file, &opts.defaults, &limits)
+            .and_then(|c| Ok(sync(&mut s, &c, &local)?))
+        {
+            Ok(changes) => {
+                s.reload.last_reload_ok = true;
+                info!(reason, ?changes, "cluster state reloaded");
+            }
+            Err(e) => {
+                s.reload.last_reload_ok = false;
+                s.reload.failures += 1;
+                error!(reason, "cluster state rejected, last good state stays: {e:#}");
+            }
+        }
+    }
+    info!("stopping; programs stay attached and forwarding from their pins");
+    Ok(())
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn metrics_body(shared: &Mutex<Shared>) -> String {
+    let s = shared.lock().expect("lock");
+    let extra = vec![
+        (
+            "datapath_last_reload_timestamp_seconds".to_string(),
+            s.reload.last_reload_unix,
+        ),
+        (
+            "datapath_last_reload_success".to_string(),
+            if s.reload.last_reload_ok { 1.0 } else { 0.0 },
+        ),
+        ("datapath_reloads_total".to_string(), s.reload.reloads as f64),
+        (
+            "datapath_reload_failures_total".to_string(),
+            s.reload.failures as f64,
+        ),
+        ("datapath_pod_mtu".to_string(), s.reload.pod_mtu as f64),
+    ];
+    match Snapshot::read(&s.maps) {
+        Ok(snap) => snap.render_prometheus(&extra),
+        Err(e) => format!("# error reading maps: {e}\n"),
+    }
+}

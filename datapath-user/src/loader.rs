@@ -1,0 +1,359 @@
+//! Loads the embedded kernel object, attaches its programs to the underlay interface and pins
+//! maps and links under one directory, adopting what an earlier agent left there.
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder,
+    },
+    sys::SyscallError,
+};
+use maps_common::{map_names, prog_names};
+
+/// The kernel object, built by build.rs from `datapath-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
+
+/// Default pin directory: one tree the agent owns.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/datapath";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the kernel object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the decapsulation program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapHook {
+    /// XDP on the underlay interface (default).
+    Xdp,
+    /// TC ingress on the underlay interface.
+    Tc,
+}
+
+impl DecapHook {
+    fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => prog_names::XDP_DECAP_INGRESS,
+            Self::Tc => prog_names::TC_DECAP_INGRESS,
+        }
+    }
+}
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries of the per-node maps.
+    pub max_nodes: u32,
+    /// aya-log level of the kernel programs (0 = off ... 5 = trace).
+    pub log_level: u8,
+    /// Pin maps here (reusing pins that exist). `None`: nothing is pinned (tests, benchmarks).
+    pub pin_dir: Option<PathBuf>,
+}
+
+pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
+    pin_dir.join("maps").join(map)
+}
+
+pub fn link_pin_path(pin_dir: &Path, prog: &str) -> PathBuf {
+    pin_dir.join("links").join(prog)
+}
+
+/// Makes sure `dir` is on a bpffs, mounting one there when it is not.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let io_err = |what, source| LoadError::Io {
+        what,
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io_err("creating", e))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err("path", io::Error::other(e)))?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io_err("statfs", io::Error::last_os_error()));
+    }
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    if st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = c"bpf";
+    // SAFETY: mount(2) with NUL-terminated strings.
+    if unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io_err("mounting bpffs on", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Loads the object: maps sized for `max_nodes`, kernel log level set, maps pinned (or reused
+/// from their pins) when a pin directory is given.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    for map in [map_names::POD_CIDRS, map_names::NODES, map_names::PEER_STATS] {
+        loader.map_max_entries(map, opts.max_nodes);
+    }
+    loader.override_global(aya_log::LEVEL, &opts.log_level, false);
+    let paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+        Some(dir) => {
+            let maps_dir = dir.join("maps");
+            std::fs::create_dir_all(&maps_dir).map_err(|source| LoadError::Io {
+                what: "creating",
+                path: maps_dir.clone(),
+                source,
+            })?;
+            map_names::ALL
+                .iter()
+                .map(|m| (*m, map_pin_path(dir, m)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(OBJECT)?)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| LoadError::Program(name, e))
+}
+
+/// Opens the link pinned at `path`, `None` when there is none.
+fn pinned_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
+    match PinnedLink::from_pin(path) {
+        Ok(p) => Ok(Some(FdLink::from(p))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(LoadError::Link {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Pins `link` at `path`, replacing an older pin of the same link.
+fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
+            what: "creating",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(LoadError::Io {
+                what: "removing",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    link.pin(path).map(drop).map_err(|source| LoadError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Attaches the encapsulation program at TC egress and the decapsulation program at `decap`
+/// on `iface`. With a pin directory, a link an earlier agent pinned is taken over by atomically
+/// replacing its program (no packet sees a detached hook), and the links are pinned so the
+/// datapath keeps forwarding when the agent stops. Returns the links it holds when nothing is
+/// pinned, so the caller decides when they detach.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    decap: DecapHook,
+    pin_dir: Option<&Path>,
+) -> Result<Vec<FdLink>, LoadError> {
+    let mut held = Vec::new();
+    // Encapsulation, TC egress.
+    {
+        let name = prog_names::TC_ENCAP_EGRESS;
+        let prog: &mut SchedClassifier = program(ebpf, name)?;
+        prog.load().map_err(|e| LoadError::Program(name, e))?;
+        let old = match pin_dir {
+            Some(d) => pinned_link(&link_pin_path(d, name))?,
+            None => None,
+        };
+        let id = match old {
+            Some(link) => {
+                let link = SchedClassifierLink::try_from(link)
+                    .map_err(|source| LoadError::Link {
+                        path: link_pin_path(pin_dir.unwrap_or(Path::new("")), name),
+                        source,
+                    })?;
+                prog.attach_to_link(link)
+            }
+            None => prog.attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ),
+        }
+        .map_err(|e| LoadError::Program(name, e))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| LoadError::Program(name, e))?
+            .try_into()
+            .map_err(|source| LoadError::Link {
+                path: PathBuf::from(name),
+                source,
+            })?;
+        hold_or_pin(link, name, pin_dir, &mut held)?;
+    }
+    // Decapsulation, XDP or TC ingress; a pin of the other hook is removed.
+    {
+        let name = decap.program();
+        let other = match decap {
+            DecapHook::Xdp => DecapHook::Tc.program(),
+            DecapHook::Tc => DecapHook::Xdp.program(),
+        };
+        if let Some(d) = pin_dir {
+            let _ = std::fs::remove_file(link_pin_path(d, other));
+        }
+        let old = match pin_dir {
+            Some(d) => pinned_link(&link_pin_path(d, name))?,
+            None => None,
+        };
+        let link_err = |source| LoadError::Link {
+            path: PathBuf::from(name),
+            source,
+        };
+        let link: FdLink = match decap {
+            DecapHook::Xdp => {
+                let prog: &mut Xdp = program(ebpf, name)?;
+                prog.load().map_err(|e| LoadError::Program(name, e))?;
+                let id = match old {
+                    Some(link) => prog.attach_to_link(XdpLink::try_from(link).map_err(link_err)?),
+                    None => prog.attach(iface, XdpMode::default()),
+                }
+                .map_err(|e| LoadError::Program(name, e))?;
+                prog.take_link(id)
+                    .map_err(|e| LoadError::Program(name, e))?
+                    .try_into()
+                    .map_err(link_err)?
+            }
+            DecapHook::Tc => {
+                let prog: &mut SchedClassifier = program(ebpf, name)?;
+                prog.load().map_err(|e| LoadError::Program(name, e))?;
+                let id = match old {
+                    Some(link) => {
+                        prog.attach_to_link(SchedClassifierLink::try_from(link).map_err(link_err)?)
+                    }
+                    None => prog.attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    ),
+                }
+                .map_err(|e| LoadError::Program(name, e))?;
+                prog.take_link(id)
+                    .map_err(|e| LoadError::Program(name, e))?
+                    .try_into()
+                    .map_err(link_err)?
+            }
+        };
+        hold_or_pin(link, name, pin_dir, &mut held)?;
+    }
+    Ok(held)
+}
+
+fn hold_or_pin(
+    link: FdLink,
+    name: &'static str,
+    pin_dir: Option<&Path>,
+    held: &mut Vec<FdLink>,
+) -> Result<(), LoadError> {
+    match pin_dir {
+        Some(d) => repin(link, &link_pin_path(d, name)),
+        None => {
+            held.push(link);
+            Ok(())
+        }
+    }
+}
+
+/// Removes every pin under `pin_dir` (links first, so the hooks detach, then maps) and the
+/// directories themselves. Returns what it removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let mut removed = Vec::new();
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(LoadError::Io {
+                    what: "reading",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| LoadError::Io {
+                what: "removing",
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
+}

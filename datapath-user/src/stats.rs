@@ -1,0 +1,215 @@
+//! What the datapath counted and what its maps hold, read from the maps and rendered for
+//! people (`datapath stats`, `datapath routes`), scripts (`--json`) and Prometheus.
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use maps_common::{CounterId, DropReason, route_mode};
+use serde::Serialize;
+
+use crate::{
+    cluster::format_mac,
+    maps::{DatapathMaps, MapsError},
+};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CounterRow {
+    pub direction: &'static str,
+    pub mode: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DropRow {
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteRow {
+    pub pod_cidr: String,
+    pub node: Ipv4Addr,
+    pub vtep_mac: String,
+    pub mode: &'static str,
+    pub peer_slot: u32,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// Everything the maps say, at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    pub node_addr: Ipv4Addr,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub underlay_mtu: u32,
+    pub nodes_known: usize,
+    pub counters: Vec<CounterRow>,
+    pub drops: Vec<DropRow>,
+    pub routes: Vec<RouteRow>,
+}
+
+impl Snapshot {
+    pub fn read(maps: &DatapathMaps) -> Result<Self, MapsError> {
+        let cfg = maps.read_config()?;
+        let counters = DatapathMaps::sum_counters(&maps.counters);
+        let drops = DatapathMaps::sum_counters(&maps.drops);
+        let routes = maps
+            .read_pod_cidrs()?
+            .into_iter()
+            .map(|(cidr, r)| {
+                let s = if r.mode == route_mode::LOCAL {
+                    Default::default()
+                } else {
+                    maps.peer_stats(r.peer_idx)
+                };
+                RouteRow {
+                    pod_cidr: cidr.to_string(),
+                    node: Ipv4Addr::from(r.node_addr),
+                    vtep_mac: format_mac(&r.vtep_mac),
+                    mode: route_mode::name(r.mode),
+                    peer_slot: r.peer_idx,
+                    tx_packets: s.tx_packets,
+                    tx_bytes: s.tx_bytes,
+                    rx_packets: s.rx_packets,
+                    rx_bytes: s.rx_bytes,
+                }
+            })
+            .collect();
+        Ok(Self {
+            node_addr: Ipv4Addr::from(cfg.node_addr),
+            vni: cfg.vni,
+            vxlan_port: cfg.vxlan_port,
+            underlay_mtu: cfg.underlay_mtu,
+            nodes_known: maps.read_nodes()?.len(),
+            counters: CounterId::ALL
+                .iter()
+                .map(|id| {
+                    let (direction, mode) = id.labels();
+                    let c = counters.get(*id as usize).copied().unwrap_or_default();
+                    CounterRow {
+                        direction,
+                        mode,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    }
+                })
+                .collect(),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| {
+                    let c = drops.get(*r as usize).copied().unwrap_or_default();
+                    DropRow {
+                        reason: r.name(),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    }
+                })
+                .collect(),
+            routes,
+        })
+    }
+
+    /// Counters as a person reads them.
+    pub fn render_stats(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "node {}  vni {}  vxlan port {}  underlay mtu {}  peers {}",
+            self.node_addr, self.vni, self.vxlan_port, self.underlay_mtu, self.nodes_known
+        );
+        let _ = writeln!(s, "{:<8} {:<6} {:>14} {:>16}", "what", "mode", "packets", "bytes");
+        for c in &self.counters {
+            let _ = writeln!(
+                s,
+                "{:<8} {:<6} {:>14} {:>16}",
+                c.direction, c.mode, c.packets, c.bytes
+            );
+        }
+        let _ = writeln!(s, "drops:");
+        for d in &self.drops {
+            let _ = writeln!(s, "  {:<20} {:>14} {:>16}", d.reason, d.packets, d.bytes);
+        }
+        let _ = writeln!(s, "peers:");
+        for r in self.routes.iter().filter(|r| r.mode != "local") {
+            let _ = writeln!(
+                s,
+                "  {:<15} tx {:>10} pkts {:>14} B   rx {:>10} pkts {:>14} B",
+                r.node, r.tx_packets, r.tx_bytes, r.rx_packets, r.rx_bytes
+            );
+        }
+        s
+    }
+
+    /// The pod CIDR map as a person reads it.
+    pub fn render_routes(&self) -> String {
+        let mut s = format!(
+            "{:<18} {:<15} {:<17} {:<6} {:>4}\n",
+            "pod cidr", "node", "vtep mac", "mode", "slot"
+        );
+        for r in &self.routes {
+            let _ = writeln!(
+                s,
+                "{:<18} {:<15} {:<17} {:<6} {:>4}",
+                r.pod_cidr, r.node, r.vtep_mac, r.mode, r.peer_slot
+            );
+        }
+        s
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render_prometheus(&self, extra: &[(String, f64)]) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# HELP datapath_packets_total Packets by direction and mode.");
+        let _ = writeln!(s, "# TYPE datapath_packets_total counter");
+        for c in &self.counters {
+            let _ = writeln!(
+                s,
+                "datapath_packets_total{{direction=\"{}\",mode=\"{}\"}} {}",
+                c.direction, c.mode, c.packets
+            );
+        }
+        let _ = writeln!(s, "# HELP datapath_bytes_total Bytes by direction and mode.");
+        let _ = writeln!(s, "# TYPE datapath_bytes_total counter");
+        for c in &self.counters {
+            let _ = writeln!(
+                s,
+                "datapath_bytes_total{{direction=\"{}\",mode=\"{}\"}} {}",
+                c.direction, c.mode, c.bytes
+            );
+        }
+        let _ = writeln!(s, "# HELP datapath_drops_total Dropped packets by reason.");
+        let _ = writeln!(s, "# TYPE datapath_drops_total counter");
+        for d in &self.drops {
+            let _ = writeln!(
+                s,
+                "datapath_drops_total{{reason=\"{}\"}} {}",
+                d.reason, d.packets
+            );
+        }
+        let _ = writeln!(s, "# HELP datapath_peer_packets_total Packets per peer node.");
+        let _ = writeln!(s, "# TYPE datapath_peer_packets_total counter");
+        for r in self.routes.iter().filter(|r| r.mode != "local") {
+            let _ = writeln!(
+                s,
+                "datapath_peer_packets_total{{peer=\"{}\",direction=\"tx\"}} {}",
+                r.node, r.tx_packets
+            );
+            let _ = writeln!(
+                s,
+                "datapath_peer_packets_total{{peer=\"{}\",direction=\"rx\"}} {}",
+                r.node, r.rx_packets
+            );
+        }
+        let _ = writeln!(s, "# HELP datapath_nodes_known Peer nodes in the maps.");
+        let _ = writeln!(s, "# TYPE datapath_nodes_known gauge");
+        let _ = writeln!(s, "datapath_nodes_known {}", self.nodes_known);
+        for (name, value) in extra {
+            let _ = writeln!(s, "# TYPE {name} gauge");
+            let _ = writeln!(s, "{name} {value}");
+        }
+        s
+    }
+}
