@@ -1,1 +1,524 @@
-//! Helpers shared by the namespace and BPF_PROG_TEST_RUN tests.
+//! Helpers shared by the namespace and BPF_PROG_TEST_RUN tests: network namespaces, emulated
+//! nodes and pods, a bpffs per test, agent processes and captures. Everything made here is
+//! removed on drop, so a failing test cleans up too.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short prefix unique to this process and call, for names of namespaces and mounts.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "dpt{}{}-{tag}",
+        std::process::id() % 100000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "command failed: {cmd}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever the status.
+pub fn sh_out(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh")
+}
+
+/// The `datapath` binary under test: `$DATAPATH_BIN`, or the one next to the test binary's
+/// directory (`target/<profile>/datapath`).
+pub fn datapath_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("DATAPATH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("datapath");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p datapath-user)",
+        bin.display()
+    );
+    bin
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        sh(&format!("ip netns add {name}"));
+        let ns = Self {
+            name: name.to_string(),
+        };
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    /// Runs `cmd` inside the namespace, panicking on failure.
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")))
+    }
+
+    /// Runs `cmd` inside the namespace, returning its output whatever the status.
+    pub fn exec_out(&self, cmd: &str) -> Output {
+        sh_out(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")))
+    }
+
+    /// Starts `cmd` inside the namespace in the background.
+    pub fn spawn(&self, cmd: &str, log: &Path) -> Child {
+        let f = fs::File::create(log).expect("log file");
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", &format!("exec {cmd}")])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill what still runs inside, then delete.
+        let _ = sh_out(&format!("ip netns pids {} | xargs -r kill -9", self.name));
+        let _ = sh_out(&format!("ip netns del {}", self.name));
+    }
+}
+
+/// A bpffs mounted outside /sys (so pins survive across `ip netns exec`), unmounted on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(tag: &str) -> Self {
+        let dir = PathBuf::from("/run/datapath-tests").join(tag);
+        fs::create_dir_all(&dir).expect("mkdir");
+        sh(&format!("mount -t bpf bpf {}", dir.display()));
+        Self { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = sh_out(&format!("umount {}", self.dir.display()));
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// An emulated Kubernetes node: a namespace with an underlay interface `eth0` and one pod
+/// (its own namespace) behind a veth `pod0`, routed as a CNI would.
+pub struct Node {
+    pub name: String,
+    pub addr: String,
+    pub pod_cidr: String,
+    pub pod_ip: String,
+    pub pod: Netns,
+    pub ns: Netns,
+}
+
+/// Two or three nodes on an underlay; the underlay namespace holds bridges and a router.
+pub struct Topology {
+    pub prefix: String,
+    pub nodes: Vec<Node>,
+    pub underlay: Netns,
+    pub bpffs: Bpffs,
+    pub agents: Vec<Agent>,
+    pub workdir: PathBuf,
+}
+
+/// Where a node sits: subnet 0 is 192.168.1.0/24 on bridge br0; subnet 1 is 192.168.2.0/24 on
+/// br1, reached from subnet 0 through the underlay namespace acting as router.
+pub struct NodeSpec {
+    pub subnet: u8,
+    pub host: u8,
+}
+
+impl Topology {
+    /// Builds `specs.len()` nodes; node i has pod CIDR 10.244.i.0/24 and pod 10.244.i.2.
+    pub fn new(tag: &str, specs: &[NodeSpec]) -> Self {
+        let prefix = unique(tag);
+        let workdir = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&workdir).expect("workdir");
+        let underlay = Netns::new(&format!("{prefix}-ul"));
+        underlay.exec("sysctl -qw net.ipv4.ip_forward=1");
+        for (br, gw) in [("br0", "192.168.1.1/24"), ("br1", "192.168.2.1/24")] {
+            underlay.exec(&format!(
+                "ip link add {br} type bridge && ip addr add {gw} dev {br} && ip link set {br} up"
+            ));
+        }
+        let bpffs = Bpffs::new(&prefix);
+        let mut nodes = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            let ns = Netns::new(&format!("{prefix}-n{}", i + 1));
+            let pod = Netns::new(&format!("{prefix}-p{}", i + 1));
+            let addr = format!("192.168.{}.{}", spec.subnet + 1, spec.host);
+            let gw = format!("192.168.{}.1", spec.subnet + 1);
+            let port = format!("u{i}");
+            sh(&format!(
+                "ip link add eth0 netns {} type veth peer name {port} netns {}",
+                ns.name, underlay.name
+            ));
+            underlay.exec(&format!("ip link set {port} master br{} up", spec.subnet));
+            ns.exec(&format!(
+                "ip addr add {addr}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw} && sysctl -qw net.ipv4.ip_forward=1"
+            ));
+            let pod_cidr = format!("10.244.{i}.0/24");
+            let pod_ip = format!("10.244.{i}.2");
+            sh(&format!(
+                "ip link add eth0 netns {} type veth peer name pod0 netns {}",
+                pod.name, ns.name
+            ));
+            ns.exec(&format!("ip addr add 10.244.{i}.1/32 dev pod0 && ip link set pod0 up && ip route add {pod_ip}/32 dev pod0"));
+            pod.exec(&format!(
+                "ip addr add {pod_ip}/24 dev eth0 && ip link set eth0 up && ip route add 10.244.{i}.1/32 dev eth0 && ip route replace default via 10.244.{i}.1 src {pod_ip}"
+            ));
+            // The pod reaches other pods through its node, like Calico's /32 pod routes.
+            pod.exec(&format!("ip route replace 10.244.0.0/16 via 10.244.{i}.1"));
+            nodes.push(Node {
+                name,
+                addr,
+                pod_cidr,
+                pod_ip,
+                pod,
+                ns,
+            });
+        }
+        Self {
+            prefix,
+            nodes,
+            underlay,
+            bpffs,
+            agents: Vec::new(),
+            workdir,
+        }
+    }
+
+    /// Two nodes on one subnet.
+    pub fn two_nodes(tag: &str) -> Self {
+        Self::new(
+            tag,
+            &[
+                NodeSpec { subnet: 0, host: 10 },
+                NodeSpec { subnet: 0, host: 11 },
+            ],
+        )
+    }
+
+    /// A cluster file for these nodes.
+    pub fn cluster_yaml(&self, encap: &str, extra: &str) -> String {
+        let mut s = format!("encapsulation: {encap}\n{extra}nodes:\n");
+        for n in &self.nodes {
+            s += &format!(
+                "  - name: {}\n    address: {}\n    podCIDR: {}\n",
+                n.name, n.addr, n.pod_cidr
+            );
+        }
+        s
+    }
+
+    pub fn write_cluster(&self, text: &str) -> PathBuf {
+        let p = self.workdir.join("cluster.yaml");
+        // Write then rename, as an editor or a ConfigMap update does.
+        let tmp = self.workdir.join("cluster.yaml.tmp");
+        fs::write(&tmp, text).expect("write cluster");
+        fs::rename(&tmp, &p).expect("rename cluster");
+        p
+    }
+
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.bpffs.dir.join(&self.nodes[node].name)
+    }
+
+    /// Starts the agent on node `i` with extra flags and waits until its programs are attached.
+    pub fn start_agent(&mut self, i: usize, cluster: &Path, extra: &str) {
+        let n = &self.nodes[i];
+        let log = self.workdir.join(format!("agent-{}-{}.log", n.name, self.agents.len()));
+        let cmd = format!(
+            "{} run --cluster {} --node {} --pin-dir {} --watch-ms 100 {extra}",
+            datapath_bin().display(),
+            cluster.display(),
+            n.name,
+            self.pin_dir(i).display()
+        );
+        let child = n.ns.spawn(&cmd, &log);
+        let agent = Agent {
+            child,
+            log: log.clone(),
+            node: i,
+        };
+        self.agents.push(agent);
+        wait_for(Duration::from_secs(20), || {
+            fs::read_to_string(&log).unwrap_or_default().contains("programs attached")
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "agent on {} did not attach:\n{}",
+                n.name,
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    }
+
+    /// Stops every agent of node `i` (SIGTERM) and waits for them; pins stay.
+    pub fn stop_agents(&mut self, i: usize) {
+        for a in self.agents.iter_mut().filter(|a| a.node == i) {
+            a.stop();
+        }
+    }
+
+    /// Runs `datapath <args>` inside node `i`'s namespace.
+    pub fn datapath(&self, i: usize, args: &str) -> Output {
+        self.nodes[i].ns.exec_out(&format!("{} {args}", datapath_bin().display()))
+    }
+
+    /// The JSON of `datapath stats --json` on node `i`.
+    pub fn stats(&self, i: usize) -> serde_json::Value {
+        let out = self.datapath(i, &format!("stats --json --pin-dir {}", self.pin_dir(i).display()));
+        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("stats json")
+    }
+
+    /// A counter of node `i`'s `stats --json` (`direction`, `mode`) in packets.
+    pub fn counter(&self, i: usize, direction: &str, mode: &str) -> u64 {
+        self.counter_field(i, direction, mode, "packets")
+    }
+
+    /// The same counter in bytes.
+    pub fn counter_bytes(&self, i: usize, direction: &str, mode: &str) -> u64 {
+        self.counter_field(i, direction, mode, "bytes")
+    }
+
+    fn counter_field(&self, i: usize, direction: &str, mode: &str, field: &str) -> u64 {
+        self.stats(i)["counters"]
+            .as_array()
+            .expect("counters")
+            .iter()
+            .find(|c| c["direction"] == direction && c["mode"] == mode)
+            .and_then(|c| c[field].as_u64())
+            .expect("counter")
+    }
+
+    /// A drop counter of node `i` by reason name, in packets.
+    pub fn drops(&self, i: usize, reason: &str) -> u64 {
+        self.stats(i)["drops"]
+            .as_array()
+            .expect("drops")
+            .iter()
+            .find(|c| c["reason"] == reason)
+            .and_then(|c| c["packets"].as_u64())
+            .expect("drop reason")
+    }
+
+    /// Pings pod `to` from pod `from`; returns the number of replies.
+    pub fn ping(&self, from: usize, to: usize, count: u32) -> u32 {
+        let out = self.nodes[from].pod.exec_out(&format!(
+            "ping -c {count} -i 0.2 -W 1 {}",
+            self.nodes[to].pod_ip
+        ));
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| {
+                l.split(", ")
+                    .find(|p| p.ends_with("received"))
+                    .and_then(|p| p.split(' ').next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.stop();
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let _ = n.ns.exec_out(&format!(
+                "{} detach --pin-dir {}",
+                datapath_bin().display(),
+                self.pin_dir(i).display()
+            ));
+        }
+        if !std::thread::panicking() && std::env::var_os("DP_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.workdir);
+        } else {
+            eprintln!("logs kept in {}", self.workdir.display());
+        }
+    }
+}
+
+/// A running agent; stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+    pub node: usize,
+}
+
+impl Agent {
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = sh_out(&format!("kill -TERM {}", self.child.id()));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Err(())
+}
+
+/// A tcpdump capture running in a namespace, written to a pcap file.
+pub struct Capture {
+    child: Child,
+    pub pcap: PathBuf,
+}
+
+impl Capture {
+    pub fn start(ns: &Netns, iface: &str, filter: &str, pcap: &Path) -> Self {
+        let log = pcap.with_extension("log");
+        let child = ns.spawn(
+            &format!(
+                "tcpdump --immediate-mode -i {iface} -U -s 0 -w {} '{}'",
+                pcap.display(),
+                filter
+            ),
+            &log,
+        );
+        wait_for(Duration::from_secs(5), || {
+            fs::read_to_string(&log).unwrap_or_default().contains("listening on")
+        })
+        .expect("tcpdump did not start");
+        Self {
+            child,
+            pcap: pcap.to_path_buf(),
+        }
+    }
+
+    /// Stops the capture and returns the pcap path.
+    pub fn stop(mut self) -> PathBuf {
+        thread::sleep(Duration::from_millis(300));
+        let _ = sh_out(&format!("kill -INT {}", self.child.id()));
+        let _ = self.child.wait();
+        self.pcap.clone()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs tshark on a pcap with `-T fields`, returning one Vec of fields per frame.
+pub fn tshark_fields(pcap: &Path, decode_as: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = format!("tshark -r {} -o ip.check_checksum:TRUE -T fields -E separator=/t", pcap.display());
+    if !decode_as.is_empty() {
+        cmd += &format!(" -d {decode_as}");
+    }
+    for f in fields {
+        cmd += &format!(" -e {f}");
+    }
+    sh(&format!("{cmd} 2>/dev/null"))
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect())
+        .collect()
+}
+
+/// Path of a helper script in the `tests` directory.
+pub fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+impl Topology {
+    /// Sends `mb` MiB over TCP from pod `from` to pod `to`; returns (sent, received) SHA-256
+    /// and byte counts as printed by traffic.py.
+    pub fn tcp_transfer(&self, from: usize, to: usize, mb: u32) -> (String, String) {
+        let out = self.workdir.join(format!("tcp-{from}-{to}.txt"));
+        let _ = fs::remove_file(&out);
+        let py = script("traffic.py");
+        let log = self.workdir.join("tcp-server.log");
+        let mut server = self.nodes[to].pod.spawn(
+            &format!("/usr/bin/python3 {} tcp-server 5001 {}", py.display(), out.display()),
+            &log,
+        );
+        thread::sleep(Duration::from_millis(300));
+        let sent = self.nodes[from].pod.exec(&format!(
+            "/usr/bin/python3 {} tcp-client {} 5001 {mb}",
+            py.display(),
+            self.nodes[to].pod_ip
+        ));
+        let _ = server.wait();
+        let got = fs::read_to_string(&out).unwrap_or_default();
+        (sent.trim().to_string(), got.trim().to_string())
+    }
+
+    /// Sends `count` UDP datagrams from pod `from` to pod `to`; returns how many arrived intact.
+    pub fn udp_exchange(&self, from: usize, to: usize, count: u32) -> u32 {
+        let out = self.workdir.join(format!("udp-{from}-{to}.txt"));
+        let _ = fs::remove_file(&out);
+        let py = script("traffic.py");
+        let log = self.workdir.join("udp-server.log");
+        let mut server = self.nodes[to].pod.spawn(
+            &format!(
+                "/usr/bin/python3 {} udp-server 5002 {count} {}",
+                py.display(),
+                out.display()
+            ),
+            &log,
+        );
+        thread::sleep(Duration::from_millis(300));
+        self.nodes[from].pod.exec(&format!(
+            "/usr/bin/python3 {} udp-client {} 5002 {count}",
+            py.display(),
+            self.nodes[to].pod_ip
+        ));
+        let _ = server.wait();
+        fs::read_to_string(&out)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
