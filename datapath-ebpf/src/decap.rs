@@ -2,7 +2,8 @@
 //! allowed in, then strips the tunnel headers at XDP or at TC.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_OK, xdp_action::XDP_PASS,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::XDP_PASS,
     },
     helpers::bpf_xdp_adjust_head,
     maps::lpm_trie::Key,
@@ -120,8 +121,8 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         if vni != cfg.vni {
             return Err(DropReason::WrongVni);
         }
-        let inner_eth = ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN)
-            .ok_or(DropReason::Truncated)?;
+        let inner_eth =
+            ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
         // SAFETY: ptr_at checked the bounds.
         if unsafe { (*inner_eth).ether_type } != EtherType::Ipv4 as u16 {
             return Err(DropReason::InnerNotIpv4);

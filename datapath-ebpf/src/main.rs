@@ -1,7 +1,8 @@
 //! Entry points and maps of the datapath's kernel programs. Entry points only dispatch; the
 //! work lives in `encap` (TC egress) and `decap` (XDP or TC ingress).
-#![no_std]
-#![no_main]
+//! On the host (`cargo clippy --workspace`) it builds as an empty binary.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod counters;
 mod csum;
@@ -17,8 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats,
-    PodRoute,
+    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats, PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -86,11 +86,14 @@ fn drop_tc(ctx: &TcContext, reason: DropReason) -> i32 {
     TC_ACT_SHOT
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -205,7 +205,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Err(e) => {
                 s.reload.last_reload_ok = false;
                 s.reload.failures += 1;
-                error!(reason, "cluster state rejected, last good state stays: {e:#}");
+                error!(
+                    reason,
+                    "cluster state rejected, last good state stays: {e:#}"
+                );
             }
         }
     }
@@ -231,7 +234,10 @@ fn metrics_body(shared: &Mutex<Shared>) -> String {
             "datapath_last_reload_success".to_string(),
             if s.reload.last_reload_ok { 1.0 } else { 0.0 },
         ),
-        ("datapath_reloads_total".to_string(), s.reload.reloads as f64),
+        (
+            "datapath_reloads_total".to_string(),
+            s.reload.reloads as f64,
+        ),
         (
             "datapath_reload_failures_total".to_string(),
             s.reload.failures as f64,

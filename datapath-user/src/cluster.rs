@@ -106,7 +106,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The VTEP MAC of a node whose file gives none: locally administered, derived from its address
@@ -367,10 +370,7 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
                 if other.address == address {
                     problems.push(Problem {
                         path: at("address"),
-                        reason: format!(
-                            "duplicate address {address} (also node {:?})",
-                            other.name
-                        ),
+                        reason: format!("duplicate address {address} (also node {:?})", other.name),
                     });
                 }
                 if other.pod_cidr.overlaps(&pod_cidr) {
@@ -436,7 +436,12 @@ fn parse_address(s: &str) -> Result<(Ipv4Addr, Option<u8>), String> {
     Ok((addr, len))
 }
 
-type RawNode = (Option<String>, Option<String>, Option<String>, Option<String>);
+type RawNode = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 /// Reads the nodes of a `kubectl get nodes -o json` NodeList: name, `spec.podCIDR`, the
 /// InternalIP address, and Flannel's `public-ip` and `backend-data` VtepMAC annotations.

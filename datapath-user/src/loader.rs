@@ -8,11 +8,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder,
     },
     sys::SyscallError,
 };
@@ -130,7 +129,11 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
 /// from their pins) when a pin directory is given.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
-    for map in [map_names::POD_CIDRS, map_names::NODES, map_names::PEER_STATS] {
+    for map in [
+        map_names::POD_CIDRS,
+        map_names::NODES,
+        map_names::PEER_STATS,
+    ] {
         loader.map_max_entries(map, opts.max_nodes);
     }
     loader.override_global(aya_log::LEVEL, &opts.log_level, false);
@@ -230,8 +233,8 @@ pub fn attach(
         };
         let id = match old {
             Some(link) => {
-                let link = SchedClassifierLink::try_from(link)
-                    .map_err(|source| LoadError::Link {
+                let link =
+                    SchedClassifierLink::try_from(link).map_err(|source| LoadError::Link {
                         path: link_pin_path(pin_dir.unwrap_or(Path::new("")), name),
                         source,
                     })?;

@@ -55,7 +55,9 @@ impl ModeArgs {
 enum Cmd {
     /// Run the node agent: load and attach the programs, keep the maps in step with the
     /// cluster file.
-    #[command(after_help = "Example:\n  datapath run --cluster /etc/datapath/cluster.yaml --node node1 --metrics 127.0.0.1:9464")]
+    #[command(
+        after_help = "Example:\n  datapath run --cluster /etc/datapath/cluster.yaml --node node1 --metrics 127.0.0.1:9464"
+    )]
     Run {
         /// Cluster file (YAML/JSON) or `kubectl get nodes -o json` output. Watched for changes;
         /// SIGHUP reloads too.
@@ -93,7 +95,9 @@ enum Cmd {
         mode: ModeArgs,
     },
     /// Validate a cluster file: print every problem, exit non-zero if any.
-    #[command(after_help = "Example:\n  kubectl get nodes -o json > nodes.json && datapath check --cluster nodes.json --node node1")]
+    #[command(
+        after_help = "Example:\n  kubectl get nodes -o json > nodes.json && datapath check --cluster nodes.json --node node1"
+    )]
     Check {
         #[arg(long)]
         cluster: PathBuf,

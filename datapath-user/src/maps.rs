@@ -8,7 +8,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
 };
 use maps_common::{
     Counter, NodeConfig, NodeEntry, PeerStats, PodRoute, config_flags, map_names, route_mode,
@@ -93,11 +95,15 @@ impl DatapathMaps {
     ) -> Result<Self, MapsError> {
         Ok(Self {
             config: config.try_into().map_err(map_err(map_names::CONFIG))?,
-            pod_cidrs: pod_cidrs.try_into().map_err(map_err(map_names::POD_CIDRS))?,
+            pod_cidrs: pod_cidrs
+                .try_into()
+                .map_err(map_err(map_names::POD_CIDRS))?,
             nodes: nodes.try_into().map_err(map_err(map_names::NODES))?,
             counters: counters.try_into().map_err(map_err(map_names::COUNTERS))?,
             drops: drops.try_into().map_err(map_err(map_names::DROPS))?,
-            peer_stats: peer_stats.try_into().map_err(map_err(map_names::PEER_STATS))?,
+            peer_stats: peer_stats
+                .try_into()
+                .map_err(map_err(map_names::PEER_STATS))?,
         })
     }
 
@@ -193,7 +199,10 @@ impl DatapathMaps {
                 changes.cidrs_upserted += 1;
             }
         }
-        for cidr in have_cidrs.keys().filter(|c| !want.pod_cidrs.contains_key(c)) {
+        for cidr in have_cidrs
+            .keys()
+            .filter(|c| !want.pod_cidrs.contains_key(c))
+        {
             self.pod_cidrs
                 .remove(&Key::new(cidr.len as u32, cidr.addr.octets()))
                 .map_err(map_err(map_names::POD_CIDRS))?;
@@ -365,7 +374,10 @@ pub fn apply_routes(want: &[PodRouteSpec], changes: &mut Changes) -> Result<(), 
         net::replace_route(r)?;
         changes.routes_replaced += 1;
     }
-    for r in have.iter().filter(|h| !want.iter().any(|w| w.cidr == h.cidr)) {
+    for r in have
+        .iter()
+        .filter(|h| !want.iter().any(|w| w.cidr == h.cidr))
+    {
         net::delete_route(&r.cidr)?;
         changes.routes_removed += 1;
     }

@@ -146,7 +146,11 @@ pub fn owned_routes() -> Result<Vec<PodRouteSpec>, NetError> {
 
 /// Installs or replaces a route the agent owns.
 pub fn replace_route(r: &PodRouteSpec) -> Result<(), NetError> {
-    let (cidr, via, proto) = (r.cidr.to_string(), r.via.to_string(), ROUTE_PROTO.to_string());
+    let (cidr, via, proto) = (
+        r.cidr.to_string(),
+        r.via.to_string(),
+        ROUTE_PROTO.to_string(),
+    );
     let mtu = r.mtu.map(|m| m.to_string());
     let mut args = vec![
         "route", "replace", &cidr, "via", &via, "dev", &r.dev, "onlink", "proto", &proto,

@@ -120,7 +120,11 @@ impl Snapshot {
             "node {}  vni {}  vxlan port {}  underlay mtu {}  peers {}",
             self.node_addr, self.vni, self.vxlan_port, self.underlay_mtu, self.nodes_known
         );
-        let _ = writeln!(s, "{:<8} {:<6} {:>14} {:>16}", "what", "mode", "packets", "bytes");
+        let _ = writeln!(
+            s,
+            "{:<8} {:<6} {:>14} {:>16}",
+            "what", "mode", "packets", "bytes"
+        );
         for c in &self.counters {
             let _ = writeln!(
                 s,
@@ -162,7 +166,10 @@ impl Snapshot {
     /// Prometheus text exposition format.
     pub fn render_prometheus(&self, extra: &[(String, f64)]) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "# HELP datapath_packets_total Packets by direction and mode.");
+        let _ = writeln!(
+            s,
+            "# HELP datapath_packets_total Packets by direction and mode."
+        );
         let _ = writeln!(s, "# TYPE datapath_packets_total counter");
         for c in &self.counters {
             let _ = writeln!(
@@ -171,7 +178,10 @@ impl Snapshot {
                 c.direction, c.mode, c.packets
             );
         }
-        let _ = writeln!(s, "# HELP datapath_bytes_total Bytes by direction and mode.");
+        let _ = writeln!(
+            s,
+            "# HELP datapath_bytes_total Bytes by direction and mode."
+        );
         let _ = writeln!(s, "# TYPE datapath_bytes_total counter");
         for c in &self.counters {
             let _ = writeln!(
@@ -189,7 +199,10 @@ impl Snapshot {
                 d.reason, d.packets
             );
         }
-        let _ = writeln!(s, "# HELP datapath_peer_packets_total Packets per peer node.");
+        let _ = writeln!(
+            s,
+            "# HELP datapath_peer_packets_total Packets per peer node."
+        );
         let _ = writeln!(s, "# TYPE datapath_peer_packets_total counter");
         for r in self.routes.iter().filter(|r| r.mode != "local") {
             let _ = writeln!(

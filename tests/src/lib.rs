@@ -23,7 +23,11 @@ pub fn unique(tag: &str) -> String {
 
 /// Runs a command, panicking with its output when it fails.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
     assert!(
         out.status.success(),
         "command failed: {cmd}\nstdout: {}\nstderr: {}",
@@ -35,7 +39,11 @@ pub fn sh(cmd: &str) -> String {
 
 /// Runs a command and returns its output whatever the status.
 pub fn sh_out(cmd: &str) -> Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh")
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh")
 }
 
 /// The `datapath` binary under test: `$DATAPATH_BIN`, or the one next to the test binary's
@@ -75,19 +83,34 @@ impl Netns {
 
     /// Runs `cmd` inside the namespace, panicking on failure.
     pub fn exec(&self, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")))
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        ))
     }
 
     /// Runs `cmd` inside the namespace, returning its output whatever the status.
     pub fn exec_out(&self, cmd: &str) -> Output {
-        sh_out(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")))
+        sh_out(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        ))
     }
 
     /// Starts `cmd` inside the namespace in the background.
     pub fn spawn(&self, cmd: &str, log: &Path) -> Child {
         let f = fs::File::create(log).expect("log file");
         Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c", &format!("exec {cmd}")])
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                &format!("exec {cmd}"),
+            ])
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f)
@@ -219,8 +242,14 @@ impl Topology {
         Self::new(
             tag,
             &[
-                NodeSpec { subnet: 0, host: 10 },
-                NodeSpec { subnet: 0, host: 11 },
+                NodeSpec {
+                    subnet: 0,
+                    host: 10,
+                },
+                NodeSpec {
+                    subnet: 0,
+                    host: 11,
+                },
             ],
         )
     }
@@ -253,7 +282,9 @@ impl Topology {
     /// Starts the agent on node `i` with extra flags and waits until its programs are attached.
     pub fn start_agent(&mut self, i: usize, cluster: &Path, extra: &str) {
         let n = &self.nodes[i];
-        let log = self.workdir.join(format!("agent-{}-{}.log", n.name, self.agents.len()));
+        let log = self
+            .workdir
+            .join(format!("agent-{}-{}.log", n.name, self.agents.len()));
         let cmd = format!(
             "{} run --cluster {} --node {} --pin-dir {} --watch-ms 100 {extra}",
             datapath_bin().display(),
@@ -268,16 +299,17 @@ impl Topology {
             node: i,
         };
         self.agents.push(agent);
-        wait_for(Duration::from_secs(20), || {
-            fs::read_to_string(&log).unwrap_or_default().contains("programs attached")
-        })
-        .unwrap_or_else(|_| {
-            panic!(
-                "agent on {} did not attach:\n{}",
-                n.name,
-                fs::read_to_string(&log).unwrap_or_default()
-            )
+        let attached = wait_for(Duration::from_secs(20), || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("programs attached")
         });
+        assert!(
+            attached,
+            "agent on {} did not attach:\n{}",
+            n.name,
+            fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// Stops every agent of node `i` (SIGTERM) and waits for them; pins stay.
@@ -289,13 +321,22 @@ impl Topology {
 
     /// Runs `datapath <args>` inside node `i`'s namespace.
     pub fn datapath(&self, i: usize, args: &str) -> Output {
-        self.nodes[i].ns.exec_out(&format!("{} {args}", datapath_bin().display()))
+        self.nodes[i]
+            .ns
+            .exec_out(&format!("{} {args}", datapath_bin().display()))
     }
 
     /// The JSON of `datapath stats --json` on node `i`.
     pub fn stats(&self, i: usize) -> serde_json::Value {
-        let out = self.datapath(i, &format!("stats --json --pin-dir {}", self.pin_dir(i).display()));
-        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self.datapath(
+            i,
+            &format!("stats --json --pin-dir {}", self.pin_dir(i).display()),
+        );
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("stats json")
     }
 
@@ -397,16 +438,16 @@ impl Drop for Agent {
     }
 }
 
-/// Polls `f` until it is true or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()> {
+/// Polls `f` until it is true (returns true) or `timeout` passes (returns false).
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {
-            return Ok(());
+            return true;
         }
         thread::sleep(Duration::from_millis(50));
     }
-    Err(())
+    false
 }
 
 /// A tcpdump capture running in a namespace, written to a pcap file.
@@ -426,10 +467,12 @@ impl Capture {
             ),
             &log,
         );
-        wait_for(Duration::from_secs(5), || {
-            fs::read_to_string(&log).unwrap_or_default().contains("listening on")
-        })
-        .expect("tcpdump did not start");
+        let listening = wait_for(Duration::from_secs(5), || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("listening on")
+        });
+        assert!(listening, "tcpdump did not start");
         Self {
             child,
             pcap: pcap.to_path_buf(),
@@ -454,7 +497,10 @@ impl Drop for Capture {
 
 /// Runs tshark on a pcap with `-T fields`, returning one Vec of fields per frame.
 pub fn tshark_fields(pcap: &Path, decode_as: &str, fields: &[&str]) -> Vec<Vec<String>> {
-    let mut cmd = format!("tshark -r {} -o ip.check_checksum:TRUE -T fields -E separator=/t", pcap.display());
+    let mut cmd = format!(
+        "tshark -r {} -o ip.check_checksum:TRUE -T fields -E separator=/t",
+        pcap.display()
+    );
     if !decode_as.is_empty() {
         cmd += &format!(" -d {decode_as}");
     }
@@ -481,7 +527,11 @@ impl Topology {
         let py = script("traffic.py");
         let log = self.workdir.join("tcp-server.log");
         let mut server = self.nodes[to].pod.spawn(
-            &format!("/usr/bin/python3 {} tcp-server 5001 {}", py.display(), out.display()),
+            &format!(
+                "/usr/bin/python3 {} tcp-server 5001 {}",
+                py.display(),
+                out.display()
+            ),
             &log,
         );
         thread::sleep(Duration::from_millis(300));

@@ -19,14 +19,26 @@ fn two_nodes_carry_traffic(encap: &str, decap: &str) {
     t.start_agent(0, &cluster, &format!("--decap {decap}"));
     t.start_agent(1, &cluster, &format!("--decap {decap}"));
 
-    let filter = if encap == "ipip" { "ip proto 4" } else { "udp port 4789" };
+    let filter = if encap == "ipip" {
+        "ip proto 4"
+    } else {
+        "udp port 4789"
+    };
     let ul = Capture::start(&t.underlay, "u0", filter, &t.workdir.join("underlay.pcap"));
     let pod = Capture::start(&t.nodes[0].pod, "eth0", "ip", &t.workdir.join("pod.pcap"));
 
     assert_eq!(t.ping(0, 1, 5), 5, "ping pod1 -> pod2 over {encap}");
     assert_eq!(t.ping(1, 0, 5), 5, "ping pod2 -> pod1 over {encap}");
-    assert_eq!(t.udp_exchange(0, 1, 100), 100, "UDP pod1 -> pod2 over {encap}");
-    assert_eq!(t.udp_exchange(1, 0, 100), 100, "UDP pod2 -> pod1 over {encap}");
+    assert_eq!(
+        t.udp_exchange(0, 1, 100),
+        100,
+        "UDP pod1 -> pod2 over {encap}"
+    );
+    assert_eq!(
+        t.udp_exchange(1, 0, 100),
+        100,
+        "UDP pod2 -> pod1 over {encap}"
+    );
 
     let ul = ul.stop();
     let pod = pod.stop();
@@ -42,13 +54,22 @@ fn two_nodes_carry_traffic(encap: &str, decap: &str) {
     for (from, to) in [(0, 1), (1, 0)] {
         let (sent, got) = t.tcp_transfer(from, to, 100);
         assert!(sent.ends_with(" 104857600"), "sender printed {sent:?}");
-        assert_eq!(sent, got, "100 MiB over TCP {from}->{to} arrived altered or short");
+        assert_eq!(
+            sent, got,
+            "100 MiB over TCP {from}->{to} arrived altered or short"
+        );
     }
 
     // Counted per skb: a GSO packet counts once with all its bytes.
     let encap_bytes = t.counter_bytes(0, "encap", encap);
-    assert!(encap_bytes > 100 << 20, "node1 encapsulated only {encap_bytes} bytes");
-    assert!(t.counter(1, "decap", encap) > 0, "node2 decapsulated nothing");
+    assert!(
+        encap_bytes > 100 << 20,
+        "node1 encapsulated only {encap_bytes} bytes"
+    );
+    assert!(
+        t.counter(1, "decap", encap) > 0,
+        "node2 decapsulated nothing"
+    );
     let stats = t.stats(0);
     let drops: u64 = stats["drops"]
         .as_array()

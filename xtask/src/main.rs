@@ -1,1 +1,296 @@
-fn main() {}
+//! What a person runs: `setup` (install what a fresh machine lacks), `demo` (the two-node
+//! cluster in namespaces), `test` (lint, unit, BPF_PROG_TEST_RUN and namespace tests).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (idempotent).
+    Setup,
+    /// Build and run the two-node demo: IPIP then VXLAN, counters, teardown.
+    Demo,
+    /// Run fmt, clippy, unit tests, program tests and namespace tests.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "tcpdump",
+    "tshark",
+    "iperf3",
+    "sockperf",
+    "bpftool",
+    "python3-scapy",
+    "curl",
+];
+
+/// Where `bpf-linker` is built against the nightly toolchain's own LLVM.
+const LLVM_SHIM: &str = "/root/.cache/datapath-llvm";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Demo => {
+            setup()?;
+            build()?;
+            demo::run(&workspace().join("target/debug/datapath"))
+        }
+        Cmd::Test { filter } => {
+            setup()?;
+            test(filter.as_deref())
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn setup() -> Result<()> {
+    let mut did = Vec::new();
+
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !quiet_ok(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        did.push("Debian packages");
+    }
+
+    let toolchains = String::from_utf8_lossy(
+        &Command::new("rustup")
+            .args(["toolchain", "list"])
+            .output()?
+            .stdout,
+    )
+    .into_owned();
+    if !toolchains.contains("nightly") {
+        println!("setup: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        did.push("nightly toolchain");
+    }
+    let components = String::from_utf8_lossy(
+        &Command::new("rustup")
+            .args(["component", "list", "--installed", "--toolchain", "nightly"])
+            .output()?
+            .stdout,
+    )
+    .into_owned();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to the nightly toolchain (for -Z build-std=core)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        did.push("rust-src");
+    }
+
+    if !quiet_ok(Command::new("bpf-linker").arg("--version")) {
+        let sysroot = String::from_utf8(
+            Command::new("rustc")
+                .args(["+nightly", "--print", "sysroot"])
+                .output()?
+                .stdout,
+        )?;
+        let lib = Path::new(sysroot.trim()).join("lib");
+        let llvm = std::fs::read_dir(&lib)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("libLLVM.so."))
+            .context("nightly toolchain has no libLLVM.so.*")?;
+        let major = llvm
+            .trim_start_matches("libLLVM.so.")
+            .split('.')
+            .next()
+            .unwrap_or("22")
+            .to_string();
+        let shim = Path::new(LLVM_SHIM).join("lib");
+        std::fs::create_dir_all(&shim)?;
+        for name in ["libLLVM.so".to_string(), llvm.clone()] {
+            let link = shim.join(&name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
+        }
+        println!(
+            "setup: building bpf-linker against the nightly toolchain's LLVM {major} (about a minute)"
+        );
+        run(Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", LLVM_SHIM))?;
+        did.push("bpf-linker");
+    }
+
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mounted = std::fs::read_to_string("/proc/mounts")?
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+    if !mounted {
+        std::fs::create_dir_all(bpffs)?;
+        println!("setup: mounting bpffs on /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        did.push("bpffs");
+    }
+
+    if did.is_empty() {
+        println!(
+            "setup: nothing to do (packages, nightly rust-src, bpf-linker, bpffs all present)"
+        );
+    } else {
+        println!("setup: done ({})", did.join(", "));
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(workspace());
+    c
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--quiet", "-p", "datapath-user"]))
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    let started = Instant::now();
+    let mut summary: Vec<(String, bool, f64)> = Vec::new();
+    let mut step = |name: &str, cmd: &mut Command| -> bool {
+        println!("\n=== {name}");
+        let t = Instant::now();
+        let ok = cmd.status().is_ok_and(|s| s.success());
+        summary.push((name.to_string(), ok, t.elapsed().as_secs_f64()));
+        ok
+    };
+    let filter_args: Vec<&str> = filter.into_iter().collect();
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--check"]),
+    );
+    step(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    let built = step(
+        "build datapath",
+        cargo().args(["build", "--quiet", "-p", "datapath-user"]),
+    );
+    step(
+        "unit tests (maps-common, datapath-user)",
+        cargo()
+            .args([
+                "test",
+                "--quiet",
+                "-p",
+                "maps-common",
+                "-p",
+                "datapath-user",
+                "--",
+            ])
+            .args(&filter_args),
+    );
+    if built {
+        // Namespace tests share the machine's two cores: one at a time.
+        step(
+            "program tests (BPF_PROG_TEST_RUN) and namespace integration tests",
+            cargo()
+                .args([
+                    "test",
+                    "--quiet",
+                    "-p",
+                    "integration-tests",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .args(&filter_args),
+        );
+    }
+    let leftovers =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .lines()
+            .filter(|l| l.starts_with("dpt"))
+            .count();
+    summary.push(("no namespaces left behind".into(), leftovers == 0, 0.0));
+
+    println!("\n=== summary ({:.0} s)", started.elapsed().as_secs_f64());
+    for (name, ok, secs) in &summary {
+        println!(
+            "  {:<4} {name} ({secs:.1} s)",
+            if *ok { "ok" } else { "FAIL" }
+        );
+    }
+    let failed = summary.iter().filter(|s| !s.1).count();
+    println!("{} passed, {} failed", summary.len() - failed, failed);
+    if failed > 0 {
+        bail!("{failed} step(s) failed");
+    }
+    Ok(())
+}
