@@ -1,0 +1,348 @@
+//! The node agent: live reload as a diff, rejection of bad files with the last good state kept,
+//! hitless restart, bpftool-readable maps, metrics, detach, and `check` on a NodeList.
+//!
+//! ```text
+//!   pod1 ── node1 (agent) ── u0 ─ br0 ─ u1 ── node2 (agent) ── pod2
+//!                                  └─ u2 ── node3 (agent) ── pod3   (three-node tests)
+//!   flow under test: ping pod1 → pod2 at 100 packets per second, loss counted by ping itself
+//! ```
+use std::{fs, thread, time::Duration};
+
+use integration_tests::{NodeSpec, Topology, datapath_bin, sh, sh_out, wait_for};
+
+fn three_nodes(tag: &str) -> Topology {
+    Topology::new(
+        tag,
+        &[
+            NodeSpec {
+                subnet: 0,
+                host: 10,
+            },
+            NodeSpec {
+                subnet: 0,
+                host: 11,
+            },
+            NodeSpec {
+                subnet: 0,
+                host: 12,
+            },
+        ],
+    )
+}
+
+/// Starts a 100-packets-per-second ping pod1 → pod2 for `secs` seconds; returns the child
+/// whose output ends with ping's own loss summary.
+fn flood_ping(t: &Topology, secs: u32) -> std::process::Child {
+    let log = t.workdir.join("ping.log");
+    t.nodes[0].pod.spawn(
+        &format!("ping -i 0.005 -w {secs} -W 1 {}", t.nodes[1].pod_ip),
+        &log,
+    )
+}
+
+fn ping_result(t: &Topology, mut child: std::process::Child) -> (u32, u32) {
+    let _ = child.wait();
+    let text = fs::read_to_string(t.workdir.join("ping.log")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    let nums: Vec<u32> = line
+        .split(", ")
+        .take(2)
+        .map(|p| p.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    (nums[0], nums[1])
+}
+
+fn routes_json(t: &Topology, i: usize) -> serde_json::Value {
+    t.stats(i)["routes"].clone()
+}
+
+#[test]
+fn adding_and_removing_a_node_under_traffic_loses_nothing() {
+    let mut t = three_nodes("addrm");
+    let two = t.cluster_yaml("vxlan", "").replace(
+        "  - name: node3\n    address: 192.168.1.12\n    podCIDR: 10.244.2.0/24\n",
+        "",
+    );
+    let cluster = t.write_cluster(&two);
+    t.start_agent(0, &cluster, "");
+    t.start_agent(1, &cluster, "");
+    assert_eq!(t.ping(0, 2, 1), 0, "node3 is not in the cluster yet");
+    let ping = flood_ping(&t, 4);
+    thread::sleep(Duration::from_millis(500));
+    t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    t.start_agent(2, &cluster, "");
+    let node3_known = wait_for(Duration::from_secs(5), || {
+        routes_json(&t, 0).as_array().unwrap().len() == 3
+    });
+    assert!(node3_known, "node1 did not learn node3");
+    assert_eq!(t.ping(0, 2, 3), 3, "pod1 -> pod3 after node3 was added");
+    t.write_cluster(&two);
+    let node3_gone = wait_for(Duration::from_secs(5), || {
+        routes_json(&t, 0).as_array().unwrap().len() == 2
+    });
+    assert!(node3_gone, "node1 did not forget node3");
+    let (sent, received) = ping_result(&t, ping);
+    assert!(sent >= 200, "ping sent only {sent}");
+    assert_eq!(
+        sent, received,
+        "the flow to the unchanged node lost packets"
+    );
+    let routes = t.nodes[0].ns.exec("ip route show proto 199");
+    assert!(
+        !routes.contains("10.244.2.0"),
+        "route to node3 left behind: {routes}"
+    );
+}
+
+#[test]
+fn restarting_the_agent_under_traffic_loses_nothing() {
+    let mut t = Topology::two_nodes("restart");
+    let cluster = t.write_cluster(&t.cluster_yaml("ipip", ""));
+    t.start_agent(0, &cluster, "");
+    t.start_agent(1, &cluster, "");
+    let ping = flood_ping(&t, 5);
+    thread::sleep(Duration::from_millis(500));
+    t.stop_agents(0);
+    thread::sleep(Duration::from_millis(1000));
+    // Stopped agent: the pinned datapath keeps forwarding.
+    let during = t.counter(0, "encap", "ipip");
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        t.counter(0, "encap", "ipip") > during,
+        "no forwarding while the agent was down"
+    );
+    t.start_agent(0, &cluster, "");
+    let log = fs::read_to_string(&t.agents.last().unwrap().log).unwrap();
+    assert!(
+        log.contains("adopted=true"),
+        "restart did not adopt the pins:\n{log}"
+    );
+    let (sent, received) = ping_result(&t, ping);
+    assert!(sent >= 200, "ping sent only {sent}");
+    assert_eq!(sent, received, "packets lost across the restart");
+}
+
+#[test]
+fn bad_files_are_rejected_and_the_last_good_state_stays() {
+    let mut t = Topology::two_nodes("badfile");
+    let good = t.cluster_yaml("vxlan", "");
+    let cluster = t.write_cluster(&good);
+    t.start_agent(0, &cluster, "");
+    let before = routes_json(&t, 0);
+    let kernel_routes = t.nodes[0].ns.exec("ip route show proto 199");
+    let cases = [
+        ("unparsable", "nodes: [".to_string(), "(file): not parsable"),
+        (
+            "unknown mode",
+            good.replace("encapsulation: vxlan", "encapsulation: gre"),
+            "encapsulation: unknown mode \"gre\"",
+        ),
+        (
+            "bad CIDR",
+            good.replace("10.244.1.0/24", "10.244.1.0/33"),
+            "nodes[1].podCIDR: \"10.244.1.0/33\" is not a CIDR",
+        ),
+        (
+            "bad MAC",
+            good.replace(
+                "podCIDR: 10.244.1.0/24",
+                "podCIDR: 10.244.1.0/24\n    vtepMAC: \"66:00:zz:00:00:01\"",
+            ),
+            "nodes[1].vtepMAC: \"66:00:zz:00:00:01\" is not a MAC address",
+        ),
+        (
+            "duplicate node",
+            good.replace("name: node2", "name: node1"),
+            "nodes[1].name: duplicate node \"node1\"",
+        ),
+        (
+            "overlapping pod CIDRs",
+            good.replace("10.244.1.0/24", "10.244.0.0/16"),
+            "nodes[1].podCIDR: 10.244.0.0/16 overlaps 10.244.0.0/24",
+        ),
+        (
+            "own node missing",
+            good.replace("name: node1", "name: node9"),
+            "this node \"node1\" is not in the cluster state",
+        ),
+    ];
+    let log = t.agents[0].log.clone();
+    for (n, (class, text, message)) in cases.iter().enumerate() {
+        t.write_cluster(text);
+        let rejected = wait_for(Duration::from_secs(5), || {
+            let l = fs::read_to_string(&log).unwrap();
+            l.matches("cluster state rejected").count() > n && l.contains(message)
+        });
+        assert!(
+            rejected,
+            "{class}: no rejection with {message:?}:\n{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        assert_eq!(routes_json(&t, 0), before, "{class}: maps changed");
+        assert_eq!(
+            t.nodes[0].ns.exec("ip route show proto 199"),
+            kernel_routes,
+            "{class}: kernel routes changed"
+        );
+        let out = sh_out(&format!(
+            "{} check --cluster {} --node node1",
+            datapath_bin().display(),
+            cluster.display()
+        ));
+        assert!(!out.status.success(), "{class}: check accepted it");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(message),
+            "{class}: check output"
+        );
+    }
+}
+
+#[test]
+fn maps_dump_with_field_names_metrics_scrape_and_detach_leaves_nothing() {
+    let mut t = Topology::two_nodes("inspect");
+    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    t.start_agent(0, &cluster, "--metrics 127.0.0.1:9464");
+    t.start_agent(1, &cluster, "");
+    assert_eq!(t.ping(0, 1, 3), 3);
+    let pins = t.pin_dir(0);
+    for (map, fields) in [
+        (
+            "DP_CONFIG",
+            &["node_addr", "vni", "vtep_mac", "vxlan_port"][..],
+        ),
+        (
+            "DP_POD_CIDRS",
+            &["prefix_len", "node_addr", "vtep_mac", "mode", "peer_idx"][..],
+        ),
+        ("DP_NODES", &["peer_idx", "mode"][..]),
+        ("DP_COUNTERS", &["packets", "bytes"][..]),
+        ("DP_DROPS", &["packets", "bytes"][..]),
+        ("DP_PEER_STATS", &["tx_packets", "rx_bytes"][..]),
+    ] {
+        let dump = sh(&format!(
+            "bpftool map dump pinned {}/maps/{map}",
+            pins.display()
+        ));
+        for f in fields {
+            assert!(
+                dump.contains(&format!("\"{f}\"")),
+                "{map}: no field {f} in\n{dump}"
+            );
+        }
+    }
+    let metrics = t.nodes[0].ns.exec("curl -s http://127.0.0.1:9464/metrics");
+    for needle in [
+        "datapath_packets_total{direction=\"encap\",mode=\"vxlan\"}",
+        "datapath_drops_total{reason=\"unknown_peer\"} 0",
+        "datapath_nodes_known 1",
+        "datapath_last_reload_success 1",
+        "datapath_peer_packets_total{peer=\"192.168.1.11\",direction=\"tx\"}",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+
+    t.stop_agents(0);
+    let out = t.datapath(0, &format!("detach --pin-dir {}", pins.display()));
+    assert!(out.status.success());
+    assert!(!pins.exists(), "pins left under {}", pins.display());
+    assert_eq!(
+        t.nodes[0].ns.exec("ip route show proto 199"),
+        "",
+        "routes left"
+    );
+    let links = t.nodes[0].ns.exec("ip -d link show eth0");
+    assert!(!links.contains("prog/xdp"), "XDP still attached: {links}");
+    let tcx = t.nodes[0].ns.exec("bpftool net show dev eth0");
+    assert!(
+        !tcx.contains("tc_encap"),
+        "TC program still attached: {tcx}"
+    );
+    assert_eq!(
+        t.ping(0, 1, 1),
+        0,
+        "traffic still encapsulated after detach"
+    );
+}
+
+#[test]
+fn check_reads_a_kubectl_nodelist() {
+    let dir = std::env::temp_dir().join(integration_tests::unique("nodelist"));
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("nodes.json");
+    fs::write(&file, NODELIST).unwrap();
+    let check = |args: &str| {
+        sh_out(&format!(
+            "{} check --cluster {} {args}",
+            datapath_bin().display(),
+            file.display()
+        ))
+    };
+    let out = check("--node minikube --encapsulation vxlan --vni 1 --vxlan-port 8472");
+    let _ = fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok: 2 nodes, vxlan (vni 1, port 8472), crossSubnet false"
+    );
+}
+
+/// Trimmed from `kubectl get nodes -o json` of a two-node cluster running Flannel.
+const NODELIST: &str = r#"{
+    "apiVersion": "v1",
+    "items": [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "annotations": {
+                    "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"a2:5b:0c:3d:11:01\"}",
+                    "flannel.alpha.coreos.com/backend-type": "vxlan",
+                    "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                    "flannel.alpha.coreos.com/public-ip": "192.168.49.2",
+                    "node.alpha.kubernetes.io/ttl": "0"
+                },
+                "labels": { "kubernetes.io/hostname": "minikube" },
+                "name": "minikube",
+                "resourceVersion": "1042",
+                "uid": "7d4f4c1e-2a8e-4c6b-9a53-0c1f4f5d1a01"
+            },
+            "spec": { "podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"] },
+            "status": {
+                "addresses": [
+                    { "address": "192.168.49.2", "type": "InternalIP" },
+                    { "address": "minikube", "type": "Hostname" }
+                ]
+            }
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "annotations": {
+                    "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"a2:5b:0c:3d:11:02\"}",
+                    "flannel.alpha.coreos.com/public-ip": "192.168.49.3"
+                },
+                "name": "minikube-m02"
+            },
+            "spec": { "podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"] },
+            "status": {
+                "addresses": [
+                    { "address": "192.168.49.3", "type": "InternalIP" },
+                    { "address": "minikube-m02", "type": "Hostname" }
+                ]
+            }
+        }
+    ],
+    "kind": "List",
+    "metadata": { "resourceVersion": "" }
+}"#;
