@@ -212,13 +212,42 @@ fn build() -> Result<()> {
     run(cargo().args(["build", "--quiet", "-p", "datapath-user"]))
 }
 
+/// Runs `cmd`, echoing its output, and adds the counts of cargo's `test result:` lines.
+fn run_counting(cmd: &mut Command, tests: &mut (u64, u64)) -> bool {
+    use std::io::{BufRead as _, BufReader};
+    let Ok(mut child) = cmd.stdout(Stdio::piped()).spawn() else {
+        return false;
+    };
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split("; ")
+                        .find_map(|p| {
+                            p.trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                tests.0 += count(" passed");
+                tests.1 += count(" failed");
+            }
+        }
+    }
+    child.wait().is_ok_and(|s| s.success())
+}
+
 fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let mut summary: Vec<(String, bool, f64)> = Vec::new();
-    let mut step = |name: &str, cmd: &mut Command| -> bool {
+    let mut tests = (0u64, 0u64);
+    let mut step = |name: &str, cmd: &mut Command, tests: &mut (u64, u64)| -> bool {
         println!("\n=== {name}");
         let t = Instant::now();
-        let ok = cmd.status().is_ok_and(|s| s.success());
+        let ok = run_counting(cmd, tests);
         summary.push((name.to_string(), ok, t.elapsed().as_secs_f64()));
         ok
     };
@@ -226,6 +255,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     step(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--check"]),
+        &mut tests,
     );
     step(
         "cargo clippy",
@@ -238,39 +268,28 @@ fn test(filter: Option<&str>) -> Result<()> {
             "-D",
             "warnings",
         ]),
+        &mut tests,
     );
     let built = step(
         "build datapath",
         cargo().args(["build", "--quiet", "-p", "datapath-user"]),
+        &mut tests,
     );
     step(
         "unit tests (maps-common, datapath-user)",
         cargo()
-            .args([
-                "test",
-                "--quiet",
-                "-p",
-                "maps-common",
-                "-p",
-                "datapath-user",
-                "--",
-            ])
+            .args(["test", "-p", "maps-common", "-p", "datapath-user", "--"])
             .args(&filter_args),
+        &mut tests,
     );
     if built {
         // Namespace tests share the machine's two cores: one at a time.
         step(
             "program tests (BPF_PROG_TEST_RUN) and namespace integration tests",
             cargo()
-                .args([
-                    "test",
-                    "--quiet",
-                    "-p",
-                    "integration-tests",
-                    "--",
-                    "--test-threads=1",
-                ])
+                .args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
                 .args(&filter_args),
+            &mut tests,
         );
     }
     let leftovers =
@@ -287,10 +306,11 @@ fn test(filter: Option<&str>) -> Result<()> {
             if *ok { "ok" } else { "FAIL" }
         );
     }
-    let failed = summary.iter().filter(|s| !s.1).count();
-    println!("{} passed, {} failed", summary.len() - failed, failed);
-    if failed > 0 {
-        bail!("{failed} step(s) failed");
+    let failed_steps = summary.iter().filter(|s| !s.1).count() as u64;
+    // One plain closing line: tests passed, and failed tests plus failed steps.
+    println!("{} passed, {} failed", tests.0, tests.1.max(failed_steps));
+    if failed_steps > 0 {
+        bail!("{failed_steps} step(s) failed");
     }
     Ok(())
 }
