@@ -1,16 +1,16 @@
 #!/usr/bin/python3
 """Checks an underlay capture with scapy, a dissector this project did not write.
 
-Usage: wire_check.py MODE POD_PCAP UNDERLAY_PCAP [VNI PORT]
+Usage: wire_check.py MODE POD_PCAP UNDERLAY_PCAP [VNI PORT [udpcsum]]
 
 Every frame on the underlay must be IPIP (MODE=ipip) or VXLAN (MODE=vxlan) with valid outer
-checksums, exactly 20 or 50 bytes of overhead, the configured VNI and port, and an inner IPv4
+checksums (the outer UDP one zero, or valid with "udpcsum"), exactly 20 or 50 bytes of overhead, the configured VNI and port, and an inner IPv4
 packet byte-identical to one the pod sent, apart from the TTL (and so the header checksum).
 Prints one summary line; exits 1 with the first mismatch.
 """
 import sys
 
-from scapy.all import IP, UDP, Ether, bind_layers, raw, rdpcap
+from scapy.all import IP, TCP, UDP, Ether, bind_layers, raw, rdpcap
 from scapy.layers.vxlan import VXLAN
 
 
@@ -38,6 +38,7 @@ def main():
     mode, pod_pcap, ul_pcap = sys.argv[1:4]
     vni = int(sys.argv[4]) if len(sys.argv) > 4 else None
     port = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    udp_csum = len(sys.argv) > 6 and sys.argv[6] == "udpcsum"
     if port is not None:
         bind_layers(UDP, VXLAN, dport=port)
 
@@ -76,7 +77,19 @@ def main():
                 fail(f"frame {n}: vni mismatch: got {vx.vni}, expected {vni}")
             if vx.flags != 0x08:
                 fail(f"frame {n}: VXLAN flags {vx.flags:#x}, expected 0x08")
-            if udp.chksum not in (0, None):
+            if udp_csum:
+                # Over veth an inner checksum left to offload (CHECKSUM_PARTIAL) is never
+                # filled in; a NIC would fill it. Check the outer checksum of the completed packet.
+                again = IP(raw(outer))
+                inner_ip = again[VXLAN][Ether][IP]
+                for l4 in (UDP, TCP):
+                    if l4 in inner_ip:
+                        del inner_ip[l4].chksum
+                del again[UDP].chksum
+                want = IP(raw(again))[UDP].chksum
+                if udp.chksum != want:
+                    fail(f"frame {n}: outer UDP checksum {udp.chksum:#x}, scapy computes {want:#x}")
+            elif udp.chksum not in (0, None):
                 fail(f"frame {n}: outer UDP checksum {udp.chksum:#x}, expected 0")
             if udp.len != outer.len - 20:
                 fail(f"frame {n}: UDP length {udp.len} for IP length {outer.len}")

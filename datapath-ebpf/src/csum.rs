@@ -1,18 +1,77 @@
 //! Internet checksum of the IPv4 headers the programs write.
-use network_types::ip::Ipv4Hdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+
+/// Sum of `T`'s bytes as big-endian 16-bit words (`T` of even size), unfolded.
+#[inline(always)]
+fn sum_words<T, const WORDS: usize>(v: &T) -> u32 {
+    // SAFETY: T is plain data of 2 * WORDS bytes; read as big-endian words.
+    let words = unsafe { &*(v as *const T as *const [[u8; 2]; WORDS]) };
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < WORDS {
+        sum += u16::from_be_bytes(words[i]) as u32;
+        i += 1;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
 
 /// Returns the header checksum of `hdr` (whose `check` field must be zero), in wire order.
 #[inline(always)]
 pub fn ipv4_header(hdr: &Ipv4Hdr) -> [u8; 2] {
-    // SAFETY: Ipv4Hdr is 20 bytes of plain data; read as ten big-endian words.
-    let words = unsafe { &*(hdr as *const Ipv4Hdr as *const [[u8; 2]; 10]) };
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 10 {
-        sum += u16::from_be_bytes(words[i]) as u32;
-        i += 1;
+    (!fold(sum_words::<_, 10>(hdr))).to_be_bytes()
+}
+
+/// Sum of the IPv4 pseudo-header of `ip`'s payload for protocol `proto` and length `len`.
+#[inline(always)]
+fn pseudo(ip: &Ipv4Hdr, proto: u8, len: u16) -> u32 {
+    sum_words::<_, 2>(&ip.src_addr) + sum_words::<_, 2>(&ip.dst_addr) + proto as u32 + len as u32
+}
+
+/// The outer UDP checksum of a VXLAN packet, computed from headers alone (Linux's "local
+/// checksum offload" identity): a valid inner TCP/UDP checksum makes the inner segment sum
+/// to the complement of its pseudo-header; a valid ICMP checksum makes the message sum to 0.
+///
+/// Returns the checksum in wire order, or zero ("none", always allowed for IPv4) when the
+/// inner packet's own checksum does not cover it: other protocols, fragments, IPv4 options,
+/// UDP sent without a checksum (`inner_udp_check` is the inner UDP checksum field, if UDP).
+#[inline(always)]
+pub fn vxlan_udp(
+    outer: &Ipv4Hdr,
+    udp: &UdpHdr,
+    vxlan: &VxlanHdr,
+    inner_eth: &EthHdr,
+    inner: &Ipv4Hdr,
+    inner_udp_check: Option<[u8; 2]>,
+) -> [u8; 2] {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const ICMP: u8 = 1;
+    if inner.vihl != 0x45 || u16::from_be_bytes(inner.frags) & 0x3fff != 0 {
+        return [0; 2];
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
+    let inner_l4_len = u16::from_be_bytes(inner.tot_len).wrapping_sub(20);
+    let segment = match (inner.proto, inner_udp_check) {
+        (TCP, _) => !fold(pseudo(inner, TCP, inner_l4_len)),
+        (UDP, Some(check)) if check != [0; 2] => !fold(pseudo(inner, UDP, inner_l4_len)),
+        (ICMP, _) => 0,
+        _ => return [0; 2],
+    };
+    let sum = pseudo(outer, UDP, u16::from_be_bytes(udp.len))
+        + sum_words::<_, 4>(udp)
+        + sum_words::<_, 4>(vxlan)
+        + sum_words::<_, 7>(inner_eth)
+        + sum_words::<_, 10>(inner)
+        + segment as u32;
+    match !fold(sum) {
+        // 0 means "no checksum" in UDP: send its ones' complement twin.
+        0 => [0xff, 0xff],
+        c => c.to_be_bytes(),
+    }
 }

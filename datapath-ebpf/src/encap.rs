@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use maps_common::{CounterId, DropReason, NodeConfig, PodRoute, route_mode};
+use maps_common::{CounterId, DropReason, NodeConfig, PodRoute, config_flags, route_mode};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -168,7 +168,7 @@ fn encap(
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
         + VXLAN_SPORT_MIN;
-    let hdrs = VxlanHeaders {
+    let mut hdrs = VxlanHeaders {
         ip: outer,
         udp: UdpHdr {
             src: (sport as u16).to_be_bytes(),
@@ -196,10 +196,35 @@ fn encap(
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustFailed)?;
     // Revalidate after adjust_room: the head moved.
+    if cfg.flags & config_flags::UDP_CSUM != 0 && gso_size == 0 {
+        let l4_check = inner_l4_check(ctx, inner);
+        hdrs.udp.check = csum::vxlan_udp(
+            &hdrs.ip,
+            &hdrs.udp,
+            &hdrs.vxlan,
+            &hdrs.inner_eth,
+            inner,
+            l4_check,
+        );
+    }
     let p = ptr_at_mut::<VxlanHeaders, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
     Ok(())
+}
+
+/// The inner UDP checksum field, read before the head moves; `None` for other protocols or
+/// when the header is not in the linear area. Zero means "no checksum" for UDP over IPv4.
+#[inline(always)]
+fn inner_l4_check(ctx: &TcContext, inner: &Ipv4Hdr) -> Option<[u8; 2]> {
+    if inner.proto != IPPROTO_UDP || inner.vihl & 0x0f != 5 {
+        return None;
+    }
+    // After adjust_room the inner UDP header sits behind eth + 50 + inner IPv4.
+    let off = EthHdr::LEN + maps_common::VXLAN_OVERHEAD as usize + Ipv4Hdr::LEN;
+    let udp = ptr_at::<UdpHdr, _>(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    Some(unsafe { (*udp).check })
 }
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN)`: the inner L2 header length, in bits 56..63.

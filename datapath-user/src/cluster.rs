@@ -139,6 +139,8 @@ pub struct Cluster {
     pub cross_subnet: bool,
     pub vni: u32,
     pub port: u16,
+    /// Compute the outer UDP checksum of VXLAN packets instead of sending zero.
+    pub udp_checksum: bool,
     pub nodes: Vec<Node>,
 }
 
@@ -173,6 +175,7 @@ pub struct Defaults {
     pub cross_subnet: bool,
     pub vni: u32,
     pub port: u16,
+    pub udp_checksum: bool,
 }
 
 impl Default for Defaults {
@@ -182,6 +185,7 @@ impl Default for Defaults {
             cross_subnet: false,
             vni: 4096,
             port: maps_common::VXLAN_PORT_IANA,
+            udp_checksum: false,
         }
     }
 }
@@ -204,10 +208,11 @@ struct FileDoc {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct FileVxlan {
     vni: Option<u32>,
     port: Option<u16>,
+    udp_checksum: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -235,15 +240,14 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
     })?;
     let is_nodelist = value.get("kind").and_then(|k| k.as_str()) == Some("NodeList")
         || (value.get("items").is_some() && value.get("nodes").is_none());
-    let (raw_nodes, mut problems, encap, cross_subnet, vni, port) = if is_nodelist {
+    let (raw_nodes, mut problems, encap, cross_subnet, (vni, port, udp_checksum)) = if is_nodelist {
         let (nodes, problems) = from_nodelist(&value);
         (
             nodes,
             problems,
             Some(defaults.encap),
             defaults.cross_subnet,
-            defaults.vni,
-            defaults.port,
+            (defaults.vni, defaults.port, defaults.udp_checksum),
         )
     } else {
         let doc: FileDoc = serde_yaml::from_value(value).map_err(|e| {
@@ -269,6 +273,7 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
         let vx = doc.vxlan.unwrap_or(FileVxlan {
             vni: None,
             port: None,
+            udp_checksum: None,
         });
         let nodes = doc
             .nodes
@@ -281,8 +286,11 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
             problems,
             encap,
             doc.cross_subnet.unwrap_or(defaults.cross_subnet),
-            vx.vni.unwrap_or(defaults.vni),
-            vx.port.unwrap_or(defaults.port),
+            (
+                vx.vni.unwrap_or(defaults.vni),
+                vx.port.unwrap_or(defaults.port),
+                vx.udp_checksum.unwrap_or(defaults.udp_checksum),
+            ),
         )
     };
 
@@ -408,6 +416,7 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
             cross_subnet,
             vni,
             port,
+            udp_checksum,
             nodes,
         }),
         _ => Err(Invalid(problems)),

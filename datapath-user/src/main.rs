@@ -38,6 +38,9 @@ struct ModeArgs {
     /// VXLAN UDP port (4789 IANA/Calico, 8472 Flannel/Linux default).
     #[arg(long, default_value_t = maps_common::VXLAN_PORT_IANA)]
     vxlan_port: u16,
+    /// Compute the outer UDP checksum of VXLAN packets (default zero, as Calico and Cilium).
+    #[arg(long)]
+    vxlan_udp_checksum: bool,
 }
 
 impl ModeArgs {
@@ -47,6 +50,7 @@ impl ModeArgs {
             cross_subnet: self.cross_subnet,
             vni: self.vni,
             port: self.vxlan_port,
+            udp_checksum: self.vxlan_udp_checksum,
         }
     }
 }

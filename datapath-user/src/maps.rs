@@ -291,6 +291,9 @@ pub fn plan(
     if local.inner_src_check {
         flags |= config_flags::INNER_SRC_CHECK;
     }
+    if cluster.udp_checksum {
+        flags |= config_flags::UDP_CSUM;
+    }
     let config = NodeConfig {
         node_addr: me.address.octets(),
         vni: cluster.vni,

@@ -88,6 +88,11 @@ struct Env {
 
 impl Env {
     fn new(encap: &str) -> Self {
+        Self::with(encap, "")
+    }
+
+    /// `extra` goes into the cluster file before `nodes:`.
+    fn with(encap: &str, extra: &str) -> Self {
         let ns = ThreadNetns::enter();
         let ifindex: u32 = std::fs::read_to_string("/sys/class/net/ul0/ifindex")
             .ok()
@@ -102,7 +107,7 @@ impl Env {
                     .expect("ifindex of ul0")
             });
         let text = format!(
-            "encapsulation: {encap}\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n"
+            "encapsulation: {encap}\n{extra}nodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n"
         );
         let limits = Limits {
             max_nodes: 64,
@@ -556,5 +561,52 @@ fn decap_refuses_what_is_not_allowed_and_counts_why() {
             before + 2,
             "{what}: counted under {reason:?}"
         );
+    }
+}
+
+/// Fills in the TCP or UDP checksum of an IPv4 packet (as the sending stack would).
+fn with_l4_checksum(mut ip: Vec<u8>) -> Vec<u8> {
+    let off = match ip[9] {
+        6 => 16,
+        17 => 6,
+        _ => return ip,
+    };
+    let l4_len = ip.len() - 20;
+    ip[20 + off..20 + off + 2].copy_from_slice(&[0, 0]);
+    let pseudo = [&ip[12..20], &[0, ip[9]], &(l4_len as u16).to_be_bytes()[..]].concat();
+    let c = csum(&[pseudo, ip[20..].to_vec()].concat());
+    ip[20 + off..20 + off + 2].copy_from_slice(&c);
+    ip
+}
+
+#[test]
+fn vxlan_encap_with_udp_checksum_is_exact() {
+    let env = Env::with("vxlan", "vxlan: { udpChecksum: true }\n");
+    for (proto, inner) in inner_packets() {
+        let inner = with_l4_checksum(inner);
+        let input = eth(NODE_MAC, NODE_MAC, 0x0800, &inner);
+        let (action, out) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &input);
+        assert_eq!(action, TC_ACT_OK, "{proto}: action");
+        let sport = u16::from_be_bytes([out[34], out[35]]);
+        let inner_frame = eth(PEER_VTEP, NODE_VTEP, 0x0800, &inner);
+        let mut dgram = udp(sport, 4789, &[vxlan_hdr(4096), inner_frame].concat());
+        // The checksum over the whole datagram, computed here from every byte.
+        let pseudo = [
+            &NODE[..],
+            &PEER,
+            &[0, 17],
+            &(dgram.len() as u16).to_be_bytes(),
+        ]
+        .concat();
+        let c = csum(&[pseudo, dgram.clone()].concat());
+        dgram[6..8].copy_from_slice(&c);
+        let want = eth(
+            PEER_MAC,
+            NODE_MAC,
+            0x0800,
+            &ipv4(&outer_ip(&inner, 17), &dgram),
+        );
+        assert_bytes(&format!("vxlan+udp checksum encap of {proto}"), &out, &want);
+        assert_ne!(c, [0, 0], "{proto}: checksum must not be zero");
     }
 }
