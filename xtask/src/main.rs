@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod lab;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -24,6 +26,15 @@ enum Cmd {
     Setup,
     /// Build and run the two-node demo: IPIP then VXLAN, counters, teardown.
     Demo,
+    /// Measure native routing, the Linux VXLAN device and this datapath side by side.
+    Bench {
+        /// Rounds; configurations alternate within each round.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Seconds per figure.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+    },
     /// Run fmt, clippy, unit tests, program tests and namespace tests.
     Test {
         /// Only run tests whose name contains this.
@@ -54,6 +65,12 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             demo::run(&workspace().join("target/debug/datapath"))
+        }
+        Cmd::Bench { rounds, secs } => {
+            setup()?;
+            bench::check_tools()?;
+            run(cargo().args(["build", "--quiet", "--release", "-p", "datapath-user"]))?;
+            bench::run(&workspace().join("target/release/datapath"), rounds, secs)
         }
         Cmd::Test { filter } => {
             setup()?;

@@ -1,0 +1,372 @@
+//! `cargo xtask bench`: native routing, the Linux VXLAN device set up as Flannel does, and this
+//! datapath (IPIP; VXLAN with XDP and with TC decapsulation) measured side by side in one run,
+//! configurations alternated round by round, medians reported with ratios to native and to the
+//! Linux VXLAN device; a markdown table and an SVG chart in `bench-results/`.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::lab::{Lab, sh};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Config {
+    Native,
+    LinuxVxlan,
+    DpIpip,
+    DpVxlanXdp,
+    DpVxlanTc,
+}
+
+impl Config {
+    const ALL: [Config; 5] = [
+        Self::Native,
+        Self::LinuxVxlan,
+        Self::DpIpip,
+        Self::DpVxlanXdp,
+        Self::DpVxlanTc,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native routing",
+            Self::LinuxVxlan => "Linux VXLAN (Flannel-style)",
+            Self::DpIpip => "datapath IPIP (XDP decap)",
+            Self::DpVxlanXdp => "datapath VXLAN (XDP decap)",
+            Self::DpVxlanTc => "datapath VXLAN (TC decap)",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Metric {
+    Tcp1,
+    Tcp4,
+    Udp64Pps,
+    LatP50,
+    LatP99,
+}
+
+impl Metric {
+    const ALL: [Metric; 5] = [
+        Self::Tcp1,
+        Self::Tcp4,
+        Self::Udp64Pps,
+        Self::LatP50,
+        Self::LatP99,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tcp1 => "TCP 1 flow (Gbit/s)",
+            Self::Tcp4 => "TCP 4 flows (Gbit/s)",
+            Self::Udp64Pps => "UDP 64 B (kpps received)",
+            Self::LatP50 => "latency p50 (µs)",
+            Self::LatP99 => "latency p99 (µs)",
+        }
+    }
+}
+
+const NODE_MAC: [&str; 2] = ["0e:00:c0:a8:01:0a", "0e:00:c0:a8:01:0b"];
+
+fn enable(lab: &Lab, c: Config, agents: &mut Vec<Child>) -> Result<()> {
+    match c {
+        Config::Native => {
+            lab.in_ns(
+                "n1",
+                "ip route replace 10.244.1.0/24 via 192.168.1.11 dev eth0",
+            )?;
+            lab.in_ns(
+                "n2",
+                "ip route replace 10.244.0.0/24 via 192.168.1.10 dev eth0",
+            )?;
+        }
+        Config::LinuxVxlan => {
+            for (i, j) in [(0usize, 1usize), (1, 0)] {
+                lab.in_ns(
+                    &format!("n{}", i + 1),
+                    &format!(
+                        "sh -c 'ip link add flannel.1 type vxlan id 1 dstport 8472 local 192.168.1.1{i} dev eth0 nolearning && \
+                         ip link set flannel.1 address {} mtu 1450 up && ip addr add 10.244.{i}.0/32 dev flannel.1 && \
+                         ip neigh replace 10.244.{j}.0 lladdr {} dev flannel.1 nud permanent && \
+                         bridge fdb append {} dev flannel.1 dst 192.168.1.1{j} && \
+                         ip route replace 10.244.{j}.0/24 via 10.244.{j}.0 dev flannel.1 onlink'",
+                        NODE_MAC[i], NODE_MAC[j], NODE_MAC[j]
+                    ),
+                )?;
+            }
+        }
+        Config::DpIpip | Config::DpVxlanXdp | Config::DpVxlanTc => {
+            let (encap, decap) = match c {
+                Config::DpIpip => ("ipip", "xdp"),
+                Config::DpVxlanXdp => ("vxlan", "xdp"),
+                _ => ("vxlan", "tc"),
+            };
+            lab.write_cluster(encap, 4096, 4789)?;
+            for i in 1..=2 {
+                agents.push(lab.start_agent(i, &["--decap", decap])?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn disable(lab: &Lab, c: Config, agents: &mut Vec<Child>) {
+    match c {
+        Config::Native => {
+            let _ = lab.in_ns("n1", "ip route del 10.244.1.0/24");
+            let _ = lab.in_ns("n2", "ip route del 10.244.0.0/24");
+        }
+        Config::LinuxVxlan => {
+            let _ = lab.in_ns("n1", "ip link del flannel.1");
+            let _ = lab.in_ns("n2", "ip link del flannel.1");
+        }
+        _ => {
+            lab.stop_agents();
+            for mut a in agents.drain(..) {
+                let _ = a.wait();
+            }
+        }
+    }
+}
+
+fn spawn_in(lab: &Lab, ns: &str, cmd: &str) -> Result<Child> {
+    Ok(Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(ns),
+            "sh",
+            "-c",
+            &format!("exec {cmd}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn iperf_json(lab: &Lab, args: &str) -> Result<serde_json::Value> {
+    let out = lab.in_ns("p1", &format!("iperf3 -c 10.244.1.2 -J {args}"))?;
+    serde_json::from_str(&out).context("iperf3 JSON")
+}
+
+/// One round of every metric in the current configuration.
+fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
+    let mut m = BTreeMap::new();
+    let tcp1 = iperf_json(lab, &format!("-t {secs}"))?;
+    m.insert(
+        Metric::Tcp1,
+        tcp1["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9,
+    );
+    let tcp4 = iperf_json(lab, &format!("-t {secs} -P 4"))?;
+    m.insert(
+        Metric::Tcp4,
+        tcp4["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9,
+    );
+    let udp = iperf_json(lab, &format!("-t {secs} -u -l 64 -b 0"))?;
+    let sum = &udp["end"]["sum"];
+    let received =
+        sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let seconds = sum["seconds"].as_f64().unwrap_or(secs as f64).max(0.001);
+    m.insert(Metric::Udp64Pps, received / seconds / 1e3);
+    let lat = lab.in_ns(
+        "p1",
+        &format!("sockperf ping-pong -i 10.244.1.2 -p 11111 -t {secs} -m 64 --full-rtt 2>&1"),
+    )?;
+    let pct = |p: &str| {
+        lat.lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // --full-rtt reports the round trip; a one-way-comparable figure is half of it.
+    m.insert(Metric::LatP50, pct("50.000").context("sockperf p50")? / 2.0);
+    m.insert(Metric::LatP99, pct("99.000").context("sockperf p99")? / 2.0);
+    Ok(m)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
+    let lab = Lab::new("dpbench", bin);
+    lab.teardown();
+    {
+        let bin = bin.to_path_buf();
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: tearing down");
+            Lab::new("dpbench", &bin).teardown();
+            std::process::exit(130);
+        })?;
+    }
+    let mut samples: BTreeMap<(Config, Metric), Vec<f64>> = BTreeMap::new();
+    let result = (|| -> Result<()> {
+        lab.build()?;
+        let mut servers = vec![
+            spawn_in(&lab, "p2", "iperf3 -s")?,
+            spawn_in(&lab, "p2", "sockperf server -i 10.244.1.2 -p 11111")?,
+        ];
+        thread::sleep(Duration::from_millis(500));
+        for round in 1..=rounds {
+            for c in Config::ALL {
+                println!("bench: round {round}/{rounds}: {}", c.name());
+                let mut agents = Vec::new();
+                enable(&lab, c, &mut agents)?;
+                let ping = lab.in_ns("p1", "ping -c 2 -W 1 10.244.1.2");
+                let m = match ping {
+                    Ok(_) => measure(&lab, secs),
+                    Err(e) => Err(e),
+                };
+                disable(&lab, c, &mut agents);
+                for (metric, v) in m.with_context(|| format!("measuring {}", c.name()))? {
+                    samples.entry((c, metric)).or_default().push(v);
+                }
+            }
+        }
+        for s in &mut servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        Ok(())
+    })();
+    lab.teardown();
+    result?;
+
+    let med: BTreeMap<(Config, Metric), f64> =
+        samples.into_iter().map(|(k, v)| (k, median(v))).collect();
+    let table = render_table(&med, rounds, secs);
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("results.md"), &table)?;
+    std::fs::write(out_dir.join("chart.svg"), render_svg(&med))?;
+    println!("\n{table}");
+    println!("bench: wrote bench-results/results.md and bench-results/chart.svg");
+    Ok(())
+}
+
+fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -> String {
+    let mut s = String::new();
+    let kernel = sh("uname -r").unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "Medians of {rounds} rounds ({secs} s per figure), configurations alternated each round; \
+         two nodes and a pod each in network namespaces on veth, kernel {}. \
+         Ratios: to native / to the Linux VXLAN device (for latency, lower is better).\n",
+        kernel.trim()
+    );
+    let _ = write!(s, "| configuration |");
+    for m in Metric::ALL {
+        let _ = write!(s, " {} |", m.name());
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(Metric::ALL.len()));
+    for c in Config::ALL {
+        let _ = write!(s, "| {} |", c.name());
+        for m in Metric::ALL {
+            let v = med.get(&(c, m)).copied().unwrap_or(0.0);
+            let native = med.get(&(Config::Native, m)).copied().unwrap_or(0.0);
+            let linux = med.get(&(Config::LinuxVxlan, m)).copied().unwrap_or(0.0);
+            let ratio = |base: f64| if base > 0.0 { v / base } else { 0.0 };
+            let _ = write!(
+                s,
+                " {v:.2} ({:.2}× / {:.2}×) |",
+                ratio(native),
+                ratio(linux)
+            );
+        }
+        let _ = writeln!(s);
+    }
+    s
+}
+
+/// Grouped bars: each metric's value relative to native (1.0 = native), one bar per config.
+fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
+    let colors = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
+    let plot_h = h - top - bottom;
+    let group_w = (w - left - 20.0) / Metric::ALL.len() as f64;
+    let bar_w = group_w / (Config::ALL.len() as f64 + 1.0);
+    let max = 1.6;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">Relative to native routing (1.0 = native; latency: lower is better)</text>\n"
+    );
+    for tick in [0.0, 0.5, 1.0, 1.5] {
+        let y = top + plot_h * (1.0 - tick / max);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.1}</text>",
+            w - 20.0,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    for (gi, m) in Metric::ALL.iter().enumerate() {
+        let gx = left + gi as f64 * group_w;
+        let native = med.get(&(Config::Native, *m)).copied().unwrap_or(0.0);
+        for (ci, c) in Config::ALL.iter().enumerate() {
+            let v = med.get(&(*c, *m)).copied().unwrap_or(0.0);
+            let r = if native > 0.0 {
+                (v / native).min(max)
+            } else {
+                0.0
+            };
+            let bh = plot_h * r / max;
+            let x = gx + bar_w * (ci as f64 + 0.5);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{}: {v:.2}</title></rect>",
+                top + plot_h - bh,
+                bar_w * 0.9,
+                colors[ci],
+                c.name()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            gx + group_w / 2.0,
+            top + plot_h + 16.0,
+            m.name()
+        );
+    }
+    for (ci, c) in Config::ALL.iter().enumerate() {
+        let x = left + (ci % 3) as f64 * 270.0;
+        let y = h - 40.0 + (ci / 3) as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
+            y - 10.0,
+            colors[ci],
+            x + 16.0,
+            c.name()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+pub fn check_tools() -> Result<()> {
+    for t in ["iperf3", "sockperf"] {
+        if sh(&format!("command -v {t}")).is_err() {
+            bail!("{t} missing: run cargo xtask setup");
+        }
+    }
+    Ok(())
+}

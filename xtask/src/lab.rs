@@ -1,0 +1,180 @@
+//! The two-node lab the demo and the benchmark build: namespaces `<prefix>-ul` (bridge),
+//! `<prefix>-n1/-n2` (nodes 192.168.1.10/.11) and `<prefix>-p1/-p2` (pods 10.244.0.2/1.2),
+//! a bpffs for the agents' pins, and a teardown that removes all of it.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+
+pub fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub struct Lab {
+    pub prefix: &'static str,
+    pub bin: PathBuf,
+}
+
+impl Lab {
+    pub fn new(prefix: &'static str, bin: &Path) -> Self {
+        Self {
+            prefix,
+            bin: bin.to_path_buf(),
+        }
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    pub fn bpffs(&self) -> String {
+        format!("/run/{}-bpffs", self.prefix)
+    }
+
+    pub fn cluster_path(&self) -> String {
+        format!("/run/{}-cluster.yaml", self.prefix)
+    }
+
+    pub fn pin_dir(&self, node: usize) -> String {
+        format!("{}/node{node}", self.bpffs())
+    }
+
+    pub fn in_ns(&self, ns: &str, cmd: &str) -> Result<String> {
+        sh(&format!("ip netns exec {} {cmd}", self.ns(ns)))
+    }
+
+    pub fn build(&self) -> Result<()> {
+        for ns in ["ul", "n1", "n2", "p1", "p2"] {
+            let ns = self.ns(ns);
+            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"))?;
+        }
+        let ul = self.ns("ul");
+        sh(&format!(
+            "ip -n {ul} link add br0 type bridge && ip -n {ul} link set br0 up"
+        ))?;
+        for i in 0..2 {
+            let (n, p) = (
+                self.ns(&format!("n{}", i + 1)),
+                self.ns(&format!("p{}", i + 1)),
+            );
+            sh(&format!(
+                "ip link add eth0 netns {n} type veth peer name u{i} netns {ul}"
+            ))?;
+            sh(&format!("ip -n {ul} link set u{i} master br0 up"))?;
+            sh(&format!(
+                "ip -n {n} addr add 192.168.1.1{i}/24 dev eth0 && ip -n {n} link set eth0 up"
+            ))?;
+            sh(&format!(
+                "ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1"
+            ))?;
+            sh(&format!(
+                "ip link add eth0 netns {p} type veth peer name pod0 netns {n}"
+            ))?;
+            sh(&format!(
+                "ip -n {n} addr add 10.244.{i}.1/32 dev pod0 && ip -n {n} link set pod0 up && ip -n {n} route add 10.244.{i}.2/32 dev pod0"
+            ))?;
+            sh(&format!(
+                "ip -n {p} addr add 10.244.{i}.2/24 dev eth0 && ip -n {p} link set eth0 up && ip -n {p} route add 10.244.{i}.1/32 dev eth0 && ip -n {p} route add 10.244.0.0/16 via 10.244.{i}.1"
+            ))?;
+        }
+        sh(&format!(
+            "mkdir -p {0} && mount -t bpf bpf {0}",
+            self.bpffs()
+        ))?;
+        Ok(())
+    }
+
+    /// Stops the agents and removes their programs, pins and routes; the lab stays.
+    pub fn stop_agents(&self) {
+        let _ = sh(&format!(
+            "pkill -TERM -f 'datapath run --cluster {}' ; sleep 0.3",
+            self.cluster_path()
+        ));
+        for i in 1..=2 {
+            let _ = self.in_ns(
+                &format!("n{i}"),
+                &format!(
+                    "{} detach --pin-dir {}",
+                    self.bin.display(),
+                    self.pin_dir(i)
+                ),
+            );
+        }
+    }
+
+    pub fn teardown(&self) {
+        self.stop_agents();
+        for ns in ["ul", "n1", "n2", "p1", "p2"] {
+            let ns = self.ns(ns);
+            let _ = sh(&format!(
+                "ip netns pids {ns} 2>/dev/null | xargs -r kill -9; ip netns del {ns} 2>/dev/null"
+            ));
+        }
+        let _ = sh(&format!(
+            "umount {0} 2>/dev/null; rmdir {0} 2>/dev/null; rm -f {1}",
+            self.bpffs(),
+            self.cluster_path()
+        ));
+    }
+
+    pub fn write_cluster(&self, encap: &str, vni: u32, port: u16) -> Result<()> {
+        let text = format!(
+            "encapsulation: {encap}\nvxlan: {{ vni: {vni}, port: {port} }}\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n"
+        );
+        let tmp = format!("{}.tmp", self.cluster_path());
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.cluster_path())?;
+        Ok(())
+    }
+
+    /// Starts the agent on node `i` (1 or 2) and waits until its programs are attached.
+    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Child> {
+        let log_path = format!("/tmp/{}-agent{i}.log", self.prefix);
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(&format!("n{i}"))])
+            .arg(&self.bin)
+            .args([
+                "run",
+                "--cluster",
+                &self.cluster_path(),
+                "--node",
+                &format!("node{i}"),
+            ])
+            .args(["--pin-dir", &self.pin_dir(i), "--watch-ms", "100"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        for _ in 0..100 {
+            if std::fs::read_to_string(&log_path)?.contains("programs attached") {
+                return Ok(child);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!("agent on node{i} did not start; see {log_path}")
+    }
+
+    pub fn datapath(&self, node: usize, args: &str) -> Result<String> {
+        self.in_ns(
+            &format!("n{node}"),
+            &format!(
+                "{} {args} --pin-dir {}",
+                self.bin.display(),
+                self.pin_dir(node)
+            ),
+        )
+    }
+}
