@@ -79,6 +79,18 @@ pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Returns at once: the floor the benchmark subtracts from the TC programs' cost.
+#[classifier]
+pub fn tc_floor(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_OK
+}
+
+/// Returns at once: the floor the benchmark subtracts from the XDP program's cost.
+#[xdp]
+pub fn xdp_floor(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[inline(always)]
 fn drop_tc(ctx: &TcContext, reason: DropReason) -> i32 {
     counters::count_drop(reason, ctx.len());

@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod loader;
 pub mod maps;
 pub mod net;
+pub mod progbench;
 pub mod stats;

@@ -129,6 +129,22 @@ enum Cmd {
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Per-packet cost of each program via BPF_PROG_TEST_RUN (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchProgs {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        #[arg(long, default_value_t = 20000)]
+        iterations: u32,
+    },
+    /// Print a generated cluster file of N nodes (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    GenCluster {
+        #[arg(long)]
+        nodes: u32,
+        #[arg(long, default_value = "vxlan")]
+        encapsulation: String,
+    },
     /// Remove the programs, links, pins and routes the agent made.
     #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
     Detach {
@@ -244,6 +260,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Routes { pin_dir, .. } => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             print!("{}", Snapshot::read(&maps)?.render_routes());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchProgs { nodes, iterations } => {
+            let costs = datapath_user::progbench::measure(nodes, iterations)?;
+            println!("{}", serde_json::to_string(&costs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GenCluster {
+            nodes,
+            encapsulation,
+        } => {
+            print!(
+                "{}",
+                datapath_user::progbench::cluster_text(&encapsulation, nodes)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Detach { pin_dir } => {

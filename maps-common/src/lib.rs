@@ -31,6 +31,9 @@ pub mod prog_names {
     pub const XDP_DECAP_INGRESS: &str = "xdp_decap_ingress";
     /// TC ingress variant of the decapsulation, for drivers where XDP costs more.
     pub const TC_DECAP_INGRESS: &str = "tc_decap_ingress";
+    /// Programs that only return: the benchmark's floor.
+    pub const TC_FLOOR: &str = "tc_floor";
+    pub const XDP_FLOOR: &str = "xdp_floor";
 }
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest

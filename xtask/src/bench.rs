@@ -20,15 +20,17 @@ enum Config {
     Native,
     LinuxVxlan,
     DpIpip,
+    DpIpipTc,
     DpVxlanXdp,
     DpVxlanTc,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Self::Native,
         Self::LinuxVxlan,
         Self::DpIpip,
+        Self::DpIpipTc,
         Self::DpVxlanXdp,
         Self::DpVxlanTc,
     ];
@@ -37,6 +39,7 @@ impl Config {
             Self::Native => "native routing",
             Self::LinuxVxlan => "Linux VXLAN (Flannel-style)",
             Self::DpIpip => "datapath IPIP (XDP decap)",
+            Self::DpIpipTc => "datapath IPIP (TC decap)",
             Self::DpVxlanXdp => "datapath VXLAN (XDP decap)",
             Self::DpVxlanTc => "datapath VXLAN (TC decap)",
         }
@@ -100,9 +103,10 @@ fn enable(lab: &Lab, c: Config, agents: &mut Vec<Child>) -> Result<()> {
                 )?;
             }
         }
-        Config::DpIpip | Config::DpVxlanXdp | Config::DpVxlanTc => {
+        Config::DpIpip | Config::DpIpipTc | Config::DpVxlanXdp | Config::DpVxlanTc => {
             let (encap, decap) = match c {
                 Config::DpIpip => ("ipip", "xdp"),
+                Config::DpIpipTc => ("ipip", "tc"),
                 Config::DpVxlanXdp => ("vxlan", "xdp"),
                 _ => ("vxlan", "tc"),
             };
@@ -249,7 +253,8 @@ pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
 
     let med: BTreeMap<(Config, Metric), f64> =
         samples.into_iter().map(|(k, v)| (k, median(v))).collect();
-    let table = render_table(&med, rounds, secs);
+    let mut table = render_table(&med, rounds, secs);
+    table += &program_costs(bin)?;
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("results.md"), &table)?;
@@ -296,7 +301,9 @@ fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -
 
 /// Grouped bars: each metric's value relative to native (1.0 = native), one bar per config.
 fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
-    let colors = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let colors = [
+        "#888888", "#d62728", "#1f77b4", "#17becf", "#2ca02c", "#9467bd",
+    ];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / Metric::ALL.len() as f64;
@@ -360,6 +367,124 @@ fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+const PROG_NS: &str = "dpbench-prog";
+const PROG_BPFFS: &str = "/run/dpbench-prog-bpffs";
+
+fn prog_lab_teardown() {
+    let _ = sh(&format!(
+        "ip netns pids {PROG_NS} 2>/dev/null | xargs -r kill -9; ip netns del {PROG_NS} 2>/dev/null; \
+         umount {PROG_BPFFS} 2>/dev/null; rmdir {PROG_BPFFS} 2>/dev/null"
+    ));
+}
+
+/// Per-packet cost (BPF_PROG_TEST_RUN) at 2 and 5,000 nodes, and the agent's full-sync time
+/// and memory at 5,000 nodes, as a markdown section.
+fn program_costs(bin: &Path) -> Result<String> {
+    prog_lab_teardown();
+    let r = (|| -> Result<String> {
+        sh(&format!(
+            "ip netns add {PROG_NS} && ip -n {PROG_NS} link set lo up && \
+             ip -n {PROG_NS} link add ul0 address 02:00:00:00:00:0a type veth peer name ul1 && \
+             ip -n {PROG_NS} link set ul0 up && ip -n {PROG_NS} link set ul1 up && \
+             ip -n {PROG_NS} addr add 192.168.1.10/16 dev ul0 && \
+             ip -n {PROG_NS} neigh add 192.168.1.11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
+             ip netns exec {PROG_NS} sysctl -qw net.ipv4.conf.all.forwarding=1"
+        ))?;
+        let costs = |nodes: u32| -> Result<BTreeMap<String, f64>> {
+            let out = sh(&format!(
+                "ip netns exec {PROG_NS} {} bench-progs --nodes {nodes} --iterations 20000",
+                bin.display()
+            ))?;
+            Ok(serde_json::from_str(&out)?)
+        };
+        println!("bench: per-packet cost, 2 nodes");
+        let small = costs(2)?;
+        println!("bench: per-packet cost, 5000 nodes");
+        let large = costs(5000)?;
+        let mut s = String::from(
+            "\nPer-packet cost from BPF_PROG_TEST_RUN (mean of 20,000 single runs, kernel-reported ns; \
+             the floor is a program that only returns; decap inputs are the encap program's outputs):\n\n\
+             | program | 2 nodes (ns) | above floor | 5,000 nodes (ns) | above floor | 5,000 / 2 (above floor) |\n|---|---|---|---|---|---|\n",
+        );
+        for (name, v) in &small {
+            let floor_key = if name.starts_with("xdp") {
+                "xdp_floor"
+            } else {
+                "tc_floor"
+            };
+            let (f2, f5) = (small[floor_key], large[floor_key]);
+            let w = large.get(name).copied().unwrap_or(0.0);
+            let (a2, a5) = ((v - f2).max(0.0), (w - f5).max(0.0));
+            let ratio = if a2 > 0.0 { a5 / a2 } else { 0.0 };
+            s += &format!("| {name} | {v:.0} | {a2:.0} | {w:.0} | {a5:.0} | {ratio:.2}× |\n");
+        }
+
+        println!("bench: agent full sync and memory at 5000 nodes");
+        sh(&format!(
+            "mkdir -p {PROG_BPFFS} && mount -t bpf bpf {PROG_BPFFS}"
+        ))?;
+        let cluster = "/run/dpbench-prog-cluster.yaml";
+        sh(&format!(
+            "{} gen-cluster --nodes 5000 > {cluster}",
+            bin.display()
+        ))?;
+        let log = "/tmp/dpbench-prog-agent.log";
+        let started = std::time::Instant::now();
+        let mut agent = Command::new("ip")
+            .args(["netns", "exec", PROG_NS])
+            .arg(bin)
+            .args([
+                "run",
+                "--cluster",
+                cluster,
+                "--node",
+                "node1",
+                "--iface",
+                "ul0",
+            ])
+            .args([
+                "--pin-dir",
+                &format!("{PROG_BPFFS}/node1"),
+                "--log-level",
+                "info",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let mut synced = None;
+        for _ in 0..1200 {
+            if std::fs::read_to_string(log)?.contains("programs attached") {
+                synced = Some(started.elapsed());
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let _ = sh(&format!("kill -TERM {}", agent.id()));
+        let _ = agent.wait();
+        let _ = sh(&format!(
+            "ip netns exec {PROG_NS} {} detach --pin-dir {PROG_BPFFS}/node1; rm -f {cluster}",
+            bin.display()
+        ));
+        let synced = synced.context("agent did not finish its sync within 60 s")?;
+        s += &format!(
+            "\nAgent at 5,000 nodes: full sync (start to programs attached: load, 5,000 map entries, 4,999 kernel routes) {:.2} s; resident memory {:.1} MiB.\n",
+            synced.as_secs_f64(),
+            rss_kb as f64 / 1024.0
+        );
+        Ok(s)
+    })();
+    prog_lab_teardown();
+    r
 }
 
 pub fn check_tools() -> Result<()> {

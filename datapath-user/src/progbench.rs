@@ -1,0 +1,186 @@
+//! Per-packet cost of each program from BPF_PROG_TEST_RUN, beside programs that only return,
+//! with 2 or many nodes in the maps. Each run gets a fresh packet (repeat would re-run on the
+//! packet the program already changed), and the kernel-reported duration of single runs is
+//! averaged. Runs inside a namespace where `ul0` holds 192.168.1.10/16 and 192.168.1.11 has a
+//! permanent neighbour entry (`cargo xtask bench` makes it).
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use maps_common::prog_names;
+
+use crate::{
+    cluster::{self, Defaults, Limits},
+    loader::{self, LoadOptions},
+    maps::{self, DatapathMaps, LocalOptions},
+    net,
+};
+
+/// A cluster file of `nodes` nodes on 192.168.0.0/16: node1 192.168.1.10, node2 192.168.1.11,
+/// the rest spread over 192.168.2.0-192.168.255.255, pod CIDRs 10.(k/256).(k%256).0/24.
+pub fn cluster_text(encap: &str, nodes: u32) -> String {
+    let mut s = format!("encapsulation: {encap}\nnodes:\n");
+    for k in 0..nodes {
+        let addr = match k {
+            0 => Ipv4Addr::new(192, 168, 1, 10),
+            1 => Ipv4Addr::new(192, 168, 1, 11),
+            _ => Ipv4Addr::new(192, 168, 2 + (k / 250) as u8, (k % 250 + 1) as u8),
+        };
+        s += &format!(
+            "  - name: node{}\n    address: {addr}\n    podCIDR: 10.{}.{}.0/24\n",
+            k + 1,
+            k / 256,
+            k % 256
+        );
+    }
+    s
+}
+
+struct View {
+    ebpf: Ebpf,
+    _maps: DatapathMaps,
+    ifindex: u32,
+}
+
+fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
+    let max = nodes.max(2) + 8;
+    let limits = Limits {
+        max_nodes: max,
+        own_node: Some(me.into()),
+    };
+    let c = cluster::parse(&cluster_text(encap, nodes), &Defaults::default(), &limits)?;
+    let mut ebpf = loader::load(&LoadOptions {
+        max_nodes: max,
+        log_level: 0,
+        pin_dir: None,
+    })?;
+    let mut maps = DatapathMaps::take(&mut ebpf)?;
+    let iface = net::iface("ul0")?;
+    let local = LocalOptions {
+        node: me.into(),
+        iface: net::Iface {
+            prefix_len: Some(16),
+            ..iface.clone()
+        },
+        inner_src_check: true,
+        max_nodes: max,
+    };
+    let want = maps::plan(&c, &local, &Default::default())?;
+    maps.apply(&want)?;
+    for name in [
+        prog_names::TC_ENCAP_EGRESS,
+        prog_names::TC_DECAP_INGRESS,
+        prog_names::TC_FLOOR,
+    ] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    for name in [prog_names::XDP_DECAP_INGRESS, prog_names::XDP_FLOOR] {
+        let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    Ok(View {
+        ebpf,
+        _maps: maps,
+        ifindex: iface.ifindex,
+    })
+}
+
+impl View {
+    /// Runs a program once; returns (output, kernel-reported ns).
+    fn run(&self, prog: &str, input: &[u8]) -> Result<(Vec<u8>, u64)> {
+        let mut out = vec![0u8; input.len() + 128];
+        let program = self.ebpf.program(prog).context("program")?;
+        let r = if prog.starts_with("xdp") {
+            let p: &Xdp = program.try_into()?;
+            p.test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })?
+        } else {
+            let p: &SchedClassifier = program.try_into()?;
+            let mut ctx = [0u8; 192];
+            ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+            p.test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })?
+        };
+        out.truncate(r.data_size_out as usize);
+        Ok((out, r.duration.as_nanos() as u64))
+    }
+
+    fn mean_ns(&self, prog: &str, input: &[u8], iterations: u32) -> Result<f64> {
+        let mut total = 0u64;
+        for _ in 0..iterations {
+            total += self.run(prog, input)?.1;
+        }
+        Ok(total as f64 / iterations as f64)
+    }
+}
+
+/// A TCP segment pod1 (10.0.0.2) → pod2 (10.0.1.2) with 64 bytes of payload, in Ethernet.
+fn pod_packet() -> Vec<u8> {
+    let mut ip = vec![
+        0x45, 0, 0, 104, 0x12, 0x34, 0x40, 0, 63, 6, 0, 0, 10, 0, 0, 2, 10, 0, 1, 2,
+    ];
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    sum = (sum & 0xffff) + (sum >> 16);
+    let c = !((sum & 0xffff) + (sum >> 16)) as u16;
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let tcp = [
+        0x9c, 0x40, 0, 80, 0, 0, 3, 0xe8, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x0a, 0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x00];
+    f.extend(ip);
+    f.extend(tcp);
+    f.extend([0x61u8; 64]);
+    f
+}
+
+/// Mean per-packet cost in ns of each program, and of the floors, at `nodes` nodes.
+pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let input = pod_packet();
+    for encap in ["ipip", "vxlan"] {
+        let sender = view(encap, nodes, "node1")?;
+        let receiver = view(encap, nodes, "node2")?;
+        let (encapsulated, _) = sender.run(prog_names::TC_ENCAP_EGRESS, &input)?;
+        anyhow::ensure!(
+            encapsulated.len() > input.len(),
+            "{encap}: the encap program did not encapsulate (FIB or maps not set up?)"
+        );
+        out.insert(
+            format!("tc_encap_egress {encap}"),
+            sender.mean_ns(prog_names::TC_ENCAP_EGRESS, &input, iterations)?,
+        );
+        out.insert(
+            format!("xdp_decap_ingress {encap}"),
+            receiver.mean_ns(prog_names::XDP_DECAP_INGRESS, &encapsulated, iterations)?,
+        );
+        out.insert(
+            format!("tc_decap_ingress {encap}"),
+            receiver.mean_ns(prog_names::TC_DECAP_INGRESS, &encapsulated, iterations)?,
+        );
+        if encap == "ipip" {
+            out.insert(
+                "tc_floor".into(),
+                sender.mean_ns(prog_names::TC_FLOOR, &input, iterations)?,
+            );
+            out.insert(
+                "xdp_floor".into(),
+                sender.mean_ns(prog_names::XDP_FLOOR, &input, iterations)?,
+            );
+        }
+    }
+    Ok(out)
+}
