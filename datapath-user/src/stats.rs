@@ -166,29 +166,29 @@ impl Snapshot {
     /// Prometheus text exposition format.
     pub fn render_prometheus(&self, extra: &[(String, f64)]) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP datapath_packets_total Packets by direction and mode."
-        );
-        let _ = writeln!(s, "# TYPE datapath_packets_total counter");
-        for c in &self.counters {
-            let _ = writeln!(
-                s,
-                "datapath_packets_total{{direction=\"{}\",mode=\"{}\"}} {}",
-                c.direction, c.mode, c.packets
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP datapath_bytes_total Bytes by direction and mode."
-        );
-        let _ = writeln!(s, "# TYPE datapath_bytes_total counter");
-        for c in &self.counters {
-            let _ = writeln!(
-                s,
-                "datapath_bytes_total{{direction=\"{}\",mode=\"{}\"}} {}",
-                c.direction, c.mode, c.bytes
-            );
+        for (name, help, value) in [
+            (
+                "datapath_packets_total",
+                "Packets by direction and mode.",
+                (|c: &CounterRow| c.packets) as fn(&CounterRow) -> u64,
+            ),
+            (
+                "datapath_bytes_total",
+                "Bytes by direction and mode.",
+                |c| c.bytes,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}");
+            let _ = writeln!(s, "# TYPE {name} counter");
+            for c in &self.counters {
+                let _ = writeln!(
+                    s,
+                    "{name}{{direction=\"{}\",mode=\"{}\"}} {}",
+                    c.direction,
+                    c.mode,
+                    value(c)
+                );
+            }
         }
         let _ = writeln!(s, "# HELP datapath_drops_total Dropped packets by reason.");
         let _ = writeln!(s, "# TYPE datapath_drops_total counter");

@@ -237,21 +237,24 @@ impl Topology {
         }
     }
 
-    /// Two nodes on one subnet.
+    /// Two nodes on one subnet, 192.168.1.10 and .11.
     pub fn two_nodes(tag: &str) -> Self {
-        Self::new(
-            tag,
-            &[
-                NodeSpec {
-                    subnet: 0,
-                    host: 10,
-                },
-                NodeSpec {
-                    subnet: 0,
-                    host: 11,
-                },
-            ],
-        )
+        Self::new(tag, &Self::first_two())
+    }
+
+    /// Three nodes: two on subnet 0, the third on `third_subnet` (1 puts it behind the router).
+    pub fn three_nodes(tag: &str, third_subnet: u8) -> Self {
+        let [a, b] = Self::first_two();
+        let host = if third_subnet == 0 { 12 } else { 10 };
+        let third = NodeSpec {
+            subnet: third_subnet,
+            host,
+        };
+        Self::new(tag, &[a, b, third])
+    }
+
+    fn first_two() -> [NodeSpec; 2] {
+        [10, 11].map(|host| NodeSpec { subnet: 0, host })
     }
 
     /// A cluster file for these nodes.

@@ -8,27 +8,7 @@
 //! ```
 use std::{fs, thread, time::Duration};
 
-use integration_tests::{NodeSpec, Topology, datapath_bin, sh, sh_out, wait_for};
-
-fn three_nodes(tag: &str) -> Topology {
-    Topology::new(
-        tag,
-        &[
-            NodeSpec {
-                subnet: 0,
-                host: 10,
-            },
-            NodeSpec {
-                subnet: 0,
-                host: 11,
-            },
-            NodeSpec {
-                subnet: 0,
-                host: 12,
-            },
-        ],
-    )
-}
+use integration_tests::{Topology, datapath_bin, sh, sh_out, wait_for};
 
 /// Starts a 100-packets-per-second ping pod1 → pod2 for `secs` seconds; returns the child
 /// whose output ends with ping's own loss summary.
@@ -61,7 +41,7 @@ fn routes_json(t: &Topology, i: usize) -> serde_json::Value {
 
 #[test]
 fn adding_and_removing_a_node_under_traffic_loses_nothing() {
-    let mut t = three_nodes("addrm");
+    let mut t = Topology::three_nodes("addrm", 0);
     let two = t.cluster_yaml("vxlan", "").replace(
         "  - name: node3\n    address: 192.168.1.12\n    podCIDR: 10.244.2.0/24\n",
         "",

@@ -7,27 +7,11 @@
 //!   pod1 → pod2: plain IPv4 on u0 (route 10.244.1.0/24 via 192.168.1.11)
 //!   pod1 → pod3: IPIP on u0, outer 192.168.1.10 → 192.168.2.10, L2 next hop the router
 //! ```
-use integration_tests::{Capture, NodeSpec, Topology, tshark_fields};
+use integration_tests::{Capture, Topology, tshark_fields};
 
 #[test]
 fn same_subnet_native_other_subnet_encapsulated() {
-    let mut t = Topology::new(
-        "xsub",
-        &[
-            NodeSpec {
-                subnet: 0,
-                host: 10,
-            },
-            NodeSpec {
-                subnet: 0,
-                host: 11,
-            },
-            NodeSpec {
-                subnet: 1,
-                host: 10,
-            },
-        ],
-    );
+    let mut t = Topology::three_nodes("xsub", 1);
     let cluster = t.write_cluster(&t.cluster_yaml("ipip", "crossSubnet: true\n"));
     for i in 0..3 {
         t.start_agent(i, &cluster, "");

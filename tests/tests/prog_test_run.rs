@@ -451,45 +451,32 @@ fn decap_at_xdp_and_tc_is_exact() {
     }
 }
 
+/// A plain UDP/53 frame from `src` to `dst`, sent by `src_mac` to node1.
+fn dns_frame(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let ip = Ip {
+        tos: 0,
+        id: 9,
+        df: false,
+        ttl: 64,
+        proto: 17,
+        src,
+        dst,
+    };
+    eth(
+        NODE_MAC,
+        src_mac,
+        0x0800,
+        &ipv4(&ip, &udp(1234, 53, b"dns")),
+    )
+}
+
 #[test]
 fn traffic_that_is_not_ours_passes_unchanged() {
     let env = Env::new("vxlan");
     let arp = eth([0xff; 6], PEER_MAC, 0x0806, &[0u8; 28]);
     let ipv6 = eth(NODE_MAC, PEER_MAC, 0x86dd, &[0x60; 48]);
-    let other_udp = {
-        let ip = Ip {
-            tos: 0,
-            id: 9,
-            df: false,
-            ttl: 64,
-            proto: 17,
-            src: PEER,
-            dst: NODE,
-        };
-        eth(
-            NODE_MAC,
-            PEER_MAC,
-            0x0800,
-            &ipv4(&ip, &udp(1234, 53, b"dns")),
-        )
-    };
-    let not_a_pod = {
-        let ip = Ip {
-            tos: 0,
-            id: 9,
-            df: false,
-            ttl: 64,
-            proto: 17,
-            src: POD1,
-            dst: [8, 8, 8, 8],
-        };
-        eth(
-            NODE_MAC,
-            NODE_MAC,
-            0x0800,
-            &ipv4(&ip, &udp(1234, 53, b"dns")),
-        )
-    };
+    let other_udp = dns_frame(PEER_MAC, PEER, NODE);
+    let not_a_pod = dns_frame(NODE_MAC, POD1, [8, 8, 8, 8]);
     let local_pod = {
         let (_, mut p) = inner_packets().remove(1);
         p[16..20].copy_from_slice(&[10, 244, 0, 9]);

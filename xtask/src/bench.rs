@@ -210,14 +210,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
     let lab = Lab::new("dpbench", bin);
     lab.teardown();
-    {
-        let bin = bin.to_path_buf();
-        ctrlc::set_handler(move || {
-            eprintln!("\ninterrupted: tearing down");
-            Lab::new("dpbench", &bin).teardown();
-            std::process::exit(130);
-        })?;
-    }
+    lab.teardown_on_ctrlc()?;
     let mut samples: BTreeMap<(Config, Metric), Vec<f64>> = BTreeMap::new();
     let result = (|| -> Result<()> {
         lab.build()?;

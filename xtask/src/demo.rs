@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::lab::Lab;
 
@@ -37,15 +37,7 @@ fn traffic(lab: &Lab, encap: &str) -> Result<()> {
 pub fn run(bin: &Path) -> Result<()> {
     let lab = Lab::new("dpdemo", bin);
     lab.teardown();
-    {
-        let bin = bin.to_path_buf();
-        ctrlc::set_handler(move || {
-            eprintln!("\ninterrupted: tearing down");
-            Lab::new("dpdemo", &bin).teardown();
-            std::process::exit(130);
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    lab.teardown_on_ctrlc()?;
     let result = (|| -> Result<()> {
         println!("demo: two nodes on 192.168.1.0/24, pods 10.244.0.2 and 10.244.1.2");
         lab.build()?;

@@ -113,6 +113,17 @@ impl Lab {
         }
     }
 
+    /// Tears the lab down and exits when Ctrl-C arrives.
+    pub fn teardown_on_ctrlc(&self) -> Result<()> {
+        let (prefix, bin) = (self.prefix, self.bin.clone());
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: tearing down");
+            Lab::new(prefix, &bin).teardown();
+            std::process::exit(130);
+        })?;
+        Ok(())
+    }
+
     pub fn teardown(&self) {
         self.stop_agents();
         for ns in ["ul", "n1", "n2", "p1", "p2"] {
