@@ -87,12 +87,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
         return Err(DropReason::BadInnerHeader);
     }
-    encap(ctx, cfg, &route, &inner)?;
-    let counter = if route.mode == route_mode::VXLAN {
-        CounterId::EncapVxlan
-    } else {
-        CounterId::EncapIpip
-    };
+    let counter = encap(ctx, len, cfg, &route, &inner)?;
     count(counter, len);
     count_peer(route.peer_idx, true, len);
     forward(ctx, cfg, route.node_addr)
@@ -104,19 +99,23 @@ fn pass(len: u32) -> i32 {
     TC_ACT_OK
 }
 
-/// Inserts the tunnel headers after the Ethernet header and writes them.
+/// Inserts the tunnel headers after the Ethernet header and writes them; `len` is the packet's
+/// length before.
 ///
 /// On success the packet is `eth | outer IPv4 | [UDP | VXLAN | inner eth] | inner IPv4 ...`,
-/// GSO metadata updated so a GSO packet is segmented as a tunnel packet. Fails with `TooBig`
+/// GSO metadata updated so a GSO packet is segmented as a tunnel packet, and the counter to
+/// count it under is returned. The MTU check here comes before the room is made; the FIB lookup
+/// repeats it only on its success path, not on the unresolved-neighbour one. Fails with `TooBig`
 /// when a non-GSO packet would exceed the underlay MTU, `AdjustFailed` when the kernel refuses
 /// the room, `Truncated` when the new headers are not in the linear area.
 #[inline(always)]
 fn encap(
     ctx: &TcContext,
+    len: u32,
     cfg: &NodeConfig,
     route: &PodRoute,
     inner: &Ipv4Hdr,
-) -> Result<(), DropReason> {
+) -> Result<CounterId, DropReason> {
     let vxlan = route.mode == route_mode::VXLAN;
     let overhead: u32 = if vxlan {
         maps_common::VXLAN_OVERHEAD
@@ -127,7 +126,7 @@ fn encap(
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0
         && cfg.underlay_mtu != 0
-        && ctx.len() - EthHdr::LEN as u32 + overhead > cfg.underlay_mtu
+        && len - EthHdr::LEN as u32 + overhead > cfg.underlay_mtu
     {
         return Err(DropReason::TooBig);
     }
@@ -160,7 +159,7 @@ fn encap(
         let p = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
         // SAFETY: bounds checked just above.
         unsafe { *p = outer };
-        return Ok(());
+        return Ok(CounterId::EncapIpip);
     }
 
     // The hash of the inner flow picks the source port, as the Linux VXLAN device does.
@@ -210,7 +209,7 @@ fn encap(
     let p = ptr_at_mut::<VxlanHeaders, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
-    Ok(())
+    Ok(CounterId::EncapVxlan)
 }
 
 /// The inner UDP checksum field, read before the head moves; `None` for other protocols or

@@ -76,9 +76,7 @@ fn sync(
     cluster: &Cluster,
     local: &LocalOptions,
 ) -> Result<Changes, maps::MapsError> {
-    let have = shared.maps.read_nodes()?;
-    let want = maps::plan(cluster, local, &have)?;
-    let mut changes = shared.maps.apply(&want)?;
+    let (want, mut changes) = shared.maps.sync(cluster, local)?;
     maps::apply_routes(&want.routes, &mut changes)?;
     shared.reload.pod_mtu = want.pod_mtu;
     Ok(changes)
@@ -142,7 +140,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             "cluster state applied"
         );
     }
-    loader::attach(&mut ebpf, &iface.name, opts.decap, Some(&opts.pin_dir))?;
+    loader::attach(&mut ebpf, &iface.name, opts.decap, &opts.pin_dir)?;
     info!(
         pin_dir = %opts.pin_dir.display(),
         decap = ?opts.decap,

@@ -211,122 +211,94 @@ fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
 }
 
 /// Attaches the encapsulation program at TC egress and the decapsulation program at `decap`
-/// on `iface`. With a pin directory, a link an earlier agent pinned is taken over by atomically
-/// replacing its program (no packet sees a detached hook), and the links are pinned so the
-/// datapath keeps forwarding when the agent stops. Returns the links it holds when nothing is
-/// pinned, so the caller decides when they detach.
+/// on `iface`, and pins the links under `pin_dir` so the datapath keeps forwarding when the
+/// agent stops. A link an earlier agent pinned is taken over by atomically replacing its program
+/// (no packet sees a detached hook); a pin of the decap hook not chosen is removed, detaching it.
 pub fn attach(
     ebpf: &mut Ebpf,
     iface: &str,
     decap: DecapHook,
-    pin_dir: Option<&Path>,
-) -> Result<Vec<FdLink>, LoadError> {
-    let mut held = Vec::new();
-    // Encapsulation, TC egress.
-    {
-        let name = prog_names::TC_ENCAP_EGRESS;
-        let prog: &mut SchedClassifier = program(ebpf, name)?;
-        prog.load().map_err(|e| LoadError::Program(name, e))?;
-        let old = match pin_dir {
-            Some(d) => pinned_link(&link_pin_path(d, name))?,
-            None => None,
-        };
-        let id = match old {
-            Some(link) => {
-                let link =
-                    SchedClassifierLink::try_from(link).map_err(|source| LoadError::Link {
-                        path: link_pin_path(pin_dir.unwrap_or(Path::new("")), name),
-                        source,
-                    })?;
-                prog.attach_to_link(link)
-            }
-            None => prog.attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            ),
-        }
-        .map_err(|e| LoadError::Program(name, e))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| LoadError::Program(name, e))?
-            .try_into()
-            .map_err(|source| LoadError::Link {
-                path: PathBuf::from(name),
-                source,
-            })?;
-        hold_or_pin(link, name, pin_dir, &mut held)?;
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
+    attach_tc(
+        ebpf,
+        iface,
+        prog_names::TC_ENCAP_EGRESS,
+        TcAttachType::Egress,
+        pin_dir,
+    )?;
+    let other = match decap {
+        DecapHook::Xdp => DecapHook::Tc.program(),
+        DecapHook::Tc => DecapHook::Xdp.program(),
+    };
+    let _ = std::fs::remove_file(link_pin_path(pin_dir, other));
+    match decap {
+        DecapHook::Xdp => attach_xdp(ebpf, iface, pin_dir),
+        DecapHook::Tc => attach_tc(
+            ebpf,
+            iface,
+            prog_names::TC_DECAP_INGRESS,
+            TcAttachType::Ingress,
+            pin_dir,
+        ),
     }
-    // Decapsulation, XDP or TC ingress; a pin of the other hook is removed.
-    {
-        let name = decap.program();
-        let other = match decap {
-            DecapHook::Xdp => DecapHook::Tc.program(),
-            DecapHook::Tc => DecapHook::Xdp.program(),
-        };
-        if let Some(d) = pin_dir {
-            let _ = std::fs::remove_file(link_pin_path(d, other));
-        }
-        let old = match pin_dir {
-            Some(d) => pinned_link(&link_pin_path(d, name))?,
-            None => None,
-        };
-        let link_err = |source| LoadError::Link {
-            path: PathBuf::from(name),
-            source,
-        };
-        let link: FdLink = match decap {
-            DecapHook::Xdp => {
-                let prog: &mut Xdp = program(ebpf, name)?;
-                prog.load().map_err(|e| LoadError::Program(name, e))?;
-                let id = match old {
-                    Some(link) => prog.attach_to_link(XdpLink::try_from(link).map_err(link_err)?),
-                    None => prog.attach(iface, XdpMode::default()),
-                }
-                .map_err(|e| LoadError::Program(name, e))?;
-                prog.take_link(id)
-                    .map_err(|e| LoadError::Program(name, e))?
-                    .try_into()
-                    .map_err(link_err)?
-            }
-            DecapHook::Tc => {
-                let prog: &mut SchedClassifier = program(ebpf, name)?;
-                prog.load().map_err(|e| LoadError::Program(name, e))?;
-                let id = match old {
-                    Some(link) => {
-                        prog.attach_to_link(SchedClassifierLink::try_from(link).map_err(link_err)?)
-                    }
-                    None => prog.attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    ),
-                }
-                .map_err(|e| LoadError::Program(name, e))?;
-                prog.take_link(id)
-                    .map_err(|e| LoadError::Program(name, e))?
-                    .try_into()
-                    .map_err(link_err)?
-            }
-        };
-        hold_or_pin(link, name, pin_dir, &mut held)?;
-    }
-    Ok(held)
 }
 
-fn hold_or_pin(
-    link: FdLink,
+fn link_err(path: &Path) -> impl Fn(LinkError) -> LoadError + '_ {
+    move |source| LoadError::Link {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Loads the TC program `name` and attaches it (TCX) at `kind` on `iface`, or in place of the
+/// program in its pinned link; pins the link.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    iface: &str,
     name: &'static str,
-    pin_dir: Option<&Path>,
-    held: &mut Vec<FdLink>,
+    kind: TcAttachType,
+    pin_dir: &Path,
 ) -> Result<(), LoadError> {
-    match pin_dir {
-        Some(d) => repin(link, &link_pin_path(d, name)),
+    let path = link_pin_path(pin_dir, name);
+    let prog_err = |e| LoadError::Program(name, e);
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    prog.load().map_err(prog_err)?;
+    let id = match pinned_link(&path)? {
+        Some(old) => {
+            prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(&path))?)
+        }
         None => {
-            held.push(link);
-            Ok(())
+            prog.attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::default()))
         }
     }
+    .map_err(prog_err)?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(prog_err)?
+        .try_into()
+        .map_err(link_err(&path))?;
+    repin(link, &path)
+}
+
+/// The same for the XDP decapsulation program.
+fn attach_xdp(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<(), LoadError> {
+    let name = prog_names::XDP_DECAP_INGRESS;
+    let path = link_pin_path(pin_dir, name);
+    let prog_err = |e| LoadError::Program(name, e);
+    let prog: &mut Xdp = program(ebpf, name)?;
+    prog.load().map_err(prog_err)?;
+    let id = match pinned_link(&path)? {
+        Some(old) => prog.attach_to_link(XdpLink::try_from(old).map_err(link_err(&path))?),
+        None => prog.attach(iface, XdpMode::default()),
+    }
+    .map_err(prog_err)?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(prog_err)?
+        .try_into()
+        .map_err(link_err(&path))?;
+    repin(link, &path)
 }
 
 /// Removes every pin under `pin_dir` (links first, so the hooks detach, then maps) and the

@@ -56,54 +56,35 @@ pub struct DatapathMaps {
 impl DatapathMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
-        Self::from_maps(
-            take(map_names::CONFIG)?,
-            take(map_names::POD_CIDRS)?,
-            take(map_names::NODES)?,
-            take(map_names::COUNTERS)?,
-            take(map_names::DROPS)?,
-            take(map_names::PEER_STATS)?,
-        )
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(MapsError::Missing(name)))
     }
 
     /// Opens the maps pinned under `pin_dir` (see `loader::map_pin_path`), whether or not an
     /// agent runs.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapsError> {
-        let open = |name: &'static str| {
+        Self::from_maps(|name| {
             let md = MapData::from_pin(crate::loader::map_pin_path(pin_dir, name))
                 .map_err(|_| MapsError::Missing(name))?;
             Map::from_map_data(md).map_err(map_err(name))
-        };
-        Self::from_maps(
-            open(map_names::CONFIG)?,
-            open(map_names::POD_CIDRS)?,
-            open(map_names::NODES)?,
-            open(map_names::COUNTERS)?,
-            open(map_names::DROPS)?,
-            open(map_names::PEER_STATS)?,
-        )
+        })
     }
 
     fn from_maps(
-        config: Map,
-        pod_cidrs: Map,
-        nodes: Map,
-        counters: Map,
-        drops: Map,
-        peer_stats: Map,
+        mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            get: &mut impl FnMut(&'static str) -> Result<Map, MapsError>,
+            name: &'static str,
+        ) -> Result<T, MapsError> {
+            get(name)?.try_into().map_err(map_err(name))
+        }
         Ok(Self {
-            config: config.try_into().map_err(map_err(map_names::CONFIG))?,
-            pod_cidrs: pod_cidrs
-                .try_into()
-                .map_err(map_err(map_names::POD_CIDRS))?,
-            nodes: nodes.try_into().map_err(map_err(map_names::NODES))?,
-            counters: counters.try_into().map_err(map_err(map_names::COUNTERS))?,
-            drops: drops.try_into().map_err(map_err(map_names::DROPS))?,
-            peer_stats: peer_stats
-                .try_into()
-                .map_err(map_err(map_names::PEER_STATS))?,
+            config: typed(&mut get, map_names::CONFIG)?,
+            pod_cidrs: typed(&mut get, map_names::POD_CIDRS)?,
+            nodes: typed(&mut get, map_names::NODES)?,
+            counters: typed(&mut get, map_names::COUNTERS)?,
+            drops: typed(&mut get, map_names::DROPS)?,
+            peer_stats: typed(&mut get, map_names::PEER_STATS)?,
         })
     }
 
@@ -167,9 +148,27 @@ impl DatapathMaps {
             .unwrap_or_default()
     }
 
-    /// Brings the maps to `want`, touching only what differs. Node entries are added before the
-    /// pod CIDRs that use them and removed after, so no packet sees a half-written peer.
-    pub fn apply(&mut self, want: &Desired) -> Result<Changes, MapsError> {
+    /// Plans the state `cluster` asks for on this node and brings the maps to it; returns the
+    /// plan (whose routes the caller applies) and what changed.
+    pub fn sync(
+        &mut self,
+        cluster: &Cluster,
+        local: &LocalOptions,
+    ) -> Result<(Desired, Changes), MapsError> {
+        let have_nodes = self.read_nodes()?;
+        let want = plan(cluster, local, &have_nodes)?;
+        let changes = self.apply(&want, &have_nodes)?;
+        Ok((want, changes))
+    }
+
+    /// Brings the maps to `want`, touching only what differs from what they hold (`have_nodes`
+    /// is `DP_NODES` as read for the plan). Node entries are added before the pod CIDRs that use
+    /// them and removed after, so no packet sees a half-written peer.
+    fn apply(
+        &mut self,
+        want: &Desired,
+        have_nodes: &BTreeMap<Ipv4Addr, NodeEntry>,
+    ) -> Result<Changes, MapsError> {
         let mut changes = Changes::default();
         if self.read_config()? != want.config {
             self.config
@@ -177,7 +176,6 @@ impl DatapathMaps {
                 .map_err(map_err(map_names::CONFIG))?;
             changes.config = true;
         }
-        let have_nodes = self.read_nodes()?;
         for (addr, entry) in &want.nodes {
             if have_nodes.get(addr) != Some(entry) {
                 if !have_nodes.contains_key(addr) {
@@ -286,7 +284,7 @@ pub fn plan(
         Encap::Ipip => route_mode::IPIP,
         Encap::Vxlan => route_mode::VXLAN,
     };
-    let pod_mtu = local.iface.mtu - cluster.encap.overhead();
+    let pod_mtu = local.iface.mtu.saturating_sub(cluster.encap.overhead());
     let mut flags = 0;
     if local.inner_src_check {
         flags |= config_flags::INNER_SRC_CHECK;
@@ -372,16 +370,17 @@ pub fn plan(
 
 /// Brings the agent's kernel routes to `want`: replaces what differs, removes the rest.
 pub fn apply_routes(want: &[PodRouteSpec], changes: &mut Changes) -> Result<(), MapsError> {
-    let have = net::owned_routes()?;
-    for r in want.iter().filter(|r| !have.contains(r)) {
+    let have: BTreeMap<Cidr, PodRouteSpec> = net::owned_routes()?
+        .into_iter()
+        .map(|r| (r.cidr, r))
+        .collect();
+    let wanted: BTreeSet<Cidr> = want.iter().map(|r| r.cidr).collect();
+    for r in want.iter().filter(|r| have.get(&r.cidr) != Some(*r)) {
         net::replace_route(r)?;
         changes.routes_replaced += 1;
     }
-    for r in have
-        .iter()
-        .filter(|h| !want.iter().any(|w| w.cidr == h.cidr))
-    {
-        net::delete_route(&r.cidr)?;
+    for cidr in have.keys().filter(|c| !wanted.contains(c)) {
+        net::delete_route(cidr)?;
         changes.routes_removed += 1;
     }
     Ok(())

@@ -15,7 +15,7 @@ use maps_common::prog_names;
 use crate::{
     cluster::{self, Defaults, Limits},
     loader::{self, LoadOptions},
-    maps::{self, DatapathMaps, LocalOptions},
+    maps::{DatapathMaps, LocalOptions},
     net,
 };
 
@@ -68,8 +68,7 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         inner_src_check: true,
         max_nodes: max,
     };
-    let want = maps::plan(&c, &local, &Default::default())?;
-    maps.apply(&want)?;
+    maps.sync(&c, &local)?;
     for name in [
         prog_names::TC_ENCAP_EGRESS,
         prog_names::TC_DECAP_INGRESS,

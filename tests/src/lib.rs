@@ -522,56 +522,44 @@ pub fn script(name: &str) -> PathBuf {
 }
 
 impl Topology {
-    /// Sends `mb` MiB over TCP from pod `from` to pod `to`; returns (sent, received) SHA-256
-    /// and byte counts as printed by traffic.py.
-    pub fn tcp_transfer(&self, from: usize, to: usize, mb: u32) -> (String, String) {
-        let out = self.workdir.join(format!("tcp-{from}-{to}.txt"));
+    /// Runs traffic.py's `<proto>-server PORT <server_args> OUT` in pod `to` and then its
+    /// `<proto>-client POD_IP PORT <client_args>` in pod `from`; returns (what the client
+    /// printed, what the server wrote to OUT), both trimmed.
+    fn traffic(
+        &self,
+        proto: &str,
+        from: usize,
+        to: usize,
+        server_args: &str,
+        client_args: &str,
+    ) -> (String, String) {
+        let out = self.workdir.join(format!("{proto}-{from}-{to}.txt"));
         let _ = fs::remove_file(&out);
-        let py = script("traffic.py");
-        let log = self.workdir.join("tcp-server.log");
+        let py = format!("/usr/bin/python3 {}", script("traffic.py").display());
+        let port = if proto == "tcp" { 5001 } else { 5002 };
         let mut server = self.nodes[to].pod.spawn(
-            &format!(
-                "/usr/bin/python3 {} tcp-server 5001 {}",
-                py.display(),
-                out.display()
-            ),
-            &log,
+            &format!("{py} {proto}-server {port} {server_args} {}", out.display()),
+            &self.workdir.join(format!("{proto}-server.log")),
         );
         thread::sleep(Duration::from_millis(300));
-        let sent = self.nodes[from].pod.exec(&format!(
-            "/usr/bin/python3 {} tcp-client {} 5001 {mb}",
-            py.display(),
+        let printed = self.nodes[from].pod.exec(&format!(
+            "{py} {proto}-client {} {port} {client_args}",
             self.nodes[to].pod_ip
         ));
         let _ = server.wait();
-        let got = fs::read_to_string(&out).unwrap_or_default();
-        (sent.trim().to_string(), got.trim().to_string())
+        let written = fs::read_to_string(&out).unwrap_or_default();
+        (printed.trim().to_string(), written.trim().to_string())
+    }
+
+    /// Sends `mb` MiB over TCP from pod `from` to pod `to`; returns (sent, received) SHA-256
+    /// and byte counts as printed by traffic.py.
+    pub fn tcp_transfer(&self, from: usize, to: usize, mb: u32) -> (String, String) {
+        self.traffic("tcp", from, to, "", &mb.to_string())
     }
 
     /// Sends `count` UDP datagrams from pod `from` to pod `to`; returns how many arrived intact.
     pub fn udp_exchange(&self, from: usize, to: usize, count: u32) -> u32 {
-        let out = self.workdir.join(format!("udp-{from}-{to}.txt"));
-        let _ = fs::remove_file(&out);
-        let py = script("traffic.py");
-        let log = self.workdir.join("udp-server.log");
-        let mut server = self.nodes[to].pod.spawn(
-            &format!(
-                "/usr/bin/python3 {} udp-server 5002 {count} {}",
-                py.display(),
-                out.display()
-            ),
-            &log,
-        );
-        thread::sleep(Duration::from_millis(300));
-        self.nodes[from].pod.exec(&format!(
-            "/usr/bin/python3 {} udp-client {} 5002 {count}",
-            py.display(),
-            self.nodes[to].pod_ip
-        ));
-        let _ = server.wait();
-        fs::read_to_string(&out)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        let (_, got) = self.traffic("udp", from, to, &count.to_string(), &count.to_string());
+        got.parse().unwrap_or(0)
     }
 }

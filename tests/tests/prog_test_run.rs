@@ -20,7 +20,7 @@ use aya::{
 use datapath_user::{
     cluster::{self, Defaults, Limits},
     loader::{self, LoadOptions},
-    maps::{self, DatapathMaps, LocalOptions},
+    maps::{DatapathMaps, LocalOptions},
     net::Iface,
 };
 use integration_tests::{sh, unique};
@@ -133,8 +133,7 @@ impl Env {
             inner_src_check: true,
             max_nodes: 64,
         };
-        let want = maps::plan(&cluster, &local, &Default::default()).expect("plan");
-        maps.apply(&want).expect("apply");
+        maps.sync(&cluster, &local).expect("sync the maps");
         for name in [prog_names::TC_ENCAP_EGRESS, prog_names::TC_DECAP_INGRESS] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("verifier accepts the TC program");
