@@ -251,6 +251,14 @@ fn link_err(path: &Path) -> impl Fn(LinkError) -> LoadError + '_ {
     }
 }
 
+/// Pins a link taken from a program at `path` (see `repin`).
+fn pin_link<L>(link: L, path: &Path) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    repin(FdLink::try_from(link).map_err(link_err(path))?, path)
+}
+
 /// Loads the TC program `name` and attaches it (TCX) at `kind` on `iface`, or in place of the
 /// program in its pinned link; pins the link.
 fn attach_tc(
@@ -273,12 +281,7 @@ fn attach_tc(
         }
     }
     .map_err(prog_err)?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(prog_err)?
-        .try_into()
-        .map_err(link_err(&path))?;
-    repin(link, &path)
+    pin_link(prog.take_link(id).map_err(prog_err)?, &path)
 }
 
 /// The same for the XDP decapsulation program.
@@ -293,12 +296,7 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<(), LoadEr
         None => prog.attach(iface, XdpMode::default()),
     }
     .map_err(prog_err)?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(prog_err)?
-        .try_into()
-        .map_err(link_err(&path))?;
-    repin(link, &path)
+    pin_link(prog.take_link(id).map_err(prog_err)?, &path)
 }
 
 /// Removes every pin under `pin_dir` (links first, so the hooks detach, then maps) and the
