@@ -2,11 +2,18 @@
 """Checks an underlay capture with scapy, a dissector this project did not write.
 
 Usage: wire_check.py MODE POD_PCAP UNDERLAY_PCAP [VNI PORT [udpcsum]]
+       wire_check.py segments - UNDERLAY_PCAP VNI PORT MTU
+
 
 Every frame on the underlay must be IPIP (MODE=ipip) or VXLAN (MODE=vxlan) with valid outer
 checksums (the outer UDP one zero, or valid with "udpcsum"), exactly 20 or 50 bytes of overhead, the configured VNI and port, and an inner IPv4
 packet byte-identical to one the pod sent, apart from the TTL (and so the header checksum).
 Prints one summary line; exits 1 with the first mismatch.
+
+"segments" checks a capture of GSO traffic segmented in software on the way out (transmit
+checksum offload off, so every checksum is complete on the wire): every frame VXLAN with the
+VNI and port, no larger than MTU, its outer UDP checksum non-zero and equal to scapy's, and
+frames of full size among them (the GSO path was taken).
 """
 import sys
 
@@ -34,7 +41,34 @@ def checksum_ok(ip):
     return IP(raw(again)).chksum == want
 
 
+def segments(ul_pcap, vni, port, mtu):
+    bind_layers(UDP, VXLAN, dport=port)
+    frames = rdpcap(ul_pcap)
+    full = 0
+    for n, f in enumerate(frames, 1):
+        if IP not in f or VXLAN not in f:
+            fail(f"frame {n}: not VXLAN: {f.summary()}")
+        outer = f[IP]
+        if outer.len > mtu:
+            fail(f"frame {n}: {outer.len} bytes on a {mtu}-byte link: not segmented")
+        if f[VXLAN].vni != vni or f[UDP].dport != port:
+            fail(f"frame {n}: vni {f[VXLAN].vni} port {f[UDP].dport}")
+        got = f[UDP].chksum
+        again = IP(raw(outer))
+        del again[UDP].chksum
+        want = IP(raw(again))[UDP].chksum
+        if got == 0 or got != want:
+            fail(f"frame {n} ({outer.len} bytes): outer UDP checksum {got:#x}, scapy computes {want:#x}")
+        full += outer.len == mtu
+    if full < 100:
+        fail(f"only {full} full-size segments among {len(frames)} frames: GSO path not exercised")
+    print(f"wire check ok: {len(frames)} segmented vxlan frames ({full} of full size), every outer UDP checksum valid")
+
+
 def main():
+    if sys.argv[1] == "segments":
+        segments(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+        return
     mode, pod_pcap, ul_pcap = sys.argv[1:4]
     vni = int(sys.argv[4]) if len(sys.argv) > 4 else None
     port = int(sys.argv[5]) if len(sys.argv) > 5 else None

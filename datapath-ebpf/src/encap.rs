@@ -3,10 +3,11 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_F_DONT_FRAGMENT, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        bpf_redir_neigh, bpf_tunnel_key,
     },
-    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -87,10 +88,72 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
         return Err(DropReason::BadInnerHeader);
     }
-    let counter = encap(ctx, len, cfg, &route, &inner)?;
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if route.mode == route_mode::VXLAN
+        && cfg.flags & config_flags::UDP_CSUM != 0
+        && gso_size != 0
+        && cfg.csum_ifindex != 0
+    {
+        let action = via_csum_device(ctx, cfg, &route, &inner)?;
+        count(CounterId::EncapVxlan, len);
+        count_peer(route.peer_idx, true, len);
+        return Ok(action);
+    }
+    let counter = encap(ctx, len, gso_size, cfg, &route, &inner)?;
     count(counter, len);
     count_peer(route.peer_idx, true, len);
     forward(ctx, cfg, route.node_addr)
+}
+
+/// VXLAN for a GSO packet when outer UDP checksums are asked for: hands the packet, with its
+/// inner Ethernet header written and a tunnel key set, to the kernel's metadata-mode VXLAN
+/// device (`NodeConfig::csum_ifindex`). Only that device can mark a GSO packet for a checksum
+/// in every segment's outer UDP header (`SKB_GSO_UDP_TUNNEL_CSUM`); `bpf_skb_adjust_room` has
+/// no flag for it, and one checksum written here would be wrong for all segments but one.
+///
+/// Returns the redirect verdict; `AdjustFailed` when the kernel refuses the tunnel key.
+#[inline(always)]
+fn via_csum_device(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        (*eth).dst_addr = route.vtep_mac;
+        (*eth).src_addr = cfg.vtep_mac;
+    }
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = cfg.vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(route.node_addr);
+    key.__bindgen_anon_3.local_ipv4 = u32::from_be_bytes(cfg.node_addr);
+    // RFC 6040 and RFC 2003 as on the BPF path: the device copies ECN, DF is passed on.
+    key.tunnel_tos = inner.tos;
+    key.tunnel_ttl = OUTER_TTL;
+    let flags = if inner.frags[0] & IP_DF != 0 {
+        BPF_F_DONT_FRAGMENT as u64
+    } else {
+        0
+    };
+    // SAFETY: key lives on the stack for the call; without BPF_F_ZERO_CSUM_TX the key asks
+    // for the outer UDP checksum.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(cfg.csum_ifindex, 0) } as i32)
 }
 
 #[inline(always)]
@@ -100,7 +163,7 @@ fn pass(len: u32) -> i32 {
 }
 
 /// Inserts the tunnel headers after the Ethernet header and writes them; `len` is the packet's
-/// length before.
+/// length before, `gso_size` its GSO segment size (0: not GSO).
 ///
 /// On success the packet is `eth | outer IPv4 | [UDP | VXLAN | inner eth] | inner IPv4 ...`,
 /// GSO metadata updated so a GSO packet is segmented as a tunnel packet, and the counter to
@@ -112,6 +175,7 @@ fn pass(len: u32) -> i32 {
 fn encap(
     ctx: &TcContext,
     len: u32,
+    gso_size: u32,
     cfg: &NodeConfig,
     route: &PodRoute,
     inner: &Ipv4Hdr,
@@ -122,8 +186,6 @@ fn encap(
     } else {
         maps_common::IPIP_OVERHEAD
     };
-    // SAFETY: ctx.skb.skb is the program's __sk_buff.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0
         && cfg.underlay_mtu != 0
         && len - EthHdr::LEN as u32 + overhead > cfg.underlay_mtu

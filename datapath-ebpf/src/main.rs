@@ -79,6 +79,13 @@ pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// TC ingress on the checksum path's kernel VXLAN device: only this datapath admits tunnel
+/// traffic, so anything that device decapsulated on its own is dropped and counted.
+#[classifier]
+pub fn tc_csum_dev_ingress(ctx: TcContext) -> i32 {
+    drop_tc(&ctx, DropReason::KernelTunnelRx)
+}
+
 /// Returns at once: the floor the benchmark subtracts from the TC programs' cost.
 #[classifier]
 pub fn tc_floor(_ctx: TcContext) -> i32 {

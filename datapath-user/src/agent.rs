@@ -52,6 +52,11 @@ struct ReloadState {
 struct Shared {
     maps: DatapathMaps,
     reload: ReloadState,
+    /// The loaded object: the checksum device's drop program is attached from it on reloads.
+    ebpf: aya::Ebpf,
+    pin_dir: PathBuf,
+    /// The drop program is attached to the checksum device (`net::CSUM_DEV`) by this agent.
+    csum_dev_attached: bool,
 }
 
 /// Reads and validates the cluster file.
@@ -70,16 +75,36 @@ fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Computes the desired state for `cluster` and applies it to the maps and routes.
-fn sync(
-    shared: &mut Shared,
-    cluster: &Cluster,
-    local: &LocalOptions,
-) -> Result<Changes, maps::MapsError> {
-    let (want, mut changes) = shared.maps.sync(cluster, local)?;
+/// Computes the desired state for `cluster` and applies it to the kernel VXLAN device of the
+/// checksum path, the maps and the routes.
+fn sync(shared: &mut Shared, cluster: &Cluster, local: &LocalOptions) -> anyhow::Result<Changes> {
+    let mut local = local.clone();
+    local.csum_ifindex = sync_csum_device(shared, cluster)?;
+    let (want, mut changes) = shared.maps.sync(cluster, &local)?;
     maps::apply_routes(&want.routes, &mut changes)?;
     shared.reload.pod_mtu = want.pod_mtu;
+    if local.csum_ifindex == 0 {
+        // Only after DP_CONFIG no longer names the device.
+        net::remove_csum_device()?;
+    }
     Ok(changes)
+}
+
+/// VXLAN with outer UDP checksums sends GSO packets through a kernel VXLAN device in metadata
+/// mode, the one way to get a checksum in every segment; this creates it (with its drop program
+/// at ingress) when the cluster asks for checksums and returns its ifindex, 0 otherwise.
+fn sync_csum_device(shared: &mut Shared, cluster: &Cluster) -> anyhow::Result<u32> {
+    if cluster.encap != cluster::Encap::Vxlan || !cluster.udp_checksum {
+        loader::detach_csum_dev(&shared.pin_dir);
+        shared.csum_dev_attached = false;
+        return Ok(0);
+    }
+    let (ifindex, fresh) = net::ensure_csum_device(cluster.port)?;
+    if fresh || !shared.csum_dev_attached {
+        loader::attach_csum_dev(&mut shared.ebpf, net::CSUM_DEV, fresh, &shared.pin_dir)?;
+        shared.csum_dev_attached = true;
+    }
+    Ok(ifindex)
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -98,6 +123,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         iface: iface.clone(),
         inner_src_check: opts.inner_src_check,
         max_nodes: opts.max_nodes,
+        csum_ifindex: 0,
     };
 
     loader::ensure_bpffs(&opts.pin_dir)?;
@@ -124,6 +150,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let shared = Arc::new(Mutex::new(Shared {
         maps,
         reload: ReloadState::default(),
+        ebpf,
+        pin_dir: opts.pin_dir.clone(),
+        csum_dev_attached: false,
     }));
     {
         let mut s = shared.lock().expect("lock");
@@ -140,7 +169,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             "cluster state applied"
         );
     }
-    loader::attach(&mut ebpf, &iface.name, opts.decap, &opts.pin_dir)?;
+    loader::attach(
+        &mut shared.lock().expect("lock").ebpf,
+        &iface.name,
+        opts.decap,
+        &opts.pin_dir,
+    )?;
     info!(
         pin_dir = %opts.pin_dir.display(),
         decap = ?opts.decap,
@@ -194,7 +228,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         s.reload.reloads += 1;
         s.reload.last_reload_unix = now();
         match read_cluster(&opts.cluster_file, &opts.defaults, &limits)
-            .and_then(|c| Ok(sync(&mut s, &c, &local)?))
+            .and_then(|c| sync(&mut s, &c, &local))
         {
             Ok(changes) => {
                 s.reload.last_reload_ok = true;

@@ -244,6 +244,32 @@ pub fn attach(
     }
 }
 
+/// Attaches the drop program at TC ingress of the checksum path's kernel VXLAN device `dev`
+/// (see `net::CSUM_DEV`) and pins the link. `fresh`: the device was just created, so a pinned
+/// link belongs to a device that is gone and is dropped first.
+pub fn attach_csum_dev(
+    ebpf: &mut Ebpf,
+    dev: &str,
+    fresh: bool,
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
+    if fresh {
+        detach_csum_dev(pin_dir);
+    }
+    attach_tc(
+        ebpf,
+        dev,
+        prog_names::TC_CSUM_DEV_INGRESS,
+        TcAttachType::Ingress,
+        pin_dir,
+    )
+}
+
+/// Removes the pinned link of the checksum device's drop program, if any.
+pub fn detach_csum_dev(pin_dir: &Path) {
+    let _ = std::fs::remove_file(link_pin_path(pin_dir, prog_names::TC_CSUM_DEV_INGRESS));
+}
+
 fn link_err(path: &Path) -> impl Fn(LinkError) -> LoadError + '_ {
     move |source| LoadError::Link {
         path: path.to_path_buf(),
@@ -271,7 +297,9 @@ fn attach_tc(
     let path = link_pin_path(pin_dir, name);
     let prog_err = |e| LoadError::Program(name, e);
     let prog: &mut SchedClassifier = program(ebpf, name)?;
-    prog.load().map_err(prog_err)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(prog_err)?;
+    }
     let id = match pinned_link(&path)? {
         Some(old) => {
             prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(&path))?)

@@ -280,11 +280,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Detach { pin_dir } => {
             let removed = loader::remove_pins(&pin_dir)?;
             net::flush_routes()?;
+            net::remove_csum_device()?;
             println!(
-                "detached: removed {} pins under {} and the routes of proto {}",
+                "detached: removed {} pins under {}, the routes of proto {} and {} if present",
                 removed.len(),
                 pin_dir.display(),
-                net::ROUTE_PROTO
+                net::ROUTE_PROTO,
+                net::CSUM_DEV
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -251,6 +251,8 @@ pub struct LocalOptions {
     pub iface: Iface,
     pub inner_src_check: bool,
     pub max_nodes: u32,
+    /// Ifindex of the checksum path's kernel VXLAN device (`net::CSUM_DEV`), 0 when absent.
+    pub csum_ifindex: u32,
 }
 
 /// The maps' and routes' contents that a cluster state asks for on this node.
@@ -299,6 +301,8 @@ pub fn plan(
         vxlan_port: cluster.port,
         flags,
         underlay_mtu: local.iface.mtu,
+        csum_ifindex: local.csum_ifindex,
+        _pad: 0,
     };
 
     let used: BTreeSet<u32> = cluster

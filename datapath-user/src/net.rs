@@ -172,3 +172,43 @@ pub fn flush_routes() -> Result<(), NetError> {
     let proto = ROUTE_PROTO.to_string();
     ip(&["route", "flush", "proto", &proto]).map(drop)
 }
+
+/// Name of the metadata-mode kernel VXLAN device that carries GSO packets when outer UDP
+/// checksums are on (see `NodeConfig::csum_ifindex`).
+pub const CSUM_DEV: &str = "dp-vxcsum";
+
+/// Makes sure the checksum path's device exists for `port`: VXLAN in metadata mode
+/// (`external`: the program's tunnel key gives peer and VNI), no learning, up. A device with
+/// another port is replaced. Returns its ifindex and whether it was (re)created.
+pub fn ensure_csum_device(port: u16) -> Result<(u32, bool), NetError> {
+    if let Ok(links) = ip_json(&["-d", "link", "show", "dev", CSUM_DEV]) {
+        if let Some(l) = links.first() {
+            if l["linkinfo"]["info_data"]["port"].as_u64() == Some(port as u64) {
+                return Ok((l["ifindex"].as_u64().unwrap_or(0) as u32, false));
+            }
+            remove_csum_device()?;
+        }
+    }
+    let port = port.to_string();
+    ip(&[
+        "link",
+        "add",
+        CSUM_DEV,
+        "type",
+        "vxlan",
+        "external",
+        "dstport",
+        &port,
+        "nolearning",
+    ])?;
+    ip(&["link", "set", CSUM_DEV, "up"])?;
+    Ok((iface(CSUM_DEV)?.ifindex, true))
+}
+
+/// Removes the checksum path's device if it exists.
+pub fn remove_csum_device() -> Result<(), NetError> {
+    match ip(&["link", "del", CSUM_DEV]) {
+        Err(NetError::Failed { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
+        r => r.map(drop),
+    }
+}

@@ -67,6 +67,7 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         },
         inner_src_check: true,
         max_nodes: max,
+        csum_ifindex: 0,
     };
     maps.sync(&c, &local)?;
     for name in [

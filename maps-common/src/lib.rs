@@ -31,6 +31,8 @@ pub mod prog_names {
     pub const XDP_DECAP_INGRESS: &str = "xdp_decap_ingress";
     /// TC ingress variant of the decapsulation, for drivers where XDP costs more.
     pub const TC_DECAP_INGRESS: &str = "tc_decap_ingress";
+    /// TC ingress on the checksum path's kernel VXLAN device: drops what that device decapsulated.
+    pub const TC_CSUM_DEV_INGRESS: &str = "tc_csum_dev_ingress";
     /// Programs that only return: the benchmark's floor.
     pub const TC_FLOOR: &str = "tc_floor";
     pub const XDP_FLOOR: &str = "xdp_floor";
@@ -97,8 +99,12 @@ pub struct NodeConfig {
     pub flags: u32,
     /// MTU of the underlay interface; encapsulated non-GSO packets must fit in it.
     pub underlay_mtu: u32,
+    /// Interface index of the metadata-mode kernel VXLAN device that carries GSO packets when
+    /// `UDP_CSUM` is set (BPF cannot ask GSO for per-segment outer checksums); 0 when absent.
+    pub csum_ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
 
 /// Value of `DP_POD_CIDRS` (key: `[u8; 4]` address with a prefix length): the node that owns a
 /// pod CIDR and how to reach it.
@@ -211,16 +217,19 @@ pub enum DropReason {
     OuterFragment = 7,
     /// Encapsulated packet would exceed the underlay MTU (the route MTU should have caught it).
     TooBig = 8,
-    /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` refused.
+    /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` / `bpf_skb_set_tunnel_key` refused.
     AdjustFailed = 9,
     /// No route to the peer's underlay address in the kernel FIB.
     FibLookupFailed = 10,
     /// Inner IPv4 header that is not a valid IPv4 header (version, IHL, length).
     BadInnerHeader = 11,
+    /// A packet the kernel VXLAN device of the checksum path decapsulated itself: only this
+    /// datapath's programs admit tunnel traffic, so whatever reaches that device is dropped.
+    KernelTunnelRx = 12,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::Truncated,
         Self::UnknownPeer,
@@ -234,6 +243,7 @@ impl DropReason {
         Self::AdjustFailed,
         Self::FibLookupFailed,
         Self::BadInnerHeader,
+        Self::KernelTunnelRx,
     ];
 
     /// The reason's name as `datapath stats` and the metrics endpoint print it.
@@ -251,6 +261,7 @@ impl DropReason {
             Self::AdjustFailed => "adjust_failed",
             Self::FibLookupFailed => "fib_lookup_failed",
             Self::BadInnerHeader => "bad_inner_header",
+            Self::KernelTunnelRx => "kernel_tunnel_rx",
         }
     }
 }

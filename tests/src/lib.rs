@@ -464,7 +464,7 @@ impl Capture {
         let log = pcap.with_extension("log");
         let child = ns.spawn(
             &format!(
-                "tcpdump --immediate-mode -i {iface} -U -s 0 -w {} '{}'",
+                "tcpdump --immediate-mode -B 32768 -i {iface} -U -s 0 -w {} '{}'",
                 pcap.display(),
                 filter
             ),

@@ -132,6 +132,7 @@ impl Env {
             },
             inner_src_check: true,
             max_nodes: 64,
+            csum_ifindex: 0,
         };
         maps.sync(&cluster, &local).expect("sync the maps");
         for name in [prog_names::TC_ENCAP_EGRESS, prog_names::TC_DECAP_INGRESS] {

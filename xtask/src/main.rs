@@ -52,6 +52,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "python3-scapy",
     "curl",
+    "ethtool",
 ];
 
 /// Where `bpf-linker` is built against the nightly toolchain's own LLVM.
