@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
-use maps_common::{CounterId, DropReason, config_flags};
+use maps_common::{CounterId, DropReason, config_flags, route_mode};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -27,7 +27,11 @@ const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_UDP: u8 = 17;
 /// MF flag and fragment offset bits of the IPv4 flags/fragment-offset field.
 const IP_MF_OFFSET: u16 = 0x3fff;
+/// Fragment offset bits alone.
+const IP_OFFSET: u16 = 0x1fff;
 const IPV4_MIN_HLEN: usize = 20;
+/// From the UDP header to the inner IPv4 header of a VXLAN packet: UDP, VXLAN, inner Ethernet.
+const VXLAN_TO_INNER_IP: usize = UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN;
 
 /// What the classifier decided for a packet that is not dropped.
 pub enum Verdict {
@@ -43,10 +47,11 @@ pub enum Verdict {
 
 /// Classifies a received frame.
 ///
-/// Returns `Pass` for anything that is not IPIP, or UDP to the configured VXLAN port, addressed
-/// to this node's underlay address; `Decap` for a tunnel packet from a known node with the
-/// configured VNI whose inner packet is IPv4 (and, when the check is on, whose inner source
-/// lies in the sender's pod CIDR); otherwise the reason to drop it.
+/// Returns `Pass` for anything that is not a tunnel packet for a local pod: not IPv4, not IPIP
+/// or UDP, a non-first fragment. Returns `Decap` for IPIP, or VXLAN on the configured port,
+/// addressed to this node, from a known node, with the configured VNI, consistent lengths and
+/// an inner IPv4 header (and, when the check is on, an inner source in the sender's pod CIDR).
+/// Everything in between is dropped with its reason; see the README's table of packet classes.
 #[inline(always)]
 pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
@@ -67,20 +72,18 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     };
     // SAFETY: ptr_at checked the bounds.
     let outer = unsafe { *ip };
-    if outer.dst_addr != cfg.node_addr || outer.vihl >> 4 != 4 {
-        return Ok(Verdict::Pass);
-    }
     let ihl = ((outer.vihl & 0x0f) as usize) * 4;
-    if ihl < IPV4_MIN_HLEN {
+    if outer.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Ok(Verdict::Pass);
     }
-    let fragmented = u16::from_be_bytes(outer.frags) & IP_MF_OFFSET != 0;
+    let frags = u16::from_be_bytes(outer.frags);
+    let for_us = outer.dst_addr == cfg.node_addr;
 
     let vxlan = match outer.proto {
         IPPROTO_IPIP => false,
         IPPROTO_UDP => {
-            // A non-first fragment carries no UDP header: not recognisably ours.
-            if u16::from_be_bytes(outer.frags) & 0x1fff != 0 {
+            // A non-first fragment carries no UDP header: not recognisably a tunnel packet.
+            if frags & IP_OFFSET != 0 {
                 return Ok(Verdict::Pass);
             }
             let Some(udp) = ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + ihl) else {
@@ -88,18 +91,33 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
             };
             // SAFETY: ptr_at checked the bounds.
             if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.vxlan_port {
+                // VXLAN aimed at a local pod through another port is refused, not passed;
+                // other UDP is not ours.
+                if for_us && ihl == IPV4_MIN_HLEN && vxlan_for_local_pod(ctx) {
+                    return Err(DropReason::WrongPort);
+                }
                 return Ok(Verdict::Pass);
             }
             true
         }
         _ => return Ok(Verdict::Pass),
     };
+    if !for_us {
+        let inner_off = EthHdr::LEN + ihl + if vxlan { VXLAN_TO_INNER_IP } else { 0 };
+        if ihl == IPV4_MIN_HLEN
+            && (!vxlan || vxlan_for_local_pod(ctx))
+            && ipv4_for_local_pod(ctx, inner_off)
+        {
+            return Err(DropReason::NotForThisNode);
+        }
+        return Ok(Verdict::Pass);
+    }
 
     // From here on the packet is a tunnel packet addressed to us: admit it or drop it.
     if ihl != IPV4_MIN_HLEN {
         return Err(DropReason::OuterIpOptions);
     }
-    if fragmented {
+    if frags & IP_MF_OFFSET != 0 {
         return Err(DropReason::OuterFragment);
     }
     let node = DP_NODES
@@ -107,14 +125,23 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         .ok_or(DropReason::UnknownPeer)?;
     // SAFETY: a value pointer from the map, read once, right away.
     let peer_idx = unsafe { (*node).peer_idx };
+    let outer_len = u16::from_be_bytes(outer.tot_len) as usize;
+    if outer_len > ctx.data_end() - ctx.data() - EthHdr::LEN {
+        return Err(DropReason::Truncated);
+    }
 
     let (strip, counter) = if vxlan {
+        let udp =
+            ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + IPV4_MIN_HLEN).ok_or(DropReason::Truncated)?;
+        // SAFETY: ptr_at checked the bounds.
+        if u16::from_be_bytes(unsafe { (*udp).len }) as usize != outer_len - IPV4_MIN_HLEN {
+            return Err(DropReason::BadOuterLength);
+        }
         let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
         let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
         // SAFETY: ptr_at checked the bounds.
         let vx = unsafe { *vx };
-        // As the Linux VXLAN device: I flag set, every reserved bit clear.
-        if vx.flags != VXLAN_I_FLAG_MASK || vx._reserved1 != [0; 3] || vx._reserved2 != 0 {
+        if !vxlan_flags_ok(&vx) {
             return Err(DropReason::BadVxlanFlags);
         }
         let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
@@ -132,11 +159,20 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         (maps_common::IPIP_OVERHEAD, CounterId::DecapIpip)
     };
 
+    if outer_len < strip as usize + IPV4_MIN_HLEN {
+        return Err(DropReason::BadOuterLength);
+    }
     let inner =
         ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN + strip as usize).ok_or(DropReason::Truncated)?;
     // SAFETY: ptr_at checked the bounds.
     let inner = unsafe { *inner };
-    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
+    let inner_len = u16::from_be_bytes(inner.tot_len) as usize;
+    let inner_ihl = ((inner.vihl & 0x0f) as usize) * 4;
+    if inner.vihl >> 4 != 4
+        || inner_ihl < IPV4_MIN_HLEN
+        || inner_len < inner_ihl
+        || inner_len > outer_len - strip as usize
+    {
         return Err(DropReason::BadInnerHeader);
     }
     if cfg.flags & config_flags::INNER_SRC_CHECK != 0 {
@@ -152,6 +188,43 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         counter,
         peer_idx,
     })
+}
+
+/// As the Linux VXLAN device: I flag set, every reserved bit clear.
+#[inline(always)]
+fn vxlan_flags_ok(vx: &VxlanHdr) -> bool {
+    vx.flags == VXLAN_I_FLAG_MASK && vx._reserved1 == [0; 3] && vx._reserved2 == 0
+}
+
+/// Whether a UDP packet (outer header without options) looks like VXLAN carrying IPv4 to a
+/// local pod: valid VXLAN flags, inner Ethernet type IPv4, inner destination a local pod.
+#[inline(always)]
+fn vxlan_for_local_pod<P: Packet>(ctx: &P) -> bool {
+    let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
+    let (Some(vx), Some(inner_eth)) = (
+        ptr_at::<VxlanHdr, _>(ctx, vx_off),
+        ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let (vx, eth_type) = unsafe { (*vx, (*inner_eth).ether_type) };
+    vxlan_flags_ok(&vx)
+        && eth_type == EtherType::Ipv4 as u16
+        && ipv4_for_local_pod(ctx, EthHdr::LEN + IPV4_MIN_HLEN + VXLAN_TO_INNER_IP)
+}
+
+/// Whether the IPv4 header at `off` is addressed to a pod CIDR of this node.
+#[inline(always)]
+fn ipv4_for_local_pod<P: Packet>(ctx: &P, off: usize) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, off) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let dst = unsafe { (*ip).dst_addr };
+    DP_POD_CIDRS
+        .get(&Key::new(32, dst))
+        .is_some_and(|r| r.mode == route_mode::LOCAL)
 }
 
 /// XDP: classifies, then moves the head past the tunnel headers and writes a fresh Ethernet

@@ -85,11 +85,17 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         _ => return Ok(pass(len)),
     }
-    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
-        return Err(DropReason::BadInnerHeader);
-    }
     // SAFETY: ctx.skb.skb is the program's __sk_buff.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let inner_ihl = (inner.vihl & 0x0f) as u32 * 4;
+    let inner_len = u16::from_be_bytes(inner.tot_len) as u32;
+    // A GSO packet's lengths are the kernel's own; others must hold what they claim.
+    if inner.vihl >> 4 != 4
+        || inner_ihl < 20
+        || (gso_size == 0 && (inner_len < inner_ihl || inner_len > len - EthHdr::LEN as u32))
+    {
+        return Err(DropReason::BadInnerHeader);
+    }
     if route.mode == route_mode::VXLAN
         && cfg.flags & config_flags::UDP_CSUM != 0
         && gso_size != 0
@@ -193,12 +199,14 @@ fn encap(
         return Err(DropReason::TooBig);
     }
 
-    let inner_len = u16::from_be_bytes(inner.tot_len);
+    // The frame's length, not the inner header's claim: trailing padding stays inside. A GSO
+    // packet's outer lengths are rewritten per segment.
+    let ip_len = (len - EthHdr::LEN as u32) as u16;
     let mut outer = Ipv4Hdr {
         vihl: 0x45,
         // RFC 6040 normal mode: DSCP and ECN copied from the inner header.
         tos: inner.tos,
-        tot_len: inner_len.wrapping_add(overhead as u16).to_be_bytes(),
+        tot_len: ip_len.wrapping_add(overhead as u16).to_be_bytes(),
         id: inner.id,
         // RFC 2003: DF copied from the inner header.
         frags: [inner.frags[0] & IP_DF, 0],
@@ -234,7 +242,7 @@ fn encap(
         udp: UdpHdr {
             src: (sport as u16).to_be_bytes(),
             dst: cfg.vxlan_port.to_be_bytes(),
-            len: inner_len.wrapping_add(30).to_be_bytes(),
+            len: ip_len.wrapping_add(30).to_be_bytes(),
             // Zero: allowed for UDP over IPv4 and what Calico and Cilium send.
             check: [0; 2],
         },
@@ -257,7 +265,11 @@ fn encap(
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustFailed)?;
     // Revalidate after adjust_room: the head moved.
-    if cfg.flags & config_flags::UDP_CSUM != 0 && gso_size == 0 {
+    // With trailing padding the inner checksum does not cover every byte: send zero then.
+    if cfg.flags & config_flags::UDP_CSUM != 0
+        && gso_size == 0
+        && u16::from_be_bytes(inner.tot_len) == ip_len
+    {
         let l4_check = inner_l4_check(ctx, inner);
         hdrs.udp.check = csum::vxlan_udp(
             &hdrs.ip,

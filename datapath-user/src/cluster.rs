@@ -594,6 +594,57 @@ nodes:
     }
 
     #[test]
+    fn the_remaining_classes_are_rejected_with_their_messages() {
+        let one = |from: &str, to: &str| errors(&GOOD.replace(from, to));
+        assert_eq!(
+            one("vni: 4096", "vni: 16777216"),
+            ["vxlan.vni: 16777216 is outside 1-16777215"]
+        );
+        assert_eq!(
+            one("vni: 4096", "vni: 0"),
+            ["vxlan.vni: 0 is outside 1-16777215"]
+        );
+        assert_eq!(
+            one("port: 4789", "port: 0"),
+            ["vxlan.port: port 0 is not a valid UDP port"]
+        );
+        assert_eq!(
+            one("address: 192.168.1.11", "address: 192.168.1.10"),
+            ["nodes[1].address: duplicate address 192.168.1.10 (also node \"node1\")"]
+        );
+        assert_eq!(
+            one("address: 192.168.1.11", "address: 224.0.0.1"),
+            ["nodes[1].address: 224.0.0.1 cannot be a node address"]
+        );
+        assert_eq!(
+            one("    address: 192.168.1.11\n", ""),
+            ["nodes[1].address: missing"]
+        );
+        assert_eq!(
+            one("    podCIDR: 10.244.1.0/24\n", ""),
+            ["nodes[1].podCIDR: missing"]
+        );
+        assert_eq!(
+            one("66:00:00:00:00:01", "67:00:00:00:00:01"),
+            ["nodes[0].vtepMAC: \"67:00:00:00:00:01\" is a multicast MAC address"]
+        );
+        assert_eq!(
+            one("10.244.1.0/24", "10.244.1.0"),
+            ["nodes[1].podCIDR: \"10.244.1.0\" is not a CIDR (expected a.b.c.d/len)"]
+        );
+        let no_nodes = GOOD.split("nodes:").next().unwrap().to_string() + "nodes: []\n";
+        assert_eq!(
+            parse(&no_nodes, &Defaults::default(), &limits(None))
+                .unwrap_err()
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["nodes: no nodes"]
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_not_just_the_first() {
         let bad = GOOD
             .replace("10.244.1.0/24", "10.244.1.0/33")

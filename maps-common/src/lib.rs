@@ -199,7 +199,8 @@ impl CounterId {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// A header the program needed was cut short.
+    /// A header the program needed was cut short, or a tunnel packet is shorter than its outer
+    /// IPv4 total length says.
     Truncated = 0,
     /// Encapsulated traffic for this node from an address that is not a known node.
     UnknownPeer = 1,
@@ -226,10 +227,18 @@ pub enum DropReason {
     /// A packet the kernel VXLAN device of the checksum path decapsulated itself: only this
     /// datapath's programs admit tunnel traffic, so whatever reaches that device is dropped.
     KernelTunnelRx = 12,
+    /// VXLAN for a local pod, from a known node's address, but to a UDP port other than the
+    /// configured one.
+    WrongPort = 13,
+    /// IPIP or VXLAN for a local pod whose outer destination is not this node's address.
+    NotForThisNode = 14,
+    /// Outer IPv4 total length too short for the tunnel headers and an inner IPv4 header, or a
+    /// UDP length that disagrees with it.
+    BadOuterLength = 15,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::Truncated,
         Self::UnknownPeer,
@@ -244,6 +253,9 @@ impl DropReason {
         Self::FibLookupFailed,
         Self::BadInnerHeader,
         Self::KernelTunnelRx,
+        Self::WrongPort,
+        Self::NotForThisNode,
+        Self::BadOuterLength,
     ];
 
     /// The reason's name as `datapath stats` and the metrics endpoint print it.
@@ -262,6 +274,9 @@ impl DropReason {
             Self::FibLookupFailed => "fib_lookup_failed",
             Self::BadInnerHeader => "bad_inner_header",
             Self::KernelTunnelRx => "kernel_tunnel_rx",
+            Self::WrongPort => "wrong_port",
+            Self::NotForThisNode => "not_for_this_node",
+            Self::BadOuterLength => "bad_outer_length",
         }
     }
 }

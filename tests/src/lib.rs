@@ -1,6 +1,8 @@
 //! Helpers shared by the namespace and BPF_PROG_TEST_RUN tests: network namespaces, emulated
 //! nodes and pods, a bpffs per test, agent processes and captures. Everything made here is
 //! removed on drop, so a failing test cleans up too.
+pub mod progtest;
+
 use std::{
     fs,
     path::{Path, PathBuf},

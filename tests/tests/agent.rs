@@ -110,10 +110,18 @@ fn bad_files_are_rejected_and_the_last_good_state_stays() {
     let mut t = Topology::two_nodes("badfile");
     let good = t.cluster_yaml("vxlan", "");
     let cluster = t.write_cluster(&good);
-    t.start_agent(0, &cluster, "");
+    // Maps sized for two nodes: a third does not fit and must be refused whole.
+    t.start_agent(0, &cluster, "--max-nodes 2");
     let before = routes_json(&t, 0);
     let kernel_routes = t.nodes[0].ns.exec("ip route show proto 199");
     let cases = [
+        (
+            "too many nodes for the maps",
+            format!(
+                "{good}  - name: node3\n    address: 192.168.1.12\n    podCIDR: 10.244.2.0/24\n"
+            ),
+            "nodes: 3 nodes do not fit in maps sized for 2 (raise --max-nodes)",
+        ),
         ("unparsable", "nodes: [".to_string(), "(file): not parsable"),
         (
             "unknown mode",
@@ -168,7 +176,7 @@ fn bad_files_are_rejected_and_the_last_good_state_stays() {
             "{class}: kernel routes changed"
         );
         let out = sh_out(&format!(
-            "{} check --cluster {} --node node1",
+            "{} check --cluster {} --node node1 --max-nodes 2",
             datapath_bin().display(),
             cluster.display()
         ));
