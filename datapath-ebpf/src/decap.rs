@@ -125,8 +125,16 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         .ok_or(DropReason::UnknownPeer)?;
     // SAFETY: a value pointer from the map, read once, right away.
     let peer_idx = unsafe { (*node).peer_idx };
-    let outer_len = u16::from_be_bytes(outer.tot_len) as usize;
-    if outer_len > ctx.data_end() - ctx.data() - EthHdr::LEN {
+    // Lengths are checked on packets as they came off the wire; a GSO packet's are the
+    // kernel's (segmentation rewrites them), so it is measured by its length instead.
+    let gso = ctx.is_gso();
+    let frame_ip_len = ctx.packet_len() - EthHdr::LEN;
+    let outer_len = if gso {
+        frame_ip_len
+    } else {
+        u16::from_be_bytes(outer.tot_len) as usize
+    };
+    if outer_len > frame_ip_len {
         return Err(DropReason::Truncated);
     }
 
@@ -134,7 +142,7 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         let udp =
             ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + IPV4_MIN_HLEN).ok_or(DropReason::Truncated)?;
         // SAFETY: ptr_at checked the bounds.
-        if u16::from_be_bytes(unsafe { (*udp).len }) as usize != outer_len - IPV4_MIN_HLEN {
+        if !gso && u16::from_be_bytes(unsafe { (*udp).len }) as usize != outer_len - IPV4_MIN_HLEN {
             return Err(DropReason::BadOuterLength);
         }
         let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
@@ -170,8 +178,7 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let inner_ihl = ((inner.vihl & 0x0f) as usize) * 4;
     if inner.vihl >> 4 != 4
         || inner_ihl < IPV4_MIN_HLEN
-        || inner_len < inner_ihl
-        || inner_len > outer_len - strip as usize
+        || (!gso && (inner_len < inner_ihl || inner_len > outer_len - strip as usize))
     {
         return Err(DropReason::BadInnerHeader);
     }

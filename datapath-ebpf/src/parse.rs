@@ -5,6 +5,11 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    /// A GSO packet: its length fields are the kernel's and describe the segments to be, not
+    /// this buffer (a sender's GSO packet crosses a veth whole).
+    fn is_gso(&self) -> bool;
+    /// The whole packet's length, also what lies beyond `data_end()` in paged buffers.
+    fn packet_len(&self) -> usize;
 }
 
 impl Packet for TcContext {
@@ -16,6 +21,15 @@ impl Packet for TcContext {
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
     }
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        // SAFETY: skb.skb is the program's __sk_buff.
+        unsafe { (*self.skb.skb).gso_size != 0 }
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
+    }
 }
 
 impl Packet for XdpContext {
@@ -26,6 +40,14 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
     }
 }
 

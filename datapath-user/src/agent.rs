@@ -17,15 +17,25 @@ use tracing::{error, info, warn};
 
 use crate::{
     cluster::{self, Cluster, Defaults, Limits},
+    etcd::{self, EtcdStatus},
     loader::{self, DecapHook, LoadOptions},
     maps::{self, Changes, DatapathMaps, LocalOptions},
     net,
     stats::Snapshot,
 };
 
+/// Where the cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A cluster file, checked every `interval` and on SIGHUP.
+    File { path: PathBuf, interval: Duration },
+    /// Flannel's layout in etcd, watched.
+    Etcd(etcd::EtcdOptions),
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub cluster_file: PathBuf,
+    pub source: Source,
     pub node: String,
     pub iface: Option<String>,
     pub pin_dir: PathBuf,
@@ -35,8 +45,6 @@ pub struct AgentOptions {
     pub max_nodes: u32,
     pub inner_src_check: bool,
     pub defaults: Defaults,
-    /// How often the cluster file is checked for changes.
-    pub watch_interval: Duration,
 }
 
 /// Reload bookkeeping exported as metrics.
@@ -47,6 +55,8 @@ struct ReloadState {
     reloads: u64,
     failures: u64,
     pod_mtu: u32,
+    /// etcd revision of the state last applied.
+    revision: i64,
 }
 
 struct Shared {
@@ -107,12 +117,125 @@ fn sync_csum_device(shared: &mut Shared, cluster: &Cluster) -> anyhow::Result<u3
     Ok(ifindex)
 }
 
+/// One cluster state from the source: parsed (or why not), why it came, and the etcd
+/// revision it reflects (0 for the file).
+struct Update {
+    cluster: anyhow::Result<Cluster>,
+    reason: &'static str,
+    revision: i64,
+}
+
+/// Reads the cluster file now, then whenever it changes or SIGHUP arrives.
+async fn file_source(
+    path: PathBuf,
+    interval: Duration,
+    defaults: Defaults,
+    limits: Limits,
+    tx: tokio::sync::mpsc::Sender<Update>,
+) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(interval);
+    let mut stamp = file_stamp(&path);
+    let mut reason = "start";
+    loop {
+        let cluster = read_cluster(&path, &defaults, &limits);
+        if tx
+            .send(Update {
+                cluster,
+                reason,
+                revision: 0,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        reason = loop {
+            tokio::select! {
+                _ = hup.recv() => break "SIGHUP",
+                _ = tick.tick() => {
+                    let now = file_stamp(&path);
+                    if now != stamp {
+                        stamp = now;
+                        break "file changed";
+                    }
+                }
+            }
+        };
+    }
+}
+
+/// Parses each etcd snapshot as cluster text.
+async fn etcd_source(
+    opts: etcd::EtcdOptions,
+    defaults: Defaults,
+    limits: Limits,
+    status: Arc<Mutex<EtcdStatus>>,
+    tx: tokio::sync::mpsc::Sender<Update>,
+) {
+    let (stx, mut srx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(etcd::watch(opts, stx, status));
+    while let Some(snap) = srx.recv().await {
+        let cluster = snap
+            .text
+            .and_then(|t| Ok(cluster::parse(&t, &defaults, &limits)?));
+        let update = Update {
+            cluster,
+            reason: "etcd change",
+            revision: snap.revision,
+        };
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let limits = Limits {
         max_nodes: opts.max_nodes,
         own_node: Some(opts.node.clone()),
     };
-    let cluster = read_cluster(&opts.cluster_file, &opts.defaults, &limits)?;
+    let etcd_status = Arc::new(Mutex::new(EtcdStatus::default()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(16);
+    match &opts.source {
+        Source::File { path, interval } => {
+            let source = file_source(
+                path.clone(),
+                *interval,
+                opts.defaults.clone(),
+                limits.clone(),
+                tx,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = source.await {
+                    error!("cluster file source stopped: {e:#}");
+                }
+            });
+        }
+        Source::Etcd(e) => {
+            if let Some(reg) = &e.register {
+                tokio::spawn(etcd::keep_registered(e.clone(), reg.clone()));
+            }
+            tokio::spawn(etcd_source(
+                e.clone(),
+                opts.defaults.clone(),
+                limits.clone(),
+                etcd_status.clone(),
+                tx,
+            ));
+        }
+    }
+    // The first good state: a bad cluster file at start is an error; etcd is waited for.
+    let (cluster, revision) = loop {
+        let u = rx.recv().await.context("cluster source stopped")?;
+        match (u.cluster, &opts.source) {
+            (Ok(c), _) => break (c, u.revision),
+            (Err(e), Source::File { .. }) => return Err(e),
+            (Err(e), Source::Etcd(_)) => {
+                warn!("cluster state in etcd not usable yet: {e:#}");
+            }
+        }
+    };
     let me = cluster.node(&opts.node).context("own node")?.clone();
     let iface = match &opts.iface {
         Some(name) => net::iface(name)?,
@@ -154,6 +277,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         pin_dir: opts.pin_dir.clone(),
         csum_dev_attached: false,
     }));
+    shared.lock().expect("lock").reload.revision = revision;
     {
         let mut s = shared.lock().expect("lock");
         let changes = sync(&mut s, &cluster, &local)?;
@@ -188,12 +312,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             .with_context(|| format!("binding metrics on {addr}"))?;
         info!(%addr, "serving metrics");
         let shared = shared.clone();
+        let etcd = matches!(opts.source, Source::Etcd(_)).then(|| etcd_status.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     continue;
                 };
-                let body = metrics_body(&shared);
+                let body = metrics_body(&shared, etcd.as_deref());
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let _ = sock.read(&mut buf).await;
@@ -207,32 +332,31 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         });
     }
 
-    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(opts.watch_interval);
-    let mut stamp = file_stamp(&opts.cluster_file);
     loop {
-        let reason = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
-            _ = tick.tick() => {
-                let now = file_stamp(&opts.cluster_file);
-                if now == stamp { continue; }
-                stamp = now;
-                "file changed"
-            }
+        let update = tokio::select! {
+            u = rx.recv() => match u {
+                Some(u) => u,
+                None => break,
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
+        let reason = update.reason;
         let mut s = shared.lock().expect("lock");
         s.reload.reloads += 1;
         s.reload.last_reload_unix = now();
-        match read_cluster(&opts.cluster_file, &opts.defaults, &limits)
-            .and_then(|c| sync(&mut s, &c, &local))
-        {
+        match update.cluster.and_then(|c| sync(&mut s, &c, &local)) {
             Ok(changes) => {
                 s.reload.last_reload_ok = true;
-                info!(reason, ?changes, "cluster state reloaded");
+                s.reload.revision = update.revision;
+                info!(
+                    reason,
+                    revision = update.revision,
+                    ?changes,
+                    "cluster state applied"
+                );
             }
             Err(e) => {
                 s.reload.last_reload_ok = false;
@@ -255,9 +379,9 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-fn metrics_body(shared: &Mutex<Shared>) -> String {
+fn metrics_body(shared: &Mutex<Shared>, etcd: Option<&Mutex<EtcdStatus>>) -> String {
     let s = shared.lock().expect("lock");
-    let extra = vec![
+    let mut extra = vec![
         (
             "datapath_last_reload_timestamp_seconds".to_string(),
             s.reload.last_reload_unix,
@@ -276,6 +400,21 @@ fn metrics_body(shared: &Mutex<Shared>) -> String {
         ),
         ("datapath_pod_mtu".to_string(), s.reload.pod_mtu as f64),
     ];
+    if let Some(etcd) = etcd {
+        let e = etcd.lock().expect("lock").clone();
+        extra.extend([
+            (
+                "datapath_etcd_connected".to_string(),
+                if e.connected { 1.0 } else { 0.0 },
+            ),
+            ("datapath_etcd_resyncs_total".to_string(), e.resyncs as f64),
+            ("datapath_etcd_revision".to_string(), e.revision as f64),
+            (
+                "datapath_etcd_applied_revision".to_string(),
+                s.reload.revision as f64,
+            ),
+        ]);
+    }
     match Snapshot::read(&s.maps) {
         Ok(snap) => snap.render_prometheus(&extra),
         Err(e) => format!("# error reading maps: {e}\n"),

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use datapath_user::{
     agent::{self, AgentOptions},
     cluster::{self, Defaults, Encap, Limits},
+    etcd,
     loader::{self, DecapHook},
     maps::DatapathMaps,
     net,
@@ -56,6 +57,10 @@ impl ModeArgs {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the CLI"
+)]
 enum Cmd {
     /// Run the node agent: load and attach the programs, keep the maps in step with the
     /// cluster file.
@@ -65,9 +70,40 @@ enum Cmd {
     Run {
         /// Cluster file (YAML/JSON) or `kubectl get nodes -o json` output. Watched for changes;
         /// SIGHUP reloads too.
+        #[arg(
+            long,
+            required_unless_present = "etcd_endpoints",
+            conflicts_with = "etcd_endpoints"
+        )]
+        cluster: Option<PathBuf>,
+        /// Read the cluster from etcd instead, in Flannel's layout (`<prefix>/config`,
+        /// `<prefix>/subnets/<a.b.c.d-len>`), watched: comma-separated URLs.
+        #[arg(long, value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        #[arg(long, default_value = "/coreos.com/network")]
+        etcd_prefix: String,
+        /// TLS: CA bundle that signed the etcd servers' certificates.
         #[arg(long)]
-        cluster: PathBuf,
-        /// This node's name in the cluster state.
+        etcd_cafile: Option<PathBuf>,
+        /// TLS: client certificate and key.
+        #[arg(long, requires = "etcd_keyfile")]
+        etcd_certfile: Option<PathBuf>,
+        #[arg(long, requires = "etcd_certfile")]
+        etcd_keyfile: Option<PathBuf>,
+        /// Write and keep alive this node's own lease (as flanneld does), for `--pod-cidr`.
+        #[arg(long, requires_all = ["etcd_endpoints", "pod_cidr"])]
+        register: bool,
+        /// This node's pod CIDR, for `--register`.
+        #[arg(long)]
+        pod_cidr: Option<String>,
+        /// This node's underlay address, for `--register`; default: the address of `--iface`.
+        #[arg(long)]
+        public_ip: Option<std::net::Ipv4Addr>,
+        /// TTL of the registered lease, in seconds; renewed every third of it.
+        #[arg(long, default_value_t = 60)]
+        lease_ttl: i64,
+        /// This node's name in the cluster state (from etcd: the lease's NodeName, or its
+        /// PublicIP for leases flanneld wrote).
         #[arg(long)]
         node: String,
         /// Underlay interface; defaults to the one that holds the node's address.
@@ -185,6 +221,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Run {
             cluster,
+            etcd_endpoints,
+            etcd_prefix,
+            etcd_cafile,
+            etcd_certfile,
+            etcd_keyfile,
+            register,
+            pod_cidr,
+            public_ip,
+            lease_ttl,
             node,
             iface,
             pin_dir,
@@ -196,8 +241,46 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             watch_ms,
             mode,
         } => {
+            let source = match cluster {
+                Some(path) => agent::Source::File {
+                    path,
+                    interval: Duration::from_millis(watch_ms),
+                },
+                None => {
+                    let register = if register {
+                        let public_ip = match (public_ip, &iface) {
+                            (Some(ip), _) => ip,
+                            (None, Some(name)) => datapath_user::net::iface(name)?
+                                .addr
+                                .with_context(|| format!("{name} has no IPv4 address"))?,
+                            (None, None) => {
+                                anyhow::bail!("--register needs --public-ip or --iface")
+                            }
+                        };
+                        let pod_cidr = pod_cidr.unwrap_or_default();
+                        Some(etcd::Registration {
+                            node: node.clone(),
+                            pod_cidr: pod_cidr
+                                .parse()
+                                .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?,
+                            public_ip,
+                            ttl_secs: lease_ttl,
+                        })
+                    } else {
+                        None
+                    };
+                    agent::Source::Etcd(etcd::EtcdOptions {
+                        endpoints: etcd_endpoints,
+                        prefix: etcd_prefix,
+                        ca: etcd_cafile,
+                        cert: etcd_certfile,
+                        key: etcd_keyfile,
+                        register,
+                    })
+                }
+            };
             let opts = AgentOptions {
-                cluster_file: cluster,
+                source,
                 node,
                 iface,
                 pin_dir,
@@ -207,7 +290,6 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_nodes,
                 inner_src_check: !no_inner_src_check,
                 defaults: mode.defaults(),
-                watch_interval: Duration::from_millis(watch_ms),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,0 +1,411 @@
+//! Cluster state from etcd in Flannel's subnet-lease layout: read the prefix, watch it from the
+//! revision read, turn each change into cluster text for the same parser and path as the file
+//! source, reconnect and resync after an outage, and optionally keep this node's own lease.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::cluster::{self, Cidr};
+
+/// Where the agent finds the cluster in etcd and how it talks to it.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Flannel's `--etcd-prefix`, `/coreos.com/network` by default.
+    pub prefix: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// This node's own lease, written and kept alive when set.
+    pub register: Option<Registration>,
+}
+
+/// This node's lease, as flanneld writes its own.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub node: String,
+    pub pod_cidr: Cidr,
+    pub public_ip: Ipv4Addr,
+    pub ttl_secs: i64,
+}
+
+/// What the watcher reports to the agent's metrics.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdStatus {
+    pub connected: bool,
+    /// Full reads after the first one: each follows a lost connection.
+    pub resyncs: u64,
+    /// Revision of the newest state sent to the agent.
+    pub revision: i64,
+}
+
+/// A state read from etcd, as cluster text for `cluster::parse`, and its revision.
+pub struct Snapshot {
+    pub text: anyhow::Result<String>,
+    pub revision: i64,
+}
+
+/// `<prefix>/config`, Flannel's network configuration.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NetConfig {
+    #[serde(default)]
+    backend: Backend,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Backend {
+    #[serde(rename = "Type")]
+    kind: Option<String>,
+    #[serde(rename = "VNI")]
+    vni: Option<u32>,
+    port: Option<u16>,
+    /// Flannel's name for what Calico calls CrossSubnet.
+    direct_routing: Option<bool>,
+}
+
+/// `<prefix>/subnets/<a.b.c.d-len>`, one node's lease. `NodeName` is this agent's addition;
+/// Flannel ignores it, and leases without it are named by their public IP.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Lease {
+    #[serde(rename = "PublicIP")]
+    public_ip: String,
+    #[serde(default)]
+    backend_type: Option<String>,
+    #[serde(default)]
+    backend_data: Option<LeaseBackendData>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct LeaseBackendData {
+    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
+    vni: Option<u32>,
+    #[serde(rename = "VtepMAC", default, skip_serializing_if = "Option::is_none")]
+    vtep_mac: Option<String>,
+}
+
+fn subnets_prefix(prefix: &str) -> String {
+    format!("{}/subnets/", prefix.trim_end_matches('/'))
+}
+
+fn config_key(prefix: &str) -> String {
+    format!("{}/config", prefix.trim_end_matches('/'))
+}
+
+/// The key of a lease: `10.244.1.0/24` -> `<prefix>/subnets/10.244.1.0-24`.
+pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
+    format!("{}{}-{}", subnets_prefix(prefix), cidr.addr, cidr.len)
+}
+
+/// Turns the keys under the prefix into cluster text (JSON in the cluster-file format), or
+/// the first problem found, naming its key.
+pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<String> {
+    let ck = config_key(prefix);
+    let config: NetConfig = serde_json::from_str(
+        kvs.get(&ck)
+            .with_context(|| format!("{ck}: missing (Flannel's network configuration)"))?,
+    )
+    .with_context(|| format!("{ck}: not Flannel's network configuration"))?;
+    let encap = config
+        .backend
+        .kind
+        .as_deref()
+        .unwrap_or("vxlan")
+        .to_lowercase();
+    let sp = subnets_prefix(prefix);
+    let mut nodes = Vec::new();
+    for (key, value) in kvs.range(sp.clone()..) {
+        let Some(subnet) = key.strip_prefix(&sp) else {
+            break;
+        };
+        let lease: Lease = serde_json::from_str(value)
+            .with_context(|| format!("{key}: not a Flannel subnet lease"))?;
+        let cidr = subnet.replacen('-', "/", 1);
+        let mut node = json!({
+            "name": lease.node_name.clone().unwrap_or_else(|| lease.public_ip.clone()),
+            "address": lease.public_ip,
+            "podCIDR": cidr,
+        });
+        if let Some(mac) = lease.backend_data.and_then(|d| d.vtep_mac) {
+            node["vtepMAC"] = json!(mac);
+        }
+        nodes.push(node);
+    }
+    Ok(json!({
+        "encapsulation": encap,
+        "crossSubnet": config.backend.direct_routing.unwrap_or(false),
+        "vxlan": {
+            "vni": config.backend.vni.unwrap_or(1),
+            "port": config.backend.port.unwrap_or(maps_common::VXLAN_PORT_LINUX),
+        },
+        "nodes": nodes,
+    })
+    .to_string())
+}
+
+async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if opts.ca.is_some() || opts.cert.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &opts.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.key) {
+            let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let k = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            tls = tls.identity(Identity::from_pem(c, k));
+        }
+        co = co.with_tls(tls);
+    }
+    Ok(Client::connect(&opts.endpoints, Some(co)).await?)
+}
+
+/// Reads the prefix whole, then sends a snapshot for every watch response, for ever: on any
+/// error it reconnects (backing off up to 5 s) and reads the prefix whole again at a new
+/// revision, from which it watches on, so no change made meanwhile is missed.
+pub async fn watch(opts: EtcdOptions, tx: mpsc::Sender<Snapshot>, status: Arc<Mutex<EtcdStatus>>) {
+    let mut backoff = Duration::from_millis(200);
+    let mut first = true;
+    loop {
+        let err = match watch_once(&opts, &tx, &status, &mut first).await {
+            Ok(()) => return, // the agent went away
+            Err(e) => e,
+        };
+        let was = std::mem::replace(&mut status.lock().expect("lock").connected, false);
+        if was {
+            warn!("etcd connection lost, datapath keeps its last good state: {err:#}");
+        } else {
+            warn!("etcd unreachable, retrying in {backoff:?}: {err:#}");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if was {
+            backoff = Duration::from_millis(200);
+        }
+    }
+}
+
+async fn watch_once(
+    opts: &EtcdOptions,
+    tx: &mpsc::Sender<Snapshot>,
+    status: &Mutex<EtcdStatus>,
+    first: &mut bool,
+) -> anyhow::Result<()> {
+    let mut client = connect(opts).await?;
+    let prefix = opts.prefix.trim_end_matches('/').to_string();
+    let resp = client
+        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut kvs: BTreeMap<String, String> = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            Some((
+                kv.key_str().ok()?.to_string(),
+                kv.value_str().ok()?.to_string(),
+            ))
+        })
+        .collect();
+    {
+        let mut s = status.lock().expect("lock");
+        s.connected = true;
+        if !*first {
+            s.resyncs += 1;
+            info!(
+                revision,
+                keys = kvs.len(),
+                "etcd reconnected; resynced from a full read"
+            );
+        } else {
+            info!(revision, keys = kvs.len(), "etcd state read");
+        }
+        s.revision = revision;
+    }
+    *first = false;
+    if tx
+        .send(Snapshot {
+            text: compose(&prefix, &kvs),
+            revision,
+        })
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let mut stream = client
+        .watch(
+            prefix.clone(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await?;
+    while let Some(resp) = stream.message().await? {
+        if resp.canceled() {
+            anyhow::bail!("watch canceled (compacted at {})", resp.compact_revision());
+        }
+        if resp.events().is_empty() {
+            continue;
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = kv.key_str()?.to_string();
+            match ev.event_type() {
+                EventType::Put => {
+                    kvs.insert(key, kv.value_str()?.to_string());
+                }
+                EventType::Delete => {
+                    kvs.remove(&key);
+                }
+            }
+        }
+        revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+        status.lock().expect("lock").revision = revision;
+        if tx
+            .send(Snapshot {
+                text: compose(&prefix, &kvs),
+                revision,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("watch stream ended")
+}
+
+/// Writes this node's lease with a TTL and keeps it alive, as flanneld does; writes it again
+/// under a new lease whenever the old one is lost (etcd restarted, TTL ran out while away).
+pub async fn keep_registered(opts: EtcdOptions, reg: Registration) {
+    let value = serde_json::to_string(&Lease {
+        public_ip: reg.public_ip.to_string(),
+        backend_type: Some("vxlan".into()),
+        backend_data: Some(LeaseBackendData {
+            vni: None,
+            vtep_mac: Some(cluster::format_mac(&cluster::derived_vtep_mac(
+                reg.public_ip,
+            ))),
+        }),
+        node_name: Some(reg.node.clone()),
+    })
+    .expect("lease serializes");
+    let key = lease_key(&opts.prefix, &reg.pod_cidr);
+    loop {
+        if let Err(e) = register_once(&opts, &reg, &key, &value).await {
+            warn!("etcd lease {key}: {e:#}; registering again");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn register_once(
+    opts: &EtcdOptions,
+    reg: &Registration,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<()> {
+    let mut client = connect(opts).await?;
+    let lease = client.lease_grant(reg.ttl_secs, None).await?.id();
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    info!(key, ttl = reg.ttl_secs, "registered this node's lease");
+    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+    let every = Duration::from_secs((reg.ttl_secs as u64 / 3).max(1));
+    loop {
+        keeper.keep_alive().await?;
+        match stream.message().await? {
+            Some(r) if r.ttl() > 0 => {}
+            _ => anyhow::bail!("lease expired"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn flannel_layout_becomes_cluster_text() {
+        let p = "/coreos.com/network";
+        let text = compose(
+            p,
+            &kvs(&[
+                (
+                    "/coreos.com/network/config",
+                    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#,
+                ),
+                (
+                    "/coreos.com/network/subnets/10.244.1.0-24",
+                    r#"{"PublicIP":"192.168.1.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"66:00:00:00:00:0b"}}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let c = cluster::parse(
+            &text,
+            &cluster::Defaults::default(),
+            &cluster::Limits {
+                max_nodes: 10,
+                own_node: Some("192.168.1.11".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!((c.encap, c.vni, c.port), (cluster::Encap::Vxlan, 1, 8472));
+        assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(c.nodes[0].vtep_mac, [0x66, 0, 0, 0, 0, 0x0b]);
+    }
+
+    #[test]
+    fn a_bad_lease_is_named() {
+        let e = compose(
+            "/p",
+            &kvs(&[
+                ("/p/config", r#"{"Backend":{"Type":"ipip"}}"#),
+                ("/p/subnets/10.244.1.0-24", "{"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("/p/subnets/10.244.1.0-24: not a Flannel subnet lease")
+        );
+        let e = compose("/p", &kvs(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/p/config: missing (Flannel's network configuration)"
+        );
+    }
+}
