@@ -103,22 +103,20 @@ impl Netns {
 
     /// Starts `cmd` inside the namespace in the background.
     pub fn spawn(&self, cmd: &str, log: &Path) -> Child {
-        let f = fs::File::create(log).expect("log file");
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                "sh",
-                "-c",
-                &format!("exec {cmd}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("dup"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn")
+        spawn_in(&self.name, cmd, log)
     }
+}
+
+/// Starts `cmd` inside namespace `ns` in the background, output to `log`.
+pub fn spawn_in(ns: &str, cmd: &str, log: &Path) -> Child {
+    let f = fs::File::create(log).expect("log file");
+    Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", &format!("exec {cmd}")])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("dup"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn")
 }
 
 impl Drop for Netns {
@@ -286,14 +284,22 @@ impl Topology {
 
     /// Starts the agent on node `i` with extra flags and waits until its programs are attached.
     pub fn start_agent(&mut self, i: usize, cluster: &Path, extra: &str) {
+        self.start_agent_with(
+            i,
+            &format!("--cluster {} --watch-ms 100 {extra}", cluster.display()),
+        );
+    }
+
+    /// Starts the agent on node `i` with `source_args` (`--cluster F` or `--etcd-endpoints ..`)
+    /// and waits until its programs are attached.
+    pub fn start_agent_with(&mut self, i: usize, source_args: &str) {
         let n = &self.nodes[i];
         let log = self
             .workdir
             .join(format!("agent-{}-{}.log", n.name, self.agents.len()));
         let cmd = format!(
-            "{} run --cluster {} --node {} --pin-dir {} --watch-ms 100 {extra}",
+            "{} run --node {} --pin-dir {} {source_args}",
             datapath_bin().display(),
-            cluster.display(),
             n.name,
             self.pin_dir(i).display()
         );
@@ -563,5 +569,95 @@ impl Topology {
     pub fn udp_exchange(&self, from: usize, to: usize, count: u32) -> u32 {
         let (_, got) = self.traffic("udp", from, to, &count.to_string(), &count.to_string());
         got.parse().unwrap_or(0)
+    }
+}
+
+/// An etcd server (Debian's etcd-server) in the underlay namespace, on its loopback for the
+/// test's etcdctl and on the bridge address 192.168.1.1 for the nodes; its data directory
+/// survives `kill` so `start` again brings the same state back. Killed on drop.
+pub struct Etcd {
+    ns: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Etcd {
+    /// The client URL the nodes use.
+    pub const URL: &str = "http://192.168.1.1:2379";
+
+    pub fn start(t: &Topology) -> Self {
+        let mut e = Self {
+            ns: t.underlay.name.clone(),
+            dir: t.workdir.join("etcd"),
+            child: None,
+            starts: 0,
+        };
+        e.restart();
+        e
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub fn restart(&mut self) {
+        let log = self.dir.with_extension(format!("{}.log", self.starts));
+        self.starts += 1;
+        let cmd = format!(
+            "etcd --name dpt --data-dir {} --listen-client-urls http://127.0.0.1:2379,{url} \
+             --advertise-client-urls {url} --listen-peer-urls http://127.0.0.1:2380 \
+             --initial-advertise-peer-urls http://127.0.0.1:2380 \
+             --initial-cluster dpt=http://127.0.0.1:2380",
+            self.dir.display(),
+            url = Self::URL
+        );
+        self.child = Some(spawn_in(&self.ns, &cmd, &log));
+        let up = wait_for(Duration::from_secs(20), || {
+            self.ctl_out("endpoint health").status.success()
+        });
+        assert!(
+            up,
+            "etcd did not start:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ctl_out(&self, args: &str) -> Output {
+        sh_out(&format!(
+            "ip netns exec {} env ETCDCTL_API=3 etcdctl --endpoints http://127.0.0.1:2379 {args}",
+            self.ns
+        ))
+    }
+
+    /// Runs etcdctl with `args`, panicking on failure; returns its output.
+    pub fn ctl(&self, args: &str) -> String {
+        let out = self.ctl_out(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes `value` at `key` (single-quoted for the shell).
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl(&format!("put {key} '{value}'"));
+    }
+
+    pub fn del(&self, key: &str) {
+        self.ctl(&format!("del {key}"));
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
