@@ -173,6 +173,23 @@ enum Cmd {
         #[arg(long, default_value_t = 20000)]
         iterations: u32,
     },
+    /// Fill etcd with N generated Flannel leases (`--fill`), or time lease changes until the
+    /// agent's pinned map holds them (`--latency SAMPLES`); used by `cargo xtask bench`.
+    #[command(hide = true)]
+    BenchEtcd {
+        #[arg(long, value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        #[arg(long, default_value = "/coreos.com/network")]
+        etcd_prefix: String,
+        #[arg(long)]
+        nodes: u32,
+        #[arg(long)]
+        fill: bool,
+        #[arg(long)]
+        latency: Option<u32>,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Print a generated cluster file of N nodes (used by `cargo xtask bench`).
     #[command(hide = true)]
     GenCluster {
@@ -347,6 +364,36 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::BenchProgs { nodes, iterations } => {
             let costs = datapath_user::progbench::measure(nodes, iterations)?;
             println!("{}", serde_json::to_string(&costs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchEtcd {
+            etcd_endpoints,
+            etcd_prefix,
+            nodes,
+            fill,
+            latency,
+            pin_dir,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if fill {
+                rt.block_on(datapath_user::progbench::etcd_fill(
+                    &etcd_endpoints,
+                    &etcd_prefix,
+                    nodes,
+                ))?;
+            }
+            if let Some(samples) = latency {
+                let ms = rt.block_on(datapath_user::progbench::etcd_latency(
+                    &etcd_endpoints,
+                    &etcd_prefix,
+                    nodes,
+                    &pin_dir,
+                    samples,
+                ))?;
+                println!("{}", serde_json::to_string(&ms)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::GenCluster {

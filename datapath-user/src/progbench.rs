@@ -24,19 +24,100 @@ use crate::{
 pub fn cluster_text(encap: &str, nodes: u32) -> String {
     let mut s = format!("encapsulation: {encap}\nnodes:\n");
     for k in 0..nodes {
-        let addr = match k {
-            0 => Ipv4Addr::new(192, 168, 1, 10),
-            1 => Ipv4Addr::new(192, 168, 1, 11),
-            _ => Ipv4Addr::new(192, 168, 2 + (k / 250) as u8, (k % 250 + 1) as u8),
-        };
         s += &format!(
-            "  - name: node{}\n    address: {addr}\n    podCIDR: 10.{}.{}.0/24\n",
+            "  - name: node{}\n    address: {}\n    podCIDR: {}\n",
             k + 1,
-            k / 256,
-            k % 256
+            node_addr(k),
+            pod_cidr(k)
         );
     }
     s
+}
+
+/// Underlay address of generated node `k` (0-based).
+fn node_addr(k: u32) -> Ipv4Addr {
+    match k {
+        0 => Ipv4Addr::new(192, 168, 1, 10),
+        1 => Ipv4Addr::new(192, 168, 1, 11),
+        _ => Ipv4Addr::new(192, 168, 2 + (k / 250) as u8, (k % 250 + 1) as u8),
+    }
+}
+
+/// Pod CIDR of generated node `k`.
+fn pod_cidr(k: u32) -> cluster::Cidr {
+    cluster::Cidr {
+        addr: Ipv4Addr::new(10, (k / 256) as u8, (k % 256) as u8, 0),
+        len: 24,
+    }
+}
+
+fn flannel_lease(k: u32, mac: [u8; 6]) -> String {
+    format!(
+        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"NodeName":"node{}"}}"#,
+        node_addr(k),
+        cluster::format_mac(&mac),
+        k + 1
+    )
+}
+
+/// Writes Flannel's configuration and the leases of `nodes` generated nodes under `prefix`.
+pub async fn etcd_fill(endpoints: &[String], prefix: &str, nodes: u32) -> Result<()> {
+    let mut c = etcd_client::Client::connect(endpoints, None).await?;
+    c.put(
+        format!("{prefix}/config"),
+        r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#,
+        None,
+    )
+    .await?;
+    for k in 0..nodes {
+        let key = crate::etcd::lease_key(prefix, &pod_cidr(k));
+        c.put(
+            key,
+            flannel_lease(k, cluster::derived_vtep_mac(node_addr(k))),
+            None,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Changes `samples` leases one at a time (a new VTEP MAC) and times each from just before the
+/// write to when the agent's pinned DP_POD_CIDRS holds the new MAC, polled every 50 µs.
+/// Returns the latencies in milliseconds.
+pub async fn etcd_latency(
+    endpoints: &[String],
+    prefix: &str,
+    nodes: u32,
+    pin_dir: &std::path::Path,
+    samples: u32,
+) -> Result<Vec<f64>> {
+    let mut c = etcd_client::Client::connect(endpoints, None).await?;
+    let maps = DatapathMaps::open_pinned(pin_dir)?;
+    let mut out = Vec::new();
+    for s in 0..samples {
+        let k = 2 + s % (nodes - 2);
+        let mac = [0x66, 0, 0, (s >> 16) as u8, (s >> 8) as u8, s as u8];
+        let key = aya::maps::lpm_trie::Key::new(24, pod_cidr(k).addr.octets());
+        let start = std::time::Instant::now();
+        c.put(
+            crate::etcd::lease_key(prefix, &pod_cidr(k)),
+            flannel_lease(k, mac),
+            None,
+        )
+        .await?;
+        loop {
+            if maps.pod_cidrs.get(&key, 0).is_ok_and(|r| r.vtep_mac == mac) {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "lease change {s} not in the map after 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_micros(50)).await;
+        }
+        out.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
 }
 
 struct View {

@@ -423,61 +423,140 @@ fn program_costs(bin: &Path) -> Result<String> {
             "{} gen-cluster --nodes 5000 > {cluster}",
             bin.display()
         ))?;
-        let log = "/tmp/dpbench-prog-agent.log";
-        let started = std::time::Instant::now();
-        let mut agent = Command::new("ip")
-            .args(["netns", "exec", PROG_NS])
-            .arg(bin)
-            .args([
-                "run",
-                "--cluster",
-                cluster,
-                "--node",
-                "node1",
-                "--iface",
-                "ul0",
-            ])
-            .args([
-                "--pin-dir",
-                &format!("{PROG_BPFFS}/node1"),
-                "--log-level",
-                "info",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
-        let mut synced = None;
-        for _ in 0..1200 {
-            if std::fs::read_to_string(log)?.contains("programs attached") {
-                synced = Some(started.elapsed());
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
-            .ok()
-            .and_then(|st| {
-                st.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        let _ = sh(&format!("kill -TERM {}", agent.id()));
-        let _ = agent.wait();
-        let _ = sh(&format!(
-            "ip netns exec {PROG_NS} {} detach --pin-dir {PROG_BPFFS}/node1; rm -f {cluster}",
-            bin.display()
-        ));
-        let synced = synced.context("agent did not finish its sync within 60 s")?;
+        let (synced, rss_kb, agent) =
+            timed_agent(bin, &["--cluster", cluster], "/tmp/dpbench-prog-agent.log")?;
+        stop_agent(bin, agent);
+        let _ = sh(&format!("rm -f {cluster}"));
         s += &format!(
             "\nAgent at 5,000 nodes: full sync (start to programs attached: load, 5,000 map entries, 4,999 kernel routes) {:.2} s; resident memory {:.1} MiB.\n",
             synced.as_secs_f64(),
             rss_kb as f64 / 1024.0
         );
+        s += &etcd_costs(bin)?;
         Ok(s)
     })();
     prog_lab_teardown();
     r
+}
+
+const ETCD_DIR: &str = "/run/dpbench-etcd";
+const ETCD_URL: &str = "http://127.0.0.1:23790";
+
+/// The etcd source at 5,000 leases: full-sync time and memory, and the time from a lease
+/// change to the map update (median, p99 over 200 changes), as a markdown paragraph.
+fn etcd_costs(bin: &Path) -> Result<String> {
+    println!("bench: etcd source: full sync at 5000 leases, lease change to map update");
+    let _ = sh(&format!("rm -rf {ETCD_DIR}"));
+    let mut etcd = Command::new("ip")
+        .args(["netns", "exec", PROG_NS, "etcd", "--data-dir", ETCD_DIR])
+        .args([
+            "--listen-client-urls",
+            ETCD_URL,
+            "--advertise-client-urls",
+            ETCD_URL,
+        ])
+        .args(["--listen-peer-urls", "http://127.0.0.1:23800"])
+        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:23800"])
+        .args(["--initial-cluster", "default=http://127.0.0.1:23800"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create("/tmp/dpbench-etcd.log")?)
+        .spawn()?;
+    let r = (|| -> Result<String> {
+        let health = format!(
+            "ip netns exec {PROG_NS} env ETCDCTL_API=3 etcdctl --endpoints {ETCD_URL} endpoint health"
+        );
+        let mut up = false;
+        for _ in 0..100 {
+            if sh(&health).is_ok() {
+                up = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        anyhow::ensure!(up, "etcd did not start (see /tmp/dpbench-etcd.log)");
+        sh(&format!(
+            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes 5000 --fill",
+            bin.display()
+        ))?;
+        let (synced, rss_kb, agent) = timed_agent(
+            bin,
+            &["--etcd-endpoints", ETCD_URL],
+            "/tmp/dpbench-etcd-agent.log",
+        )?;
+        let lat = sh(&format!(
+            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes 5000 --latency 200 --pin-dir {PROG_BPFFS}/node1",
+            bin.display()
+        ));
+        stop_agent(bin, agent);
+        let mut ms: Vec<f64> = serde_json::from_str(&lat?)?;
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+        Ok(format!(
+            "\netcd source (Flannel lease layout; etcd 3.4 on the same host): full sync at 5,000 leases (start to programs attached: read, parse, 5,000 map entries, 4,999 kernel routes) {:.2} s; resident memory {:.1} MiB. Lease change to map update over {} changes (from issuing the write to the new VTEP MAC in the pinned map): median {:.2} ms, p99 {:.2} ms.\n",
+            synced.as_secs_f64(),
+            rss_kb as f64 / 1024.0,
+            ms.len(),
+            median(ms.clone()),
+            p99
+        ))
+    })();
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    let _ = sh(&format!("rm -rf {ETCD_DIR}"));
+    r
+}
+
+/// Starts the agent for node1 in the program lab with `source` arguments; returns the time from
+/// start to "programs attached", its resident memory then, and the process.
+fn timed_agent(bin: &Path, source: &[&str], log: &str) -> Result<(Duration, u64, Child)> {
+    let started = std::time::Instant::now();
+    let agent = Command::new("ip")
+        .args(["netns", "exec", PROG_NS])
+        .arg(bin)
+        .args(["run", "--node", "node1", "--iface", "ul0"])
+        .args(source)
+        .args([
+            "--pin-dir",
+            &format!("{PROG_BPFFS}/node1"),
+            "--log-level",
+            "info",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    let mut synced = None;
+    for _ in 0..1200 {
+        if std::fs::read_to_string(log)?.contains("programs attached") {
+            synced = Some(started.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    match synced {
+        Some(d) => Ok((d, rss_kb, agent)),
+        None => {
+            stop_agent(bin, agent);
+            bail!("agent did not finish its sync within 60 s (see {log})")
+        }
+    }
+}
+
+/// Stops the lab's agent and removes what it left.
+fn stop_agent(bin: &Path, mut agent: Child) {
+    let _ = sh(&format!("kill -TERM {}", agent.id()));
+    let _ = agent.wait();
+    let _ = sh(&format!(
+        "ip netns exec {PROG_NS} {} detach --pin-dir {PROG_BPFFS}/node1",
+        bin.display()
+    ));
 }
 
 pub fn check_tools() -> Result<()> {

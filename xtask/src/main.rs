@@ -53,6 +53,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-scapy",
     "curl",
     "ethtool",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// Where `bpf-linker` is built against the nightly toolchain's own LLVM.
