@@ -580,6 +580,8 @@ pub struct Etcd {
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Directory of the CA, server and client certificates when started with TLS.
+    pub tls: Option<PathBuf>,
 }
 
 impl Etcd {
@@ -592,6 +594,42 @@ impl Etcd {
             dir: t.workdir.join("etcd"),
             child: None,
             starts: 0,
+            tls: None,
+        };
+        e.restart();
+        e
+    }
+
+    /// The client URL with TLS.
+    pub const TLS_URL: &str = "https://192.168.1.1:2379";
+
+    /// Starts etcd serving clients over TLS only, requiring client certificates signed by a CA
+    /// made here (`ca.pem`, `client.pem`/`client.key` under `tls`).
+    pub fn start_tls(t: &Topology) -> Self {
+        let dir = t.workdir.join("tls");
+        fs::create_dir_all(&dir).expect("tls dir");
+        let d = dir.display();
+        sh(&format!(
+            "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 \
+             -subj /CN=dpt-ca -addext basicConstraints=critical,CA:TRUE \
+             -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null"
+        ));
+        for (name, eku) in [
+            ("server", "serverAuth,clientAuth"),
+            ("client", "clientAuth"),
+        ] {
+            sh(&format!(
+                "cd {d} && printf 'subjectAltName=IP:192.168.1.1,IP:127.0.0.1\\nextendedKeyUsage={eku}\\nbasicConstraints=CA:FALSE\\n' > {name}.ext && \
+                 openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null && \
+                 openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 1 -extfile {name}.ext 2>/dev/null"
+            ));
+        }
+        let mut e = Self {
+            ns: t.underlay.name.clone(),
+            dir: t.workdir.join("etcd"),
+            child: None,
+            starts: 0,
+            tls: Some(dir),
         };
         e.restart();
         e
@@ -601,13 +639,23 @@ impl Etcd {
     pub fn restart(&mut self) {
         let log = self.dir.with_extension(format!("{}.log", self.starts));
         self.starts += 1;
+        let (scheme, url, tls) = match &self.tls {
+            Some(d) => (
+                "https",
+                Self::TLS_URL,
+                format!(
+                    "--cert-file {d}/server.pem --key-file {d}/server.key --trusted-ca-file {d}/ca.pem --client-cert-auth",
+                    d = d.display()
+                ),
+            ),
+            None => ("http", Self::URL, String::new()),
+        };
         let cmd = format!(
-            "etcd --name dpt --data-dir {} --listen-client-urls http://127.0.0.1:2379,{url} \
+            "etcd --name dpt --data-dir {} --listen-client-urls {scheme}://127.0.0.1:2379,{url} \
              --advertise-client-urls {url} --listen-peer-urls http://127.0.0.1:2380 \
              --initial-advertise-peer-urls http://127.0.0.1:2380 \
-             --initial-cluster dpt=http://127.0.0.1:2380",
+             --initial-cluster dpt=http://127.0.0.1:2380 {tls}",
             self.dir.display(),
-            url = Self::URL
         );
         self.child = Some(spawn_in(&self.ns, &cmd, &log));
         let up = wait_for(Duration::from_secs(20), || {
@@ -629,8 +677,18 @@ impl Etcd {
     }
 
     fn ctl_out(&self, args: &str) -> Output {
+        let (url, tls) = match &self.tls {
+            Some(d) => (
+                "https://127.0.0.1:2379",
+                format!(
+                    "--cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key",
+                    d = d.display()
+                ),
+            ),
+            None => ("http://127.0.0.1:2379", String::new()),
+        };
         sh_out(&format!(
-            "ip netns exec {} env ETCDCTL_API=3 etcdctl --endpoints http://127.0.0.1:2379 {args}",
+            "ip netns exec {} env ETCDCTL_API=3 etcdctl --endpoints {url} {tls} {args}",
             self.ns
         ))
     }

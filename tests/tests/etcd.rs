@@ -181,3 +181,61 @@ fn registered_agents_find_each_other_and_survive_an_etcd_restart() {
     }
     assert_eq!(t.ping(0, 1, 3), 3, "pod1 -> pod2 after the restart");
 }
+
+#[test]
+fn tls_client_certificates_are_used() {
+    let mut t = Topology::two_nodes("etcdtls");
+    let etcd = Etcd::start_tls(&t);
+    let d = etcd.tls.clone().expect("tls dir");
+    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    etcd.put(
+        &subnet_key("10.244.0.0/24"),
+        &lease("192.168.1.10", "0e:00:c0:a8:01:0a", Some("node1")),
+    );
+    etcd.put(
+        &subnet_key("10.244.1.0/24"),
+        &lease("192.168.1.11", "0e:00:c0:a8:01:0b", Some("node2")),
+    );
+    let tls = |name: &str| {
+        format!(
+            "--etcd-endpoints {} --etcd-cafile {d}/ca.pem --etcd-certfile {d}/{name}.pem --etcd-keyfile {d}/{name}.key",
+            Etcd::TLS_URL,
+            d = d.display()
+        )
+    };
+    t.start_agent_with(0, &tls("client"));
+    assert!(
+        route(&t, 0, "10.244.1.0/24").is_some(),
+        "state over TLS not applied: {}",
+        t.stats(0)
+    );
+    // Without a client certificate the server refuses: the agent waits and says why.
+    let log = t.workdir.join("no-cert.log");
+    let mut child = t.nodes[1].ns.spawn(
+        &format!(
+            "{} run --node node2 --pin-dir {} --etcd-endpoints {} --etcd-cafile {}/ca.pem",
+            integration_tests::datapath_bin().display(),
+            t.pin_dir(1).display(),
+            Etcd::TLS_URL,
+            d.display()
+        ),
+        &log,
+    );
+    let refused = wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("etcd unreachable")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        refused,
+        "agent without a client certificate was not refused:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("programs attached")
+    );
+}
