@@ -103,11 +103,13 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         _ => return Ok(Verdict::Pass),
     };
     if !for_us {
-        let inner_off = EthHdr::LEN + ihl + if vxlan { VXLAN_TO_INNER_IP } else { 0 };
-        if ihl == IPV4_MIN_HLEN
-            && (!vxlan || vxlan_for_local_pod(ctx))
-            && ipv4_for_local_pod(ctx, inner_off)
-        {
+        let for_local_pod = ihl == IPV4_MIN_HLEN
+            && if vxlan {
+                vxlan_for_local_pod(ctx)
+            } else {
+                ipv4_for_local_pod(ctx, EthHdr::LEN + IPV4_MIN_HLEN)
+            };
+        if for_local_pod {
             return Err(DropReason::NotForThisNode);
         }
         return Ok(Verdict::Pass);

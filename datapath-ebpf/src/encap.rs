@@ -96,20 +96,22 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     {
         return Err(DropReason::BadInnerHeader);
     }
-    if route.mode == route_mode::VXLAN
+    let (counter, action) = if route.mode == route_mode::VXLAN
         && cfg.flags & config_flags::UDP_CSUM != 0
         && gso_size != 0
         && cfg.csum_ifindex != 0
     {
-        let action = via_csum_device(ctx, cfg, &route, &inner)?;
-        count(CounterId::EncapVxlan, len);
-        count_peer(route.peer_idx, true, len);
-        return Ok(action);
-    }
-    let counter = encap(ctx, len, gso_size, cfg, &route, &inner)?;
+        (
+            CounterId::EncapVxlan,
+            via_csum_device(ctx, cfg, &route, &inner)?,
+        )
+    } else {
+        let counter = encap(ctx, len, gso_size, cfg, &route, &inner)?;
+        (counter, forward(ctx, cfg, route.node_addr)?)
+    };
     count(counter, len);
     count_peer(route.peer_idx, true, len);
-    forward(ctx, cfg, route.node_addr)
+    Ok(action)
 }
 
 /// VXLAN for a GSO packet when outer UDP checksums are asked for: hands the packet, with its

@@ -65,19 +65,10 @@ struct Shared {
     /// The loaded object: the checksum device's drop program is attached from it on reloads.
     ebpf: aya::Ebpf,
     pin_dir: PathBuf,
-    /// The drop program is attached to the checksum device (`net::CSUM_DEV`) by this agent.
-    csum_dev_attached: bool,
-}
-
-/// Reads and validates the cluster file.
-pub fn read_cluster(
-    path: &std::path::Path,
-    defaults: &Defaults,
-    limits: &Limits,
-) -> anyhow::Result<Cluster> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading cluster file {}", path.display()))?;
-    Ok(cluster::parse(&text, defaults, limits)?)
+    /// Whether the checksum device (`net::CSUM_DEV`) exists with this agent's drop program on
+    /// it; `None` until the first sync has made sure either way (an earlier agent may have
+    /// left it).
+    csum_dev: Option<bool>,
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
@@ -93,9 +84,11 @@ fn sync(shared: &mut Shared, cluster: &Cluster, local: &LocalOptions) -> anyhow:
     let (want, mut changes) = shared.maps.sync(cluster, &local)?;
     maps::apply_routes(&want.routes, &mut changes)?;
     shared.reload.pod_mtu = want.pod_mtu;
-    if local.csum_ifindex == 0 {
+    if local.csum_ifindex == 0 && shared.csum_dev != Some(false) {
         // Only after DP_CONFIG no longer names the device.
+        loader::detach_csum_dev(&shared.pin_dir);
         net::remove_csum_device()?;
+        shared.csum_dev = Some(false);
     }
     Ok(changes)
 }
@@ -105,32 +98,28 @@ fn sync(shared: &mut Shared, cluster: &Cluster, local: &LocalOptions) -> anyhow:
 /// at ingress) when the cluster asks for checksums and returns its ifindex, 0 otherwise.
 fn sync_csum_device(shared: &mut Shared, cluster: &Cluster) -> anyhow::Result<u32> {
     if cluster.encap != cluster::Encap::Vxlan || !cluster.udp_checksum {
-        loader::detach_csum_dev(&shared.pin_dir);
-        shared.csum_dev_attached = false;
         return Ok(0);
     }
     let (ifindex, fresh) = net::ensure_csum_device(cluster.port)?;
-    if fresh || !shared.csum_dev_attached {
+    if fresh || shared.csum_dev != Some(true) {
         loader::attach_csum_dev(&mut shared.ebpf, net::CSUM_DEV, fresh, &shared.pin_dir)?;
-        shared.csum_dev_attached = true;
+        shared.csum_dev = Some(true);
     }
     Ok(ifindex)
 }
 
-/// One cluster state from the source: parsed (or why not), why it came, and the etcd
-/// revision it reflects (0 for the file).
-struct Update {
-    cluster: anyhow::Result<Cluster>,
-    reason: &'static str,
-    revision: i64,
+/// One cluster state from a source, as cluster text (or why there is none), why it came, and
+/// the etcd revision it reflects (0 for the file). Both sources go through one parser.
+pub struct Update {
+    pub text: anyhow::Result<String>,
+    pub reason: &'static str,
+    pub revision: i64,
 }
 
 /// Reads the cluster file now, then whenever it changes or SIGHUP arrives.
 async fn file_source(
     path: PathBuf,
     interval: Duration,
-    defaults: Defaults,
-    limits: Limits,
     tx: tokio::sync::mpsc::Sender<Update>,
 ) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
@@ -138,10 +127,11 @@ async fn file_source(
     let mut stamp = file_stamp(&path);
     let mut reason = "start";
     loop {
-        let cluster = read_cluster(&path, &defaults, &limits);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading cluster file {}", path.display()));
         if tx
             .send(Update {
-                cluster,
+                text,
                 reason,
                 revision: 0,
             })
@@ -165,31 +155,6 @@ async fn file_source(
     }
 }
 
-/// Parses each etcd snapshot as cluster text.
-async fn etcd_source(
-    opts: etcd::EtcdOptions,
-    defaults: Defaults,
-    limits: Limits,
-    status: Arc<Mutex<EtcdStatus>>,
-    tx: tokio::sync::mpsc::Sender<Update>,
-) {
-    let (stx, mut srx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(etcd::watch(opts, stx, status));
-    while let Some(snap) = srx.recv().await {
-        let cluster = snap
-            .text
-            .and_then(|t| Ok(cluster::parse(&t, &defaults, &limits)?));
-        let update = Update {
-            cluster,
-            reason: "etcd change",
-            revision: snap.revision,
-        };
-        if tx.send(update).await.is_err() {
-            return;
-        }
-    }
-}
-
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let limits = Limits {
         max_nodes: opts.max_nodes,
@@ -199,13 +164,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(16);
     match &opts.source {
         Source::File { path, interval } => {
-            let source = file_source(
-                path.clone(),
-                *interval,
-                opts.defaults.clone(),
-                limits.clone(),
-                tx,
-            );
+            let source = file_source(path.clone(), *interval, tx);
             tokio::spawn(async move {
                 if let Err(e) = source.await {
                     error!("cluster file source stopped: {e:#}");
@@ -216,19 +175,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             if let Some(reg) = &e.register {
                 tokio::spawn(etcd::keep_registered(e.clone(), reg.clone()));
             }
-            tokio::spawn(etcd_source(
-                e.clone(),
-                opts.defaults.clone(),
-                limits.clone(),
-                etcd_status.clone(),
-                tx,
-            ));
+            tokio::spawn(etcd::watch(e.clone(), tx, etcd_status.clone()));
         }
     }
+    let parse = |text: anyhow::Result<String>| -> anyhow::Result<Cluster> {
+        Ok(cluster::parse(&text?, &opts.defaults, &limits)?)
+    };
     // The first good state: a bad cluster file at start is an error; etcd is waited for.
     let (cluster, revision) = loop {
         let u = rx.recv().await.context("cluster source stopped")?;
-        match (u.cluster, &opts.source) {
+        match (parse(u.text), &opts.source) {
             (Ok(c), _) => break (c, u.revision),
             (Err(e), Source::File { .. }) => return Err(e),
             (Err(e), Source::Etcd(_)) => {
@@ -275,7 +231,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         reload: ReloadState::default(),
         ebpf,
         pin_dir: opts.pin_dir.clone(),
-        csum_dev_attached: false,
+        csum_dev: None,
     }));
     shared.lock().expect("lock").reload.revision = revision;
     {
@@ -347,7 +303,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let mut s = shared.lock().expect("lock");
         s.reload.reloads += 1;
         s.reload.last_reload_unix = now();
-        match update.cluster.and_then(|c| sync(&mut s, &c, &local)) {
+        match parse(update.text).and_then(|c| sync(&mut s, &c, &local)) {
             Ok(changes) => {
                 s.reload.last_reload_ok = true;
                 s.reload.revision = update.revision;

@@ -557,81 +557,97 @@ nodes:
     #[test]
     fn each_class_of_bad_file_is_rejected_with_its_message() {
         assert!(errors("nodes: [")[0].starts_with("(file): not parsable as YAML or JSON"));
-        assert_eq!(
-            errors(&GOOD.replace("encapsulation: vxlan", "encapsulation: gre")),
-            ["encapsulation: unknown mode \"gre\" (expected ipip or vxlan)"]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("10.244.1.0/24", "10.244.1.0/33")),
-            ["nodes[1].podCIDR: \"10.244.1.0/33\" is not a CIDR (prefix length must be 0-32)"]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("10.244.1.0/24", "10.244.1.1/24")),
-            ["nodes[1].podCIDR: \"10.244.1.1/24\" has host bits set"]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("66:00:00:00:00:01", "66:00:00:00:01")),
-            [
-                "nodes[0].vtepMAC: \"66:00:00:00:01\" is not a MAC address (expected six hex bytes aa:bb:cc:dd:ee:ff)"
-            ]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("name: node2", "name: node1")),
-            ["nodes[1].name: duplicate node \"node1\" (also nodes[0])"]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("10.244.1.0/24", "10.244.0.0/16")),
-            ["nodes[1].podCIDR: 10.244.0.0/16 overlaps 10.244.0.0/24 of node \"node1\""]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("name: node1", "name: node9")),
-            ["nodes: this node \"node1\" is not in the cluster state"]
-        );
-        assert_eq!(
-            errors(&GOOD.replace("address: 192.168.1.11", "address: 192.168.1.300")),
-            ["nodes[1].address: \"192.168.1.300\" is not an IPv4 address"]
-        );
-    }
-
-    #[test]
-    fn the_remaining_classes_are_rejected_with_their_messages() {
-        let one = |from: &str, to: &str| errors(&GOOD.replace(from, to));
-        assert_eq!(
-            one("vni: 4096", "vni: 16777216"),
-            ["vxlan.vni: 16777216 is outside 1-16777215"]
-        );
-        assert_eq!(
-            one("vni: 4096", "vni: 0"),
-            ["vxlan.vni: 0 is outside 1-16777215"]
-        );
-        assert_eq!(
-            one("port: 4789", "port: 0"),
-            ["vxlan.port: port 0 is not a valid UDP port"]
-        );
-        assert_eq!(
-            one("address: 192.168.1.11", "address: 192.168.1.10"),
-            ["nodes[1].address: duplicate address 192.168.1.10 (also node \"node1\")"]
-        );
-        assert_eq!(
-            one("address: 192.168.1.11", "address: 224.0.0.1"),
-            ["nodes[1].address: 224.0.0.1 cannot be a node address"]
-        );
-        assert_eq!(
-            one("    address: 192.168.1.11\n", ""),
-            ["nodes[1].address: missing"]
-        );
-        assert_eq!(
-            one("    podCIDR: 10.244.1.0/24\n", ""),
-            ["nodes[1].podCIDR: missing"]
-        );
-        assert_eq!(
-            one("66:00:00:00:00:01", "67:00:00:00:00:01"),
-            ["nodes[0].vtepMAC: \"67:00:00:00:00:01\" is a multicast MAC address"]
-        );
-        assert_eq!(
-            one("10.244.1.0/24", "10.244.1.0"),
-            ["nodes[1].podCIDR: \"10.244.1.0\" is not a CIDR (expected a.b.c.d/len)"]
-        );
+        // (replace this in GOOD, by this, the one message expected)
+        let cases = [
+            (
+                "encapsulation: vxlan",
+                "encapsulation: gre",
+                "encapsulation: unknown mode \"gre\" (expected ipip or vxlan)",
+            ),
+            (
+                "10.244.1.0/24",
+                "10.244.1.0/33",
+                "nodes[1].podCIDR: \"10.244.1.0/33\" is not a CIDR (prefix length must be 0-32)",
+            ),
+            (
+                "10.244.1.0/24",
+                "10.244.1.1/24",
+                "nodes[1].podCIDR: \"10.244.1.1/24\" has host bits set",
+            ),
+            (
+                "10.244.1.0/24",
+                "10.244.1.0",
+                "nodes[1].podCIDR: \"10.244.1.0\" is not a CIDR (expected a.b.c.d/len)",
+            ),
+            (
+                "66:00:00:00:00:01",
+                "66:00:00:00:01",
+                "nodes[0].vtepMAC: \"66:00:00:00:01\" is not a MAC address (expected six hex bytes aa:bb:cc:dd:ee:ff)",
+            ),
+            (
+                "66:00:00:00:00:01",
+                "67:00:00:00:00:01",
+                "nodes[0].vtepMAC: \"67:00:00:00:00:01\" is a multicast MAC address",
+            ),
+            (
+                "name: node2",
+                "name: node1",
+                "nodes[1].name: duplicate node \"node1\" (also nodes[0])",
+            ),
+            (
+                "10.244.1.0/24",
+                "10.244.0.0/16",
+                "nodes[1].podCIDR: 10.244.0.0/16 overlaps 10.244.0.0/24 of node \"node1\"",
+            ),
+            (
+                "name: node1",
+                "name: node9",
+                "nodes: this node \"node1\" is not in the cluster state",
+            ),
+            (
+                "address: 192.168.1.11",
+                "address: 192.168.1.300",
+                "nodes[1].address: \"192.168.1.300\" is not an IPv4 address",
+            ),
+            (
+                "address: 192.168.1.11",
+                "address: 192.168.1.10",
+                "nodes[1].address: duplicate address 192.168.1.10 (also node \"node1\")",
+            ),
+            (
+                "address: 192.168.1.11",
+                "address: 224.0.0.1",
+                "nodes[1].address: 224.0.0.1 cannot be a node address",
+            ),
+            (
+                "    address: 192.168.1.11\n",
+                "",
+                "nodes[1].address: missing",
+            ),
+            (
+                "    podCIDR: 10.244.1.0/24\n",
+                "",
+                "nodes[1].podCIDR: missing",
+            ),
+            (
+                "vni: 4096",
+                "vni: 16777216",
+                "vxlan.vni: 16777216 is outside 1-16777215",
+            ),
+            ("vni: 4096", "vni: 0", "vxlan.vni: 0 is outside 1-16777215"),
+            (
+                "port: 4789",
+                "port: 0",
+                "vxlan.port: port 0 is not a valid UDP port",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(
+                errors(&GOOD.replace(from, to)),
+                [want],
+                "{from:?} -> {to:?}"
+            );
+        }
         let no_nodes = GOOD.split("nodes:").next().unwrap().to_string() + "nodes: []\n";
         assert_eq!(
             parse(&no_nodes, &Defaults::default(), &limits(None))

@@ -19,7 +19,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::cluster::{self, Cidr};
+use crate::{
+    agent::Update,
+    cluster::{self, Cidr},
+};
 
 /// Where the agent finds the cluster in etcd and how it talks to it.
 #[derive(Clone, Debug)]
@@ -50,12 +53,6 @@ pub struct EtcdStatus {
     /// Full reads after the first one: each follows a lost connection.
     pub resyncs: u64,
     /// Revision of the newest state sent to the agent.
-    pub revision: i64,
-}
-
-/// A state read from etcd, as cluster text for `cluster::parse`, and its revision.
-pub struct Snapshot {
-    pub text: anyhow::Result<String>,
     pub revision: i64,
 }
 
@@ -96,8 +93,6 @@ struct Lease {
 
 #[derive(Debug, Deserialize, Serialize)]
 struct LeaseBackendData {
-    #[serde(rename = "VNI", default, skip_serializing_if = "Option::is_none")]
-    vni: Option<u32>,
     #[serde(rename = "VtepMAC", default, skip_serializing_if = "Option::is_none")]
     vtep_mac: Option<String>,
 }
@@ -181,36 +176,48 @@ async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
     Ok(Client::connect(&opts.endpoints, Some(co)).await?)
 }
 
-/// Reads the prefix whole, then sends a snapshot for every watch response, for ever: on any
-/// error it reconnects (backing off up to 5 s) and reads the prefix whole again at a new
-/// revision, from which it watches on, so no change made meanwhile is missed.
-pub async fn watch(opts: EtcdOptions, tx: mpsc::Sender<Snapshot>, status: Arc<Mutex<EtcdStatus>>) {
-    let mut backoff = Duration::from_millis(200);
-    let mut first = true;
+/// Reads the prefix whole, then sends the state for every watch response, for ever: on any
+/// error it reconnects (backing off from 200 ms up to 5 s) and reads the prefix whole again at
+/// a new revision, from which it watches on, so no change made meanwhile is missed.
+pub async fn watch(opts: EtcdOptions, tx: mpsc::Sender<Update>, status: Arc<Mutex<EtcdStatus>>) {
+    const FIRST_RETRY: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST_RETRY;
     loop {
-        let err = match watch_once(&opts, &tx, &status, &mut first).await {
-            Ok(()) => return, // the agent went away
-            Err(e) => e,
+        let Err(err) = watch_once(&opts, &tx, &status).await else {
+            return; // the agent went away
         };
-        let was = std::mem::replace(&mut status.lock().expect("lock").connected, false);
-        if was {
+        if std::mem::replace(&mut status.lock().expect("lock").connected, false) {
             warn!("etcd connection lost, datapath keeps its last good state: {err:#}");
+            backoff = FIRST_RETRY;
         } else {
             warn!("etcd unreachable, retrying in {backoff:?}: {err:#}");
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        if was {
-            backoff = Duration::from_millis(200);
-        }
     }
 }
 
+/// Sends the state `kvs` holds at `revision`; false when the agent is gone.
+async fn send(
+    tx: &mpsc::Sender<Update>,
+    prefix: &str,
+    kvs: &BTreeMap<String, String>,
+    revision: i64,
+) -> bool {
+    let update = Update {
+        text: compose(prefix, kvs),
+        reason: "etcd change",
+        revision,
+    };
+    tx.send(update).await.is_ok()
+}
+
+/// One connection: a full read, then the watch from the revision after it. `Ok` only when the
+/// agent is gone.
 async fn watch_once(
     opts: &EtcdOptions,
-    tx: &mpsc::Sender<Snapshot>,
+    tx: &mpsc::Sender<Update>,
     status: &Mutex<EtcdStatus>,
-    first: &mut bool,
 ) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     let prefix = opts.prefix.trim_end_matches('/').to_string();
@@ -231,7 +238,8 @@ async fn watch_once(
     {
         let mut s = status.lock().expect("lock");
         s.connected = true;
-        if !*first {
+        // etcd revisions start at 1: a revision seen before means this read follows a loss.
+        if s.revision != 0 {
             s.resyncs += 1;
             info!(
                 revision,
@@ -243,15 +251,7 @@ async fn watch_once(
         }
         s.revision = revision;
     }
-    *first = false;
-    if tx
-        .send(Snapshot {
-            text: compose(&prefix, &kvs),
-            revision,
-        })
-        .await
-        .is_err()
-    {
+    if !send(tx, &prefix, &kvs, revision).await {
         return Ok(());
     }
     let mut stream = client
@@ -285,14 +285,7 @@ async fn watch_once(
         }
         revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
         status.lock().expect("lock").revision = revision;
-        if tx
-            .send(Snapshot {
-                text: compose(&prefix, &kvs),
-                revision,
-            })
-            .await
-            .is_err()
-        {
+        if !send(tx, &prefix, &kvs, revision).await {
             return Ok(());
         }
     }
@@ -306,7 +299,6 @@ pub async fn keep_registered(opts: EtcdOptions, reg: Registration) {
         public_ip: reg.public_ip.to_string(),
         backend_type: Some("vxlan".into()),
         backend_data: Some(LeaseBackendData {
-            vni: None,
             vtep_mac: Some(cluster::format_mac(&cluster::derived_vtep_mac(
                 reg.public_ip,
             ))),

@@ -89,25 +89,52 @@ pub fn link_pin_path(pin_dir: &Path, prog: &str) -> PathBuf {
     pin_dir.join("links").join(prog)
 }
 
-/// Makes sure `dir` is on a bpffs, mounting one there when it is not.
+/// Where bpffs is conventionally mounted; the default pin directory lies under it.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Makes sure `dir` is on a bpffs: mounts the conventional one first when `dir` lies under it
+/// (nothing can be created there before), otherwise mounts one on `dir` itself if needed.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
-    let io_err = |what, source| LoadError::Io {
-        what,
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && !is_bpffs(root)? {
+        mount_bpffs(root)?;
+    }
+    std::fs::create_dir_all(dir).map_err(|source| LoadError::Io {
+        what: "creating",
         path: dir.to_path_buf(),
         source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io_err("creating", e))?;
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err("path", io::Error::other(e)))?;
+    })?;
+    if !is_bpffs(dir)? {
+        mount_bpffs(dir)?;
+    }
+    Ok(())
+}
+
+fn c_path(dir: &Path) -> Result<std::ffi::CString, LoadError> {
+    std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| LoadError::Io {
+        what: "path",
+        path: dir.to_path_buf(),
+        source: io::Error::other(e),
+    })
+}
+
+fn is_bpffs(dir: &Path) -> Result<bool, LoadError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let c = c_path(dir)?;
     // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io_err("statfs", io::Error::last_os_error()));
+        return Err(LoadError::Io {
+            what: "statfs",
+            path: dir.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    if st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let c = c_path(dir)?;
     let fstype = c"bpf";
     // SAFETY: mount(2) with NUL-terminated strings.
     if unsafe {
@@ -120,7 +147,11 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         )
     } != 0
     {
-        return Err(io_err("mounting bpffs on", io::Error::last_os_error()));
+        return Err(LoadError::Io {
+            what: "mounting bpffs on",
+            path: dir.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

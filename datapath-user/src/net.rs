@@ -181,13 +181,13 @@ pub const CSUM_DEV: &str = "dp-vxcsum";
 /// (`external`: the program's tunnel key gives peer and VNI), no learning, up. A device with
 /// another port is replaced. Returns its ifindex and whether it was (re)created.
 pub fn ensure_csum_device(port: u16) -> Result<(u32, bool), NetError> {
-    if let Ok(links) = ip_json(&["-d", "link", "show", "dev", CSUM_DEV]) {
-        if let Some(l) = links.first() {
-            if l["linkinfo"]["info_data"]["port"].as_u64() == Some(port as u64) {
-                return Ok((l["ifindex"].as_u64().unwrap_or(0) as u32, false));
-            }
-            remove_csum_device()?;
+    // `ip link show` fails when the device does not exist.
+    let existing = ip_json(&["-d", "link", "show", "dev", CSUM_DEV]).unwrap_or_default();
+    if let Some(l) = existing.first() {
+        if l["linkinfo"]["info_data"]["port"].as_u64() == Some(port as u64) {
+            return Ok((l["ifindex"].as_u64().unwrap_or(0) as u32, false));
         }
+        remove_csum_device()?;
     }
     let port = port.to_string();
     ip(&[

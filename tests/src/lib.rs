@@ -242,6 +242,21 @@ impl Topology {
         Self::new(tag, &Self::first_two())
     }
 
+    /// Two nodes with an agent each on a cluster file in `encap` (`extra` goes into the file
+    /// before `nodes:`, `agent_args` onto both agents' command lines); returns the file too.
+    pub fn two_nodes_running(
+        tag: &str,
+        encap: &str,
+        extra: &str,
+        agent_args: &str,
+    ) -> (Self, PathBuf) {
+        let mut t = Self::two_nodes(tag);
+        let cluster = t.write_cluster(&t.cluster_yaml(encap, extra));
+        t.start_agent(0, &cluster, agent_args);
+        t.start_agent(1, &cluster, agent_args);
+        (t, cluster)
+    }
+
     /// Three nodes: two on subnet 0, the third on `third_subnet` (1 puts it behind the router).
     pub fn three_nodes(tag: &str, third_subnet: u8) -> Self {
         let [a, b] = Self::first_two();
@@ -589,15 +604,7 @@ impl Etcd {
     pub const URL: &str = "http://192.168.1.1:2379";
 
     pub fn start(t: &Topology) -> Self {
-        let mut e = Self {
-            ns: t.underlay.name.clone(),
-            dir: t.workdir.join("etcd"),
-            child: None,
-            starts: 0,
-            tls: None,
-        };
-        e.restart();
-        e
+        Self::launch(t, None)
     }
 
     /// The client URL with TLS.
@@ -624,12 +631,16 @@ impl Etcd {
                  openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 1 -extfile {name}.ext 2>/dev/null"
             ));
         }
+        Self::launch(t, Some(dir))
+    }
+
+    fn launch(t: &Topology, tls: Option<PathBuf>) -> Self {
         let mut e = Self {
             ns: t.underlay.name.clone(),
             dir: t.workdir.join("etcd"),
             child: None,
             starts: 0,
-            tls: Some(dir),
+            tls,
         };
         e.restart();
         e

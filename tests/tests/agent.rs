@@ -79,10 +79,7 @@ fn adding_and_removing_a_node_under_traffic_loses_nothing() {
 
 #[test]
 fn restarting_the_agent_under_traffic_loses_nothing() {
-    let mut t = Topology::two_nodes("restart");
-    let cluster = t.write_cluster(&t.cluster_yaml("ipip", ""));
-    t.start_agent(0, &cluster, "");
-    t.start_agent(1, &cluster, "");
+    let (mut t, cluster) = Topology::two_nodes_running("restart", "ipip", "", "");
     let ping = flood_ping(&t, 5);
     thread::sleep(Duration::from_millis(500));
     t.stop_agents(0);

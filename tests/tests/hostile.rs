@@ -19,10 +19,7 @@ const COUNT: u64 = 20;
 
 #[test]
 fn crafted_tunnel_packets_never_reach_the_pod_and_are_counted() {
-    let mut t = Topology::two_nodes("hostile");
-    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
-    t.start_agent(0, &cluster, "");
-    t.start_agent(1, &cluster, "");
+    let (t, _) = Topology::two_nodes_running("hostile", "vxlan", "", "");
 
     let attacker = Netns::new(&format!("{}-att", t.prefix));
     sh(&format!(

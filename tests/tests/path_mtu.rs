@@ -10,10 +10,7 @@ use integration_tests::{Capture, Topology, tshark_fields};
 
 #[test]
 fn tcp_from_a_1500_mtu_pod_completes_over_vxlan() {
-    let mut t = Topology::two_nodes("pmtu");
-    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
-    t.start_agent(0, &cluster, "");
-    t.start_agent(1, &cluster, "");
+    let (t, _) = Topology::two_nodes_running("pmtu", "vxlan", "", "");
     assert!(
         t.nodes[0]
             .pod

@@ -18,15 +18,17 @@ fn two_nodes_carry_traffic(encap: &str, decap: &str) {
 }
 
 fn carry_traffic(encap: &str, decap: &str, udp_csum: bool) {
-    let mut t = Topology::two_nodes(&format!("{encap}{decap}"));
     let extra = if udp_csum {
         "vxlan: { udpChecksum: true }\n"
     } else {
         ""
     };
-    let cluster = t.write_cluster(&t.cluster_yaml(encap, extra));
-    t.start_agent(0, &cluster, &format!("--decap {decap}"));
-    t.start_agent(1, &cluster, &format!("--decap {decap}"));
+    let (t, _) = Topology::two_nodes_running(
+        &format!("{encap}{decap}"),
+        encap,
+        extra,
+        &format!("--decap {decap}"),
+    );
 
     let filter = if encap == "ipip" {
         "ip proto 4"

@@ -161,22 +161,11 @@ fn iperf_json(lab: &Lab, args: &str) -> Result<serde_json::Value> {
 /// One round of every metric in the current configuration.
 fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
     let mut m = BTreeMap::new();
-    let tcp1 = iperf_json(lab, &format!("-t {secs}"))?;
-    m.insert(
-        Metric::Tcp1,
-        tcp1["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / 1e9,
-    );
-    let tcp4 = iperf_json(lab, &format!("-t {secs} -P 4"))?;
-    m.insert(
-        Metric::Tcp4,
-        tcp4["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / 1e9,
-    );
+    for (metric, flows) in [(Metric::Tcp1, 1), (Metric::Tcp4, 4)] {
+        let tcp = iperf_json(lab, &format!("-t {secs} -P {flows}"))?;
+        let bps = tcp["end"]["sum_received"]["bits_per_second"].as_f64();
+        m.insert(metric, bps.unwrap_or(0.0) / 1e9);
+    }
     let udp = iperf_json(lab, &format!("-t {secs} -u -l 64 -b 0"))?;
     let sum = &udp["end"]["sum"];
     let received =

@@ -202,21 +202,8 @@ fn setup() -> Result<()> {
         did.push("bpf-linker");
     }
 
-    let bpffs = Path::new("/sys/fs/bpf");
-    let mounted = std::fs::read_to_string("/proc/mounts")?
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
-    if !mounted {
-        std::fs::create_dir_all(bpffs)?;
-        println!("setup: mounting bpffs on /sys/fs/bpf");
-        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-        did.push("bpffs");
-    }
-
     if did.is_empty() {
-        println!(
-            "setup: nothing to do (packages, nightly rust-src, bpf-linker, bpffs all present)"
-        );
+        println!("setup: nothing to do (packages, nightly rust-src, bpf-linker all present)");
     } else {
         println!("setup: done ({})", did.join(", "));
     }
@@ -319,6 +306,20 @@ fn test(filter: Option<&str>) -> Result<()> {
             .filter(|l| l.starts_with("dpt"))
             .count();
     summary.push(("no namespaces left behind".into(), leftovers == 0, 0.0));
+    // The tests pin only on bpffs mounts of their own under /run/datapath-tests.
+    let mounts = std::fs::read_to_string("/proc/mounts")?
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(1)
+                .is_some_and(|m| m.starts_with("/run/datapath-tests"))
+        })
+        .count();
+    summary.push((
+        "no bpffs mounts or pins left behind".into(),
+        mounts == 0,
+        0.0,
+    ));
 
     println!("\n=== summary ({:.0} s)", started.elapsed().as_secs_f64());
     for (name, ok, secs) in &summary {
