@@ -26,6 +26,18 @@ pub fn count_drop(reason: DropReason, bytes: u32) {
     bump(DP_DROPS.get_ptr_mut(reason as u32), bytes);
 }
 
+/// Counts one packet for the peer in slot `peer_idx` dropped because it was unreachable.
+#[inline(always)]
+pub fn count_peer_unreachable(peer_idx: u32, bytes: u32) {
+    if let Some(p) = DP_PEER_STATS.get_ptr_mut(peer_idx) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*p).unreachable_packets += 1;
+            (*p).unreachable_bytes += bytes as u64;
+        }
+    }
+}
+
 /// Counts one packet sent to (`tx`) or received from (`!tx`) the peer in slot `peer_idx`.
 #[inline(always)]
 pub fn count_peer(peer_idx: u32, tx: bool, bytes: u32) {

@@ -6,10 +6,9 @@ use aya_ebpf::{
         xdp_action::XDP_PASS,
     },
     helpers::bpf_xdp_adjust_head,
-    maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
-use maps_common::{CounterId, DropReason, config_flags, route_mode};
+use maps_common::{CounterId, DropReason, NodeConfig, config_flags};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -18,8 +17,9 @@ use network_types::{
 };
 
 use crate::{
-    DP_CONFIG, DP_NODES, DP_POD_CIDRS,
+    DP_CONFIG, DP_NODES,
     counters::{count, count_peer},
+    lookup::in_cidr,
     parse::{Packet, ptr_at, ptr_at_mut},
 };
 
@@ -93,7 +93,7 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
             if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.vxlan_port {
                 // VXLAN aimed at a local pod through another port is refused, not passed;
                 // other UDP is not ours.
-                if for_us && ihl == IPV4_MIN_HLEN && vxlan_for_local_pod(ctx) {
+                if for_us && ihl == IPV4_MIN_HLEN && vxlan_for_local_pod(ctx, cfg) {
                     return Err(DropReason::WrongPort);
                 }
                 return Ok(Verdict::Pass);
@@ -105,9 +105,9 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     if !for_us {
         let for_local_pod = ihl == IPV4_MIN_HLEN
             && if vxlan {
-                vxlan_for_local_pod(ctx)
+                vxlan_for_local_pod(ctx, cfg)
             } else {
-                ipv4_for_local_pod(ctx, EthHdr::LEN + IPV4_MIN_HLEN)
+                ipv4_for_local_pod(ctx, cfg, EthHdr::LEN + IPV4_MIN_HLEN)
             };
         if for_local_pod {
             return Err(DropReason::NotForThisNode);
@@ -126,7 +126,8 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         .get_ptr(outer.src_addr)
         .ok_or(DropReason::UnknownPeer)?;
     // SAFETY: a value pointer from the map, read once, right away.
-    let peer_idx = unsafe { (*node).peer_idx };
+    let node = unsafe { *node };
+    let peer_idx = node.peer_idx;
     // Lengths are checked on packets as they came off the wire; a GSO packet's are the
     // kernel's (segmentation rewrites them), so it is measured by its length instead.
     let gso = ctx.is_gso();
@@ -184,13 +185,11 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     {
         return Err(DropReason::BadInnerHeader);
     }
-    if cfg.flags & config_flags::INNER_SRC_CHECK != 0 {
-        let owner = DP_POD_CIDRS
-            .get(&Key::new(32, inner.src_addr))
-            .ok_or(DropReason::InnerSrcSpoofed)?;
-        if owner.node_addr != outer.src_addr {
-            return Err(DropReason::InnerSrcSpoofed);
-        }
+    // The sender's pod CIDR came with its DP_NODES entry: no second lookup.
+    if cfg.flags & config_flags::INNER_SRC_CHECK != 0
+        && !in_cidr(inner.src_addr, node.pod_cidr, node.pod_prefix_len)
+    {
+        return Err(DropReason::InnerSrcSpoofed);
     }
     Ok(Verdict::Decap {
         strip,
@@ -208,7 +207,7 @@ fn vxlan_flags_ok(vx: &VxlanHdr) -> bool {
 /// Whether a UDP packet (outer header without options) looks like VXLAN carrying IPv4 to a
 /// local pod: valid VXLAN flags, inner Ethernet type IPv4, inner destination a local pod.
 #[inline(always)]
-fn vxlan_for_local_pod<P: Packet>(ctx: &P) -> bool {
+fn vxlan_for_local_pod<P: Packet>(ctx: &P, cfg: &NodeConfig) -> bool {
     let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
     let (Some(vx), Some(inner_eth)) = (
         ptr_at::<VxlanHdr, _>(ctx, vx_off),
@@ -220,20 +219,18 @@ fn vxlan_for_local_pod<P: Packet>(ctx: &P) -> bool {
     let (vx, eth_type) = unsafe { (*vx, (*inner_eth).ether_type) };
     vxlan_flags_ok(&vx)
         && eth_type == EtherType::Ipv4 as u16
-        && ipv4_for_local_pod(ctx, EthHdr::LEN + IPV4_MIN_HLEN + VXLAN_TO_INNER_IP)
+        && ipv4_for_local_pod(ctx, cfg, EthHdr::LEN + IPV4_MIN_HLEN + VXLAN_TO_INNER_IP)
 }
 
-/// Whether the IPv4 header at `off` is addressed to a pod CIDR of this node.
+/// Whether the IPv4 header at `off` is addressed to this node's pod CIDR.
 #[inline(always)]
-fn ipv4_for_local_pod<P: Packet>(ctx: &P, off: usize) -> bool {
+fn ipv4_for_local_pod<P: Packet>(ctx: &P, cfg: &NodeConfig, off: usize) -> bool {
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, off) else {
         return false;
     };
     // SAFETY: ptr_at checked the bounds.
     let dst = unsafe { (*ip).dst_addr };
-    DP_POD_CIDRS
-        .get(&Key::new(32, dst))
-        .is_some_and(|r| r.mode == route_mode::LOCAL)
+    cfg.pod_prefix_len != 0 && in_cidr(dst, cfg.pod_cidr, cfg.pod_prefix_len)
 }
 
 /// XDP: classifies, then moves the head past the tunnel headers and writes a fresh Ethernet

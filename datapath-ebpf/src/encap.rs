@@ -1,17 +1,21 @@
 //! Encapsulation at TC egress on the underlay: IPIP or VXLAN headers in front of IPv4 packets
-//! headed for a remote node's pod CIDR, then the outer next hop from the kernel's FIB.
+//! headed for a remote node's pod CIDR, then the outer next hop from the kernel's FIB. The
+//! kernel routes remote pod traffic here through a few aggregate routes whose next hop is
+//! `ROUTE_NEXTHOP`; the program, not the routing table, knows which node owns which CIDR.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_DONT_FRAGMENT, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
-        bpf_redir_neigh, bpf_tunnel_key,
+        BPF_F_DONT_FRAGMENT, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use maps_common::{CounterId, DropReason, NodeConfig, PodRoute, config_flags, route_mode};
+use maps_common::{
+    CounterId, DropReason, NodeConfig, PodRoute, ROUTE_NEXTHOP_MAC, config_flags, route_mode,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -20,9 +24,9 @@ use network_types::{
 };
 
 use crate::{
-    DP_CONFIG, DP_POD_CIDRS,
-    counters::{count, count_peer},
-    csum,
+    DP_CONFIG, DP_NODES,
+    counters::{count, count_peer, count_peer_unreachable},
+    csum, lookup,
     parse::{ptr_at, ptr_at_mut},
 };
 
@@ -50,7 +54,9 @@ const _: () = assert!(core::mem::size_of::<VxlanHeaders>() == 50);
 /// Encapsulates the packet if its destination lies in a remote node's encapsulated pod CIDR.
 ///
 /// Returns `TC_ACT_OK` for packets it leaves alone (counted as passed or native), the verdict of
-/// the redirect for encapsulated packets, or the reason to drop.
+/// the redirect for encapsulated packets, or the reason to drop. A packet the kernel routed here
+/// through the aggregate routes (destination MAC `ROUTE_NEXTHOP_MAC`) is never passed as it
+/// is: it goes to its node encapsulated or natively, or is dropped as `NoPodRoute`.
 #[inline(always)]
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     let len = ctx.len();
@@ -64,27 +70,62 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(pass(len));
     };
     // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    let (ether_type, dst_mac) = unsafe { ((*eth).ether_type, (*eth).dst_addr) };
+    if ether_type != EtherType::Ipv4 as u16 {
         return Ok(pass(len));
     }
+    let via_aggregate = dst_mac == ROUTE_NEXTHOP_MAC;
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
         return Ok(pass(len));
     };
     // SAFETY: ptr_at checked the bounds; copy the 20 bytes before the head moves.
     let inner = unsafe { *ip };
-    let Some(route) = DP_POD_CIDRS.get(&Key::new(32, inner.dst_addr)) else {
-        return Ok(pass(len));
-    };
-    let route = *route;
-    match route.mode {
-        route_mode::IPIP | route_mode::VXLAN => {}
-        route_mode::NATIVE => {
-            count(CounterId::NativeForward, len);
-            count_peer(route.peer_idx, true, len);
-            return Ok(TC_ACT_OK);
+    let route = match lookup::pod_route(cfg, inner.dst_addr) {
+        Some(r) if r.mode != route_mode::LOCAL => r,
+        // A packet this program encapsulated and handed to `bpf_redirect_neigh` comes by again
+        // once the neighbour resolves: the kernel re-sends it through its route's neighbour,
+        // the aggregate next hop, so it carries that MAC. Its own next hop is known now.
+        _ if via_aggregate && DP_NODES.get_ptr(inner.dst_addr).is_some() => {
+            let action = forward(ctx, cfg, inner.dst_addr)?;
+            return Ok(pass_with(len, action));
         }
+        _ if via_aggregate => return Err(DropReason::NoPodRoute),
         _ => return Ok(pass(len)),
+    };
+    let action = match route.mode {
+        route_mode::IPIP | route_mode::VXLAN => encap_and_forward(ctx, len, cfg, &route, &inner),
+        // A same-subnet peer's own route normally carries these; through the aggregate route
+        // they still reach the peer, unencapsulated.
+        route_mode::NATIVE if via_aggregate => {
+            forward(ctx, cfg, route.node_addr).map(|a| (CounterId::NativeForward, a))
+        }
+        route_mode::NATIVE => Ok((CounterId::NativeForward, TC_ACT_OK)),
+        _ => Err(DropReason::NoPodRoute),
+    };
+    match action {
+        Ok((counter, action)) => {
+            count(counter, len);
+            count_peer(route.peer_idx, true, len);
+            Ok(action)
+        }
+        Err(DropReason::PeerUnreachable) => {
+            count_peer_unreachable(route.peer_idx, len);
+            Err(DropReason::PeerUnreachable)
+        }
+        Err(reason) => Err(reason),
     }
+}
+
+/// Checks the inner header, encapsulates and sends toward the peer; returns the counter to
+/// count under and the verdict, or the reason to drop.
+#[inline(always)]
+fn encap_and_forward(
+    ctx: &TcContext,
+    len: u32,
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+) -> Result<(CounterId, i32), DropReason> {
     // SAFETY: ctx.skb.skb is the program's __sk_buff.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     let inner_ihl = (inner.vihl & 0x0f) as u32 * 4;
@@ -96,22 +137,18 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     {
         return Err(DropReason::BadInnerHeader);
     }
-    let (counter, action) = if route.mode == route_mode::VXLAN
+    if route.mode == route_mode::VXLAN
         && cfg.flags & config_flags::UDP_CSUM != 0
         && gso_size != 0
         && cfg.csum_ifindex != 0
     {
-        (
+        return Ok((
             CounterId::EncapVxlan,
-            via_csum_device(ctx, cfg, &route, &inner)?,
-        )
-    } else {
-        let counter = encap(ctx, len, gso_size, cfg, &route, &inner)?;
-        (counter, forward(ctx, cfg, route.node_addr)?)
-    };
-    count(counter, len);
-    count_peer(route.peer_idx, true, len);
-    Ok(action)
+            via_csum_device(ctx, cfg, route, inner)?,
+        ));
+    }
+    let counter = encap(ctx, len, gso_size, cfg, route, inner)?;
+    Ok((counter, forward(ctx, cfg, route.node_addr)?))
 }
 
 /// VXLAN for a GSO packet when outer UDP checksums are asked for: hands the packet, with its
@@ -166,8 +203,13 @@ fn via_csum_device(
 
 #[inline(always)]
 fn pass(len: u32) -> i32 {
+    pass_with(len, TC_ACT_OK)
+}
+
+#[inline(always)]
+fn pass_with(len: u32, action: i32) -> i32 {
     count(CounterId::Pass, len);
-    TC_ACT_OK
+    action
 }
 
 /// Inserts the tunnel headers after the Ethernet header and writes them; `len` is the packet's
@@ -313,7 +355,9 @@ const fn encap_l2_len() -> u64 {
 ///
 /// Returns `TC_ACT_OK` when the next hop is on this interface (MACs rewritten), the redirect
 /// verdict when it is on another interface or its neighbour entry must first be resolved;
-/// `TooBig` when the FIB says the packet exceeds the path MTU, `FibLookupFailed` otherwise.
+/// `TooBig` when the FIB says the packet exceeds the path MTU, `PeerUnreachable` when no route
+/// (or an unreachable, blackhole or prohibit route) leads to the peer, `FibLookupFailed`
+/// otherwise.
 #[inline(always)]
 fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, DropReason> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
@@ -365,6 +409,10 @@ fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, Drop
             } as i32)
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::TooBig),
+        BPF_FIB_LKUP_RET_NOT_FWDED
+        | BPF_FIB_LKUP_RET_UNREACHABLE
+        | BPF_FIB_LKUP_RET_BLACKHOLE
+        | BPF_FIB_LKUP_RET_PROHIBIT => Err(DropReason::PeerUnreachable),
         _ => Err(DropReason::FibLookupFailed),
     }
 }

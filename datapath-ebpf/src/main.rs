@@ -8,6 +8,7 @@ mod counters;
 mod csum;
 mod decap;
 mod encap;
+mod lookup;
 mod parse;
 
 use aya_ebpf::{
@@ -18,7 +19,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats, PodRoute,
+    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats, PodKey,
+    PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -27,9 +29,14 @@ const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
 #[btf_map]
 pub static DP_CONFIG: Array<NodeConfig, 1> = Array::new();
 
-/// Pod CIDR -> owning node. The agent resizes it with `--max-nodes`.
+/// Pod CIDR -> owning node, by longest prefix: the fallback when more prefix lengths are in
+/// use than `lookup` tries. The agent resizes it with `--max-nodes`.
 #[btf_map]
 pub static DP_POD_CIDRS: LpmTrie<[u8; 4], PodRoute, MAX_NODES> = LpmTrie::new();
+
+/// (prefix length, network) -> owning node, exact match: the per-packet lookup.
+#[btf_map]
+pub static DP_POD_ROUTES: HashMap<PodKey, PodRoute, MAX_NODES> = HashMap::new();
 
 /// Underlay address -> known node; decapsulation accepts only these sources.
 #[btf_map]

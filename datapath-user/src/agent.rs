@@ -1,7 +1,9 @@
-//! `datapath run`: load or adopt the datapath, keep its maps and routes in step with the
-//! cluster file (watched, and reloaded on SIGHUP), serve metrics, and leave everything pinned
-//! and forwarding when stopped.
+//! `datapath run`: load or adopt the datapath, keep its maps and few routes in step with the
+//! cluster state (a watched file, or etcd's events applied one lease at a time), watch the
+//! underlay's routes so unreachable peers are known, serve metrics, and leave everything
+//! pinned and forwarding when stopped.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -12,23 +14,26 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     signal::unix::{SignalKind, signal},
+    sync::{Notify, mpsc},
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    cluster::{self, Cluster, Defaults, Limits},
+    cluster::{self, Cidr, Cluster, Defaults, Limits},
+    dataplane::{ApplyError, Changes, Dataplane, LocalOptions},
     etcd::{self, EtcdStatus},
     loader::{self, DecapHook, LoadOptions},
-    maps::{self, Changes, DatapathMaps, LocalOptions},
-    net,
+    maps::DatapathMaps,
+    net::{self, Netlink, PeerPath, RouteSpec},
     stats::Snapshot,
+    watch,
 };
 
 /// Where the cluster state comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// A cluster file, checked every `interval` and on SIGHUP.
-    File { path: PathBuf, interval: Duration },
+    /// A cluster file, watched (inotify) and reloaded on SIGHUP.
+    File { path: PathBuf },
     /// Flannel's layout in etcd, watched.
     Etcd(etcd::EtcdOptions),
 }
@@ -47,6 +52,21 @@ pub struct AgentOptions {
     pub defaults: Defaults,
 }
 
+/// One change of cluster state from a source.
+pub enum Update {
+    /// A whole state as cluster text (or why there is none): the file, etcd's full reads.
+    Full {
+        text: anyhow::Result<String>,
+        reason: &'static str,
+        revision: i64,
+    },
+    /// etcd lease keys changed: new value, or `None` when deleted.
+    Leases {
+        events: Vec<(String, Option<String>)>,
+        revision: i64,
+    },
+}
+
 /// Reload bookkeeping exported as metrics.
 #[derive(Default)]
 struct ReloadState {
@@ -54,13 +74,12 @@ struct ReloadState {
     last_reload_ok: bool,
     reloads: u64,
     failures: u64,
-    pod_mtu: u32,
     /// etcd revision of the state last applied.
     revision: i64,
 }
 
 struct Shared {
-    maps: DatapathMaps,
+    dp: Dataplane,
     reload: ReloadState,
     /// The loaded object: the checksum device's drop program is attached from it on reloads.
     ebpf: aya::Ebpf,
@@ -71,87 +90,205 @@ struct Shared {
     csum_dev: Option<bool>,
 }
 
-fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().expect("agent state lock")
 }
 
-/// Computes the desired state for `cluster` and applies it to the kernel VXLAN device of the
-/// checksum path, the maps and the routes.
-fn sync(shared: &mut Shared, cluster: &Cluster, local: &LocalOptions) -> anyhow::Result<Changes> {
-    let mut local = local.clone();
-    local.csum_ifindex = sync_csum_device(shared, cluster)?;
-    let (want, mut changes) = shared.maps.sync(cluster, &local)?;
-    maps::apply_routes(&want.routes, &mut changes)?;
-    shared.reload.pod_mtu = want.pod_mtu;
-    if local.csum_ifindex == 0 && shared.csum_dev != Some(false) {
-        // Only after DP_CONFIG no longer names the device.
-        loader::detach_csum_dev(&shared.pin_dir);
-        net::remove_csum_device()?;
-        shared.csum_dev = Some(false);
+/// The agent's side of its kernel routes: what it installed, so only differences are sent.
+struct Routes {
+    nl: Netlink,
+    installed: BTreeMap<Cidr, RouteSpec>,
+}
+
+impl Routes {
+    /// Brings the agent's routes to `want`; also makes sure the aggregate routes' next-hop
+    /// neighbour entry exists (a link flap removes it).
+    async fn sync(
+        &mut self,
+        want: &BTreeMap<Cidr, RouteSpec>,
+        ifindex: u32,
+        ch: &mut Changes,
+    ) -> anyhow::Result<()> {
+        self.nl.ensure_nexthop_neigh(ifindex).await?;
+        for r in want.values() {
+            if self.installed.get(&r.cidr) != Some(r) {
+                self.nl.replace_route(r).await?;
+                self.installed.insert(r.cidr, r.clone());
+                ch.routes_replaced += 1;
+            }
+        }
+        let stale: Vec<Cidr> = self
+            .installed
+            .keys()
+            .filter(|c| !want.contains_key(c))
+            .copied()
+            .collect();
+        for c in stale {
+            self.nl.delete_route(&c).await?;
+            self.installed.remove(&c);
+            ch.routes_removed += 1;
+        }
+        Ok(())
     }
-    Ok(changes)
+
+    /// Reads the kernel's view again (someone may have flushed the routes) and re-syncs.
+    async fn reconcile(&mut self, want: &BTreeMap<Cidr, RouteSpec>, ifindex: u32) {
+        let mut ch = Changes::default();
+        let result = async {
+            self.installed = self
+                .nl
+                .owned_routes()
+                .await?
+                .into_iter()
+                .map(|r| (r.cidr, r))
+                .collect();
+            self.sync(want, ifindex, &mut ch).await
+        }
+        .await;
+        match result {
+            Err(e) => warn!("reconciling routes: {e:#}"),
+            Ok(()) if ch != Changes::default() => info!(?ch, "routes repaired"),
+            Ok(()) => {}
+        }
+    }
 }
 
-/// VXLAN with outer UDP checksums sends GSO packets through a kernel VXLAN device in metadata
-/// mode, the one way to get a checksum in every segment; this creates it (with its drop program
-/// at ingress) when the cluster asks for checksums and returns its ifindex, 0 otherwise.
-fn sync_csum_device(shared: &mut Shared, cluster: &Cluster) -> anyhow::Result<u32> {
+/// Creates the checksum device and its drop program when the cluster asks for outer UDP
+/// checksums; returns its ifindex, 0 when none is wanted.
+async fn with_csum_device(
+    shared: &SharedRef,
+    nl: &Netlink,
+    cluster: &Cluster,
+) -> anyhow::Result<u32> {
     if cluster.encap != cluster::Encap::Vxlan || !cluster.udp_checksum {
         return Ok(0);
     }
-    let (ifindex, fresh) = net::ensure_csum_device(cluster.port)?;
-    if fresh || shared.csum_dev != Some(true) {
-        loader::attach_csum_dev(&mut shared.ebpf, net::CSUM_DEV, fresh, &shared.pin_dir)?;
-        shared.csum_dev = Some(true);
+    let (ifindex, fresh) = nl.ensure_csum_device(cluster.port).await?;
+    let mut s = lock(shared);
+    if fresh || s.csum_dev != Some(true) {
+        let Shared { ebpf, pin_dir, .. } = &mut *s;
+        loader::attach_csum_dev(ebpf, net::CSUM_DEV, fresh, pin_dir)?;
+        s.csum_dev = Some(true);
     }
     Ok(ifindex)
 }
 
-/// One cluster state from a source, as cluster text (or why there is none), why it came, and
-/// the etcd revision it reflects (0 for the file). Both sources go through one parser.
-pub struct Update {
-    pub text: anyhow::Result<String>,
-    pub reason: &'static str,
-    pub revision: i64,
-}
-
-/// Reads the cluster file now, then whenever it changes or SIGHUP arrives.
-async fn file_source(
-    path: PathBuf,
-    interval: Duration,
-    tx: tokio::sync::mpsc::Sender<Update>,
-) -> anyhow::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(interval);
-    let mut stamp = file_stamp(&path);
-    let mut reason = "start";
-    loop {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading cluster file {}", path.display()));
-        if tx
-            .send(Update {
-                text,
-                reason,
-                revision: 0,
-            })
-            .await
-            .is_err()
-        {
+/// Removes the checksum device once `DP_CONFIG` no longer names it.
+async fn drop_csum_device(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
+    let pin_dir = {
+        let s = lock(shared);
+        if s.dp.local.csum_ifindex != 0 || s.csum_dev == Some(false) {
             return Ok(());
         }
-        reason = loop {
-            tokio::select! {
-                _ = hup.recv() => break "SIGHUP",
-                _ = tick.tick() => {
-                    let now = file_stamp(&path);
-                    if now != stamp {
-                        stamp = now;
-                        break "file changed";
+        s.pin_dir.clone()
+    };
+    loader::detach_csum_dev(&pin_dir);
+    nl.remove_csum_device().await?;
+    lock(shared).csum_dev = Some(false);
+    Ok(())
+}
+
+/// Everything the agent's main loop works with.
+struct Agent {
+    shared: SharedRef,
+    routes: Routes,
+    parse: Box<dyn Fn(anyhow::Result<String>) -> anyhow::Result<Cluster>>,
+    etcd: Option<(String, Arc<Mutex<BTreeMap<String, String>>>)>,
+    /// The last change was rejected: deltas cannot be trusted until a whole state applies.
+    dirty: bool,
+    health: Arc<Notify>,
+}
+
+impl Agent {
+    /// Applies a whole state: checksum device, maps, routes.
+    async fn apply_full(&mut self, cluster: &Cluster) -> anyhow::Result<Changes> {
+        let csum = with_csum_device(&self.shared, &self.routes.nl, cluster).await?;
+        let (mut ch, want, ifindex) = {
+            let mut s = lock(&self.shared);
+            s.dp.local.csum_ifindex = csum;
+            let ch = s.dp.apply_full(cluster)?;
+            (ch, s.dp.routes(), s.dp.local.iface.ifindex)
+        };
+        self.routes.sync(&want, ifindex, &mut ch).await?;
+        drop_csum_device(&self.shared, &self.routes.nl).await?;
+        Ok(ch)
+    }
+
+    /// Applies etcd lease events as a delta; falls back to the whole state etcd holds when the
+    /// delta cannot stand alone (a bad lease, a conflict, a change of this node).
+    async fn apply_leases(
+        &mut self,
+        events: &[(String, Option<String>)],
+    ) -> anyhow::Result<Changes> {
+        let (prefix, kvs) = self.etcd.clone().context("lease events without etcd")?;
+        if !self.dirty {
+            let delta = {
+                let s = lock(&self.shared);
+                etcd::delta(&prefix, events, |c| s.dp.owner_of(c))
+            };
+            if let Ok((upserts, removes)) = delta {
+                let applied = {
+                    let mut s = lock(&self.shared);
+                    s.dp.apply_delta(upserts, removes)
+                };
+                match applied {
+                    Ok(mut ch) => {
+                        let (want, ifindex) = {
+                            let s = lock(&self.shared);
+                            (s.dp.routes(), s.dp.local.iface.ifindex)
+                        };
+                        self.routes.sync(&want, ifindex, &mut ch).await?;
+                        return Ok(ch);
                     }
+                    Err(ApplyError::Maps(e)) => return Err(e.into()),
+                    Err(_) => {}
                 }
             }
+        }
+        let text = etcd::compose(&prefix, &kvs.lock().expect("etcd kvs"));
+        let cluster = (self.parse)(text)?;
+        self.apply_full(&cluster).await
+    }
+
+    async fn handle(&mut self, update: Update) {
+        let (reason, revision) = match &update {
+            Update::Full {
+                reason, revision, ..
+            } => (*reason, *revision),
+            Update::Leases { revision, .. } => ("etcd change", *revision),
         };
+        let result = match update {
+            Update::Full { text, .. } => match (self.parse)(text) {
+                Ok(c) => self.apply_full(&c).await,
+                Err(e) => Err(e),
+            },
+            Update::Leases { events, .. } => self.apply_leases(&events).await,
+        };
+        let mut s = lock(&self.shared);
+        s.reload.reloads += 1;
+        s.reload.last_reload_unix = now();
+        match result {
+            Ok(changes) => {
+                s.reload.last_reload_ok = true;
+                s.reload.revision = revision;
+                self.dirty = false;
+                info!(reason, revision, ?changes, "cluster state applied");
+                if changes.nodes_upserted > 0 || changes.config {
+                    self.health.notify_one();
+                }
+            }
+            Err(e) => {
+                s.reload.last_reload_ok = false;
+                s.reload.failures += 1;
+                self.dirty = true;
+                error!(
+                    reason,
+                    "cluster state rejected, last good state stays: {e:#}"
+                );
+            }
+        }
     }
 }
 
@@ -160,11 +297,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         max_nodes: opts.max_nodes,
         own_node: Some(opts.node.clone()),
     };
+    let nl = Netlink::connect()?;
     let etcd_status = Arc::new(Mutex::new(EtcdStatus::default()));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(16);
+    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let mut etcd = None;
     match &opts.source {
-        Source::File { path, interval } => {
-            let source = file_source(path.clone(), *interval, tx);
+        Source::File { path } => {
+            let source = watch::file_source(path.clone(), tx);
             tokio::spawn(async move {
                 if let Err(e) = source.await {
                     error!("cluster file source stopped: {e:#}");
@@ -175,27 +314,34 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             if let Some(reg) = &e.register {
                 tokio::spawn(etcd::keep_registered(e.clone(), reg.clone()));
             }
-            tokio::spawn(etcd::watch(e.clone(), tx, etcd_status.clone()));
+            let kvs = Arc::new(Mutex::new(BTreeMap::new()));
+            etcd = Some((e.prefix.trim_end_matches('/').to_string(), kvs.clone()));
+            tokio::spawn(etcd::watch(e.clone(), tx, etcd_status.clone(), kvs));
         }
     }
-    let parse = |text: anyhow::Result<String>| -> anyhow::Result<Cluster> {
-        Ok(cluster::parse(&text?, &opts.defaults, &limits)?)
+    let defaults = opts.defaults.clone();
+    let parse = move |text: anyhow::Result<String>| -> anyhow::Result<Cluster> {
+        Ok(cluster::parse(&text?, &defaults, &limits)?)
     };
     // The first good state: a bad cluster file at start is an error; etcd is waited for.
-    let (cluster, revision) = loop {
+    let first = loop {
         let u = rx.recv().await.context("cluster source stopped")?;
-        match (parse(u.text), &opts.source) {
-            (Ok(c), _) => break (c, u.revision),
+        let Update::Full { text, revision, .. } = u else {
+            continue;
+        };
+        match (parse(text), &opts.source) {
+            (Ok(c), _) => break (c, revision),
             (Err(e), Source::File { .. }) => return Err(e),
             (Err(e), Source::Etcd(_)) => {
                 warn!("cluster state in etcd not usable yet: {e:#}");
             }
         }
     };
+    let (cluster, revision) = first;
     let me = cluster.node(&opts.node).context("own node")?.clone();
     let iface = match &opts.iface {
-        Some(name) => net::iface(name)?,
-        None => net::iface_with_addr(me.address)?,
+        Some(name) => nl.iface(name).await?,
+        None => nl.iface_with_addr(me.address).await?,
     };
     let local = LocalOptions {
         node: opts.node.clone(),
@@ -213,118 +359,181 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         pin_dir: Some(opts.pin_dir.clone()),
     })?;
     if opts.log_level > 0 {
-        match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(mut logger) => {
-                std::thread::spawn(move || {
-                    loop {
-                        logger.flush();
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                });
-            }
-            Err(e) => warn!("kernel logs unavailable: {e}"),
-        }
+        start_kernel_logs(&mut ebpf);
     }
-    let maps = DatapathMaps::take(&mut ebpf)?;
+    let dp = Dataplane::new(DatapathMaps::take(&mut ebpf)?, local)?;
     let shared = Arc::new(Mutex::new(Shared {
-        maps,
+        dp,
         reload: ReloadState::default(),
         ebpf,
         pin_dir: opts.pin_dir.clone(),
         csum_dev: None,
     }));
-    shared.lock().expect("lock").reload.revision = revision;
+    let installed = nl
+        .owned_routes()
+        .await?
+        .into_iter()
+        .map(|r| (r.cidr, r))
+        .collect();
+    let health = Arc::new(Notify::new());
+    let mut agent = Agent {
+        shared: shared.clone(),
+        routes: Routes {
+            nl: nl.clone(),
+            installed,
+        },
+        parse: Box::new(parse),
+        etcd,
+        dirty: false,
+        health: health.clone(),
+    };
+    let changes = agent.apply_full(&cluster).await?;
     {
-        let mut s = shared.lock().expect("lock");
-        let changes = sync(&mut s, &cluster, &local)?;
+        let mut s = lock(&shared);
         s.reload.last_reload_ok = true;
         s.reload.last_reload_unix = now();
+        s.reload.revision = revision;
         info!(
             node = %opts.node,
             iface = %iface.name,
             mode = cluster.encap.name(),
-            pod_mtu = s.reload.pod_mtu,
+            pod_mtu = s.dp.pod_mtu(),
             adopted = adopting,
             ?changes,
             "cluster state applied"
         );
+        loader::attach(&mut s.ebpf, &iface.name, opts.decap, &opts.pin_dir)?;
+        info!(
+            pin_dir = %opts.pin_dir.display(),
+            decap = ?opts.decap,
+            "programs attached; pod MTU for this mode is {}",
+            s.dp.pod_mtu()
+        );
     }
-    loader::attach(
-        &mut shared.lock().expect("lock").ebpf,
-        &iface.name,
-        opts.decap,
-        &opts.pin_dir,
-    )?;
-    info!(
-        pin_dir = %opts.pin_dir.display(),
-        decap = ?opts.decap,
-        "programs attached; pod MTU for this mode is {}",
-        shared.lock().expect("lock").reload.pod_mtu
-    );
-
+    tokio::spawn(watch_underlay(shared.clone(), nl.clone(), health.clone()));
+    health.notify_one();
     if let Some(addr) = opts.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding metrics on {addr}"))?;
-        info!(%addr, "serving metrics");
-        let shared = shared.clone();
         let etcd = matches!(opts.source, Source::Etcd(_)).then(|| etcd_status.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    continue;
-                };
-                let body = metrics_body(&shared, etcd.as_deref());
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
-                });
-            }
-        });
+        serve_metrics(addr, shared.clone(), etcd).await?;
     }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut reconcile = tokio::time::interval(Duration::from_secs(30));
+    reconcile.tick().await;
     loop {
-        let update = tokio::select! {
+        tokio::select! {
             u = rx.recv() => match u {
-                Some(u) => u,
+                Some(u) => agent.handle(u).await,
                 None => break,
             },
+            _ = reconcile.tick() => {
+                let (want, ifindex) = {
+                    let s = lock(&shared);
+                    (s.dp.routes(), s.dp.local.iface.ifindex)
+                };
+                agent.routes.reconcile(&want, ifindex).await;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
-        };
-        let reason = update.reason;
-        let mut s = shared.lock().expect("lock");
-        s.reload.reloads += 1;
-        s.reload.last_reload_unix = now();
-        match parse(update.text).and_then(|c| sync(&mut s, &c, &local)) {
-            Ok(changes) => {
-                s.reload.last_reload_ok = true;
-                s.reload.revision = update.revision;
-                info!(
-                    reason,
-                    revision = update.revision,
-                    ?changes,
-                    "cluster state applied"
-                );
-            }
-            Err(e) => {
-                s.reload.last_reload_ok = false;
-                s.reload.failures += 1;
-                error!(
-                    reason,
-                    "cluster state rejected, last good state stays: {e:#}"
-                );
-            }
         }
     }
     info!("stopping; programs stay attached and forwarding from their pins");
+    Ok(())
+}
+
+fn start_kernel_logs(ebpf: &mut aya::Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(mut logger) => {
+            std::thread::spawn(move || {
+                loop {
+                    logger.flush();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        Err(e) => warn!("kernel logs unavailable: {e}"),
+    }
+}
+
+/// Keeps each peer's reachability flag in step with the kernel's routes toward it: checked
+/// after every change of the underlay's routes or links (netlink notifications), after new
+/// peers, and every 30 s (neighbour resolution fails without a route change).
+async fn watch_underlay(shared: SharedRef, nl: Netlink, wake: Arc<Notify>) {
+    let kick = wake.clone();
+    tokio::spawn(async move {
+        if let Err(e) = net::route_events(move || kick.notify_one()).await {
+            warn!("underlay route notifications unavailable, checking every 30 s: {e:#}");
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Let a burst of route changes settle before looking.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(e) = check_peers(&shared, &nl).await {
+            warn!("checking peer reachability: {e:#}");
+        }
+    }
+}
+
+/// Asks the kernel's FIB about every peer and marks the unreachable ones.
+async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
+    let peers = lock(shared).dp.peer_addrs();
+    let failed = nl.failed_neighbours().await?;
+    let mut verdicts = Vec::with_capacity(peers.len());
+    for (name, addr, was_down) in peers {
+        let down = match nl.route_to(addr).await? {
+            PeerPath::NoRoute => true,
+            PeerPath::Reachable { gateway, oif } => {
+                failed.contains_key(&(oif, gateway.unwrap_or(addr)))
+            }
+        };
+        if down != was_down {
+            verdicts.push((name, addr, down));
+        }
+    }
+    let mut s = lock(shared);
+    for (name, addr, down) in verdicts {
+        if s.dp.set_unreachable(&name, down)? {
+            if down {
+                warn!(peer = %name, %addr, "peer unreachable: no route toward it; its pods' traffic is dropped and counted until there is");
+            } else {
+                info!(peer = %name, %addr, "peer reachable again");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_metrics(
+    addr: SocketAddr,
+    shared: SharedRef,
+    etcd: Option<Arc<Mutex<EtcdStatus>>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics on {addr}"))?;
+    info!(%addr, "serving metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = metrics_body(&shared, etcd.as_deref());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
     Ok(())
 }
 
@@ -335,43 +544,32 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
-fn metrics_body(shared: &Mutex<Shared>, etcd: Option<&Mutex<EtcdStatus>>) -> String {
-    let s = shared.lock().expect("lock");
+fn metrics_body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String {
+    let s = lock(shared);
+    let gauge = |name: &str, v: f64| (name.to_string(), v);
     let mut extra = vec![
-        (
-            "datapath_last_reload_timestamp_seconds".to_string(),
+        gauge(
+            "datapath_last_reload_timestamp_seconds",
             s.reload.last_reload_unix,
         ),
-        (
-            "datapath_last_reload_success".to_string(),
-            if s.reload.last_reload_ok { 1.0 } else { 0.0 },
+        gauge(
+            "datapath_last_reload_success",
+            f64::from(u8::from(s.reload.last_reload_ok)),
         ),
-        (
-            "datapath_reloads_total".to_string(),
-            s.reload.reloads as f64,
-        ),
-        (
-            "datapath_reload_failures_total".to_string(),
-            s.reload.failures as f64,
-        ),
-        ("datapath_pod_mtu".to_string(), s.reload.pod_mtu as f64),
+        gauge("datapath_reloads_total", s.reload.reloads as f64),
+        gauge("datapath_reload_failures_total", s.reload.failures as f64),
+        gauge("datapath_pod_mtu", f64::from(s.dp.pod_mtu())),
     ];
     if let Some(etcd) = etcd {
         let e = etcd.lock().expect("lock").clone();
         extra.extend([
-            (
-                "datapath_etcd_connected".to_string(),
-                if e.connected { 1.0 } else { 0.0 },
-            ),
-            ("datapath_etcd_resyncs_total".to_string(), e.resyncs as f64),
-            ("datapath_etcd_revision".to_string(), e.revision as f64),
-            (
-                "datapath_etcd_applied_revision".to_string(),
-                s.reload.revision as f64,
-            ),
+            gauge("datapath_etcd_connected", f64::from(u8::from(e.connected))),
+            gauge("datapath_etcd_resyncs_total", e.resyncs as f64),
+            gauge("datapath_etcd_revision", e.revision as f64),
+            gauge("datapath_etcd_applied_revision", s.reload.revision as f64),
         ]);
     }
-    match Snapshot::read(&s.maps) {
+    match Snapshot::read(&s.dp.maps) {
         Ok(snap) => snap.render_prometheus(&extra),
         Err(e) => format!("# error reading maps: {e}\n"),
     }

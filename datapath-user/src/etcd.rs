@@ -1,6 +1,6 @@
-//! Cluster state from etcd in Flannel's subnet-lease layout: read the prefix, watch it from the
-//! revision read, turn each change into cluster text for the same parser and path as the file
-//! source, reconnect and resync after an outage, and optionally keep this node's own lease.
+//! Cluster state from etcd in Flannel's subnet-lease layout: read the prefix whole (cluster text
+//! for the same parser as the file), watch it from the revision read and pass lease changes on
+//! as they come, reconnect and resync after an outage, and optionally keep this node's lease.
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -21,8 +21,12 @@ use tracing::{info, warn};
 
 use crate::{
     agent::Update,
-    cluster::{self, Cidr},
+    cluster::{self, Cidr, Node},
 };
+
+/// The keys under the prefix and their values, as the watcher last saw them; shared with the
+/// agent, which composes a whole state from it when a delta cannot stand alone.
+pub type Kvs = Arc<Mutex<BTreeMap<String, String>>>;
 
 /// Where the agent finds the cluster in etcd and how it talks to it.
 #[derive(Clone, Debug)]
@@ -60,6 +64,9 @@ pub struct EtcdStatus {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct NetConfig {
+    /// The cluster's pod network, e.g. `10.244.0.0/16`.
+    #[serde(default)]
+    network: Option<String>,
     #[serde(default)]
     backend: Backend,
 }
@@ -128,23 +135,19 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<S
     let sp = subnets_prefix(prefix);
     let mut nodes = Vec::new();
     for (key, value) in kvs.range(sp.clone()..) {
-        let Some(subnet) = key.strip_prefix(&sp) else {
+        if !key.starts_with(&sp) {
             break;
-        };
-        let lease: Lease = serde_json::from_str(value)
-            .with_context(|| format!("{key}: not a Flannel subnet lease"))?;
-        let cidr = subnet.replacen('-', "/", 1);
-        let mut node = json!({
-            "name": lease.node_name.clone().unwrap_or_else(|| lease.public_ip.clone()),
-            "address": lease.public_ip,
-            "podCIDR": cidr,
-        });
-        if let Some(mac) = lease.backend_data.and_then(|d| d.vtep_mac) {
-            node["vtepMAC"] = json!(mac);
         }
+        let n = lease_node(prefix, key, value)?;
+        let node = json!({
+            "name": n.name,
+            "address": n.address.to_string(),
+            "podCIDR": n.pod_cidr.to_string(),
+            "vtepMAC": cluster::format_mac(&n.vtep_mac),
+        });
         nodes.push(node);
     }
-    Ok(json!({
+    let mut doc = json!({
         "encapsulation": encap,
         "crossSubnet": config.backend.direct_routing.unwrap_or(false),
         "vxlan": {
@@ -152,8 +155,78 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<S
             "port": config.backend.port.unwrap_or(maps_common::VXLAN_PORT_LINUX),
         },
         "nodes": nodes,
+    });
+    if let Some(network) = config.network {
+        doc["clusterCIDR"] = json!(network);
+    }
+    Ok(doc.to_string())
+}
+
+/// The pod CIDR a lease key names: `<prefix>/subnets/10.244.1.0-24` -> 10.244.1.0/24.
+fn key_cidr(prefix: &str, key: &str) -> anyhow::Result<Cidr> {
+    let subnet = key
+        .strip_prefix(&subnets_prefix(prefix))
+        .with_context(|| format!("{key}: not a subnet lease key"))?;
+    subnet
+        .replacen('-', "/", 1)
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{key}: {e}"))
+}
+
+/// One lease as a node: named by its `NodeName`, else its `PublicIP`; VTEP MAC from its
+/// backend data, else derived from the address as the file source does.
+pub fn lease_node(prefix: &str, key: &str, value: &str) -> anyhow::Result<Node> {
+    let lease: Lease = serde_json::from_str(value)
+        .with_context(|| format!("{key}: not a Flannel subnet lease"))?;
+    let address: std::net::Ipv4Addr = lease.public_ip.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "{key}: PublicIP {:?} is not an IPv4 address",
+            lease.public_ip
+        )
+    })?;
+    let vtep_mac = match lease.backend_data.and_then(|d| d.vtep_mac) {
+        Some(m) => cluster::parse_mac(&m).map_err(|e| anyhow::anyhow!("{key}: VtepMAC {e}"))?,
+        None => cluster::derived_vtep_mac(address),
+    };
+    Ok(Node {
+        index: 0,
+        name: lease.node_name.unwrap_or_else(|| lease.public_ip.clone()),
+        address,
+        prefix_len: None,
+        pod_cidr: key_cidr(prefix, key)?,
+        vtep_mac,
     })
-    .to_string())
+}
+
+/// Lease events as a change of nodes: a put replaces the node named in it (and whichever other
+/// node held that CIDR), a delete removes the CIDR's owner (`owner_of`). Fails on anything
+/// that is not a lease event (the config key) or not a lease: the caller then reads the
+/// whole state instead.
+pub fn delta(
+    prefix: &str,
+    events: &[(String, Option<String>)],
+    owner_of: impl Fn(&Cidr) -> Option<String>,
+) -> anyhow::Result<(Vec<Node>, Vec<String>)> {
+    let (mut upserts, mut removes) = (Vec::<Node>::new(), Vec::new());
+    for (key, value) in events {
+        let cidr = key_cidr(prefix, key)?;
+        match value {
+            Some(v) => {
+                let n = lease_node(prefix, key, v)?;
+                if let Some(o) = owner_of(&cidr).filter(|o| *o != n.name) {
+                    removes.push(o);
+                }
+                upserts.retain(|u| u.name != n.name);
+                upserts.push(n);
+            }
+            None => {
+                upserts.retain(|u| u.pod_cidr != cidr);
+                removes.extend(owner_of(&cidr));
+            }
+        }
+    }
+    removes.retain(|r| !upserts.iter().any(|u| u.name == *r));
+    Ok((upserts, removes))
 }
 
 async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
@@ -179,11 +252,16 @@ async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
 /// Reads the prefix whole, then sends the state for every watch response, for ever: on any
 /// error it reconnects (backing off from 200 ms up to 5 s) and reads the prefix whole again at
 /// a new revision, from which it watches on, so no change made meanwhile is missed.
-pub async fn watch(opts: EtcdOptions, tx: mpsc::Sender<Update>, status: Arc<Mutex<EtcdStatus>>) {
+pub async fn watch(
+    opts: EtcdOptions,
+    tx: mpsc::Sender<Update>,
+    status: Arc<Mutex<EtcdStatus>>,
+    kvs: Kvs,
+) {
     const FIRST_RETRY: Duration = Duration::from_millis(200);
     let mut backoff = FIRST_RETRY;
     loop {
-        let Err(err) = watch_once(&opts, &tx, &status).await else {
+        let Err(err) = watch_once(&opts, &tx, &status, &kvs).await else {
             return; // the agent went away
         };
         if std::mem::replace(&mut status.lock().expect("lock").connected, false) {
@@ -197,16 +275,12 @@ pub async fn watch(opts: EtcdOptions, tx: mpsc::Sender<Update>, status: Arc<Mute
     }
 }
 
-/// Sends the state `kvs` holds at `revision`; false when the agent is gone.
-async fn send(
-    tx: &mpsc::Sender<Update>,
-    prefix: &str,
-    kvs: &BTreeMap<String, String>,
-    revision: i64,
-) -> bool {
-    let update = Update {
-        text: compose(prefix, kvs),
-        reason: "etcd change",
+/// Sends the whole state `kvs` holds at `revision`; false when the agent is gone.
+async fn send_full(tx: &mpsc::Sender<Update>, prefix: &str, kvs: &Kvs, revision: i64) -> bool {
+    let text = compose(prefix, &kvs.lock().expect("etcd kvs"));
+    let update = Update::Full {
+        text,
+        reason: "etcd read",
         revision,
     };
     tx.send(update).await.is_ok()
@@ -218,6 +292,7 @@ async fn watch_once(
     opts: &EtcdOptions,
     tx: &mpsc::Sender<Update>,
     status: &Mutex<EtcdStatus>,
+    kvs: &Kvs,
 ) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     let prefix = opts.prefix.trim_end_matches('/').to_string();
@@ -225,7 +300,7 @@ async fn watch_once(
         .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
         .await?;
     let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let mut kvs: BTreeMap<String, String> = resp
+    let read: BTreeMap<String, String> = resp
         .kvs()
         .iter()
         .filter_map(|kv| {
@@ -235,6 +310,8 @@ async fn watch_once(
             ))
         })
         .collect();
+    let keys = read.len();
+    *kvs.lock().expect("etcd kvs") = read;
     {
         let mut s = status.lock().expect("lock");
         s.connected = true;
@@ -243,15 +320,14 @@ async fn watch_once(
             s.resyncs += 1;
             info!(
                 revision,
-                keys = kvs.len(),
-                "etcd reconnected; resynced from a full read"
+                keys, "etcd reconnected; resynced from a full read"
             );
         } else {
-            info!(revision, keys = kvs.len(), "etcd state read");
+            info!(revision, keys, "etcd state read");
         }
         s.revision = revision;
     }
-    if !send(tx, &prefix, &kvs, revision).await {
+    if !send_full(tx, &prefix, kvs, revision).await {
         return Ok(());
     }
     let mut stream = client
@@ -264,6 +340,7 @@ async fn watch_once(
             ),
         )
         .await?;
+    let subnets = subnets_prefix(&prefix);
     while let Some(resp) = stream.message().await? {
         if resp.canceled() {
             anyhow::bail!("watch canceled (compacted at {})", resp.compact_revision());
@@ -271,21 +348,32 @@ async fn watch_once(
         if resp.events().is_empty() {
             continue;
         }
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let key = kv.key_str()?.to_string();
-            match ev.event_type() {
-                EventType::Put => {
-                    kvs.insert(key, kv.value_str()?.to_string());
-                }
-                EventType::Delete => {
-                    kvs.remove(&key);
-                }
+        let mut events = Vec::new();
+        {
+            let mut kvs = kvs.lock().expect("etcd kvs");
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = kv.key_str()?.to_string();
+                let value = match ev.event_type() {
+                    EventType::Put => Some(kv.value_str()?.to_string()),
+                    EventType::Delete => None,
+                };
+                match &value {
+                    Some(v) => kvs.insert(key.clone(), v.clone()),
+                    None => kvs.remove(&key),
+                };
+                events.push((key, value));
             }
         }
         revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
         status.lock().expect("lock").revision = revision;
-        if !send(tx, &prefix, &kvs, revision).await {
+        // Lease changes go on as they are; anything else (the config) changes every node.
+        let sent = if events.iter().all(|(k, _)| k.starts_with(&subnets)) {
+            tx.send(Update::Leases { events, revision }).await.is_ok()
+        } else {
+            send_full(tx, &prefix, kvs, revision).await
+        };
+        if !sent {
             return Ok(());
         }
     }

@@ -1,5 +1,5 @@
 //! `datapath`: the node agent's command line (run, check, stats, routes, detach).
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -42,6 +42,10 @@ struct ModeArgs {
     /// Compute the outer UDP checksum of VXLAN packets (default zero, as Calico and Cilium).
     #[arg(long)]
     vxlan_udp_checksum: bool,
+    /// The cluster's pod network(s), comma-separated (Kubernetes' --cluster-cidr): one route
+    /// each toward the datapath. Default: the nodes' pod CIDRs, merged.
+    #[arg(long, value_parser = cluster::parse_cidr_list)]
+    cluster_cidr: Option<Vec<cluster::Cidr>>,
 }
 
 impl ModeArgs {
@@ -52,6 +56,7 @@ impl ModeArgs {
             vni: self.vni,
             port: self.vxlan_port,
             udp_checksum: self.vxlan_udp_checksum,
+            cluster_cidrs: self.cluster_cidr.clone().unwrap_or_default(),
         }
     }
 }
@@ -128,9 +133,9 @@ enum Cmd {
         /// Do not require a decapsulated packet's inner source to lie in the sender's pod CIDR.
         #[arg(long)]
         no_inner_src_check: bool,
-        /// How often to check the cluster file for changes, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        watch_ms: u64,
+        /// Ignored: the cluster file is watched with inotify (kept so older command lines run).
+        #[arg(long, hide = true)]
+        watch_ms: Option<u64>,
         #[command(flatten)]
         mode: ModeArgs,
     },
@@ -255,21 +260,20 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             log_level,
             max_nodes,
             no_inner_src_check,
-            watch_ms,
+            watch_ms: _,
             mode,
         } => {
             let source = match cluster {
-                Some(path) => agent::Source::File {
-                    path,
-                    interval: Duration::from_millis(watch_ms),
-                },
+                Some(path) => agent::Source::File { path },
                 None => {
                     let register = if register {
                         let public_ip = match (public_ip, &iface) {
                             (Some(ip), _) => ip,
-                            (None, Some(name)) => datapath_user::net::iface(name)?
-                                .addr
-                                .with_context(|| format!("{name} has no IPv4 address"))?,
+                            (None, Some(name)) => {
+                                net::blocking(|nl| async move { Ok(nl.iface(name).await?) })?
+                                    .addr
+                                    .with_context(|| format!("{name} has no IPv4 address"))?
+                            }
                             (None, None) => {
                                 anyhow::bail!("--register needs --public-ip or --iface")
                             }
@@ -408,10 +412,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Detach { pin_dir } => {
             let removed = loader::remove_pins(&pin_dir)?;
-            net::flush_routes()?;
-            net::remove_csum_device()?;
+            let routes = net::blocking(|nl| async move {
+                let n = nl.flush_routes().await?;
+                nl.remove_nexthop_neigh().await?;
+                nl.remove_csum_device().await?;
+                Ok(n)
+            })?;
             println!(
-                "detached: removed {} pins under {}, the routes of proto {} and {} if present",
+                "detached: removed {} pins under {}, {routes} routes of proto {}, the next-hop neighbour entry and {} if present",
                 removed.len(),
                 pin_dir.display(),
                 net::ROUTE_PROTO,

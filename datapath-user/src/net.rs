@@ -1,7 +1,24 @@
-//! The node's interfaces and the kernel routes the agent owns, through iproute2's JSON output.
-use std::{net::Ipv4Addr, process::Command};
+//! The node's interfaces, the agent's few kernel routes and neighbour entry, route lookups
+//! toward peers, and the checksum path's VXLAN device: all through rtnetlink, no `ip` process.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
-use serde_json::Value;
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkVxlan, RouteMessageBuilder,
+    packet_core::ErrorMessage,
+    packet_route::{
+        AddressFamily,
+        address::AddressAttribute,
+        link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
+        },
+    },
+};
 
 use crate::cluster::Cidr;
 
@@ -9,21 +26,25 @@ use crate::cluster::Cidr;
 /// they can be told apart from everyone else's and flushed on detach.
 pub const ROUTE_PROTO: u8 = 199;
 
+/// Name of the metadata-mode kernel VXLAN device that carries GSO packets when outer UDP
+/// checksums are on (see `NodeConfig::csum_ifindex`).
+pub const CSUM_DEV: &str = "dp-vxcsum";
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+const ENETUNREACH: i32 = 101;
+const EHOSTUNREACH: i32 = 113;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("running `ip {args}`: {source}")]
-    Spawn {
-        args: String,
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink {what}: {source}")]
+    Netlink {
+        what: String,
         #[source]
-        source: std::io::Error,
-    },
-    #[error("`ip {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
-    #[error("`ip {args}` printed JSON this agent cannot read: {source}")]
-    Json {
-        args: String,
-        #[source]
-        source: serde_json::Error,
+        source: rtnetlink::Error,
     },
     #[error("no interface holds {0}")]
     NoInterfaceFor(Ipv4Addr),
@@ -31,35 +52,19 @@ pub enum NetError {
     NoInterface(String),
 }
 
-fn ip(args: &[&str]) -> Result<String, NetError> {
-    let joined = args.join(" ");
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NetError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NetError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
 }
 
-fn ip_json(args: &[&str]) -> Result<Vec<Value>, NetError> {
-    let mut full = vec!["-j"];
-    full.extend_from_slice(args);
-    let text = ip(&full)?;
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
+/// The kernel's errno in a netlink error answer, if that is what `e` is.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(ErrorMessage { code, .. }) => {
+            code.map(|c| -c.get()).filter(|c| *c > 0)
+        }
+        _ => None,
     }
-    serde_json::from_str(&text).map_err(|source| NetError::Json {
-        args: full.join(" "),
-        source,
-    })
 }
 
 /// An interface and its first IPv4 address.
@@ -72,143 +77,401 @@ pub struct Iface {
     pub prefix_len: Option<u8>,
 }
 
-fn ifaces() -> Result<Vec<Iface>, NetError> {
-    Ok(ip_json(&["addr", "show"])?
-        .iter()
-        .map(|l| {
-            let inet = l["addr_info"]
-                .as_array()
-                .and_then(|a| a.iter().find(|x| x["family"] == "inet"));
-            Iface {
-                name: l["ifname"].as_str().unwrap_or_default().to_string(),
-                ifindex: l["ifindex"].as_u64().unwrap_or(0) as u32,
-                mtu: l["mtu"].as_u64().unwrap_or(1500) as u32,
-                addr: inet.and_then(|x| x["local"].as_str()?.parse().ok()),
-                prefix_len: inet.and_then(|x| x["prefixlen"].as_u64()).map(|p| p as u8),
-            }
-        })
-        .collect())
-}
-
-/// The interface named `name`.
-pub fn iface(name: &str) -> Result<Iface, NetError> {
-    ifaces()?
-        .into_iter()
-        .find(|i| i.name == name)
-        .ok_or_else(|| NetError::NoInterface(name.to_string()))
-}
-
-/// The interface that holds `addr`.
-pub fn iface_with_addr(addr: Ipv4Addr) -> Result<Iface, NetError> {
-    ifaces()?
-        .into_iter()
-        .find(|i| i.addr == Some(addr))
-        .ok_or(NetError::NoInterfaceFor(addr))
-}
-
-/// The gateway the kernel uses toward `dst`, or `None` when `dst` is on a connected subnet.
-pub fn gateway_to(dst: Ipv4Addr) -> Result<Option<Ipv4Addr>, NetError> {
-    let r = ip_json(&["route", "get", &dst.to_string()])?;
-    Ok(r.first()
-        .and_then(|x| x["gateway"].as_str())
-        .and_then(|g| g.parse().ok()))
-}
-
-/// A route the agent owns: pod CIDR of a remote node via a next hop on the underlay.
+/// A route the agent owns: an aggregate of pod CIDRs toward the encap program (via
+/// `ROUTE_NEXTHOP`), or a same-subnet peer's pod CIDR sent natively (via the peer).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodRouteSpec {
+pub struct RouteSpec {
     pub cidr: Cidr,
     pub via: Ipv4Addr,
-    pub dev: String,
-    /// Route MTU: the pod MTU for encapsulated peers, so the kernel sends "fragmentation
-    /// needed" for DF packets that would not fit once encapsulated. `None` for native peers.
+    pub ifindex: u32,
+    /// Route MTU: the pod MTU for encapsulated destinations, so the kernel sends
+    /// "fragmentation needed" for DF packets that would not fit once encapsulated.
     pub mtu: Option<u32>,
 }
 
-/// The routes with the agent's protocol number, keyed by destination.
-pub fn owned_routes() -> Result<Vec<PodRouteSpec>, NetError> {
-    let proto = ROUTE_PROTO.to_string();
-    Ok(ip_json(&["route", "show", "proto", &proto])?
-        .iter()
-        .filter_map(|r| {
-            Some(PodRouteSpec {
-                cidr: r["dst"].as_str()?.parse().ok()?,
-                via: r["gateway"].as_str()?.parse().ok()?,
-                dev: r["dev"].as_str()?.to_string(),
-                mtu: r["metrics"]
-                    .as_array()
-                    .and_then(|m| m.iter().find_map(|x| x["mtu"].as_u64()))
-                    .map(|m| m as u32),
+/// What the kernel would do with a packet to a peer's underlay address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerPath {
+    /// A unicast route: through `gateway` (or directly) out of `oif`.
+    Reachable { gateway: Option<Ipv4Addr>, oif: u32 },
+    /// No route, or an unreachable, blackhole or prohibit one.
+    NoRoute,
+}
+
+/// One rtnetlink connection, its task running on the current tokio runtime.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Every interface with its MTU and first IPv4 address.
+    pub async fn ifaces(&self) -> Result<Vec<Iface>, NetError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("link dump"))?;
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("address dump"))?;
+        Ok(links
+            .iter()
+            .map(|l| {
+                let inet = addrs.iter().find_map(|a| {
+                    if a.header.index != l.header.index {
+                        return None;
+                    }
+                    a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Local(IpAddr::V4(v4))
+                        | AddressAttribute::Address(IpAddr::V4(v4)) => {
+                            Some((*v4, a.header.prefix_len))
+                        }
+                        _ => None,
+                    })
+                });
+                Iface {
+                    name: link_name(l).unwrap_or_default(),
+                    ifindex: l.header.index,
+                    mtu: l
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            LinkAttribute::Mtu(m) => Some(*m),
+                            _ => None,
+                        })
+                        .unwrap_or(1500),
+                    addr: inet.map(|(a, _)| a),
+                    prefix_len: inet.map(|(_, p)| p),
+                }
             })
-        })
-        .collect())
-}
-
-/// Installs or replaces a route the agent owns.
-pub fn replace_route(r: &PodRouteSpec) -> Result<(), NetError> {
-    let (cidr, via, proto) = (
-        r.cidr.to_string(),
-        r.via.to_string(),
-        ROUTE_PROTO.to_string(),
-    );
-    let mtu = r.mtu.map(|m| m.to_string());
-    let mut args = vec![
-        "route", "replace", &cidr, "via", &via, "dev", &r.dev, "onlink", "proto", &proto,
-    ];
-    if let Some(m) = &mtu {
-        args.extend_from_slice(&["mtu", m]);
+            .collect())
     }
-    ip(&args).map(drop)
-}
 
-/// Removes one route the agent owns.
-pub fn delete_route(cidr: &Cidr) -> Result<(), NetError> {
-    let (cidr, proto) = (cidr.to_string(), ROUTE_PROTO.to_string());
-    ip(&["route", "del", &cidr, "proto", &proto]).map(drop)
-}
+    /// The interface named `name`.
+    pub async fn iface(&self, name: &str) -> Result<Iface, NetError> {
+        self.ifaces()
+            .await?
+            .into_iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| NetError::NoInterface(name.to_string()))
+    }
 
-/// Removes every route the agent owns.
-pub fn flush_routes() -> Result<(), NetError> {
-    let proto = ROUTE_PROTO.to_string();
-    ip(&["route", "flush", "proto", &proto]).map(drop)
-}
+    /// The interface that holds `addr`.
+    pub async fn iface_with_addr(&self, addr: Ipv4Addr) -> Result<Iface, NetError> {
+        self.ifaces()
+            .await?
+            .into_iter()
+            .find(|i| i.addr == Some(addr))
+            .ok_or(NetError::NoInterfaceFor(addr))
+    }
 
-/// Name of the metadata-mode kernel VXLAN device that carries GSO packets when outer UDP
-/// checksums are on (see `NodeConfig::csum_ifindex`).
-pub const CSUM_DEV: &str = "dp-vxcsum";
+    /// The routes with the agent's protocol number in the main table.
+    pub async fn owned_routes(&self) -> Result<Vec<RouteSpec>, NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("route dump"))?;
+        Ok(all
+            .iter()
+            .filter(|r| r.header.protocol == RouteProtocol::from(ROUTE_PROTO))
+            .filter_map(route_spec)
+            .collect())
+    }
 
-/// Makes sure the checksum path's device exists for `port`: VXLAN in metadata mode
-/// (`external`: the program's tunnel key gives peer and VNI), no learning, up. A device with
-/// another port is replaced. Returns its ifindex and whether it was (re)created.
-pub fn ensure_csum_device(port: u16) -> Result<(u32, bool), NetError> {
-    // `ip link show` fails when the device does not exist.
-    let existing = ip_json(&["-d", "link", "show", "dev", CSUM_DEV]).unwrap_or_default();
-    if let Some(l) = existing.first() {
-        if l["linkinfo"]["info_data"]["port"].as_u64() == Some(port as u64) {
-            return Ok((l["ifindex"].as_u64().unwrap_or(0) as u32, false));
+    /// Installs or replaces a route the agent owns (`onlink`: the next hop need not be in a
+    /// connected subnet).
+    pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), NetError> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.cidr.addr, r.cidr.len)
+            .gateway(r.via)
+            .output_interface(r.ifindex)
+            .protocol(RouteProtocol::from(ROUTE_PROTO))
+            .onlink();
+        if let Some(mtu) = r.mtu {
+            b.get_mut()
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
         }
-        remove_csum_device()?;
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("replacing route {}", r.cidr)))
     }
-    let port = port.to_string();
-    ip(&[
-        "link",
-        "add",
-        CSUM_DEV,
-        "type",
-        "vxlan",
-        "external",
-        "dstport",
-        &port,
-        "nolearning",
-    ])?;
-    ip(&["link", "set", CSUM_DEV, "up"])?;
-    Ok((iface(CSUM_DEV)?.ifindex, true))
+
+    /// Removes one route the agent owns; a route already gone is not an error.
+    pub async fn delete_route(&self, cidr: &Cidr) -> Result<(), NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(cidr.addr, cidr.len)
+            .protocol(RouteProtocol::from(ROUTE_PROTO))
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
+            r => r.map_err(nl_err(format!("deleting route {cidr}"))),
+        }
+    }
+
+    /// Removes every route the agent owns.
+    pub async fn flush_routes(&self) -> Result<usize, NetError> {
+        let owned = self.owned_routes().await?;
+        for r in &owned {
+            self.delete_route(&r.cidr).await?;
+        }
+        Ok(owned.len())
+    }
+
+    /// The permanent neighbour entry of `ROUTE_NEXTHOP` on `ifindex` (see `maps_common`).
+    pub async fn ensure_nexthop_neigh(&self, ifindex: u32) -> Result<(), NetError> {
+        self.handle
+            .neighbours()
+            .add(ifindex, IpAddr::V4(maps_common::ROUTE_NEXTHOP.into()))
+            .link_layer_address(&maps_common::ROUTE_NEXTHOP_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("adding the next-hop neighbour entry"))
+    }
+
+    /// Removes `ROUTE_NEXTHOP`'s neighbour entry from every interface that has one.
+    pub async fn remove_nexthop_neigh(&self) -> Result<(), NetError> {
+        let nexthop = Ipv4Addr::from(maps_common::ROUTE_NEXTHOP);
+        let neighs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("neighbour dump"))?;
+        for n in neighs {
+            let ours = n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == nexthop)
+            });
+            if ours {
+                match self.handle.neighbours().del(n).execute().await {
+                    Err(e) if matches!(errno(&e), Some(ENOENT)) => {}
+                    r => r.map_err(nl_err("removing the next-hop neighbour entry"))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the kernel's FIB says of `dst`, as `bpf_fib_lookup` would see it.
+    pub async fn route_to(&self, dst: Ipv4Addr) -> Result<PeerPath, NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let answer: Result<Vec<RouteMessage>, _> =
+            self.handle.route().get(msg).execute().try_collect().await;
+        let routes = match answer {
+            Ok(r) => r,
+            Err(e) if matches!(errno(&e), Some(ENETUNREACH | EHOSTUNREACH | ESRCH)) => {
+                return Ok(PeerPath::NoRoute);
+            }
+            Err(e) => return Err(nl_err(format!("route lookup of {dst}"))(e)),
+        };
+        let Some(r) = routes.first() else {
+            return Ok(PeerPath::NoRoute);
+        };
+        if r.header.kind != RouteType::Unicast && r.header.kind != RouteType::Local {
+            return Ok(PeerPath::NoRoute);
+        }
+        Ok(PeerPath::Reachable {
+            gateway: r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                _ => None,
+            }),
+            oif: r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+                .unwrap_or(0),
+        })
+    }
+
+    /// Neighbour entries known to have failed resolution, by (interface, address).
+    pub async fn failed_neighbours(&self) -> Result<HashMap<(u32, Ipv4Addr), ()>, NetError> {
+        let neighs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("neighbour dump"))?;
+        Ok(neighs
+            .iter()
+            .filter(|n| n.header.state == NeighbourState::Failed)
+            .filter_map(|n| {
+                n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        Some(((n.header.ifindex, *ip), ()))
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Makes sure the checksum path's device exists for `port`: VXLAN in metadata mode
+    /// (`external`: the program's tunnel key gives peer and VNI), no learning, up. A device
+    /// with another port is replaced. Returns its ifindex and whether it was (re)created.
+    pub async fn ensure_csum_device(&self, port: u16) -> Result<(u32, bool), NetError> {
+        if let Some(l) = self.link(CSUM_DEV).await? {
+            if vxlan_port(&l) == Some(port) {
+                return Ok((l.header.index, false));
+            }
+            self.remove_csum_device().await?;
+        }
+        let msg = LinkVxlan::new(CSUM_DEV, 0)
+            .port(port)
+            .learning(false)
+            .collect_metadata(true)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!("creating {CSUM_DEV}")))?;
+        let l = self
+            .link(CSUM_DEV)
+            .await?
+            .ok_or_else(|| NetError::NoInterface(CSUM_DEV.into()))?;
+        Ok((l.header.index, true))
+    }
+
+    /// Removes the checksum path's device if it exists.
+    pub async fn remove_csum_device(&self) -> Result<(), NetError> {
+        let Some(l) = self.link(CSUM_DEV).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(l.header.index).execute().await {
+            Err(e) if matches!(errno(&e), Some(ENODEV)) => Ok(()),
+            r => r.map_err(nl_err(format!("removing {CSUM_DEV}"))),
+        }
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(l) => Ok(l),
+            Err(e) if matches!(errno(&e), Some(ENODEV)) => Ok(None),
+            Err(e) => Err(nl_err(format!("looking up {name}"))(e)),
+        }
+    }
 }
 
-/// Removes the checksum path's device if it exists.
-pub fn remove_csum_device() -> Result<(), NetError> {
-    match ip(&["link", "del", CSUM_DEV]) {
-        Err(NetError::Failed { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
-        r => r.map(drop),
+fn link_name(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn vxlan_port(l: &LinkMessage) -> Option<u16> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => v.iter().find_map(|x| match x {
+                InfoVxlan::Port(p) => Some(*p),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn route_spec(r: &RouteMessage) -> Option<RouteSpec> {
+    if r.header.address_family != AddressFamily::Inet {
+        return None;
     }
+    let mut spec = RouteSpec {
+        cidr: Cidr {
+            addr: Ipv4Addr::UNSPECIFIED,
+            len: r.header.destination_prefix_length,
+        },
+        via: Ipv4Addr::UNSPECIFIED,
+        ifindex: 0,
+        mtu: None,
+    };
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => spec.cidr.addr = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => spec.via = *g,
+            RouteAttribute::Oif(i) => spec.ifindex = *i,
+            RouteAttribute::Metrics(m) => {
+                spec.mtu = m.iter().find_map(|x| match x {
+                    RouteMetric::Mtu(v) => Some(*v),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    Some(spec)
+}
+
+/// Calls `kick` for every change of IPv4 routes or links the kernel announces (netlink
+/// multicast), for ever; returns only when the subscription fails.
+pub async fn route_events(kick: impl Fn()) -> Result<(), NetError> {
+    use futures::StreamExt as _;
+    use rtnetlink::MulticastGroup;
+    let (conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Route, MulticastGroup::Link])
+            .map_err(NetError::Socket)?;
+    tokio::spawn(conn);
+    while messages.next().await.is_some() {
+        kick();
+    }
+    Err(NetError::Socket(std::io::Error::other(
+        "netlink notification stream ended",
+    )))
+}
+
+/// Runs `f` on a one-off current-thread runtime with a netlink connection: for the CLI's
+/// commands that are not the agent.
+pub fn blocking<T, F>(f: impl FnOnce(Netlink) -> F) -> anyhow::Result<T>
+where
+    F: Future<Output = anyhow::Result<T>>,
+{
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move { f(Netlink::connect()?).await })
 }

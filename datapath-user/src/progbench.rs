@@ -14,8 +14,9 @@ use maps_common::prog_names;
 
 use crate::{
     cluster::{self, Defaults, Limits},
+    dataplane::{Dataplane, LocalOptions},
     loader::{self, LoadOptions},
-    maps::{DatapathMaps, LocalOptions},
+    maps::DatapathMaps,
     net,
 };
 
@@ -123,7 +124,7 @@ pub async fn etcd_latency(
 
 struct View {
     ebpf: Ebpf,
-    _maps: DatapathMaps,
+    _dp: Dataplane,
     ifindex: u32,
 }
 
@@ -139,8 +140,8 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         log_level: 0,
         pin_dir: None,
     })?;
-    let mut maps = DatapathMaps::take(&mut ebpf)?;
-    let iface = net::iface("ul0")?;
+    let maps = DatapathMaps::take(&mut ebpf)?;
+    let iface = net::blocking(|nl| async move { Ok(nl.iface("ul0").await?) })?;
     let local = LocalOptions {
         node: me.into(),
         iface: net::Iface {
@@ -151,7 +152,8 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         max_nodes: max,
         csum_ifindex: 0,
     };
-    maps.sync(&c, &local)?;
+    let mut dp = Dataplane::new(maps, local)?;
+    dp.apply_full(&c)?;
     for name in [
         prog_names::TC_ENCAP_EGRESS,
         prog_names::TC_DECAP_INGRESS,
@@ -166,7 +168,7 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
     }
     Ok(View {
         ebpf,
-        _maps: maps,
+        _dp: dp,
         ifindex: iface.ifindex,
     })
 }

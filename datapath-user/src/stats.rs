@@ -2,7 +2,7 @@
 //! people (`datapath stats`, `datapath routes`), scripts (`--json`) and Prometheus.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
-use maps_common::{CounterId, DropReason, route_mode};
+use maps_common::{CounterId, DropReason, node_flags, route_mode};
 use serde::Serialize;
 
 use crate::{
@@ -31,7 +31,11 @@ pub struct RouteRow {
     pub node: Ipv4Addr,
     pub vtep_mac: String,
     pub mode: &'static str,
+    /// `local`, `reachable`, or `unreachable` (no route toward the node: its pods' traffic is
+    /// dropped as `peer_unreachable`).
+    pub state: &'static str,
     pub peer_slot: u32,
+    pub unreachable_packets: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -56,6 +60,7 @@ impl Snapshot {
         let cfg = maps.read_config()?;
         let counters = DatapathMaps::sum_counters(&maps.counters);
         let drops = DatapathMaps::sum_counters(&maps.drops);
+        let nodes = maps.read_nodes()?;
         let routes = maps
             .read_pod_cidrs()?
             .into_iter()
@@ -65,12 +70,22 @@ impl Snapshot {
                 } else {
                     maps.peer_stats(r.peer_idx)
                 };
+                let node = Ipv4Addr::from(r.node_addr);
+                let down = nodes
+                    .get(&node)
+                    .is_some_and(|e| e.flags & node_flags::UNREACHABLE != 0);
                 RouteRow {
                     pod_cidr: cidr.to_string(),
-                    node: Ipv4Addr::from(r.node_addr),
+                    node,
                     vtep_mac: format_mac(&r.vtep_mac),
                     mode: route_mode::name(r.mode),
+                    state: match (r.mode, down) {
+                        (route_mode::LOCAL, _) => "local",
+                        (_, true) => "unreachable",
+                        (_, false) => "reachable",
+                    },
                     peer_slot: r.peer_idx,
+                    unreachable_packets: s.unreachable_packets,
                     tx_packets: s.tx_packets,
                     tx_bytes: s.tx_bytes,
                     rx_packets: s.rx_packets,
@@ -83,7 +98,7 @@ impl Snapshot {
             vni: cfg.vni,
             vxlan_port: cfg.vxlan_port,
             underlay_mtu: cfg.underlay_mtu,
-            nodes_known: maps.read_nodes()?.len(),
+            nodes_known: nodes.len(),
             counters: CounterId::ALL
                 .iter()
                 .map(|id| {
@@ -132,16 +147,22 @@ impl Snapshot {
                 c.direction, c.mode, c.packets, c.bytes
             );
         }
-        let _ = writeln!(s, "drops:");
-        for d in &self.drops {
+        let _ = writeln!(s, "drops (non-zero):");
+        for d in self.drops.iter().filter(|d| d.packets > 0) {
             let _ = writeln!(s, "  {:<20} {:>14} {:>16}", d.reason, d.packets, d.bytes);
         }
         let _ = writeln!(s, "peers:");
         for r in self.routes.iter().filter(|r| r.mode != "local") {
             let _ = writeln!(
                 s,
-                "  {:<15} tx {:>10} pkts {:>14} B   rx {:>10} pkts {:>14} B",
-                r.node, r.tx_packets, r.tx_bytes, r.rx_packets, r.rx_bytes
+                "  {:<15} {:<11} tx {:>10} pkts {:>14} B   rx {:>10} pkts {:>14} B   unreachable {:>8} pkts",
+                r.node,
+                r.state,
+                r.tx_packets,
+                r.tx_bytes,
+                r.rx_packets,
+                r.rx_bytes,
+                r.unreachable_packets
             );
         }
         s
@@ -150,14 +171,14 @@ impl Snapshot {
     /// The pod CIDR map as a person reads it.
     pub fn render_routes(&self) -> String {
         let mut s = format!(
-            "{:<18} {:<15} {:<17} {:<6} {:>4}\n",
-            "pod cidr", "node", "vtep mac", "mode", "slot"
+            "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}\n",
+            "pod cidr", "node", "vtep mac", "mode", "state", "slot", "unreachable"
         );
         for r in &self.routes {
             let _ = writeln!(
                 s,
-                "{:<18} {:<15} {:<17} {:<6} {:>4}",
-                r.pod_cidr, r.node, r.vtep_mac, r.mode, r.peer_slot
+                "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}",
+                r.pod_cidr, r.node, r.vtep_mac, r.mode, r.state, r.peer_slot, r.unreachable_packets
             );
         }
         s
@@ -214,6 +235,31 @@ impl Snapshot {
                 s,
                 "datapath_peer_packets_total{{peer=\"{}\",direction=\"rx\"}} {}",
                 r.node, r.rx_packets
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP datapath_peer_unreachable 1 while the kernel has no route toward the peer node."
+        );
+        let _ = writeln!(s, "# TYPE datapath_peer_unreachable gauge");
+        for r in self.routes.iter().filter(|r| r.mode != "local") {
+            let _ = writeln!(
+                s,
+                "datapath_peer_unreachable{{peer=\"{}\"}} {}",
+                r.node,
+                u8::from(r.state == "unreachable")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP datapath_peer_unreachable_drops_total Packets for the peer dropped as unreachable."
+        );
+        let _ = writeln!(s, "# TYPE datapath_peer_unreachable_drops_total counter");
+        for r in self.routes.iter().filter(|r| r.mode != "local") {
+            let _ = writeln!(
+                s,
+                "datapath_peer_unreachable_drops_total{{peer=\"{}\"}} {}",
+                r.node, r.unreachable_packets
             );
         }
         let _ = writeln!(s, "# HELP datapath_nodes_known Peer nodes in the maps.");

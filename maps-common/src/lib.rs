@@ -9,8 +9,12 @@
 pub mod map_names {
     /// `Array<NodeConfig, 1>`: this node's own settings.
     pub const CONFIG: &str = "DP_CONFIG";
-    /// `LpmTrie<[u8; 4], PodRoute>`: pod CIDR -> owning node.
+    /// `LpmTrie<[u8; 4], PodRoute>`: pod CIDR -> owning node (longest-prefix fallback, and
+    /// what `bpftool` shows by prefix).
     pub const POD_CIDRS: &str = "DP_POD_CIDRS";
+    /// `HashMap<PodKey, PodRoute>`: the same entries, exact-match by (prefix length, network);
+    /// what the encap program looks up, once per prefix length in use.
+    pub const POD_ROUTES: &str = "DP_POD_ROUTES";
     /// `HashMap<[u8; 4], NodeEntry>`: underlay address -> known node (decap accepts only these).
     pub const NODES: &str = "DP_NODES";
     /// `PerCpuArray<Counter>` indexed by [`crate::CounterId`].
@@ -20,7 +24,9 @@ pub mod map_names {
     /// `PerCpuArray<PeerStats>` indexed by [`crate::PodRoute::peer_idx`].
     pub const PEER_STATS: &str = "DP_PEER_STATS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 6] = [CONFIG, POD_CIDRS, NODES, COUNTERS, DROPS, PEER_STATS];
+    pub const ALL: [&str; 7] = [
+        CONFIG, POD_CIDRS, POD_ROUTES, NODES, COUNTERS, DROPS, PEER_STATS,
+    ];
 }
 
 /// Names of the kernel programs (their function names in `datapath-ebpf`).
@@ -51,6 +57,18 @@ pub const VXLAN_PORT_IANA: u16 = 4789;
 /// The Linux VXLAN device's default port, Flannel's default.
 pub const VXLAN_PORT_LINUX: u16 = 8472;
 
+/// Next hop of the agent's few aggregate routes (cluster CIDRs toward the underlay interface,
+/// `onlink`): a link-local address no host uses, with a permanent neighbour entry of
+/// [`ROUTE_NEXTHOP_MAC`]. The kernel hands every packet for a remote pod to the encap program
+/// with that destination MAC; the program picks the real outer next hop itself (FIB lookup).
+pub const ROUTE_NEXTHOP: [u8; 4] = [169, 254, 0, 1];
+/// Destination MAC the kernel writes for packets routed through [`ROUTE_NEXTHOP`]: locally
+/// administered, so a frame the program did not rewrite is never mistaken for a real host's.
+pub const ROUTE_NEXTHOP_MAC: [u8; 6] = [0x0e, 0xd9, 0x00, 0x00, 0x00, 0x01];
+/// Distinct pod-CIDR prefix lengths the encap program tries by exact match (longest first);
+/// with more in use it falls back to the LPM trie.
+pub const MAX_PREFIX_LENS: usize = 4;
+
 /// `PodRoute::mode`: how traffic to a pod CIDR leaves this node.
 pub mod route_mode {
     /// Pod CIDR of this node: not touched by the encap program.
@@ -80,6 +98,15 @@ pub mod config_flags {
     pub const UDP_CSUM: u32 = 1 << 0;
     /// After decapsulation, require the inner source to lie in the sender's pod CIDR.
     pub const INNER_SRC_CHECK: u32 = 1 << 1;
+    /// More distinct pod-CIDR prefix lengths than `MAX_PREFIX_LENS`: look up the LPM trie.
+    pub const LPM_LOOKUP: u32 = 1 << 2;
+}
+
+/// `NodeEntry::flags` bits, written by the agent.
+pub mod node_flags {
+    /// The kernel has no usable route (or next-hop neighbour) toward the node's address: its
+    /// pods' traffic is dropped as `peer_unreachable` until the underlay can reach it again.
+    pub const UNREACHABLE: u8 = 1 << 0;
 }
 
 /// This node's settings; the single entry of `DP_CONFIG`. All zero means "not configured yet":
@@ -102,9 +129,37 @@ pub struct NodeConfig {
     /// Interface index of the metadata-mode kernel VXLAN device that carries GSO packets when
     /// `UDP_CSUM` is set (BPF cannot ask GSO for per-segment outer checksums); 0 when absent.
     pub csum_ifindex: u32,
-    pub _pad: u32,
+    /// This node's own pod CIDR, wire order, and its prefix length: decap tells "for a local
+    /// pod" by mask, without a map lookup.
+    pub pod_cidr: [u8; 4],
+    /// Distinct pod-CIDR prefix lengths in `DP_POD_ROUTES`, longest first; 0 ends the list.
+    pub prefix_lens: [u8; MAX_PREFIX_LENS],
+    pub pod_prefix_len: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
+
+/// Key of `DP_POD_ROUTES`: the same layout as an LPM trie key, but matched exactly. `addr` is
+/// the network address (host bits zero), wire order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PodKey>() == 8);
+
+/// The network mask of a prefix length, host order; `len` above 32 counts as 32.
+#[inline(always)]
+pub const fn prefix_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else if len >= 32 {
+        u32::MAX
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
 
 /// Value of `DP_POD_CIDRS` (key: `[u8; 4]` address with a prefix length): the node that owns a
 /// pod CIDR and how to reach it.
@@ -124,16 +179,22 @@ pub struct PodRoute {
 const _: () = assert!(core::mem::size_of::<PodRoute>() == 16);
 
 /// Value of `DP_NODES` (key: the node's underlay IPv4, wire order): a node this one accepts
-/// encapsulated traffic from.
+/// encapsulated traffic from, with the pod CIDR its inner sources must lie in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeEntry {
     /// Slot of the node in `DP_PEER_STATS`.
     pub peer_idx: u32,
+    /// The node's pod CIDR, wire order, and its prefix length.
+    pub pod_cidr: [u8; 4],
+    pub pod_prefix_len: u8,
     /// `route_mode` value of the node's pod CIDR (informational for decap).
-    pub mode: u32,
+    pub mode: u8,
+    /// `node_flags` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<NodeEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeEntry>() == 12);
 
 /// A packet and byte count; the value of `DP_COUNTERS` and `DP_DROPS`.
 #[repr(C)]
@@ -154,8 +215,11 @@ pub struct PeerStats {
     /// Packets and bytes decapsulated from the peer.
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Packets for the peer dropped because the kernel's FIB had no route toward it.
+    pub unreachable_packets: u64,
+    pub unreachable_bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+const _: () = assert!(core::mem::size_of::<PeerStats>() == 48);
 
 /// Index into `DP_COUNTERS`. Bytes are counted as the packet's length when the program saw it.
 #[repr(u32)]
@@ -220,7 +284,8 @@ pub enum DropReason {
     TooBig = 8,
     /// `bpf_skb_adjust_room` / `bpf_xdp_adjust_head` / `bpf_skb_set_tunnel_key` refused.
     AdjustFailed = 9,
-    /// No route to the peer's underlay address in the kernel FIB.
+    /// The kernel FIB refused the lookup for another reason (forwarding disabled, no source
+    /// address, unsupported route).
     FibLookupFailed = 10,
     /// Inner IPv4 header that is not a valid IPv4 header (version, IHL, length).
     BadInnerHeader = 11,
@@ -235,10 +300,16 @@ pub enum DropReason {
     /// Outer IPv4 total length too short for the tunnel headers and an inner IPv4 header, or a
     /// UDP length that disagrees with it.
     BadOuterLength = 15,
+    /// No route (or an unreachable, blackhole or prohibit route) toward the peer node's
+    /// underlay address; counted per peer too.
+    PeerUnreachable = 16,
+    /// Routed into the datapath through the aggregate routes (destination MAC
+    /// `ROUTE_NEXTHOP_MAC`) but in no remote node's pod CIDR: nothing could deliver it.
+    NoPodRoute = 17,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::Truncated,
         Self::UnknownPeer,
@@ -256,6 +327,8 @@ impl DropReason {
         Self::WrongPort,
         Self::NotForThisNode,
         Self::BadOuterLength,
+        Self::PeerUnreachable,
+        Self::NoPodRoute,
     ];
 
     /// The reason's name as `datapath stats` and the metrics endpoint print it.
@@ -277,6 +350,8 @@ impl DropReason {
             Self::WrongPort => "wrong_port",
             Self::NotForThisNode => "not_for_this_node",
             Self::BadOuterLength => "bad_outer_length",
+            Self::PeerUnreachable => "peer_unreachable",
+            Self::NoPodRoute => "no_pod_route",
         }
     }
 }
@@ -286,6 +361,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::PodRoute {}
+    unsafe impl aya::Pod for super::PodKey {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerStats {}

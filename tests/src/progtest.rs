@@ -16,8 +16,9 @@ use aya::{
 };
 use datapath_user::{
     cluster::{self, Defaults, Limits},
+    dataplane::{Dataplane, LocalOptions},
     loader::{self, LoadOptions},
-    maps::{DatapathMaps, LocalOptions},
+    maps::DatapathMaps,
     net::Iface,
 };
 use maps_common::{DropReason, prog_names};
@@ -79,7 +80,7 @@ impl Drop for ThreadNetns {
 /// The datapath loaded (not attached) with node1's view of a two-node cluster.
 pub struct Env {
     pub ebpf: Ebpf,
-    pub maps: DatapathMaps,
+    pub dp: Dataplane,
     pub _ns: ThreadNetns,
     pub ifindex: u32,
 }
@@ -118,7 +119,7 @@ impl Env {
             pin_dir: None,
         })
         .expect("load object");
-        let mut maps = DatapathMaps::take(&mut ebpf).expect("maps");
+        let maps = DatapathMaps::take(&mut ebpf).expect("maps");
         let local = LocalOptions {
             node: "node1".into(),
             iface: Iface {
@@ -132,7 +133,8 @@ impl Env {
             max_nodes: 64,
             csum_ifindex: 0,
         };
-        maps.sync(&cluster, &local).expect("sync the maps");
+        let mut dp = Dataplane::new(maps, local).expect("dataplane");
+        dp.apply_full(&cluster).expect("fill the maps");
         for name in [prog_names::TC_ENCAP_EGRESS, prog_names::TC_DECAP_INGRESS] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("verifier accepts the TC program");
@@ -145,7 +147,7 @@ impl Env {
         p.load().expect("verifier accepts the XDP program");
         Self {
             ebpf,
-            maps,
+            dp,
             _ns: ns,
             ifindex,
         }
@@ -197,7 +199,7 @@ impl Env {
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {
-        DatapathMaps::sum_counters(&self.maps.drops)[reason as usize].packets
+        DatapathMaps::sum_counters(&self.dp.maps.drops)[reason as usize].packets
     }
 }
 
