@@ -24,7 +24,7 @@ pub fn pod_route(cfg: &NodeConfig, addr: [u8; 4]) -> Option<PodRoute> {
             prefix_len: len as u32,
             addr: (host & prefix_mask(len)).to_be_bytes(),
         };
-        if let Some(r) = DP_POD_ROUTES.get_ptr(&key) {
+        if let Some(r) = DP_POD_ROUTES.get_ptr(key) {
             // SAFETY: a value pointer from the map, copied right away.
             return Some(unsafe { *r });
         }

@@ -195,7 +195,7 @@ struct Agent {
     shared: SharedRef,
     routes: Routes,
     parse: Box<dyn Fn(anyhow::Result<String>) -> anyhow::Result<Cluster>>,
-    etcd: Option<(String, Arc<Mutex<BTreeMap<String, String>>>)>,
+    etcd: Option<(String, etcd::Kvs)>,
     /// The last change was rejected: deltas cannot be trusted until a whole state applies.
     dirty: bool,
     health: Arc<Notify>,

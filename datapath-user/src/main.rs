@@ -202,6 +202,21 @@ enum Cmd {
         nodes: u32,
         #[arg(long, default_value = "vxlan")]
         encapsulation: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time one-node changes of a generated JSON cluster file until the agent's pinned map
+    /// holds them (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchFile {
+        #[arg(long)]
+        cluster: PathBuf,
+        #[arg(long)]
+        nodes: u32,
+        #[arg(long)]
+        latency: u32,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Remove the programs, links, pins and routes the agent made.
     #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
@@ -403,11 +418,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::GenCluster {
             nodes,
             encapsulation,
+            json,
         } => {
-            print!(
-                "{}",
+            let text = if json {
+                datapath_user::progbench::cluster_json(&encapsulation, nodes, None)
+            } else {
                 datapath_user::progbench::cluster_text(&encapsulation, nodes)
-            );
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchFile {
+            cluster,
+            nodes,
+            latency,
+            pin_dir,
+        } => {
+            let ms = datapath_user::progbench::file_latency(&cluster, nodes, &pin_dir, latency)?;
+            println!("{}", serde_json::to_string(&ms)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Detach { pin_dir } => {

@@ -20,8 +20,73 @@ use crate::{
     net,
 };
 
-/// A cluster file of `nodes` nodes on 192.168.0.0/16: node1 192.168.1.10, node2 192.168.1.11,
-/// the rest spread over 192.168.2.0-192.168.255.255, pod CIDRs 10.(k/256).(k%256).0/24.
+/// The same cluster as JSON (what a generated or `kubectl`-made file of this size would be),
+/// with node `k`'s VTEP MAC set to `mac` when given.
+pub fn cluster_json(encap: &str, nodes: u32, changed: Option<(u32, [u8; 6])>) -> String {
+    let list: Vec<serde_json::Value> = (0..nodes)
+        .map(|k| {
+            let mut n = serde_json::json!({
+                "name": format!("node{}", k + 1),
+                "address": node_addr(k).to_string(),
+                "podCIDR": pod_cidr(k).to_string(),
+            });
+            if let Some((_, mac)) = changed.filter(|(c, _)| *c == k) {
+                n["vtepMAC"] = serde_json::json!(cluster::format_mac(&mac));
+            }
+            n
+        })
+        .collect();
+    serde_json::json!({ "encapsulation": encap, "nodes": list }).to_string()
+}
+
+/// Changes one node's VTEP MAC in the cluster file `path` `samples` times, each written beside
+/// it and renamed over it (as editors and ConfigMap updates do), and times each from the
+/// rename to when the agent's pinned DP_POD_CIDRS holds the new MAC. Milliseconds.
+pub fn file_latency(
+    path: &std::path::Path,
+    nodes: u32,
+    pin_dir: &std::path::Path,
+    samples: u32,
+) -> Result<Vec<f64>> {
+    let maps = DatapathMaps::open_pinned(pin_dir)?;
+    let tmp = path.with_extension("new");
+    let mut out = Vec::new();
+    for s in 0..samples {
+        let k = 2 + s % (nodes - 2);
+        let mac = [0x66, 0, 0, (s >> 16) as u8, (s >> 8) as u8, s as u8];
+        std::fs::write(&tmp, cluster_json("vxlan", nodes, Some((k, mac))))?;
+        let key = aya::maps::lpm_trie::Key::new(24, pod_cidr(k).addr.octets());
+        let start = std::time::Instant::now();
+        std::fs::rename(&tmp, path)?;
+        wait_for_mac(&maps, &key, mac, start, s)?;
+        out.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+/// Polls the pinned pod-CIDR map every 50 µs until `key` holds `mac` (10 s at most).
+fn wait_for_mac(
+    maps: &DatapathMaps,
+    key: &aya::maps::lpm_trie::Key<[u8; 4]>,
+    mac: [u8; 6],
+    start: std::time::Instant,
+    sample: u32,
+) -> Result<()> {
+    loop {
+        if maps.pod_cidrs.get(key, 0).is_ok_and(|r| r.vtep_mac == mac) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "change {sample} not in the map after 10 s"
+        );
+        // A blocking sleep: tokio's timer would round 50 µs up to a millisecond.
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// A cluster file of `nodes` nodes: node1 192.168.1.10, node2 192.168.1.11, the rest 250 to a
+/// /24 from 192.168.2.0 on (10,000 nodes fill 40 subnets), pod CIDRs 10.(k/256).(k%256).0/24.
 pub fn cluster_text(encap: &str, nodes: u32) -> String {
     let mut s = format!("encapsulation: {encap}\nnodes:\n");
     for k in 0..nodes {
@@ -106,17 +171,7 @@ pub async fn etcd_latency(
             None,
         )
         .await?;
-        loop {
-            if maps.pod_cidrs.get(&key, 0).is_ok_and(|r| r.vtep_mac == mac) {
-                break;
-            }
-            anyhow::ensure!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "lease change {s} not in the map after 10 s"
-            );
-            // A blocking sleep: tokio's timer would round 50 µs up to a millisecond.
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
+        wait_for_mac(&maps, &key, mac, start, s)?;
         out.push(start.elapsed().as_secs_f64() * 1e3);
     }
     Ok(out)

@@ -361,8 +361,25 @@ fn prog_lab_teardown() {
     ));
 }
 
-/// Per-packet cost (BPF_PROG_TEST_RUN) at 2 and 5,000 nodes, and the agent's full-sync time
-/// and memory at 5,000 nodes, as a markdown section.
+/// Nodes of the control-plane benchmark: 10,000, in 40 underlay subnets behind a router.
+const BIG: u32 = 10_000;
+/// `--max-nodes` for it (the maps' size).
+const BIG_MAPS: &str = "16384";
+
+/// Latencies in ms, as "median X ms, p99 Y ms over N changes".
+fn latency_summary(mut ms: Vec<f64>) -> String {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+    format!(
+        "median {:.2} ms, p99 {:.2} ms over {} changes",
+        median(ms.clone()),
+        p99,
+        ms.len()
+    )
+}
+
+/// Per-packet cost (BPF_PROG_TEST_RUN) at 2 and 10,000 nodes, and the agent's full-sync time,
+/// memory and change-to-map latency at 10,000 nodes, as a markdown section.
 fn program_costs(bin: &Path) -> Result<String> {
     prog_lab_teardown();
     let r = (|| -> Result<String> {
@@ -370,8 +387,10 @@ fn program_costs(bin: &Path) -> Result<String> {
             "ip netns add {PROG_NS} && ip -n {PROG_NS} link set lo up && \
              ip -n {PROG_NS} link add ul0 address 02:00:00:00:00:0a type veth peer name ul1 && \
              ip -n {PROG_NS} link set ul0 up && ip -n {PROG_NS} link set ul1 up && \
-             ip -n {PROG_NS} addr add 192.168.1.10/16 dev ul0 && \
+             ip -n {PROG_NS} addr add 192.168.1.10/24 dev ul0 && \
              ip -n {PROG_NS} neigh add 192.168.1.11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
+             ip -n {PROG_NS} neigh add 192.168.1.1 lladdr 02:00:00:00:00:01 dev ul0 nud permanent && \
+             ip -n {PROG_NS} route add default via 192.168.1.1 dev ul0 && \
              ip netns exec {PROG_NS} sysctl -qw net.ipv4.conf.all.forwarding=1"
         ))?;
         let costs = |nodes: u32| -> Result<BTreeMap<String, f64>> {
@@ -383,12 +402,12 @@ fn program_costs(bin: &Path) -> Result<String> {
         };
         println!("bench: per-packet cost, 2 nodes");
         let small = costs(2)?;
-        println!("bench: per-packet cost, 5000 nodes");
-        let large = costs(5000)?;
+        println!("bench: per-packet cost, {BIG} nodes");
+        let large = costs(BIG)?;
         let mut s = String::from(
             "\nPer-packet cost from BPF_PROG_TEST_RUN (mean of 20,000 single runs, kernel-reported ns; \
              the floor is a program that only returns; decap inputs are the encap program's outputs):\n\n\
-             | program | 2 nodes (ns) | above floor | 5,000 nodes (ns) | above floor | 5,000 / 2 (above floor) |\n|---|---|---|---|---|---|\n",
+             | program | 2 nodes (ns) | above floor | 10,000 nodes (ns) | above floor | 10,000 / 2 (above floor) |\n|---|---|---|---|---|---|\n",
         );
         for (name, v) in &small {
             let floor_key = if name.starts_with("xdp") {
@@ -403,23 +422,33 @@ fn program_costs(bin: &Path) -> Result<String> {
             s += &format!("| {name} | {v:.0} | {a2:.0} | {w:.0} | {a5:.0} | {ratio:.2}× |\n");
         }
 
-        println!("bench: agent full sync and memory at 5000 nodes");
+        println!("bench: agent full sync, memory and file change latency at {BIG} nodes");
         sh(&format!(
             "mkdir -p {PROG_BPFFS} && mount -t bpf bpf {PROG_BPFFS}"
         ))?;
-        let cluster = "/run/dpbench-prog-cluster.yaml";
+        let cluster = "/run/dpbench-prog-cluster.json";
         sh(&format!(
-            "{} gen-cluster --nodes 5000 > {cluster}",
+            "{} gen-cluster --json --nodes {BIG} > {cluster}",
             bin.display()
         ))?;
-        let (synced, rss_kb, agent) =
-            timed_agent(bin, &["--cluster", cluster], "/tmp/dpbench-prog-agent.log")?;
+        let (synced, rss_kb, agent) = timed_agent(
+            bin,
+            &["--cluster", cluster, "--max-nodes", BIG_MAPS],
+            "/tmp/dpbench-prog-agent.log",
+        )?;
+        let lat = sh(&format!(
+            "ip netns exec {PROG_NS} {} bench-file --cluster {cluster} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
+            bin.display()
+        ));
+        let routes = sh(&format!("ip -n {PROG_NS} route show proto 199 | wc -l"));
         stop_agent(bin, agent);
         let _ = sh(&format!("rm -f {cluster}"));
         s += &format!(
-            "\nAgent at 5,000 nodes: full sync (start to programs attached: load, 5,000 map entries, 4,999 kernel routes) {:.2} s; resident memory {:.1} MiB.\n",
+            "\nAgent at 10,000 nodes in 40 underlay subnets behind a router (cluster file, JSON): full sync (start to programs attached, every peer in the maps: load, 20,000 map entries, {} aggregate kernel routes) {:.2} s; resident memory {:.1} MiB; one node's change in the file to the map update {}.\n",
+            routes?.trim(),
             synced.as_secs_f64(),
-            rss_kb as f64 / 1024.0
+            rss_kb as f64 / 1024.0,
+            latency_summary(serde_json::from_str(&lat?)?)
         );
         s += &etcd_costs(bin)?;
         Ok(s)
@@ -431,10 +460,10 @@ fn program_costs(bin: &Path) -> Result<String> {
 const ETCD_DIR: &str = "/run/dpbench-etcd";
 const ETCD_URL: &str = "http://127.0.0.1:23790";
 
-/// The etcd source at 5,000 leases: full-sync time and memory, and the time from a lease
+/// The etcd source at 10,000 leases: full-sync time and memory, and the time from a lease
 /// change to the map update (median, p99 over 200 changes), as a markdown paragraph.
 fn etcd_costs(bin: &Path) -> Result<String> {
-    println!("bench: etcd source: full sync at 5000 leases, lease change to map update");
+    println!("bench: etcd source: full sync at {BIG} leases, lease change to map update");
     let _ = sh(&format!("rm -rf {ETCD_DIR}"));
     let mut etcd = Command::new("ip")
         .args(["netns", "exec", PROG_NS, "etcd", "--data-dir", ETCD_DIR])
@@ -464,29 +493,24 @@ fn etcd_costs(bin: &Path) -> Result<String> {
         }
         anyhow::ensure!(up, "etcd did not start (see /tmp/dpbench-etcd.log)");
         sh(&format!(
-            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes 5000 --fill",
+            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --fill",
             bin.display()
         ))?;
         let (synced, rss_kb, agent) = timed_agent(
             bin,
-            &["--etcd-endpoints", ETCD_URL],
+            &["--etcd-endpoints", ETCD_URL, "--max-nodes", BIG_MAPS],
             "/tmp/dpbench-etcd-agent.log",
         )?;
         let lat = sh(&format!(
-            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes 5000 --latency 200 --pin-dir {PROG_BPFFS}/node1",
+            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
             bin.display()
         ));
         stop_agent(bin, agent);
-        let mut ms: Vec<f64> = serde_json::from_str(&lat?)?;
-        ms.sort_by(|a, b| a.total_cmp(b));
-        let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
         Ok(format!(
-            "\netcd source (Flannel lease layout; etcd 3.4 on the same host): full sync at 5,000 leases (start to programs attached: read, parse, 5,000 map entries, 4,999 kernel routes) {:.2} s; resident memory {:.1} MiB. Lease change to map update over {} changes (from issuing the write to the new VTEP MAC in the pinned map): median {:.2} ms, p99 {:.2} ms.\n",
+            "\netcd source (Flannel lease layout; etcd 3.4 on the same host): full sync at 10,000 leases (start to programs attached: read, parse, 20,000 map entries, the aggregate routes) {:.2} s; resident memory {:.1} MiB. Lease change to map update (from issuing the write to the new VTEP MAC in the pinned map): {}.\n",
             synced.as_secs_f64(),
             rss_kb as f64 / 1024.0,
-            ms.len(),
-            median(ms.clone()),
-            p99
+            latency_summary(serde_json::from_str(&lat?)?)
         ))
     })();
     let _ = etcd.kill();
