@@ -75,3 +75,16 @@ pub fn vxlan_udp(
         c => c.to_be_bytes(),
     }
 }
+
+/// Lowers the TTL of the IPv4 header at `ip` by one and updates its checksum incrementally
+/// (RFC 1624: HC' = ~(~HC + ~m + m')), as a router forwarding it would. The caller has checked
+/// that the TTL is above 1.
+#[inline(always)]
+pub fn decrement_ttl(ip: &mut Ipv4Hdr) {
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
+    let check = u16::from_be_bytes(ip.check);
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    ip.check = (!fold(sum)).to_be_bytes();
+    ip.ttl -= 1;
+}

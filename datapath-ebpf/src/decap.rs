@@ -19,6 +19,7 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer},
+    hostroute,
     lookup::in_cidr,
     parse::{Packet, ptr_at, ptr_at_mut},
 };
@@ -294,7 +295,14 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             .map_err(|_| DropReason::AdjustFailed)?;
             count(counter, len);
             count_peer(peer_idx, false, len);
-            Ok(TC_ACT_OK)
+            // Revalidated inside: the head moved.
+            match DP_CONFIG
+                .get(0)
+                .and_then(|cfg| hostroute::deliver(ctx, cfg))
+            {
+                Some(action) => Ok(action),
+                None => Ok(TC_ACT_OK),
+            }
         }
     }
 }

@@ -92,17 +92,41 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         _ if via_aggregate => return Err(DropReason::NoPodRoute),
         _ => return Ok(pass(len)),
     };
-    let action = match route.mode {
-        route_mode::IPIP | route_mode::VXLAN => encap_and_forward(ctx, len, cfg, &route, &inner),
+    match route.mode {
+        route_mode::IPIP | route_mode::VXLAN => send(ctx, cfg, &route, &inner),
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // they still reach the peer, unencapsulated.
         route_mode::NATIVE if via_aggregate => {
-            forward(ctx, cfg, route.node_addr).map(|a| (CounterId::NativeForward, a))
+            let action = forward(ctx, cfg, route.node_addr);
+            counted(action.map(|a| (CounterId::NativeForward, a)), &route, len)
         }
-        route_mode::NATIVE => Ok((CounterId::NativeForward, TC_ACT_OK)),
+        route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
         _ => Err(DropReason::NoPodRoute),
-    };
-    match action {
+    }
+}
+
+/// Encapsulates toward `route`'s node and sends; counts it (and a peer it could not reach).
+/// `inner` is the IPv4 header as it stands behind the Ethernet header now.
+#[inline(always)]
+pub fn send(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    let len = ctx.len();
+    counted(encap_and_forward(ctx, len, cfg, route, inner), route, len)
+}
+
+/// Counts an outcome: the counter and the peer's tx on success, the peer's unreachable count
+/// when that was the reason to drop.
+#[inline(always)]
+fn counted(
+    outcome: Result<(CounterId, i32), DropReason>,
+    route: &PodRoute,
+    len: u32,
+) -> Result<i32, DropReason> {
+    match outcome {
         Ok((counter, action)) => {
             count(counter, len);
             count_peer(route.peer_idx, true, len);
@@ -351,7 +375,7 @@ const fn encap_l2_len() -> u64 {
 }
 
 /// Sends the encapsulated packet to the outer next hop that the kernel's FIB and neighbour
-/// table give for the peer.
+/// table give for the peer, looked up from the underlay interface (a pod's veth sends there).
 ///
 /// Returns `TC_ACT_OK` when the next hop is on this interface (MACs rewritten), the redirect
 /// verdict when it is on another interface or its neighbour entry must first be resolved;
@@ -365,7 +389,11 @@ fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, Drop
     params.family = AF_INET;
     // SAFETY: ctx.skb.skb is the program's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.ifindex = ifindex;
+    params.ifindex = if cfg.underlay_ifindex != 0 {
+        cfg.underlay_ifindex
+    } else {
+        ifindex
+    };
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
     // SAFETY: params lives on the stack for the call.

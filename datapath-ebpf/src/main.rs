@@ -8,19 +8,20 @@ mod counters;
 mod csum;
 mod decap;
 mod encap;
+mod hostroute;
 mod lookup;
 mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP},
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, NodeConfig, NodeEntry, PeerStats, PodKey,
-    PodRoute,
+    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FlowKey, MAX_FLOWS, NodeConfig,
+    NodeEntry, PeerStats, PodKey, PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -53,6 +54,26 @@ pub static DP_DROPS: PerCpuArray<Counter, { DropReason::COUNT as usize }> = PerC
 /// Traffic per peer node, by `PodRoute::peer_idx`.
 #[btf_map]
 pub static DP_PEER_STATS: PerCpuArray<PeerStats, MAX_NODES> = PerCpuArray::new();
+
+/// Local pod address -> host-side veth and MACs, written by the CNI plugin.
+#[btf_map]
+pub static DP_ENDPOINTS: HashMap<[u8; 4], Endpoint, MAX_ENDPOINTS> = HashMap::new();
+
+/// Flows local pods sent through BPF host routing; their replies may skip the host's stack.
+#[btf_map]
+pub static DP_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Pods on one node: far above Kubernetes' 110, within a /20 pod CIDR.
+const MAX_ENDPOINTS: usize = 4096;
+
+/// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
+#[classifier]
+pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
+    match hostroute::try_pod_egress(&ctx) {
+        Ok(action) => action,
+        Err(reason) => drop_tc(&ctx, reason),
+    }
+}
 
 /// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.
 #[classifier]

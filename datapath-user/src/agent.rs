@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     cluster::{self, Cidr, Cluster, Defaults, Limits},
+    cni::{self, CniOptions},
     dataplane::{ApplyError, Changes, Dataplane, LocalOptions},
     etcd::{self, EtcdStatus},
     loader::{self, DecapHook, LoadOptions},
@@ -38,11 +39,22 @@ pub enum Source {
     Etcd(etcd::EtcdOptions),
 }
 
+/// Where pods' packets are routed on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// Straight between the pod's veth and the underlay, in BPF.
+    Bpf,
+    /// Through the host's routing and netfilter.
+    Kernel,
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub source: Source,
     pub node: String,
     pub iface: Option<String>,
+    pub cni: CniOptions,
+    pub host_routing: HostRouting,
     pub pin_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub decap: DecapHook,
@@ -199,6 +211,7 @@ struct Agent {
     /// The last change was rejected: deltas cannot be trusted until a whole state applies.
     dirty: bool,
     health: Arc<Notify>,
+    cni: CniOptions,
 }
 
 impl Agent {
@@ -213,7 +226,26 @@ impl Agent {
         };
         self.routes.sync(&want, ifindex, &mut ch).await?;
         drop_csum_device(&self.shared, &self.routes.nl).await?;
+        self.install_cni()?;
         Ok(ch)
+    }
+
+    /// Rewrites the CNI configuration list when this node's pod CIDR or pod MTU changed.
+    fn install_cni(&self) -> anyhow::Result<()> {
+        let (cidr, mtu) = {
+            let s = lock(&self.shared);
+            (s.dp.own_pod_cidr(), s.dp.pod_mtu())
+        };
+        let Some(cidr) = cidr else { return Ok(()) };
+        if cni::install_conflist(&self.cni, &cidr, mtu)? {
+            info!(
+                path = %self.cni.conf_dir.join(cni::CONFLIST).display(),
+                pod_cidr = %cidr,
+                mtu,
+                "CNI configuration written"
+            );
+        }
+        Ok(())
     }
 
     /// Applies etcd lease events as a delta; falls back to the whole state etcd holds when the
@@ -349,6 +381,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         inner_src_check: opts.inner_src_check,
         max_nodes: opts.max_nodes,
         csum_ifindex: 0,
+        host_routing_bpf: opts.host_routing == HostRouting::Bpf,
     };
 
     loader::ensure_bpffs(&opts.pin_dir)?;
@@ -386,7 +419,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         etcd,
         dirty: false,
         health: health.clone(),
+        cni: opts.cni.clone(),
     };
+    cni::install_plugin(&opts.cni)?;
     let changes = agent.apply_full(&cluster).await?;
     {
         let mut s = lock(&shared);
@@ -402,10 +437,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             ?changes,
             "cluster state applied"
         );
-        loader::attach(&mut s.ebpf, &iface.name, opts.decap, &opts.pin_dir)?;
+        loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
+        let (hook, why) = loader::attach(
+            &mut s.ebpf,
+            &iface.name,
+            opts.decap,
+            iface.virtual_dev,
+            &opts.pin_dir,
+        )?;
         info!(
             pin_dir = %opts.pin_dir.display(),
-            decap = ?opts.decap,
+            decap = ?hook,
+            decap_reason = why,
+            host_routing = ?opts.host_routing,
             "programs attached; pod MTU for this mode is {}",
             s.dp.pod_mtu()
         );

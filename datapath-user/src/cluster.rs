@@ -267,84 +267,67 @@ const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 /// Parses and validates cluster state from text (YAML, JSON, or a `kubectl get nodes -o json`
 /// NodeList). Returns the cluster, or every problem found.
 pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster, Invalid> {
-    // JSON is YAML, but serde_json reads a large cluster (a 10,000-node NodeList) many times
-    // faster; its errors would be worse, so YAML's parser gets the last word.
-    let value: serde_yaml::Value = match text.trim_start().starts_with('{') {
-        true => serde_json::from_str(text).ok(),
-        false => None,
-    }
-    .map_or_else(|| serde_yaml::from_str(text), Ok)
-    .map_err(|e| {
-        Invalid(vec![Problem {
-            path: "(file)".into(),
-            reason: format!("not parsable as YAML or JSON: {e}"),
-        }])
-    })?;
-    let is_nodelist = value.get("kind").and_then(|k| k.as_str()) == Some("NodeList")
-        || (value.get("items").is_some() && value.get("nodes").is_none());
     let mut cluster_cidrs = defaults.cluster_cidrs.clone();
-    let (raw_nodes, mut problems, encap, cross_subnet, (vni, port, udp_checksum)) = if is_nodelist {
-        let (nodes, problems) = from_nodelist(&value);
-        (
-            nodes,
-            problems,
-            Some(defaults.encap),
-            defaults.cross_subnet,
-            (defaults.vni, defaults.port, defaults.udp_checksum),
-        )
-    } else {
-        let doc: FileDoc = serde_yaml::from_value(value).map_err(|e| {
-            Invalid(vec![Problem {
-                path: "(file)".into(),
-                reason: format!("unexpected shape: {e}"),
-            }])
-        })?;
-        let mut problems = Vec::new();
-        let encap = match doc.encapsulation.as_deref() {
-            None => Some(defaults.encap),
-            Some(s) => match s.parse() {
-                Ok(e) => Some(e),
-                Err(reason) => {
-                    problems.push(Problem {
-                        path: "encapsulation".into(),
-                        reason,
-                    });
-                    None
-                }
-            },
-        };
-        if let Some(list) = &doc.cluster_cidr {
-            match parse_cidr_list(list) {
-                Ok(c) => cluster_cidrs = c,
-                Err(reason) => problems.push(Problem {
-                    path: "clusterCIDR".into(),
-                    reason,
-                }),
+    let (raw_nodes, mut problems, encap, cross_subnet, (vni, port, udp_checksum)) =
+        match read_doc(text)? {
+            Doc::NodeList(value) => {
+                let (nodes, problems) = from_nodelist(&value);
+                (
+                    nodes,
+                    problems,
+                    Some(defaults.encap),
+                    defaults.cross_subnet,
+                    (defaults.vni, defaults.port, defaults.udp_checksum),
+                )
             }
-        }
-        let vx = doc.vxlan.unwrap_or(FileVxlan {
-            vni: None,
-            port: None,
-            udp_checksum: None,
-        });
-        let nodes = doc
-            .nodes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| (n.name, n.address, n.pod_cidr, n.vtep_mac))
-            .collect();
-        (
-            nodes,
-            problems,
-            encap,
-            doc.cross_subnet.unwrap_or(defaults.cross_subnet),
-            (
-                vx.vni.unwrap_or(defaults.vni),
-                vx.port.unwrap_or(defaults.port),
-                vx.udp_checksum.unwrap_or(defaults.udp_checksum),
-            ),
-        )
-    };
+            Doc::File(doc) => {
+                let mut problems = Vec::new();
+                let encap = match doc.encapsulation.as_deref() {
+                    None => Some(defaults.encap),
+                    Some(s) => match s.parse() {
+                        Ok(e) => Some(e),
+                        Err(reason) => {
+                            problems.push(Problem {
+                                path: "encapsulation".into(),
+                                reason,
+                            });
+                            None
+                        }
+                    },
+                };
+                if let Some(list) = &doc.cluster_cidr {
+                    match parse_cidr_list(list) {
+                        Ok(c) => cluster_cidrs = c,
+                        Err(reason) => problems.push(Problem {
+                            path: "clusterCIDR".into(),
+                            reason,
+                        }),
+                    }
+                }
+                let vx = doc.vxlan.unwrap_or(FileVxlan {
+                    vni: None,
+                    port: None,
+                    udp_checksum: None,
+                });
+                let nodes = doc
+                    .nodes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|n| (n.name, n.address, n.pod_cidr, n.vtep_mac))
+                    .collect();
+                (
+                    nodes,
+                    problems,
+                    encap,
+                    doc.cross_subnet.unwrap_or(defaults.cross_subnet),
+                    (
+                        vx.vni.unwrap_or(defaults.vni),
+                        vx.port.unwrap_or(defaults.port),
+                        vx.udp_checksum.unwrap_or(defaults.udp_checksum),
+                    ),
+                )
+            }
+        };
 
     if vni == 0 || vni > 0xff_ffff {
         problems.push(Problem {
@@ -452,6 +435,41 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
         }),
         _ => Err(Invalid(problems)),
     }
+}
+
+/// A cluster text, read: the cluster-file format, or a Kubernetes NodeList.
+enum Doc {
+    File(FileDoc),
+    NodeList(serde_yaml::Value),
+}
+
+/// Reads YAML or JSON. JSON is YAML, but serde_json reads a large cluster file (10,000 nodes)
+/// many times faster, straight into the file format; anything it cannot read so goes the
+/// general way, and YAML's parser has the last word on errors.
+fn read_doc(text: &str) -> Result<Doc, Invalid> {
+    let whole = |reason: String| {
+        Invalid(vec![Problem {
+            path: "(file)".into(),
+            reason,
+        }])
+    };
+    let json = text.trim_start().starts_with('{');
+    if json && let Ok(doc) = serde_json::from_str::<FileDoc>(text) {
+        return Ok(Doc::File(doc));
+    }
+    let value: serde_yaml::Value = json
+        .then(|| serde_json::from_str(text).ok())
+        .flatten()
+        .map_or_else(|| serde_yaml::from_str(text), Ok)
+        .map_err(|e| whole(format!("not parsable as YAML or JSON: {e}")))?;
+    let is_nodelist = value.get("kind").and_then(|k| k.as_str()) == Some("NodeList")
+        || (value.get("items").is_some() && value.get("nodes").is_none());
+    if is_nodelist {
+        return Ok(Doc::NodeList(value));
+    }
+    serde_yaml::from_value(value)
+        .map(Doc::File)
+        .map_err(|e| whole(format!("unexpected shape: {e}")))
 }
 
 /// Names, addresses and pod CIDRs that two nodes claim, each reported at the later node.

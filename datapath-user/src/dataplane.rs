@@ -27,6 +27,8 @@ pub struct LocalOptions {
     pub max_nodes: u32,
     /// Ifindex of the checksum path's kernel VXLAN device (`net::CSUM_DEV`), 0 when absent.
     pub csum_ifindex: u32,
+    /// BPF host routing (`--host-routing bpf`): pods' traffic skips the host's stack.
+    pub host_routing_bpf: bool,
 }
 
 /// What one change did to the maps (routes are counted by whoever applies them).
@@ -128,6 +130,11 @@ impl Dataplane {
                 (p.node.name.clone(), p.node.address, down)
             })
             .collect()
+    }
+
+    /// This node's own pod CIDR, once a state is applied.
+    pub fn own_pod_cidr(&self) -> Option<Cidr> {
+        self.me.as_ref().map(|m| m.pod_cidr)
     }
 
     /// The node whose pod CIDR is exactly `c`, if any.
@@ -544,6 +551,9 @@ impl Dataplane {
         if s.udp_checksum {
             flags |= config_flags::UDP_CSUM;
         }
+        if self.local.host_routing_bpf {
+            flags |= config_flags::HOST_ROUTING_BPF;
+        }
         let lens: BTreeSet<u8> = self.by_start.values().map(|(c, _)| c.len).collect();
         let mut prefix_lens = [0u8; MAX_PREFIX_LENS];
         if lens.len() > MAX_PREFIX_LENS {
@@ -564,6 +574,7 @@ impl Dataplane {
             prefix_lens,
             pod_prefix_len: me.pod_cidr.len,
             _pad: [0; 3],
+            underlay_ifindex: self.local.iface.ifindex,
         }
     }
 

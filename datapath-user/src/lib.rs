@@ -1,6 +1,7 @@
 //! The node agent's library: cluster state, loading and attaching, map sync, counters.
 pub mod agent;
 pub mod cluster;
+pub mod cni;
 pub mod dataplane;
 pub mod etcd;
 pub mod loader;

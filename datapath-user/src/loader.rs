@@ -55,7 +55,10 @@ pub enum LoadError {
 /// Where the decapsulation program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapHook {
-    /// XDP on the underlay interface (default).
+    /// XDP in the driver where it runs natively and keeps GSO/GRO (physical NICs), TC
+    /// elsewhere (veth and other virtual devices, drivers without native XDP).
+    Auto,
+    /// XDP on the underlay interface.
     Xdp,
     /// TC ingress on the underlay interface.
     Tc,
@@ -64,7 +67,7 @@ pub enum DecapHook {
 impl DecapHook {
     fn program(self) -> &'static str {
         match self {
-            Self::Xdp => prog_names::XDP_DECAP_INGRESS,
+            Self::Xdp | Self::Auto => prog_names::XDP_DECAP_INGRESS,
             Self::Tc => prog_names::TC_DECAP_INGRESS,
         }
     }
@@ -162,6 +165,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     for map in [
         map_names::POD_CIDRS,
+        map_names::POD_ROUTES,
         map_names::NODES,
         map_names::PEER_STATS,
     ] {
@@ -245,12 +249,15 @@ fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
 /// on `iface`, and pins the links under `pin_dir` so the datapath keeps forwarding when the
 /// agent stops. A link an earlier agent pinned is taken over by atomically replacing its program
 /// (no packet sees a detached hook); a pin of the decap hook not chosen is removed, detaching it.
+/// `Auto` on a `virtual_dev` is TC; otherwise native (driver) XDP, and TC where the driver has
+/// none. Returns the hook used and why.
 pub fn attach(
     ebpf: &mut Ebpf,
     iface: &str,
     decap: DecapHook,
+    virtual_dev: bool,
     pin_dir: &Path,
-) -> Result<(), LoadError> {
+) -> Result<(DecapHook, &'static str), LoadError> {
     attach_tc(
         ebpf,
         iface,
@@ -258,21 +265,98 @@ pub fn attach(
         TcAttachType::Egress,
         pin_dir,
     )?;
-    let other = match decap {
-        DecapHook::Xdp => DecapHook::Tc.program(),
-        DecapHook::Tc => DecapHook::Xdp.program(),
+    let (hook, why) = match decap {
+        DecapHook::Auto if virtual_dev => (
+            DecapHook::Tc,
+            "virtual device (veth): XDP there would turn off GSO on its peer",
+        ),
+        DecapHook::Auto => match attach_xdp(ebpf, iface, XdpMode::Driver, pin_dir) {
+            Ok(()) => {
+                detach_other(pin_dir, DecapHook::Xdp);
+                return Ok((DecapHook::Xdp, "the driver runs XDP natively"));
+            }
+            Err(_) => (DecapHook::Tc, "the driver has no native XDP"),
+        },
+        other => (other, "asked for"),
     };
-    let _ = std::fs::remove_file(link_pin_path(pin_dir, other));
-    match decap {
-        DecapHook::Xdp => attach_xdp(ebpf, iface, pin_dir),
+    detach_other(pin_dir, hook);
+    match hook {
         DecapHook::Tc => attach_tc(
             ebpf,
             iface,
             prog_names::TC_DECAP_INGRESS,
             TcAttachType::Ingress,
             pin_dir,
+        )?,
+        _ => attach_xdp(ebpf, iface, XdpMode::default(), pin_dir)?,
+    }
+    Ok((hook, why))
+}
+
+/// Removes the pinned link of the decap hook other than `hook`, detaching it.
+fn detach_other(pin_dir: &Path, hook: DecapHook) {
+    let other = match hook {
+        DecapHook::Tc => DecapHook::Xdp.program(),
+        _ => DecapHook::Tc.program(),
+    };
+    let _ = std::fs::remove_file(link_pin_path(pin_dir, other));
+}
+
+/// Where the pod program is pinned for the CNI plugin to attach.
+pub fn pod_prog_pin_path(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("progs").join(prog_names::TC_POD_INGRESS)
+}
+
+/// Where the link of the pod program on host-side interface `ifname` is pinned.
+pub fn pod_link_pin_path(pin_dir: &Path, ifname: &str) -> PathBuf {
+    pin_dir.join("links").join("pods").join(ifname)
+}
+
+/// Loads the pod program (BPF host routing at a pod's veth) and pins it, replacing what an
+/// earlier agent pinned, so the CNI plugin attaches this agent's program to new pods.
+pub fn pin_pod_program(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError> {
+    let name = prog_names::TC_POD_INGRESS;
+    let path = pod_prog_pin_path(pin_dir);
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| LoadError::Program(name, e))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
+            what: "creating",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let _ = std::fs::remove_file(&path);
+    prog.pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })
+}
+
+/// Attaches the pinned pod program at TC ingress of a pod's host-side interface and pins the
+/// link (the CNI plugin's ADD). An earlier link of that interface is replaced in place.
+pub fn attach_pod(pin_dir: &Path, ifname: &str) -> Result<(), LoadError> {
+    let name = prog_names::TC_POD_INGRESS;
+    let prog_err = |e| LoadError::Program(name, e);
+    let mut prog = SchedClassifier::from_pin(pod_prog_pin_path(pin_dir)).map_err(prog_err)?;
+    let path = pod_link_pin_path(pin_dir, ifname);
+    let id = match pinned_link(&path)? {
+        Some(old) => {
+            prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(&path))?)
+        }
+        None => prog.attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
         ),
     }
+    .map_err(prog_err)?;
+    pin_link(prog.take_link(id).map_err(prog_err)?, &path)
+}
+
+/// Removes the pinned link of a pod's interface, detaching the program (the CNI's DEL).
+pub fn detach_pod(pin_dir: &Path, ifname: &str) {
+    let _ = std::fs::remove_file(pod_link_pin_path(pin_dir, ifname));
 }
 
 /// Attaches the drop program at TC ingress of the checksum path's kernel VXLAN device `dev`
@@ -343,26 +427,33 @@ fn attach_tc(
     pin_link(prog.take_link(id).map_err(prog_err)?, &path)
 }
 
-/// The same for the XDP decapsulation program.
-fn attach_xdp(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<(), LoadError> {
+/// The same for the XDP decapsulation program, in `mode` when newly attached.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: XdpMode,
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
     let name = prog_names::XDP_DECAP_INGRESS;
     let path = link_pin_path(pin_dir, name);
     let prog_err = |e| LoadError::Program(name, e);
     let prog: &mut Xdp = program(ebpf, name)?;
-    prog.load().map_err(prog_err)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(prog_err)?;
+    }
     let id = match pinned_link(&path)? {
         Some(old) => prog.attach_to_link(XdpLink::try_from(old).map_err(link_err(&path))?),
-        None => prog.attach(iface, XdpMode::default()),
+        None => prog.attach(iface, mode),
     }
     .map_err(prog_err)?;
     pin_link(prog.take_link(id).map_err(prog_err)?, &path)
 }
 
-/// Removes every pin under `pin_dir` (links first, so the hooks detach, then maps) and the
-/// directories themselves. Returns what it removed.
+/// Removes every pin under `pin_dir` (links first, so the hooks detach, then programs, then
+/// maps) and the directories themselves. Returns what it removed.
 pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut removed = Vec::new();
-    for sub in ["links", "maps"] {
+    for sub in ["links/pods", "links", "progs", "maps"] {
         let dir = pin_dir.join(sub);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -377,6 +468,9 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
             std::fs::remove_file(&path).map_err(|source| LoadError::Io {
                 what: "removing",
                 path: path.clone(),

@@ -120,9 +120,24 @@ enum Cmd {
         /// Serve Prometheus metrics on this address.
         #[arg(long)]
         metrics: Option<SocketAddr>,
-        /// Where decapsulation runs.
-        #[arg(long, value_enum, default_value = "xdp")]
+        /// Where decapsulation runs (auto: native XDP on NICs that have it, TC on veth and
+        /// other virtual devices; the log says which and why).
+        #[arg(long, value_enum, default_value = "auto")]
         decap: DecapHook,
+        /// bpf: pods' packets for remote pods are encapsulated at the pod's veth and sent
+        /// straight to the underlay, replies go straight into the pod (skipping the host's
+        /// routing and netfilter); kernel: through the host's stack.
+        #[arg(long, value_enum, default_value = "bpf")]
+        host_routing: agent::HostRouting,
+        /// Where the node's CNI configuration list (10-datapath.conflist) is written.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// Where this binary is installed as the `datapath` CNI plugin.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// host-local IPAM's data directory (pod IP leases).
+        #[arg(long, default_value = "/var/lib/cni/networks")]
+        cni_ipam_dir: PathBuf,
         /// Agent log level (error, warn, info, debug, trace); debug and trace also turn on the
         /// kernel programs' logs.
         #[arg(long, default_value = "info")]
@@ -157,6 +172,14 @@ enum Cmd {
     /// Print the datapath's counters, read from the pinned maps.
     #[command(after_help = "Example:\n  datapath stats --json | jq .drops")]
     Stats {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print the local pods the CNI plugin recorded: pod IP -> host-side interface, MACs.
+    #[command(after_help = "Example:\n  datapath endpoints --json")]
+    Endpoints {
         #[arg(long)]
         json: bool,
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
@@ -235,6 +258,10 @@ fn kernel_log_level(level: &str) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // A container runtime runs the CNI plugin with CNI_COMMAND set and no arguments.
+    if datapath_user::cni::invoked_as_plugin() {
+        return datapath_user::cni::plugin_main();
+    }
     let cli = Cli::parse();
     let level = match &cli.cmd {
         Cmd::Run { log_level, .. } => log_level.clone(),
@@ -272,6 +299,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             pin_dir,
             metrics,
             decap,
+            host_routing,
+            cni_conf_dir,
+            cni_bin_dir,
+            cni_ipam_dir,
             log_level,
             max_nodes,
             no_inner_src_check,
@@ -319,6 +350,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 source,
                 node,
                 iface,
+                cni: datapath_user::cni::CniOptions {
+                    conf_dir: cni_conf_dir,
+                    bin_dir: cni_bin_dir,
+                    ipam_dir: cni_ipam_dir,
+                    pin_dir: pin_dir.clone(),
+                },
+                host_routing,
                 pin_dir,
                 metrics,
                 decap,
@@ -378,6 +416,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Routes { pin_dir, .. } => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             print!("{}", Snapshot::read(&maps)?.render_routes());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Endpoints { json, pin_dir } => {
+            let rows = datapath_user::cni::list_endpoints(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<15} {:<16} {:>7} {:<17} {:<17}",
+                    "pod ip", "host interface", "ifindex", "pod mac", "host mac"
+                );
+                for r in rows {
+                    println!(
+                        "{:<15} {:<16} {:>7} {:<17} {:<17}",
+                        r.pod_ip, r.host_if, r.ifindex, r.pod_mac, r.host_mac
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchProgs { nodes, iterations } => {

@@ -75,6 +75,8 @@ pub struct Iface {
     pub mtu: u32,
     pub addr: Option<Ipv4Addr>,
     pub prefix_len: Option<u8>,
+    /// A virtual device (veth, bridge, VXLAN...: the kernel names its kind), not a NIC.
+    pub virtual_dev: bool,
 }
 
 /// A route the agent owns: an aggregate of pod CIDRs toward the encap program (via
@@ -157,6 +159,10 @@ impl Netlink {
                         .unwrap_or(1500),
                     addr: inet.map(|(a, _)| a),
                     prefix_len: inet.map(|(_, p)| p),
+                    virtual_dev: l.attributes.iter().any(|a| {
+                        matches!(a, LinkAttribute::LinkInfo(i)
+                            if i.iter().any(|x| matches!(x, LinkInfo::Kind(_))))
+                    }),
                 }
             })
             .collect())

@@ -23,9 +23,15 @@ pub mod map_names {
     pub const DROPS: &str = "DP_DROPS";
     /// `PerCpuArray<PeerStats>` indexed by [`crate::PodRoute::peer_idx`].
     pub const PEER_STATS: &str = "DP_PEER_STATS";
+    /// `HashMap<[u8; 4], Endpoint>`: a local pod's address -> its host-side interface, written
+    /// by the project's CNI plugin.
+    pub const ENDPOINTS: &str = "DP_ENDPOINTS";
+    /// `LruHashMap<FlowKey, u32>`: flows a local pod sent straight to a remote pod's address
+    /// through BPF host routing; only their replies are delivered past the host's stack.
+    pub const FLOWS: &str = "DP_FLOWS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 7] = [
-        CONFIG, POD_CIDRS, POD_ROUTES, NODES, COUNTERS, DROPS, PEER_STATS,
+    pub const ALL: [&str; 9] = [
+        CONFIG, POD_CIDRS, POD_ROUTES, NODES, COUNTERS, DROPS, PEER_STATS, ENDPOINTS, FLOWS,
     ];
 }
 
@@ -39,6 +45,8 @@ pub mod prog_names {
     pub const TC_DECAP_INGRESS: &str = "tc_decap_ingress";
     /// TC ingress on the checksum path's kernel VXLAN device: drops what that device decapsulated.
     pub const TC_CSUM_DEV_INGRESS: &str = "tc_csum_dev_ingress";
+    /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
+    pub const TC_POD_INGRESS: &str = "tc_pod_ingress";
     /// Programs that only return: the benchmark's floor.
     pub const TC_FLOOR: &str = "tc_floor";
     pub const XDP_FLOOR: &str = "xdp_floor";
@@ -100,7 +108,13 @@ pub mod config_flags {
     pub const INNER_SRC_CHECK: u32 = 1 << 1;
     /// More distinct pod-CIDR prefix lengths than `MAX_PREFIX_LENS`: look up the LPM trie.
     pub const LPM_LOOKUP: u32 = 1 << 2;
+    /// BPF host routing: pods' packets for remote pods are encapsulated at the pod's veth and
+    /// sent straight to the underlay; replies for them go straight into the pod.
+    pub const HOST_ROUTING_BPF: u32 = 1 << 3;
 }
+
+/// Flows in `DP_FLOWS`: enough for every connection a busy node's pods keep open.
+pub const MAX_FLOWS: u32 = 65536;
 
 /// `NodeEntry::flags` bits, written by the agent.
 pub mod node_flags {
@@ -136,8 +150,38 @@ pub struct NodeConfig {
     pub prefix_lens: [u8; MAX_PREFIX_LENS],
     pub pod_prefix_len: u8,
     pub _pad: [u8; 3],
+    /// Interface index of the underlay interface: where BPF host routing sends from a veth.
+    pub underlay_ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 44);
+
+/// Value of `DP_ENDPOINTS` (key: the pod's IPv4, wire order): what delivering straight into
+/// a local pod needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host-side interface of the pod's veth pair (`bpf_redirect_peer` target).
+    pub ifindex: u32,
+    /// MAC of the pod's own interface: destination of frames delivered to it.
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side interface: source of those frames, as the host would send them.
+    pub host_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+
+/// Key of `DP_FLOWS`: a flow as the pod sent it. Ports are wire order, zero for protocols
+/// without them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 /// Key of `DP_POD_ROUTES`: the same layout as an LPM trie key, but matched exactly. `addr` is
 /// the network address (host bits zero), wire order.
@@ -233,10 +277,14 @@ pub enum CounterId {
     NativeForward = 4,
     /// Not ours: passed untouched (not IPv4, not for a remote pod, not addressed to this node).
     Pass = 5,
+    /// Encapsulated at a pod's veth and sent straight to the underlay (BPF host routing).
+    HostRouteOut = 6,
+    /// Decapsulated and delivered straight into the pod (`bpf_redirect_peer`).
+    HostRouteIn = 7,
 }
 
 impl CounterId {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     pub const ALL: [CounterId; Self::COUNT as usize] = [
         Self::EncapIpip,
         Self::EncapVxlan,
@@ -244,6 +292,8 @@ impl CounterId {
         Self::DecapVxlan,
         Self::NativeForward,
         Self::Pass,
+        Self::HostRouteOut,
+        Self::HostRouteIn,
     ];
 
     /// (direction, mode) labels of the counter, as the metrics endpoint exports them.
@@ -255,6 +305,8 @@ impl CounterId {
             Self::DecapVxlan => ("decap", "vxlan"),
             Self::NativeForward => ("native", "none"),
             Self::Pass => ("pass", "none"),
+            Self::HostRouteOut => ("host_route_out", "bpf"),
+            Self::HostRouteIn => ("host_route_in", "bpf"),
         }
     }
 }
@@ -362,6 +414,8 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::PodRoute {}
     unsafe impl aya::Pod for super::PodKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerStats {}

@@ -128,10 +128,12 @@ impl Env {
                 mtu: 1500,
                 addr: Some(NODE.into()),
                 prefix_len: Some(24),
+                virtual_dev: true,
             },
             inner_src_check: true,
             max_nodes: 64,
             csum_ifindex: 0,
+            host_routing_bpf: false,
         };
         let mut dp = Dataplane::new(maps, local).expect("dataplane");
         dp.apply_full(&cluster).expect("fill the maps");

@@ -1,0 +1,160 @@
+//! BPF host routing: a local pod's packets for remote pods are encapsulated at the pod's veth
+//! and sent straight to the underlay; decapsulated packets of flows that left that way go
+//! straight into the pod (`bpf_redirect_peer`). Neither crosses the host's routing or
+//! netfilter. Everything else (Services, the node's own traffic, local pods) takes the stack.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
+use maps_common::{CounterId, DropReason, FlowKey, NodeConfig, config_flags, route_mode};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{
+    DP_CONFIG, DP_ENDPOINTS, DP_FLOWS,
+    counters::count,
+    csum, encap, lookup,
+    parse::{ptr_at, ptr_at_mut},
+};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+/// MF flag and fragment offset bits of the IPv4 flags/fragment-offset field.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// At the pod's veth: encapsulates and sends toward the peer node when host routing is BPF,
+/// the source is a local pod and the destination a remote encapsulated pod CIDR.
+///
+/// Returns `TC_ACT_OK` (the host's stack takes it: host routing off, not pod-to-remote-pod, TTL
+/// about to expire, or too big for the tunnel, where the stack's route MTU answers with ICMP),
+/// the redirect verdict, or the reason to drop (as at the underlay's egress).
+#[inline(always)]
+pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(cfg) = DP_CONFIG.get(0) else {
+        return Ok(TC_ACT_OK);
+    };
+    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 || cfg.underlay_ifindex == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(inner) = ipv4_at(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if !lookup::in_cidr(inner.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) || inner.ttl <= 1 {
+        return Ok(TC_ACT_OK);
+    }
+    let route = match lookup::pod_route(cfg, inner.dst_addr) {
+        Some(r) if r.mode == route_mode::IPIP || r.mode == route_mode::VXLAN => r,
+        _ => return Ok(TC_ACT_OK),
+    };
+    if !fits(ctx, cfg, route.mode) {
+        return Ok(TC_ACT_OK);
+    }
+    remember_flow(ctx, &inner);
+    let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above; the TTL was checked above 1.
+    let inner = unsafe {
+        csum::decrement_ttl(&mut *ip);
+        *ip
+    };
+    let action = encap::send(ctx, cfg, &route, &inner)?;
+    count(CounterId::HostRouteOut, ctx.len());
+    Ok(action)
+}
+
+/// The IPv4 header behind the Ethernet header, copied; `None` for anything else.
+#[inline(always)]
+fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
+    let eth = ptr_at::<EthHdr, _>(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { *ip };
+    (ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5).then_some(ip)
+}
+
+/// Whether a non-GSO packet still fits the underlay MTU once encapsulated.
+#[inline(always)]
+fn fits(ctx: &TcContext, cfg: &NodeConfig, mode: u8) -> bool {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let overhead = if mode == route_mode::VXLAN {
+        maps_common::VXLAN_OVERHEAD
+    } else {
+        maps_common::IPIP_OVERHEAD
+    };
+    gso_size != 0
+        || cfg.underlay_mtu == 0
+        || ctx.len() - EthHdr::LEN as u32 + overhead <= cfg.underlay_mtu
+}
+
+/// The flow of `ip` as its sender sent it: addresses, protocol, and for TCP/UDP (first or
+/// only fragment) the ports.
+#[inline(always)]
+fn flow_of(ctx: &TcContext, ip: &Ipv4Hdr) -> FlowKey {
+    let mut key = FlowKey {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        proto: ip.proto,
+        ..FlowKey::default()
+    };
+    let first = u16::from_be_bytes(ip.frags) & IP_MF_OFFSET & 0x1fff == 0;
+    if first && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
+        let off = EthHdr::LEN + ((ip.vihl & 0x0f) as usize) * 4;
+        if let Some(ports) = ptr_at::<[[u8; 2]; 2], _>(ctx, off) {
+            // SAFETY: ptr_at checked the bounds.
+            let ports = unsafe { *ports };
+            key.sport = ports[0];
+            key.dport = ports[1];
+        }
+    }
+    key
+}
+
+/// Records a flow the pod sent straight to a remote pod, once.
+#[inline(always)]
+fn remember_flow(ctx: &TcContext, ip: &Ipv4Hdr) {
+    let key = flow_of(ctx, ip);
+    if DP_FLOWS.get_ptr(key).is_none() {
+        // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
+        let _ = DP_FLOWS.insert(key, 1, 0);
+    }
+}
+
+/// After decapsulation at TC: delivers the inner packet straight into its local pod when the
+/// pod sent this flow's other direction through BPF host routing (so no NAT of the host's
+/// stood between them). Returns the redirect verdict, or `None` to let the stack deliver it.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
+    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 {
+        return None;
+    }
+    let inner = ipv4_at(ctx)?;
+    if inner.ttl <= 1 {
+        return None;
+    }
+    let ep = DP_ENDPOINTS.get_ptr(inner.dst_addr)?;
+    // SAFETY: a value pointer from the map, copied right away.
+    let ep = unsafe { *ep };
+    let seen = flow_of(ctx, &inner);
+    let reply_of = FlowKey {
+        src: seen.dst,
+        dst: seen.src,
+        sport: seen.dport,
+        dport: seen.sport,
+        ..seen
+    };
+    DP_FLOWS.get_ptr(reply_of)?;
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0)?;
+    let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked just above; the TTL was checked above 1.
+    unsafe {
+        (*eth).dst_addr = ep.pod_mac;
+        (*eth).src_addr = ep.host_mac;
+        csum::decrement_ttl(&mut *ip);
+    }
+    count(CounterId::HostRouteIn, ctx.len());
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}

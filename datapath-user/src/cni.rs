@@ -1,0 +1,267 @@
+//! Pods through CNI: the node's network configuration list the agent installs (the reference
+//! plugins `ptp`, `host-local`, `portmap`, with this project's own plugin chained after
+//! `ptp`), and that plugin itself: the `datapath` binary run by a container runtime with
+//! `CNI_COMMAND` set. On ADD it records the pod in `DP_ENDPOINTS` and attaches the pod program
+//! to the pod's host-side veth; on DEL it undoes both.
+use std::{
+    io::Read as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData};
+use maps_common::{Endpoint, map_names};
+use serde_json::{Value, json};
+
+use crate::{cluster::Cidr, loader};
+
+/// Name of the network and of the configuration file.
+pub const NETWORK: &str = "datapath";
+pub const CONFLIST: &str = "10-datapath.conflist";
+/// The project's plugin: its `type` in the list and its file name in the CNI bin directory.
+pub const PLUGIN: &str = "datapath";
+const CNI_VERSION: &str = "1.0.0";
+
+/// Where the agent installs CNI configuration and what it puts in it.
+#[derive(Clone, Debug)]
+pub struct CniOptions {
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    /// host-local's `dataDir`: where IP leases are kept.
+    pub ipam_dir: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+/// The configuration list for a node with `pod_cidr` whose pods use `mtu`.
+pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
+    json!({
+        "cniVersion": CNI_VERSION,
+        "name": NETWORK,
+        "plugins": [
+            {
+                "type": "ptp",
+                "mtu": mtu,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": pod_cidr.to_string() }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": opts.ipam_dir,
+                },
+            },
+            { "type": PLUGIN, "pinDir": opts.pin_dir },
+            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
+        ],
+    })
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so a reader never sees half
+/// of it; does nothing when the file already holds it. Returns whether it wrote.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(false);
+    }
+    let dir = path.parent().context("no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(true)
+}
+
+/// Installs this binary as the plugin in the CNI bin directory (when it differs).
+pub fn install_plugin(opts: &CniOptions) -> anyhow::Result<()> {
+    let exe =
+        std::fs::read("/proc/self/exe").context("reading this program for the CNI bin dir")?;
+    write_atomic(&opts.bin_dir.join(PLUGIN), &exe, 0o755).map(drop)
+}
+
+/// Installs the configuration list for `pod_cidr` and `mtu` when it changed; returns whether
+/// it wrote.
+pub fn install_conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> anyhow::Result<bool> {
+    let text = serde_json::to_string_pretty(&conflist(opts, pod_cidr, mtu))? + "\n";
+    write_atomic(&opts.conf_dir.join(CONFLIST), text.as_bytes(), 0o644)
+}
+
+/// Whether this process was started by a container runtime as a CNI plugin.
+pub fn invoked_as_plugin() -> bool {
+    std::env::var_os("CNI_COMMAND").is_some()
+}
+
+/// Runs as the CNI plugin: reads the configuration on stdin, acts on `CNI_COMMAND`, prints the
+/// result. A failure is printed as a CNI error object, exit code 1.
+pub fn plugin_main() -> std::process::ExitCode {
+    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+    let mut input = String::new();
+    let result = std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading the configuration")
+        .and_then(|_| run_plugin(&command, &input));
+    match result {
+        Ok(Some(out)) => {
+            println!("{out}");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(None) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let err = json!({ "cniVersion": CNI_VERSION, "code": 999, "msg": format!("{e:#}") });
+            println!("{err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
+    if command == "VERSION" {
+        let v = json!({
+            "cniVersion": CNI_VERSION,
+            "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"],
+        });
+        return Ok(Some(v.to_string()));
+    }
+    let conf: Value = serde_json::from_str(input).context("the configuration is not JSON")?;
+    let pin_dir = conf["pinDir"]
+        .as_str()
+        .map_or_else(|| PathBuf::from(loader::DEFAULT_PIN_DIR), PathBuf::from);
+    let prev = &conf["prevResult"];
+    match command {
+        "ADD" => {
+            anyhow::ensure!(
+                prev.is_object(),
+                "{PLUGIN} must be chained after ptp: no prevResult"
+            );
+            for pod in pods(prev) {
+                add(&pin_dir, &pod)?;
+            }
+            let mut out = prev.clone();
+            out["cniVersion"] = conf["cniVersion"].clone();
+            Ok(Some(out.to_string()))
+        }
+        "DEL" => {
+            for pod in pods(prev) {
+                del(&pin_dir, &pod);
+            }
+            Ok(None)
+        }
+        "CHECK" | "STATUS" | "GC" => Ok(None),
+        other => anyhow::bail!("unknown CNI_COMMAND {other:?}"),
+    }
+}
+
+/// One pod address from a previous result: its host-side interface and both MACs.
+struct PodIf {
+    ip: Ipv4Addr,
+    host_if: String,
+    host_mac: [u8; 6],
+    pod_mac: [u8; 6],
+}
+
+/// The IPv4 addresses of `prev` with the interfaces ptp made: the container's (the one the
+/// address names) and the host's (the one without a sandbox).
+fn pods(prev: &Value) -> Vec<PodIf> {
+    let ifs = prev["interfaces"].as_array().cloned().unwrap_or_default();
+    let mac = |v: &Value| crate::cluster::parse_mac(v["mac"].as_str().unwrap_or_default()).ok();
+    let Some(host) = ifs
+        .iter()
+        .find(|i| i["sandbox"].as_str().unwrap_or("").is_empty())
+    else {
+        return Vec::new();
+    };
+    let (Some(host_if), Some(host_mac)) = (host["name"].as_str(), mac(host)) else {
+        return Vec::new();
+    };
+    prev["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| {
+            let addr: Ipv4Addr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
+            let pod_if = ifs.get(usize::try_from(ip["interface"].as_u64()?).ok()?)?;
+            Some(PodIf {
+                ip: addr,
+                host_if: host_if.to_string(),
+                host_mac,
+                pod_mac: mac(pod_if)?,
+            })
+        })
+        .collect()
+}
+
+fn endpoints(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, [u8; 4], Endpoint>> {
+    let path = loader::map_pin_path(pin_dir, map_names::ENDPOINTS);
+    let md = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no datapath pinned at {} (is the agent running?)",
+            path.display()
+        )
+    })?;
+    Ok(Map::from_map_data(md)?.try_into()?)
+}
+
+fn add(pin_dir: &Path, pod: &PodIf) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(pod.host_if.as_str())?;
+    // SAFETY: a NUL-terminated interface name.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "host interface {} not found", pod.host_if);
+    let ep = Endpoint {
+        ifindex,
+        pod_mac: pod.pod_mac,
+        host_mac: pod.host_mac,
+    };
+    endpoints(pin_dir)?.insert(pod.ip.octets(), ep, 0)?;
+    loader::attach_pod(pin_dir, &pod.host_if)
+        .with_context(|| format!("attaching the pod program to {}", pod.host_if))
+}
+
+/// Undoes `add`; whatever is already gone is fine (DEL may come more than once).
+fn del(pin_dir: &Path, pod: &PodIf) {
+    if let Ok(mut eps) = endpoints(pin_dir) {
+        let _ = eps.remove(&pod.ip.octets());
+    }
+    loader::detach_pod(pin_dir, &pod.host_if);
+}
+
+/// One row of `datapath endpoints`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EndpointRow {
+    pub pod_ip: Ipv4Addr,
+    pub ifindex: u32,
+    pub host_if: String,
+    pub pod_mac: String,
+    pub host_mac: String,
+}
+
+/// What `DP_ENDPOINTS` holds, with interface names.
+pub fn list_endpoints(pin_dir: &Path) -> anyhow::Result<Vec<EndpointRow>> {
+    let eps = endpoints(pin_dir)?;
+    let mut rows = Vec::new();
+    for item in eps.iter() {
+        let (ip, ep) = item?;
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+        let name = unsafe { libc::if_indextoname(ep.ifindex, buf.as_mut_ptr()) };
+        let host_if = if name.is_null() {
+            "(gone)".to_string()
+        } else {
+            // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        rows.push(EndpointRow {
+            pod_ip: Ipv4Addr::from(ip),
+            ifindex: ep.ifindex,
+            host_if,
+            pod_mac: crate::cluster::format_mac(&ep.pod_mac),
+            host_mac: crate::cluster::format_mac(&ep.host_mac),
+        });
+    }
+    rows.sort_by_key(|r| r.pod_ip);
+    Ok(rows)
+}
