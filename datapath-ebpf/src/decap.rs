@@ -186,9 +186,11 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     {
         return Err(DropReason::BadInnerHeader);
     }
-    // The sender's pod CIDR came with its DP_NODES entry: no second lookup.
+    // The sender's pod CIDR came with its DP_NODES entry: no second lookup. The sending node
+    // itself is a legitimate source too (its own traffic to a pod, kubelet's probes).
     if cfg.flags & config_flags::INNER_SRC_CHECK != 0
         && !in_cidr(inner.src_addr, node.pod_cidr, node.pod_prefix_len)
+        && inner.src_addr != outer.src_addr
     {
         return Err(DropReason::InnerSrcSpoofed);
     }

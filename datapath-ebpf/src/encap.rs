@@ -26,7 +26,7 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
-    csum, lookup,
+    csum, hostroute, lookup,
     parse::{ptr_at, ptr_at_mut},
 };
 
@@ -93,7 +93,10 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         _ => return Ok(pass(len)),
     };
     match route.mode {
-        route_mode::IPIP | route_mode::VXLAN => send(ctx, cfg, &route, &inner),
+        route_mode::IPIP | route_mode::VXLAN => {
+            hostroute::remember_stack_flow(ctx, cfg, &inner);
+            send(ctx, cfg, &route, &inner)
+        }
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // they still reach the peer, unencapsulated.
         route_mode::NATIVE if via_aggregate => {

@@ -1,7 +1,8 @@
 //! BPF host routing: a local pod's packets for remote pods are encapsulated at the pod's veth
-//! and sent straight to the underlay; decapsulated packets of flows that left that way go
-//! straight into the pod (`bpf_redirect_peer`). Neither crosses the host's routing or
-//! netfilter. Everything else (Services, the node's own traffic, local pods) takes the stack.
+//! and sent straight to the underlay; decapsulated packets for local pods go straight into the
+//! pod (`bpf_redirect_peer`). Neither crosses the host's routing or netfilter. Everything else
+//! (Services, the node's own traffic, local pods) takes the stack, and so do the replies of
+//! flows that left through it: their NAT (a Service's DNAT) must be undone there.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
 use maps_common::{CounterId, DropReason, FlowKey, NodeConfig, config_flags, route_mode};
 use network_types::{
@@ -10,7 +11,7 @@ use network_types::{
 };
 
 use crate::{
-    DP_CONFIG, DP_ENDPOINTS, DP_FLOWS,
+    DP_CONFIG, DP_ENDPOINTS, DP_STACK_FLOWS,
     counters::count,
     csum, encap, lookup,
     parse::{ptr_at, ptr_at_mut},
@@ -48,7 +49,6 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if !fits(ctx, cfg, route.mode) {
         return Ok(TC_ACT_OK);
     }
-    remember_flow(ctx, &inner);
     let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds checked just above; the TTL was checked above 1.
     let inner = unsafe {
@@ -112,19 +112,27 @@ fn flow_of(ctx: &TcContext, ip: &Ipv4Hdr) -> FlowKey {
     key
 }
 
-/// Records a flow the pod sent straight to a remote pod, once.
+/// At the underlay's egress, for a packet a local pod sent through the host's stack (the
+/// encap program's path): records its flow, once, so its replies take the stack too.
 #[inline(always)]
-fn remember_flow(ctx: &TcContext, ip: &Ipv4Hdr) {
+pub fn remember_stack_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
+    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0
+        || !lookup::in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len)
+    {
+        return;
+    }
     let key = flow_of(ctx, ip);
-    if DP_FLOWS.get_ptr(key).is_none() {
+    // The lookup also marks the entry recently used, keeping a live flow from eviction.
+    if DP_STACK_FLOWS.get_ptr(key).is_none() {
         // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
-        let _ = DP_FLOWS.insert(key, 1, 0);
+        let _ = DP_STACK_FLOWS.insert(key, 1, 0);
     }
 }
 
-/// After decapsulation at TC: delivers the inner packet straight into its local pod when the
-/// pod sent this flow's other direction through BPF host routing (so no NAT of the host's
-/// stood between them). Returns the redirect verdict, or `None` to let the stack deliver it.
+/// After decapsulation at TC: delivers the inner packet straight into its local pod, unless
+/// the flow's other direction left through the host's stack (where a Service's NAT may have
+/// rewritten it, to be undone by the stack). Returns the redirect verdict, or `None` to let
+/// the stack deliver it.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 {
@@ -145,7 +153,9 @@ pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
         dport: seen.sport,
         ..seen
     };
-    DP_FLOWS.get_ptr(reply_of)?;
+    if DP_STACK_FLOWS.get_ptr(reply_of).is_some() {
+        return None;
+    }
     let eth = ptr_at_mut::<EthHdr, _>(ctx, 0)?;
     let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN)?;
     // SAFETY: bounds checked just above; the TTL was checked above 1.

@@ -59,9 +59,9 @@ pub static DP_PEER_STATS: PerCpuArray<PeerStats, MAX_NODES> = PerCpuArray::new()
 #[btf_map]
 pub static DP_ENDPOINTS: HashMap<[u8; 4], Endpoint, MAX_ENDPOINTS> = HashMap::new();
 
-/// Flows local pods sent through BPF host routing; their replies may skip the host's stack.
+/// Flows local pods sent to remote pods through the host's stack; their replies take it too.
 #[btf_map]
-pub static DP_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
+pub static DP_STACK_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
 
 /// Pods on one node: far above Kubernetes' 110, within a /20 pod CIDR.
 const MAX_ENDPOINTS: usize = 4096;

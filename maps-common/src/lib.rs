@@ -26,12 +26,21 @@ pub mod map_names {
     /// `HashMap<[u8; 4], Endpoint>`: a local pod's address -> its host-side interface, written
     /// by the project's CNI plugin.
     pub const ENDPOINTS: &str = "DP_ENDPOINTS";
-    /// `LruHashMap<FlowKey, u32>`: flows a local pod sent straight to a remote pod's address
-    /// through BPF host routing; only their replies are delivered past the host's stack.
-    pub const FLOWS: &str = "DP_FLOWS";
+    /// `LruHashMap<FlowKey, u32>`: flows local pods sent to remote pods through the host's
+    /// stack, where NAT may have rewritten them (a Service's DNAT); their replies go back
+    /// through the stack too, never straight into the pod.
+    pub const STACK_FLOWS: &str = "DP_STACK_FLOWS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
     pub const ALL: [&str; 9] = [
-        CONFIG, POD_CIDRS, POD_ROUTES, NODES, COUNTERS, DROPS, PEER_STATS, ENDPOINTS, FLOWS,
+        CONFIG,
+        POD_CIDRS,
+        POD_ROUTES,
+        NODES,
+        COUNTERS,
+        DROPS,
+        PEER_STATS,
+        ENDPOINTS,
+        STACK_FLOWS,
     ];
 }
 
@@ -113,7 +122,8 @@ pub mod config_flags {
     pub const HOST_ROUTING_BPF: u32 = 1 << 3;
 }
 
-/// Flows in `DP_FLOWS`: enough for every connection a busy node's pods keep open.
+/// Flows in `DP_STACK_FLOWS`: every Service connection a busy node's pods keep open; each packet
+/// such a flow sends re-inserts it, so only a flow idle while 65,536 newer ones pass is forgotten.
 pub const MAX_FLOWS: u32 = 65536;
 
 /// `NodeEntry::flags` bits, written by the agent.
@@ -169,7 +179,7 @@ pub struct Endpoint {
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 
-/// Key of `DP_FLOWS`: a flow as the pod sent it. Ports are wire order, zero for protocols
+/// Key of `DP_STACK_FLOWS`: a flow as it left the node (after the stack's NAT). Ports are wire order, zero for protocols
 /// without them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

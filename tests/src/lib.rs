@@ -179,6 +179,16 @@ pub struct NodeSpec {
 impl Topology {
     /// Builds `specs.len()` nodes; node i has pod CIDR 10.244.i.0/24 and pod 10.244.i.2.
     pub fn new(tag: &str, specs: &[NodeSpec]) -> Self {
+        Self::build(tag, specs, true)
+    }
+
+    /// Nodes whose pods do not exist yet: `cni_add` makes each with the agent's CNI
+    /// configuration list, as a container runtime would.
+    pub fn with_cni(tag: &str, specs: &[NodeSpec]) -> Self {
+        Self::build(tag, specs, false)
+    }
+
+    fn build(tag: &str, specs: &[NodeSpec], hand_made_pods: bool) -> Self {
         let prefix = unique(tag);
         let workdir = std::env::temp_dir().join(&prefix);
         fs::create_dir_all(&workdir).expect("workdir");
@@ -207,6 +217,17 @@ impl Topology {
                 "ip addr add {addr}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw} && sysctl -qw net.ipv4.ip_forward=1"
             ));
             let pod_cidr = format!("10.244.{i}.0/24");
+            if !hand_made_pods {
+                nodes.push(Node {
+                    name,
+                    addr,
+                    pod_cidr,
+                    pod_ip: String::new(),
+                    pod,
+                    ns,
+                });
+                continue;
+            }
             let pod_ip = format!("10.244.{i}.2");
             sh(&format!(
                 "ip link add eth0 netns {} type veth peer name pod0 netns {}",
@@ -305,6 +326,12 @@ impl Topology {
         );
     }
 
+    /// Node `i`'s CNI directory (`net.d`, `bin`, `ipam` below it): the agent writes there, not
+    /// into the host's /etc/cni and /opt/cni.
+    pub fn cni_dir(&self, i: usize) -> PathBuf {
+        self.workdir.join(&self.nodes[i].name)
+    }
+
     /// Starts the agent on node `i` with `source_args` (`--cluster F` or `--etcd-endpoints ..`)
     /// and waits until its programs are attached.
     pub fn start_agent_with(&mut self, i: usize, source_args: &str) {
@@ -312,11 +339,15 @@ impl Topology {
         let log = self
             .workdir
             .join(format!("agent-{}-{}.log", n.name, self.agents.len()));
+        let cni = self.cni_dir(i);
         let cmd = format!(
-            "{} run --node {} --pin-dir {} {source_args}",
+            "{} run --node {} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} {source_args}",
             datapath_bin().display(),
             n.name,
-            self.pin_dir(i).display()
+            self.pin_dir(i).display(),
+            cni.join("net.d").display(),
+            cni.join("bin").display(),
+            cni.join("ipam").display(),
         );
         let child = n.ns.spawn(&cmd, &log);
         let agent = Agent {
@@ -395,6 +426,34 @@ impl Topology {
             .find(|c| c["reason"] == reason)
             .and_then(|c| c["packets"].as_u64())
             .expect("drop reason")
+    }
+
+    /// Runs `cni.py` (ADD or DEL) for node `i`'s pod with the agent's configuration list.
+    fn cni(&self, i: usize, command: &str) -> String {
+        let dir = self.cni_dir(i);
+        self.nodes[i].ns.exec(&format!(
+            "/usr/bin/python3 {} {command} {} /var/run/netns/{} {}-pod eth0 /usr/lib/cni:{} {}",
+            script("cni.py").display(),
+            dir.join("net.d/10-datapath.conflist").display(),
+            self.nodes[i].pod.name,
+            self.nodes[i].pod.name,
+            dir.join("bin").display(),
+            dir.join("pod.result").display(),
+        ))
+    }
+
+    /// Plugs node `i`'s pod in through the CNI plugins of the agent's list; returns the result.
+    pub fn cni_add(&mut self, i: usize) -> serde_json::Value {
+        let result: serde_json::Value =
+            serde_json::from_str(&self.cni(i, "add")).expect("CNI result");
+        let ip = result["ips"][0]["address"].as_str().expect("an address");
+        self.nodes[i].pod_ip = ip.split('/').next().unwrap().to_string();
+        result
+    }
+
+    /// Unplugs node `i`'s pod (CNI DEL through the list in reverse).
+    pub fn cni_del(&self, i: usize) {
+        self.cni(i, "del");
     }
 
     /// Pings pod `to` from pod `from`; returns the number of replies.
@@ -556,6 +615,18 @@ impl Topology {
         server_args: &str,
         client_args: &str,
     ) -> (String, String) {
+        self.traffic_to(proto, from, to, None, server_args, client_args)
+    }
+
+    fn traffic_to(
+        &self,
+        proto: &str,
+        from: usize,
+        to: usize,
+        via: Option<(&str, u16)>,
+        server_args: &str,
+        client_args: &str,
+    ) -> (String, String) {
         let out = self.workdir.join(format!("{proto}-{from}-{to}.txt"));
         let _ = fs::remove_file(&out);
         let py = format!("/usr/bin/python3 {}", script("traffic.py").display());
@@ -565,10 +636,10 @@ impl Topology {
             &self.workdir.join(format!("{proto}-server.log")),
         );
         thread::sleep(Duration::from_millis(300));
-        let printed = self.nodes[from].pod.exec(&format!(
-            "{py} {proto}-client {} {port} {client_args}",
-            self.nodes[to].pod_ip
-        ));
+        let (addr, cport) = via.unwrap_or((&self.nodes[to].pod_ip, port));
+        let printed = self.nodes[from]
+            .pod
+            .exec(&format!("{py} {proto}-client {addr} {cport} {client_args}"));
         let _ = server.wait();
         let written = fs::read_to_string(&out).unwrap_or_default();
         (printed.trim().to_string(), written.trim().to_string())
@@ -578,6 +649,19 @@ impl Topology {
     /// and byte counts as printed by traffic.py.
     pub fn tcp_transfer(&self, from: usize, to: usize, mb: u32) -> (String, String) {
         self.traffic("tcp", from, to, "", &mb.to_string())
+    }
+
+    /// The same, but the client in pod `from` connects to `addr:port` (a Service address
+    /// the node translates to pod `to`'s port 5001).
+    pub fn tcp_transfer_via(
+        &self,
+        from: usize,
+        to: usize,
+        addr: &str,
+        port: u16,
+        mb: u32,
+    ) -> (String, String) {
+        self.traffic_to("tcp", from, to, Some((addr, port)), "", &mb.to_string())
     }
 
     /// Sends `count` UDP datagrams from pod `from` to pod `to`; returns how many arrived intact.

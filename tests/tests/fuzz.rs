@@ -168,7 +168,8 @@ fn model_classify(f: &[u8]) -> Result<Option<usize>, DropReason> {
     if iver != 4 || iihl < 20 || ilen < iihl || ilen > outer_len - strip {
         return Err(BadInnerHeader);
     }
-    if !in_net(&inner[12..16], PEER_NET) {
+    // The sending node itself (its own traffic to a pod) is no spoof either.
+    if !in_net(&inner[12..16], PEER_NET) && inner[12..16] != f[26..30] {
         return Err(InnerSrcSpoofed);
     }
     Ok(Some(strip))

@@ -1,0 +1,202 @@
+//! Pods plugged in the way a container runtime plugs them: each plugin of the agent's
+//! `10-datapath.conflist` (ptp with host-local IPAM, this project's plugin, portmap) run in
+//! order by `tests/cni.py` per the CNI spec, on two nodes; then pod-to-pod traffic with BPF
+//! host routing and with the kernel's, a Service through kube-proxy-style NAT, and DEL.
+//!
+//! ```text
+//!  pod1 eth0 10.244.0.x ═ vethA (tc_pod_ingress)             pod2 eth0 10.244.1.x ═ vethB
+//!     bpf:    vethA ingress: encap, FIB → redirect to eth0 ──► node2 eth0 TC decap
+//!             ──► bpf_redirect_peer into pod2 (unless the flow left node2 through its stack)
+//!     kernel: vethA → node1 routing (aggregate route) → eth0 TC egress encap ──► node2 eth0
+//!             TC decap → node2 routing (/32 via vethB) → pod2
+//!  node1 ── eth0 ── u0 ── br0 ── u1 ── eth0 ── node2       (capture on u0)
+//! ```
+use std::fs;
+
+use integration_tests::{Capture, NodeSpec, Topology, script, sh};
+
+fn pods_on_two_nodes(tag: &str, encap: &str, routing: &str) -> Topology {
+    let mut t = Topology::with_cni(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
+    let cluster = t.write_cluster(&t.cluster_yaml(encap, ""));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, &format!("--host-routing {routing}"));
+    }
+    for i in 0..2 {
+        t.cni_add(i);
+    }
+    t
+}
+
+/// IPv4 datagrams the node's stack forwarded (`ForwDatagrams` of /proc/net/snmp).
+fn forwarded(t: &Topology, i: usize) -> u64 {
+    let snmp = t.nodes[i].ns.exec("cat /proc/net/snmp");
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+fn endpoints(t: &Topology, i: usize) -> serde_json::Value {
+    let out = t.datapath(
+        i,
+        &format!("endpoints --json --pin-dir {}", t.pin_dir(i).display()),
+    );
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn conflist_is_the_nodes(t: &Topology, i: usize, mtu: u64) {
+    let path = t.cni_dir(i).join("net.d/10-datapath.conflist");
+    let list: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let types: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["ptp", "datapath", "portmap"], "{list}");
+    let ptp = &list["plugins"][0];
+    assert_eq!(ptp["mtu"], mtu, "{list}");
+    assert_eq!(
+        ptp["ipam"]["ranges"][0][0]["subnet"], t.nodes[i].pod_cidr,
+        "{list}"
+    );
+    let log = fs::read_to_string(&t.agents[i].log).unwrap();
+    assert!(
+        log.contains(&format!("pod MTU for this mode is {mtu}")),
+        "{log}"
+    );
+}
+
+fn carry(encap: &str, routing: &str) {
+    let t = pods_on_two_nodes(&format!("cni{encap}{routing}"), encap, routing);
+    let mtu = if encap == "ipip" { 1480 } else { 1450 };
+    for i in 0..2 {
+        conflist_is_the_nodes(&t, i, mtu);
+        assert!(
+            t.nodes[i].pod_ip.starts_with(&format!("10.244.{i}.")),
+            "pod address {} outside node{}'s pod CIDR",
+            t.nodes[i].pod_ip,
+            i + 1
+        );
+        let pod_mtu = t.nodes[i].pod.exec("cat /sys/class/net/eth0/mtu");
+        assert_eq!(pod_mtu.trim(), mtu.to_string());
+        assert_eq!(endpoints(&t, i)[0]["pod_ip"], t.nodes[i].pod_ip);
+    }
+    assert_eq!(t.ping(0, 1, 3), 3, "pod1 -> pod2 over {encap}, {routing}");
+    assert_eq!(t.ping(1, 0, 3), 3, "pod2 -> pod1 over {encap}, {routing}");
+
+    let filter = if encap == "ipip" {
+        "ip proto 4"
+    } else {
+        "udp port 4789"
+    };
+    let ul = Capture::start(&t.underlay, "u0", filter, &t.workdir.join("underlay.pcap"));
+    let pod = Capture::start(&t.nodes[0].pod, "eth0", "ip", &t.workdir.join("pod.pcap"));
+    let before = [forwarded(&t, 0), forwarded(&t, 1)];
+    assert_eq!(t.udp_exchange(0, 1, 100), 100);
+    let (sent, got) = t.tcp_transfer(0, 1, 50);
+    assert!(sent.ends_with(" 52428800"), "sender printed {sent:?}");
+    assert_eq!(sent, got, "50 MiB over TCP pod1 -> pod2");
+    let fwd = [forwarded(&t, 0) - before[0], forwarded(&t, 1) - before[1]];
+    let (ul, pod) = (ul.stop(), pod.stop());
+    let check = sh(&format!(
+        "/usr/bin/python3 {} {encap} {} {} 4096 4789",
+        script("wire_check.py").display(),
+        pod.display(),
+        ul.display(),
+    ));
+    assert!(check.contains("wire check ok"), "{check}");
+
+    let out = t.counter(0, "host_route_out", "bpf");
+    let delivered = t.counter(1, "host_route_in", "bpf");
+    if routing == "bpf" {
+        // Neither host's stack forwards pod-to-pod packets (a stray ARP-time packet may).
+        assert!(
+            fwd[0] < 20 && fwd[1] < 20,
+            "forwarded by the hosts: {fwd:?}"
+        );
+        assert!(
+            out > 500 && delivered > 500,
+            "bypass: out {out}, in {delivered}"
+        );
+    } else {
+        assert!(
+            fwd[0] > 1000 && fwd[1] > 1000,
+            "forwarded by the hosts: {fwd:?}"
+        );
+        assert_eq!((out, delivered), (0, 0));
+    }
+
+    for i in 0..2 {
+        let ip = t.nodes[i].pod_ip.clone();
+        t.cni_del(i);
+        let links = t.nodes[i].ns.exec("ip -o link show");
+        assert!(
+            !links.contains(": veth"),
+            "veth left on node{}: {links}",
+            i + 1
+        );
+        let routes = t.nodes[i].ns.exec("ip route show");
+        assert!(!routes.contains(&ip), "route to {ip} left: {routes}");
+        assert_eq!(endpoints(&t, i), serde_json::json!([]), "endpoint left");
+        let leases = t.cni_dir(i).join("ipam/datapath").join(&ip);
+        assert!(!leases.exists(), "IP lease {} left", leases.display());
+        let pod_links = t.pin_dir(i).join("links/pods");
+        let left = fs::read_dir(&pod_links).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "pod link pins left in {}", pod_links.display());
+    }
+}
+
+#[test]
+fn cni_pods_ipip_bpf_host_routing() {
+    carry("ipip", "bpf");
+}
+
+#[test]
+fn cni_pods_vxlan_bpf_host_routing() {
+    carry("vxlan", "bpf");
+}
+
+#[test]
+fn cni_pods_ipip_kernel_host_routing() {
+    carry("ipip", "kernel");
+}
+
+#[test]
+fn cni_pods_vxlan_kernel_host_routing() {
+    carry("vxlan", "kernel");
+}
+
+#[test]
+fn a_cluster_ip_service_answers_through_kube_proxy_nat_with_bpf_host_routing() {
+    let t = pods_on_two_nodes("cnisvc", "vxlan", "bpf");
+    // What kube-proxy's iptables mode programs for a ClusterIP on the client's node.
+    t.nodes[0].ns.exec(&format!(
+        "iptables -t nat -A PREROUTING -d 10.96.0.10/32 -p tcp --dport 80 -j DNAT --to-destination {}:5001",
+        t.nodes[1].pod_ip
+    ));
+    let (sent, got) = t.tcp_transfer_via(0, 1, "10.96.0.10", 80, 20);
+    assert!(sent.ends_with(" 20971520"), "sender printed {sent:?}");
+    assert_eq!(sent, got, "20 MiB through the Service");
+    let nat = t.nodes[0].ns.exec("iptables -t nat -L PREROUTING -v -n -x");
+    assert!(
+        nat.lines()
+            .any(|l| l.contains("10.96.0.10") && !l.trim_start().starts_with('0')),
+        "the DNAT rule saw nothing: {nat}"
+    );
+    // Pod-to-pod still bypasses, and the node itself reaches the remote pod.
+    assert_eq!(t.ping(0, 1, 3), 3);
+    assert!(t.counter(0, "host_route_out", "bpf") > 0);
+    let ping = t.nodes[0]
+        .ns
+        .exec_out(&format!("ping -c 3 -i 0.2 -W 1 {}", t.nodes[1].pod_ip));
+    assert!(ping.status.success(), "node1 -> pod2: {ping:?}");
+    for i in 0..2 {
+        t.cni_del(i);
+    }
+}
