@@ -137,13 +137,13 @@ impl Snapshot {
         );
         let _ = writeln!(
             s,
-            "{:<8} {:<6} {:>14} {:>16}",
-            "what", "mode", "packets", "bytes"
+            "{:<14} {:<6} {:>14} {:>16}",
+            "what (non-zero)", "mode", "packets", "bytes"
         );
-        for c in &self.counters {
+        for c in self.counters.iter().filter(|c| c.packets > 0) {
             let _ = writeln!(
                 s,
-                "{:<8} {:<6} {:>14} {:>16}",
+                "{:<14} {:<6} {:>14} {:>16}",
                 c.direction, c.mode, c.packets, c.bytes
             );
         }

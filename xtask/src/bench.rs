@@ -21,27 +21,46 @@ enum Config {
     LinuxVxlan,
     DpIpip,
     DpIpipTc,
+    DpIpipBpf,
     DpVxlanXdp,
     DpVxlanTc,
+    DpVxlanBpf,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 8] = [
         Self::Native,
         Self::LinuxVxlan,
         Self::DpIpip,
         Self::DpIpipTc,
+        Self::DpIpipBpf,
         Self::DpVxlanXdp,
         Self::DpVxlanTc,
+        Self::DpVxlanBpf,
     ];
     fn name(self) -> &'static str {
         match self {
             Self::Native => "native routing",
             Self::LinuxVxlan => "Linux VXLAN (Flannel-style)",
-            Self::DpIpip => "datapath IPIP (XDP decap)",
-            Self::DpIpipTc => "datapath IPIP (TC decap)",
-            Self::DpVxlanXdp => "datapath VXLAN (XDP decap)",
-            Self::DpVxlanTc => "datapath VXLAN (TC decap)",
+            Self::DpIpip => "datapath IPIP (XDP decap, kernel host routing)",
+            Self::DpIpipTc => "datapath IPIP (TC decap, kernel host routing)",
+            Self::DpIpipBpf => "datapath IPIP (TC decap, BPF host routing)",
+            Self::DpVxlanXdp => "datapath VXLAN (XDP decap, kernel host routing)",
+            Self::DpVxlanTc => "datapath VXLAN (TC decap, kernel host routing)",
+            Self::DpVxlanBpf => "datapath VXLAN (TC decap, BPF host routing)",
+        }
+    }
+
+    /// The agent's encapsulation, decap hook and host routing for a datapath configuration.
+    fn datapath(self) -> Option<(&'static str, &'static str, &'static str)> {
+        match self {
+            Self::DpIpip => Some(("ipip", "xdp", "kernel")),
+            Self::DpIpipTc => Some(("ipip", "tc", "kernel")),
+            Self::DpIpipBpf => Some(("ipip", "tc", "bpf")),
+            Self::DpVxlanXdp => Some(("vxlan", "xdp", "kernel")),
+            Self::DpVxlanTc => Some(("vxlan", "tc", "kernel")),
+            Self::DpVxlanBpf => Some(("vxlan", "tc", "bpf")),
+            Self::Native | Self::LinuxVxlan => None,
         }
     }
 }
@@ -103,16 +122,14 @@ fn enable(lab: &Lab, c: Config, agents: &mut Vec<Child>) -> Result<()> {
                 )?;
             }
         }
-        Config::DpIpip | Config::DpIpipTc | Config::DpVxlanXdp | Config::DpVxlanTc => {
-            let (encap, decap) = match c {
-                Config::DpIpip => ("ipip", "xdp"),
-                Config::DpIpipTc => ("ipip", "tc"),
-                Config::DpVxlanXdp => ("vxlan", "xdp"),
-                _ => ("vxlan", "tc"),
-            };
+        _ => {
+            let (encap, decap, routing) = c.datapath().expect("a datapath configuration");
             lab.write_cluster(encap, 4096, 4789)?;
             for i in 1..=2 {
-                agents.push(lab.start_agent(i, &["--decap", decap])?);
+                agents.push(lab.start_agent(i, &["--decap", decap, "--host-routing", routing])?);
+            }
+            if routing == "bpf" {
+                lab.plug_pods()?;
             }
         }
     }
@@ -278,13 +295,41 @@ fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -
         }
         let _ = writeln!(s);
     }
+    s += &render_targets(med);
+    s
+}
+
+/// BPF host routing against native routing: TCP 1 flow and 64-byte UDP at least 1.00×, latency
+/// p50 at most native's.
+fn render_targets(med: &BTreeMap<(Config, Metric), f64>) -> String {
+    let get = |c, m| med.get(&(c, m)).copied().unwrap_or(0.0);
+    let mut s = String::from(
+        "\nTargets for BPF host routing (ratios to native routing in this run): TCP 1 flow ≥ 1.00×, UDP 64 B ≥ 1.00×, latency p50 ≤ 1.00×.\n\n",
+    );
+    for c in [Config::DpIpipBpf, Config::DpVxlanBpf] {
+        let ratio = |m| get(c, m) / get(Config::Native, m).max(f64::MIN_POSITIVE);
+        let (tcp, udp, lat) = (
+            ratio(Metric::Tcp1),
+            ratio(Metric::Udp64Pps),
+            ratio(Metric::LatP50),
+        );
+        let verdict = |ok: bool| if ok { "met" } else { "missed" };
+        let _ = writeln!(
+            s,
+            "- {}: TCP 1 flow {tcp:.2}× ({}), UDP 64 B {udp:.2}× ({}), latency p50 {lat:.2}× ({})",
+            c.name(),
+            verdict(tcp >= 1.0),
+            verdict(udp >= 1.0),
+            verdict(lat <= 1.0)
+        );
+    }
     s
 }
 
 /// Grouped bars: each metric's value relative to native (1.0 = native), one bar per config.
 fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
     let colors = [
-        "#888888", "#d62728", "#1f77b4", "#17becf", "#2ca02c", "#9467bd",
+        "#888888", "#d62728", "#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2",
     ];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
     let plot_h = h - top - bottom;

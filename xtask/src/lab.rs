@@ -50,6 +50,12 @@ impl Lab {
         format!("{}/node{node}", self.bpffs())
     }
 
+    /// Node `node`'s CNI directories (net.d, bin, ipam), so the agents write there rather than
+    /// into this machine's /etc/cni and /opt/cni.
+    pub fn cni_dir(&self, node: usize) -> String {
+        format!("/run/{}-cni/node{node}", self.prefix)
+    }
+
     pub fn in_ns(&self, ns: &str, cmd: &str) -> Result<String> {
         sh(&format!("ip netns exec {} {cmd}", self.ns(ns)))
     }
@@ -133,10 +139,62 @@ impl Lab {
             ));
         }
         let _ = sh(&format!(
-            "umount {0} 2>/dev/null; rmdir {0} 2>/dev/null; rm -f {1}",
+            "umount {0} 2>/dev/null; rmdir {0} 2>/dev/null; rm -f {1}; rm -rf /run/{2}-cni",
             self.bpffs(),
-            self.cluster_path()
+            self.cluster_path(),
+            self.prefix
         ));
+    }
+
+    /// Records each node's pod with the agent the way its CNI plugin does when chained after
+    /// ptp: the plugin is run with ADD and a previous result describing the lab's pod (host
+    /// side `pod0`, pod side `eth0`), so BPF host routing knows it.
+    pub fn plug_pods(&self) -> Result<()> {
+        use std::io::Write as _;
+        for i in 1..=2 {
+            let (n, p) = (self.ns(&format!("n{i}")), self.ns(&format!("p{i}")));
+            let mac = |ns: &str, dev: &str| -> Result<String> {
+                let out = sh(&format!("ip -n {ns} -j link show {dev}"))?;
+                let v: serde_json::Value = serde_json::from_str(&out)?;
+                Ok(v[0]["address"].as_str().unwrap_or_default().to_string())
+            };
+            let conf = serde_json::json!({
+                "cniVersion": "1.0.0", "name": "datapath", "type": "datapath",
+                "pinDir": self.pin_dir(i),
+                "prevResult": {
+                    "cniVersion": "1.0.0",
+                    "interfaces": [
+                        { "name": "pod0", "mac": mac(&n, "pod0")? },
+                        { "name": "eth0", "mac": mac(&p, "eth0")?, "sandbox": format!("/var/run/netns/{p}") },
+                    ],
+                    "ips": [{ "interface": 1, "address": format!("10.244.{}.2/24", i - 1) }],
+                },
+            });
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &n])
+                .arg(&self.bin)
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_NETNS", format!("/var/run/netns/{p}"))
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_CONTAINERID", format!("lab-{i}"))
+                .env("CNI_PATH", "/usr/lib/cni")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(conf.to_string().as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "CNI ADD on node{i}: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn write_cluster(&self, encap: &str, vni: u32, port: u16) -> Result<()> {
@@ -163,7 +221,10 @@ impl Lab {
                 "--node",
                 &format!("node{i}"),
             ])
-            .args(["--pin-dir", &self.pin_dir(i), "--watch-ms", "100"])
+            .args(["--pin-dir", &self.pin_dir(i)])
+            .args(["--cni-conf-dir", &format!("{}/net.d", self.cni_dir(i))])
+            .args(["--cni-bin-dir", &format!("{}/bin", self.cni_dir(i))])
+            .args(["--cni-ipam-dir", &format!("{}/ipam", self.cni_dir(i))])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -56,6 +56,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "containernetworking-plugins",
+    "iptables",
 ];
 
 /// Where `bpf-linker` is built against the nightly toolchain's own LLVM.
