@@ -59,6 +59,14 @@ const _: () = assert!(core::mem::size_of::<VxlanHeaders>() == 50);
 /// is: it goes to its node encapsulated or natively, or is dropped as `NoPodRoute`.
 #[inline(always)]
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark.
+    unsafe {
+        if (*ctx.skb.skb).mark == maps_common::MARK_ENCAPSULATED {
+            // Encapsulated and addressed at a pod's veth already (BPF host routing).
+            (*ctx.skb.skb).mark = 0;
+            return Ok(TC_ACT_OK);
+        }
+    }
     let len = ctx.len();
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Ok(pass(len));

@@ -56,6 +56,8 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         *ip
     };
     let action = encap::send(ctx, cfg, &route, &inner)?;
+    // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark.
+    unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
     count(CounterId::HostRouteOut, ctx.len());
     Ok(action)
 }

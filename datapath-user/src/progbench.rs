@@ -256,12 +256,15 @@ impl View {
         Ok((out, r.duration.as_nanos() as u64))
     }
 
-    fn mean_ns(&self, prog: &str, input: &[u8], iterations: u32) -> Result<f64> {
-        let mut total = 0u64;
+    /// The median of `iterations` single runs' kernel-reported durations: robust against the
+    /// interrupts and preemptions that inflate a mean on a busy 2-CPU machine.
+    fn median_ns(&self, prog: &str, input: &[u8], iterations: u32) -> Result<f64> {
+        let mut runs = Vec::with_capacity(iterations as usize);
         for _ in 0..iterations {
-            total += self.run(prog, input)?.1;
+            runs.push(self.run(prog, input)?.1);
         }
-        Ok(total as f64 / iterations as f64)
+        runs.sort_unstable();
+        Ok(runs[runs.len() / 2] as f64)
     }
 }
 
@@ -301,24 +304,24 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
         );
         out.insert(
             format!("tc_encap_egress {encap}"),
-            sender.mean_ns(prog_names::TC_ENCAP_EGRESS, &input, iterations)?,
+            sender.median_ns(prog_names::TC_ENCAP_EGRESS, &input, iterations)?,
         );
         out.insert(
             format!("xdp_decap_ingress {encap}"),
-            receiver.mean_ns(prog_names::XDP_DECAP_INGRESS, &encapsulated, iterations)?,
+            receiver.median_ns(prog_names::XDP_DECAP_INGRESS, &encapsulated, iterations)?,
         );
         out.insert(
             format!("tc_decap_ingress {encap}"),
-            receiver.mean_ns(prog_names::TC_DECAP_INGRESS, &encapsulated, iterations)?,
+            receiver.median_ns(prog_names::TC_DECAP_INGRESS, &encapsulated, iterations)?,
         );
         if encap == "ipip" {
             out.insert(
                 "tc_floor".into(),
-                sender.mean_ns(prog_names::TC_FLOOR, &input, iterations)?,
+                sender.median_ns(prog_names::TC_FLOOR, &input, iterations)?,
             );
             out.insert(
                 "xdp_floor".into(),
-                sender.mean_ns(prog_names::XDP_FLOOR, &input, iterations)?,
+                sender.median_ns(prog_names::XDP_FLOOR, &input, iterations)?,
             );
         }
     }

@@ -82,6 +82,12 @@ pub const ROUTE_NEXTHOP: [u8; 4] = [169, 254, 0, 1];
 /// Destination MAC the kernel writes for packets routed through [`ROUTE_NEXTHOP`]: locally
 /// administered, so a frame the program did not rewrite is never mistaken for a real host's.
 pub const ROUTE_NEXTHOP_MAC: [u8; 6] = [0x0e, 0xd9, 0x00, 0x00, 0x00, 0x01];
+/// `skb->mark` of a packet BPF host routing encapsulated at a pod's veth and redirected to the
+/// underlay: the underlay's egress program clears it and sends the packet on without looking
+/// again (as Cilium marks its own packets with magic values). A pod's packets arrive with no
+/// mark: crossing namespaces scrubs it.
+pub const MARK_ENCAPSULATED: u32 = 0x0d47_0e00;
+
 /// Distinct pod-CIDR prefix lengths the encap program tries by exact match (longest first);
 /// with more in use it falls back to the LPM trie.
 pub const MAX_PREFIX_LENS: usize = 4;
