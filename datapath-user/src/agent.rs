@@ -23,6 +23,7 @@ use crate::{
     cni::{self, CniOptions},
     dataplane::{ApplyError, Changes, Dataplane, LocalOptions},
     etcd::{self, EtcdStatus},
+    flannel,
     loader::{self, DecapHook, LoadOptions},
     maps::DatapathMaps,
     net::{self, Netlink, PeerPath, RouteSpec},
@@ -55,6 +56,10 @@ pub struct AgentOptions {
     pub iface: Option<String>,
     pub cni: CniOptions,
     pub host_routing: HostRouting,
+    /// Where `subnet.env` is written (Flannel's `/run/flannel/subnet.env`).
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network, as flanneld's `--ip-masq`.
+    pub ip_masq: bool,
     pub pin_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub decap: DecapHook,
@@ -66,12 +71,15 @@ pub struct AgentOptions {
 
 /// One change of cluster state from a source.
 pub enum Update {
-    /// A whole state as cluster text (or why there is none): the file, etcd's full reads.
+    /// A whole state as cluster text (or why there is none): the cluster file.
     Full {
         text: anyhow::Result<String>,
         reason: &'static str,
         revision: i64,
     },
+    /// etcd was read whole (at the start, after an outage, when the config changed): the
+    /// state is what the shared keys hold now.
+    EtcdRead { revision: i64 },
     /// etcd lease keys changed: new value, or `None` when deleted.
     Leases {
         events: Vec<(String, Option<String>)>,
@@ -88,6 +96,8 @@ struct ReloadState {
     failures: u64,
     /// etcd revision of the state last applied.
     revision: i64,
+    /// Nodes of the last state left out as incomplete or unreadable.
+    skipped: usize,
 }
 
 struct Shared {
@@ -212,14 +222,53 @@ struct Agent {
     dirty: bool,
     health: Arc<Notify>,
     cni: CniOptions,
+    flannel: FlannelOut,
+    /// Warnings and skipped nodes of the last state, logged again only when they change.
+    notes: (Vec<String>, Vec<cluster::Problem>),
+}
+
+/// The Flannel node's outputs: `subnet.env` and the masquerade rules.
+struct FlannelOut {
+    subnet_file: PathBuf,
+    ip_masq: bool,
+}
+
+impl FlannelOut {
+    /// Writes `subnet.env` for this node and, with `--ip-masq`, makes sure the masquerade
+    /// rules for the cluster network are in place.
+    fn apply(&self, dp: &Dataplane) -> anyhow::Result<()> {
+        let networks = dp.cluster_networks();
+        let (Some(subnet), Some(network)) = (dp.own_pod_cidr(), flannel::covering(&networks))
+        else {
+            return Ok(());
+        };
+        let env = flannel::SubnetEnv {
+            network,
+            subnet,
+            mtu: dp.pod_mtu(),
+            ip_masq: self.ip_masq,
+        };
+        if env.write(&self.subnet_file)? {
+            info!(path = %self.subnet_file.display(), %network, %subnet, "subnet.env written");
+        }
+        if self.ip_masq && flannel::ensure_masq(&network)? {
+            info!(%network, "masquerade rules for traffic leaving the cluster network (re)written");
+        }
+        Ok(())
+    }
 }
 
 impl Agent {
-    /// Applies a whole state: checksum device, maps, routes.
+    /// Applies a whole state: checksum device, maps, routes, CNI and Flannel outputs.
     async fn apply_full(&mut self, cluster: &Cluster) -> anyhow::Result<Changes> {
+        self.note(cluster);
         let csum = with_csum_device(&self.shared, &self.routes.nl, cluster).await?;
         let (mut ch, want, ifindex) = {
             let mut s = lock(&self.shared);
+            if let Some(own) = &cluster.own {
+                s.dp.local.node.clone_from(own);
+            }
+            s.reload.skipped = cluster.skipped.len();
             s.dp.local.csum_ifindex = csum;
             let ch = s.dp.apply_full(cluster)?;
             (ch, s.dp.routes(), s.dp.local.iface.ifindex)
@@ -227,7 +276,27 @@ impl Agent {
         self.routes.sync(&want, ifindex, &mut ch).await?;
         drop_csum_device(&self.shared, &self.routes.nl).await?;
         self.install_cni()?;
+        self.flannel.apply(&lock(&self.shared).dp)?;
         Ok(ch)
+    }
+
+    /// Logs a state's warnings and skipped nodes when they differ from the last state's.
+    fn note(&mut self, cluster: &Cluster) {
+        let notes = (cluster.warnings.clone(), cluster.skipped.clone());
+        if notes == self.notes {
+            return;
+        }
+        for w in &cluster.warnings {
+            warn!("{w}");
+        }
+        for p in &cluster.skipped {
+            warn!("skipping node {p}; every other node is applied");
+        }
+        self.notes = notes;
+    }
+
+    fn etcd_state(&self) -> anyhow::Result<Cluster> {
+        etcd_state(self.etcd.as_ref(), &*self.parse)
     }
 
     /// Rewrites the CNI configuration list when this node's pod CIDR or pod MTU changed.
@@ -279,8 +348,8 @@ impl Agent {
                 }
             }
         }
-        let text = etcd::compose(&prefix, &kvs.lock().expect("etcd kvs"));
-        let cluster = (self.parse)(text)?;
+        let _ = kvs;
+        let cluster = self.etcd_state()?;
         self.apply_full(&cluster).await
     }
 
@@ -289,10 +358,15 @@ impl Agent {
             Update::Full {
                 reason, revision, ..
             } => (*reason, *revision),
+            Update::EtcdRead { revision } => ("etcd read", *revision),
             Update::Leases { revision, .. } => ("etcd change", *revision),
         };
         let result = match update {
             Update::Full { text, .. } => match (self.parse)(text) {
+                Ok(c) => self.apply_full(&c).await,
+                Err(e) => Err(e),
+            },
+            Update::EtcdRead { .. } => match self.etcd_state() {
                 Ok(c) => self.apply_full(&c).await,
                 Err(e) => Err(e),
             },
@@ -324,12 +398,27 @@ impl Agent {
     }
 }
 
+/// The whole state etcd holds now: its keys composed into cluster text, parsed, with the
+/// leases that could not be read reported as skipped.
+fn etcd_state(
+    etcd: Option<&(String, etcd::Kvs)>,
+    parse: &dyn Fn(anyhow::Result<String>) -> anyhow::Result<Cluster>,
+) -> anyhow::Result<Cluster> {
+    let (prefix, kvs) = etcd.context("no etcd source")?;
+    let (text, skipped) = etcd::compose(prefix, &kvs.lock().expect("etcd kvs"))?;
+    let mut cluster = parse(Ok(text))?;
+    cluster.skipped.extend(skipped);
+    Ok(cluster)
+}
+
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let nl = Netlink::connect()?;
+    // A lease flanneld wrote names no node: this node's is the one with one of its addresses.
     let limits = Limits {
         max_nodes: opts.max_nodes,
         own_node: Some(opts.node.clone()),
+        own_addrs: nl.addresses().await?,
     };
-    let nl = Netlink::connect()?;
     let etcd_status = Arc::new(Mutex::new(EtcdStatus::default()));
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let mut etcd = None;
@@ -357,11 +446,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     // The first good state: a bad cluster file at start is an error; etcd is waited for.
     let first = loop {
-        let u = rx.recv().await.context("cluster source stopped")?;
-        let Update::Full { text, revision, .. } = u else {
-            continue;
+        let (state, revision) = match rx.recv().await.context("cluster source stopped")? {
+            Update::Full { text, revision, .. } => (parse(text), revision),
+            Update::EtcdRead { revision } => (etcd_state(etcd.as_ref(), &parse), revision),
+            Update::Leases { .. } => continue,
         };
-        match (parse(text), &opts.source) {
+        match (state, &opts.source) {
             (Ok(c), _) => break (c, revision),
             (Err(e), Source::File { .. }) => return Err(e),
             (Err(e), Source::Etcd(_)) => {
@@ -370,13 +460,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     };
     let (cluster, revision) = first;
-    let me = cluster.node(&opts.node).context("own node")?.clone();
+    let own = cluster.own.clone().unwrap_or_else(|| opts.node.clone());
+    let me = cluster.node(&own).context("own node")?.clone();
     let iface = match &opts.iface {
         Some(name) => nl.iface(name).await?,
         None => nl.iface_with_addr(me.address).await?,
     };
     let local = LocalOptions {
-        node: opts.node.clone(),
+        node: own.clone(),
         iface: iface.clone(),
         inner_src_check: opts.inner_src_check,
         max_nodes: opts.max_nodes,
@@ -420,6 +511,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         dirty: false,
         health: health.clone(),
         cni: opts.cni.clone(),
+        flannel: FlannelOut {
+            subnet_file: opts.subnet_file.clone(),
+            ip_masq: opts.ip_masq,
+        },
+        notes: Default::default(),
     };
     cni::install_plugin(&opts.cni)?;
     let changes = agent.apply_full(&cluster).await?;
@@ -465,6 +561,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut reconcile = tokio::time::interval(Duration::from_secs(30));
     reconcile.tick().await;
+    // flanneld re-checks its rules every 5 s: someone may have flushed them.
+    let mut masq = tokio::time::interval(Duration::from_secs(5));
+    masq.tick().await;
     loop {
         tokio::select! {
             u = rx.recv() => match u {
@@ -477,6 +576,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     (s.dp.routes(), s.dp.local.iface.ifindex)
                 };
                 agent.routes.reconcile(&want, ifindex).await;
+            }
+            _ = masq.tick(), if opts.ip_masq => {
+                if let Err(e) = agent.flannel.apply(&lock(&shared).dp) {
+                    warn!("masquerade rules: {e:#}");
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -603,6 +707,7 @@ fn metrics_body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String 
         gauge("datapath_reloads_total", s.reload.reloads as f64),
         gauge("datapath_reload_failures_total", s.reload.failures as f64),
         gauge("datapath_pod_mtu", f64::from(s.dp.pod_mtu())),
+        gauge("datapath_nodes_skipped", s.reload.skipped as f64),
     ];
     if let Some(etcd) = etcd {
         let e = etcd.lock().expect("lock").clone();

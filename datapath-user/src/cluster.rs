@@ -2,7 +2,7 @@
 //! whole into a `Cluster`. Every problem is reported with its field path and reason.
 use std::{collections::HashMap, fmt, net::Ipv4Addr, str::FromStr};
 
-use serde::Deserialize;
+use crate::clusterdoc::{self, ADDRESS, NAME, Origin, POD_CIDR, RawNode, node_path};
 
 /// How traffic to other nodes' pods is carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +150,14 @@ pub struct Cluster {
     /// agent routes each toward the datapath with one route. Empty: the pod CIDRs, merged.
     pub cluster_cidrs: Vec<Cidr>,
     pub nodes: Vec<Node>,
+    /// The name of this node in the state, when `Limits::own_node` asked for it: found by name,
+    /// or else by one of this host's addresses (a lease flanneld wrote has no name).
+    pub own: Option<String>,
+    /// Flags the state overrides, and other things worth a word.
+    pub warnings: Vec<String>,
+    /// Nodes of live data (a NodeList, etcd) left out as incomplete or unreadable: their
+    /// problem only, every other node is applied.
+    pub skipped: Vec<Problem>,
 }
 
 /// Everything in a cluster state but its nodes: when it changes, every node is planned again.
@@ -198,286 +206,317 @@ impl fmt::Display for Problem {
 #[error("invalid cluster state ({} problem(s)):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
 pub struct Invalid(pub Vec<Problem>);
 
-/// Settings a NodeList does not carry: they come from the command line.
-#[derive(Clone, Debug)]
+/// Settings from the command line. A cluster state's own value wins over a flag (with a
+/// warning naming both); a flag wins over the defaults of where the state came from
+/// (Flannel's VNI 1 and port 8472 for Flannel's data, Calico's 4096 and 4789 otherwise).
+#[derive(Clone, Debug, Default)]
 pub struct Defaults {
-    pub encap: Encap,
-    pub cross_subnet: bool,
-    pub vni: u32,
-    pub port: u16,
-    pub udp_checksum: bool,
-    pub cluster_cidrs: Vec<Cidr>,
-}
-
-impl Default for Defaults {
-    fn default() -> Self {
-        Self {
-            encap: Encap::Vxlan,
-            cross_subnet: false,
-            vni: 4096,
-            port: maps_common::VXLAN_PORT_IANA,
-            udp_checksum: false,
-            cluster_cidrs: Vec::new(),
-        }
-    }
+    pub encap: Option<Encap>,
+    pub cross_subnet: Option<bool>,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub udp_checksum: Option<bool>,
+    pub cluster_cidrs: Option<Vec<Cidr>>,
 }
 
 /// Limits the file must fit in.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Limits {
     pub max_nodes: u32,
-    /// Name of this node, which must be in the file.
+    /// Name of this node, which must be in the file (by name, or by one of `own_addrs`).
     pub own_node: Option<String>,
+    /// This host's own addresses.
+    pub own_addrs: Vec<Ipv4Addr>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FileDoc {
-    encapsulation: Option<String>,
-    cross_subnet: Option<bool>,
-    /// One CIDR, or several separated by commas, as Kubernetes' `--cluster-cidr`.
-    #[serde(rename = "clusterCIDR")]
-    cluster_cidr: Option<String>,
-    vxlan: Option<FileVxlan>,
-    nodes: Option<Vec<FileNode>>,
+/// The value a setting takes: the state's, else the flag's, else `fallback`; a warning when a
+/// flag is overridden by a different value in the state.
+fn setting<T: PartialEq + fmt::Display>(
+    flag: &str,
+    field: &str,
+    state: Option<T>,
+    given: Option<T>,
+    fallback: T,
+    warnings: &mut Vec<String>,
+) -> T {
+    match (state, given) {
+        (Some(s), Some(g)) if s != g => {
+            warnings.push(format!(
+                "--{flag} {g} is overridden by the cluster state's {field} {s}"
+            ));
+            s
+        }
+        (Some(s), _) => s,
+        (None, Some(g)) => g,
+        (None, None) => fallback,
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FileVxlan {
-    vni: Option<u32>,
-    port: Option<u16>,
-    udp_checksum: Option<bool>,
+/// What the settings of a cluster state resolve to; `None` for the encapsulation when the
+/// state names one this datapath does not have (a problem was recorded).
+struct Resolved {
+    encap: Option<Encap>,
+    cross_subnet: bool,
+    vni: u32,
+    port: u16,
+    udp_checksum: bool,
+    cluster_cidrs: Vec<Cidr>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FileNode {
-    name: Option<String>,
-    address: Option<String>,
-    #[serde(rename = "podCIDR")]
-    pod_cidr: Option<String>,
-    #[serde(rename = "vtepMAC")]
-    vtep_mac: Option<String>,
+fn resolve_settings(
+    raw: &clusterdoc::RawState,
+    defaults: &Defaults,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<String>,
+) -> Resolved {
+    let s = &raw.settings;
+    let flannel = raw.origin == Origin::FlannelNodeList;
+    let (vni_field, encap_field) = if raw.origin == Origin::File {
+        ("vxlan.vni", "encapsulation")
+    } else {
+        ("Flannel backend-data VNI", "Flannel backend-type")
+    };
+    let encap = match s.encap.as_deref().map(|e| (e, e.parse::<Encap>())) {
+        None => Some(defaults.encap.unwrap_or(Encap::Vxlan)),
+        Some((_, Ok(e))) => {
+            let given = defaults.encap.map(Encap::name);
+            Some(setting(
+                "encapsulation",
+                encap_field,
+                Some(e.name()),
+                given,
+                "",
+                warnings,
+            ))
+            .map(|_| e)
+        }
+        Some((_, Err(reason))) => {
+            problems.push(Problem {
+                path: encap_field.into(),
+                reason,
+            });
+            None
+        }
+    };
+    let (vni0, port0) = if flannel {
+        (1, maps_common::VXLAN_PORT_LINUX)
+    } else {
+        (4096, maps_common::VXLAN_PORT_IANA)
+    };
+    let mut cluster_cidrs = defaults.cluster_cidrs.clone().unwrap_or_default();
+    if let Some(list) = &s.cluster_cidr {
+        match parse_cidr_list(list) {
+            Ok(c) => cluster_cidrs = c,
+            Err(reason) => problems.push(Problem {
+                path: "clusterCIDR".into(),
+                reason,
+            }),
+        }
+    }
+    Resolved {
+        encap,
+        cross_subnet: setting(
+            "cross-subnet",
+            "crossSubnet",
+            s.cross_subnet,
+            defaults.cross_subnet,
+            false,
+            warnings,
+        ),
+        vni: setting("vni", vni_field, s.vni, defaults.vni, vni0, warnings),
+        port: setting(
+            "vxlan-port",
+            "vxlan.port",
+            s.port,
+            defaults.port,
+            port0,
+            warnings,
+        ),
+        udp_checksum: setting(
+            "vxlan-udp-checksum",
+            "vxlan.udpChecksum",
+            s.udp_checksum,
+            defaults.udp_checksum,
+            false,
+            warnings,
+        ),
+        cluster_cidrs,
+    }
 }
 
-const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
-const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
-
-/// Parses and validates cluster state from text (YAML, JSON, or a `kubectl get nodes -o json`
-/// NodeList). Returns the cluster, or every problem found.
+/// Parses and validates a cluster text whole: every problem is reported with its path. A bad
+/// node rejects a cluster file; in live data (a NodeList) an incomplete node is skipped, unless
+/// it is this node. Conflicts (two nodes claiming an address or overlapping pod CIDRs, a pod
+/// CIDR holding node addresses) always reject the state.
 pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster, Invalid> {
-    let mut cluster_cidrs = defaults.cluster_cidrs.clone();
-    let (raw_nodes, mut problems, encap, cross_subnet, (vni, port, udp_checksum)) =
-        match read_doc(text)? {
-            Doc::NodeList(value) => {
-                let (nodes, problems) = from_nodelist(&value);
-                (
-                    nodes,
-                    problems,
-                    Some(defaults.encap),
-                    defaults.cross_subnet,
-                    (defaults.vni, defaults.port, defaults.udp_checksum),
-                )
-            }
-            Doc::File(doc) => {
-                let mut problems = Vec::new();
-                let encap = match doc.encapsulation.as_deref() {
-                    None => Some(defaults.encap),
-                    Some(s) => match s.parse() {
-                        Ok(e) => Some(e),
-                        Err(reason) => {
-                            problems.push(Problem {
-                                path: "encapsulation".into(),
-                                reason,
-                            });
-                            None
-                        }
-                    },
-                };
-                if let Some(list) = &doc.cluster_cidr {
-                    match parse_cidr_list(list) {
-                        Ok(c) => cluster_cidrs = c,
-                        Err(reason) => problems.push(Problem {
-                            path: "clusterCIDR".into(),
-                            reason,
-                        }),
-                    }
-                }
-                let vx = doc.vxlan.unwrap_or(FileVxlan {
-                    vni: None,
-                    port: None,
-                    udp_checksum: None,
-                });
-                let nodes = doc
-                    .nodes
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|n| (n.name, n.address, n.pod_cidr, n.vtep_mac))
-                    .collect();
-                (
-                    nodes,
-                    problems,
-                    encap,
-                    doc.cross_subnet.unwrap_or(defaults.cross_subnet),
-                    (
-                        vx.vni.unwrap_or(defaults.vni),
-                        vx.port.unwrap_or(defaults.port),
-                        vx.udp_checksum.unwrap_or(defaults.udp_checksum),
-                    ),
-                )
-            }
-        };
-
-    if vni == 0 || vni > 0xff_ffff {
+    let raw = clusterdoc::read(text);
+    let mut problems = raw.problems.clone();
+    let mut warnings = Vec::new();
+    let set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
+    if set.vni == 0 || set.vni > 0xff_ffff {
         problems.push(Problem {
             path: "vxlan.vni".into(),
-            reason: format!("{vni} is outside 1-16777215"),
+            reason: format!("{} is outside 1-16777215", set.vni),
         });
     }
-    if port == 0 {
+    if set.port == 0 {
         problems.push(Problem {
             path: "vxlan.port".into(),
             reason: "port 0 is not a valid UDP port".into(),
         });
     }
-    if raw_nodes.is_empty() {
+    let lenient = raw.origin != Origin::File;
+    let mut skipped = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    let in_nodelist = raw.origin != Origin::File;
+    let path = |index: usize, field: usize| node_path(index, in_nodelist, field);
+    for rn in &raw.nodes {
+        let (node, node_problems) = read_node(rn);
+        match node {
+            Some(n) if node_problems.is_empty() => nodes.push(n),
+            _ if lenient && !is_own(rn, limits) => skipped.extend(node_problems),
+            _ => problems.extend(node_problems),
+        }
+    }
+    if raw.nodes.is_empty() && raw.problems.is_empty() {
         problems.push(Problem {
             path: "nodes".into(),
             reason: "no nodes".into(),
         });
     }
-    if raw_nodes.len() > limits.max_nodes as usize {
+    if nodes.len() > limits.max_nodes as usize {
         problems.push(Problem {
             path: "nodes".into(),
             reason: format!(
                 "{} nodes do not fit in maps sized for {} (raise --max-nodes)",
-                raw_nodes.len(),
+                nodes.len(),
                 limits.max_nodes
             ),
         });
     }
-
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, (name, address, pod_cidr, vtep_mac)) in raw_nodes.into_iter().enumerate() {
-        let at = |field: &str| format!("nodes[{i}].{field}");
-        let mut ok = true;
-        let mut problem = |path: String, reason: String| {
-            problems.push(Problem { path, reason });
-            ok = false;
-        };
-        let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-            problem(at("name"), "missing".into());
-            String::new()
-        });
-        let (address, prefix_len) = match address.as_deref() {
-            None => {
-                problem(at("address"), "missing".into());
-                (Ipv4Addr::UNSPECIFIED, None)
-            }
-            Some(s) => match parse_address(s) {
-                Ok(a) => a,
-                Err(reason) => {
-                    problem(at("address"), reason);
-                    (Ipv4Addr::UNSPECIFIED, None)
-                }
-            },
-        };
-        let pod_cidr = match pod_cidr.as_deref().map(str::parse::<Cidr>) {
-            None => {
-                problem(at("podCIDR"), "missing".into());
-                None
-            }
-            Some(Err(reason)) => {
-                problem(at("podCIDR"), reason);
-                None
-            }
-            Some(Ok(c)) => Some(c),
-        };
-        let vtep_mac = match vtep_mac.as_deref().map(parse_mac) {
-            None => Some(derived_vtep_mac(address)),
-            Some(Err(reason)) => {
-                problem(at("vtepMAC"), reason);
-                None
-            }
-            Some(Ok(m)) => Some(m),
-        };
-        if let (true, Some(pod_cidr), Some(vtep_mac)) = (ok, pod_cidr, vtep_mac) {
-            nodes.push(Node {
-                index: i,
-                name,
-                address,
-                prefix_len,
-                pod_cidr,
-                vtep_mac,
-            });
-        }
-    }
-    problems.extend(conflicts(&nodes));
-    if let Some(own) = &limits.own_node
+    problems.extend(conflicts(&nodes, &path));
+    problems.extend(cidrs_holding_nodes(&nodes, &set.cluster_cidrs, &path));
+    let own = own_node(&nodes, limits);
+    if let Some(name) = &limits.own_node
+        && own.is_none()
         && problems.is_empty()
-        && !nodes.iter().any(|n| &n.name == own)
     {
+        let also = if limits.own_addrs.is_empty() {
+            String::new()
+        } else {
+            let addrs: Vec<String> = limits.own_addrs.iter().map(ToString::to_string).collect();
+            format!(
+                ", nor a node with one of this host's addresses ({})",
+                addrs.join(", ")
+            )
+        };
         problems.push(Problem {
             path: "nodes".into(),
-            reason: format!("this node {own:?} is not in the cluster state"),
+            reason: format!("this node {name:?} is not in the cluster state{also}"),
         });
     }
-    match (problems.is_empty(), encap) {
+    match (problems.is_empty(), set.encap) {
         (true, Some(encap)) => Ok(Cluster {
             encap,
-            cross_subnet,
-            vni,
-            port,
-            udp_checksum,
-            cluster_cidrs,
+            cross_subnet: set.cross_subnet,
+            vni: set.vni,
+            port: set.port,
+            udp_checksum: set.udp_checksum,
+            cluster_cidrs: set.cluster_cidrs,
             nodes,
+            own,
+            warnings,
+            skipped,
         }),
         _ => Err(Invalid(problems)),
     }
 }
 
-/// A cluster text, read: the cluster-file format, or a Kubernetes NodeList.
-enum Doc {
-    File(FileDoc),
-    NodeList(serde_yaml::Value),
+/// Whether a raw node is this node (by name or address), whose problems reject the state.
+fn is_own(rn: &RawNode, limits: &Limits) -> bool {
+    let by_name = rn.name.is_some() && rn.name == limits.own_node;
+    let by_addr = rn
+        .address
+        .as_deref()
+        .and_then(|a| parse_address(a).ok())
+        .is_some_and(|(a, _)| limits.own_addrs.contains(&a));
+    by_name || by_addr
 }
 
-/// Reads YAML or JSON. JSON is YAML, but serde_json reads a large cluster file (10,000 nodes)
-/// many times faster, straight into the file format; anything it cannot read so goes the
-/// general way, and YAML's parser has the last word on errors.
-fn read_doc(text: &str) -> Result<Doc, Invalid> {
-    let whole = |reason: String| {
-        Invalid(vec![Problem {
-            path: "(file)".into(),
+/// This node's name in the state: by name, else by one of this host's addresses.
+fn own_node(nodes: &[Node], limits: &Limits) -> Option<String> {
+    let name = limits.own_node.as_ref()?;
+    nodes
+        .iter()
+        .find(|n| &n.name == name)
+        .or_else(|| nodes.iter().find(|n| limits.own_addrs.contains(&n.address)))
+        .map(|n| n.name.clone())
+}
+
+/// One node's fields checked; the node when all are good, and every problem found.
+fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut problem = |field: usize, reason: String| {
+        problems.push(Problem {
+            path: node_path(rn.index, rn.in_nodelist, field),
             reason,
-        }])
+        });
     };
-    let json = text.trim_start().starts_with('{');
-    if json && let Ok(doc) = serde_json::from_str::<FileDoc>(text) {
-        return Ok(Doc::File(doc));
+    let name = rn.name.clone().filter(|n| !n.is_empty());
+    if name.is_none() {
+        problem(0, "missing".into());
     }
-    let value: serde_yaml::Value = json
-        .then(|| serde_json::from_str(text).ok())
-        .flatten()
-        .map_or_else(|| serde_yaml::from_str(text), Ok)
-        .map_err(|e| whole(format!("not parsable as YAML or JSON: {e}")))?;
-    let is_nodelist = value.get("kind").and_then(|k| k.as_str()) == Some("NodeList")
-        || (value.get("items").is_some() && value.get("nodes").is_none());
-    if is_nodelist {
-        return Ok(Doc::NodeList(value));
-    }
-    serde_yaml::from_value(value)
-        .map(Doc::File)
-        .map_err(|e| whole(format!("unexpected shape: {e}")))
+    let address = match rn.address.as_deref().map(parse_address) {
+        None => {
+            problem(1, "missing".into());
+            None
+        }
+        Some(Err(reason)) => {
+            problem(1, reason);
+            None
+        }
+        Some(Ok(a)) => Some(a),
+    };
+    let pod_cidr = match rn.pod_cidr.as_deref().map(str::parse::<Cidr>) {
+        None => {
+            problem(2, "missing".into());
+            None
+        }
+        Some(Err(reason)) => {
+            problem(2, reason);
+            None
+        }
+        Some(Ok(c)) => Some(c),
+    };
+    let vtep_mac = match (rn.vtep_mac.as_deref().map(parse_mac), address) {
+        (Some(Err(reason)), _) => {
+            problem(3, reason);
+            None
+        }
+        (Some(Ok(m)), _) => Some(m),
+        (None, Some((a, _))) => Some(derived_vtep_mac(a)),
+        (None, None) => None,
+    };
+    let node = match (name, address, pod_cidr, vtep_mac) {
+        (Some(name), Some((address, prefix_len)), Some(pod_cidr), Some(vtep_mac)) => Some(Node {
+            index: rn.index,
+            name,
+            address,
+            prefix_len,
+            pod_cidr,
+            vtep_mac,
+        }),
+        _ => None,
+    };
+    (node, problems)
 }
 
 /// Names, addresses and pod CIDRs that two nodes claim, each reported at the later node.
 /// O(n log n): a cluster of 10,000 nodes is checked in milliseconds.
-fn conflicts(nodes: &[Node]) -> Vec<Problem> {
+fn conflicts(nodes: &[Node], path: &dyn Fn(usize, usize) -> String) -> Vec<Problem> {
     let mut problems: Vec<(usize, Problem)> = Vec::new();
-    let mut report = |n: &Node, field: &str, reason: String| {
-        let path = format!("nodes[{}].{field}", n.index);
+    let mut report = |n: &Node, field: usize, reason: String| {
+        let path = path(n.index, field);
         problems.push((n.index, Problem { path, reason }));
     };
     let mut names: HashMap<&str, &Node> = HashMap::new();
@@ -485,7 +524,7 @@ fn conflicts(nodes: &[Node]) -> Vec<Problem> {
     for n in nodes {
         if let Some(first) = names.get(n.name.as_str()) {
             let reason = format!("duplicate node {:?} (also nodes[{}])", n.name, first.index);
-            report(n, "name", reason);
+            report(n, NAME, reason);
         } else {
             names.insert(&n.name, n);
         }
@@ -494,7 +533,7 @@ fn conflicts(nodes: &[Node]) -> Vec<Problem> {
                 "duplicate address {} (also node {:?})",
                 n.address, first.name
             );
-            report(n, "address", reason);
+            report(n, ADDRESS, reason);
         } else {
             addrs.insert(n.address, n);
         }
@@ -512,7 +551,7 @@ fn conflicts(nodes: &[Node]) -> Vec<Problem> {
                     "{} overlaps {} of node {:?}",
                     later.pod_cidr, first.pod_cidr, first.name
                 );
-                report(later, "podCIDR", reason);
+                report(later, POD_CIDR, reason);
             }
             if n.pod_cidr.range().1 <= f.pod_cidr.range().1 {
                 continue;
@@ -522,6 +561,53 @@ fn conflicts(nodes: &[Node]) -> Vec<Problem> {
     }
     problems.sort_by_key(|(i, _)| *i);
     problems.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Pod CIDRs and cluster CIDRs that hold a node's underlay address: routing them toward the
+/// datapath would capture the underlay's own traffic.
+fn cidrs_holding_nodes(
+    nodes: &[Node],
+    cluster_cidrs: &[Cidr],
+    path: &dyn Fn(usize, usize) -> String,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut by_start: Vec<(u32, u32, &Node)> = nodes
+        .iter()
+        .map(|n| {
+            let (a, b) = n.pod_cidr.range();
+            (a, b, n)
+        })
+        .collect();
+    by_start.sort_by_key(|(a, _, _)| *a);
+    let mut reported = std::collections::HashSet::new();
+    for n in nodes {
+        let addr = u32::from(n.address);
+        let i = by_start.partition_point(|(a, _, _)| *a <= addr);
+        // Pod CIDRs do not overlap (or that was reported): the one starting last before the
+        // address is the only candidate.
+        if let Some((_, end, owner)) = i.checked_sub(1).map(|i| by_start[i])
+            && addr <= end
+            && reported.insert(owner.index)
+        {
+            out.push(Problem {
+                path: path(owner.index, POD_CIDR),
+                reason: format!(
+                    "{} holds the underlay address {} of node {:?}",
+                    owner.pod_cidr, n.address, n.name
+                ),
+            });
+        }
+        for c in cluster_cidrs.iter().filter(|c| c.contains(n.address)) {
+            out.push(Problem {
+                path: "clusterCIDR".into(),
+                reason: format!(
+                    "{c} holds the underlay address {} of node {:?}",
+                    n.address, n.name
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// `a.b.c.d/len[,a.b.c.d/len...]`.
@@ -555,72 +641,6 @@ fn parse_address(s: &str) -> Result<(Ipv4Addr, Option<u8>), String> {
     Ok((addr, len))
 }
 
-type RawNode = (
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
-
-/// Reads the nodes of a `kubectl get nodes -o json` NodeList: name, `spec.podCIDR`, the
-/// InternalIP address, and Flannel's `public-ip` and `backend-data` VtepMAC annotations.
-fn from_nodelist(v: &serde_yaml::Value) -> (Vec<RawNode>, Vec<Problem>) {
-    let mut problems = Vec::new();
-    let Some(items) = v.get("items").and_then(|i| i.as_sequence()) else {
-        problems.push(Problem {
-            path: "items".into(),
-            reason: "missing or not a list".into(),
-        });
-        return (Vec::new(), problems);
-    };
-    let nodes = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let s = |v: Option<&serde_yaml::Value>| v.and_then(|x| x.as_str()).map(String::from);
-            let name = s(item.get("metadata").and_then(|m| m.get("name")));
-            let annotations = item.get("metadata").and_then(|m| m.get("annotations"));
-            let public_ip = s(annotations.and_then(|a| a.get(FLANNEL_PUBLIC_IP)));
-            let internal_ip = item
-                .get("status")
-                .and_then(|st| st.get("addresses"))
-                .and_then(|a| a.as_sequence())
-                .and_then(|addrs| {
-                    addrs.iter().find(|a| {
-                        a.get("type").and_then(|t| t.as_str()) == Some("InternalIP")
-                            && a.get("address")
-                                .and_then(|x| x.as_str())
-                                .is_some_and(|x| x.parse::<Ipv4Addr>().is_ok())
-                    })
-                })
-                .and_then(|a| s(a.get("address")));
-            let pod_cidr = s(item.get("spec").and_then(|sp| sp.get("podCIDR")));
-            let vtep_mac = match annotations.and_then(|a| a.get(FLANNEL_BACKEND_DATA)) {
-                None => None,
-                Some(bd) => {
-                    match bd
-                        .as_str()
-                        .map(serde_json::from_str::<HashMap<String, serde_json::Value>>)
-                    {
-                        Some(Ok(m)) => m.get("VtepMAC").and_then(|x| x.as_str()).map(String::from),
-                        _ => {
-                            problems.push(Problem {
-                                path: format!(
-                                    "items[{i}].metadata.annotations[{FLANNEL_BACKEND_DATA}]"
-                                ),
-                                reason: "not a JSON object".into(),
-                            });
-                            None
-                        }
-                    }
-                }
-            };
-            (name, public_ip.or(internal_ip), pod_cidr, vtep_mac)
-        })
-        .collect();
-    (nodes, problems)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +649,7 @@ mod tests {
         Limits {
             max_nodes: 5000,
             own_node: own.map(String::from),
+            own_addrs: Vec::new(),
         }
     }
 
@@ -783,11 +804,115 @@ nodes:
         let l = Limits {
             max_nodes: 1,
             own_node: None,
+            own_addrs: Vec::new(),
         };
         let e = parse(GOOD, &Defaults::default(), &l).unwrap_err();
         assert_eq!(
             e.0[0].to_string(),
             "nodes: 2 nodes do not fit in maps sized for 1 (raise --max-nodes)"
         );
+    }
+
+    #[test]
+    fn every_problem_of_a_file_at_once_with_its_path() {
+        let bad = GOOD
+            .replace("    podCIDR: 10.244.1.0/24", "    podCidr: 10.244.1.0/24")
+            .replace("vni: 4096", "vnii: 4096")
+            .replace("crossSubnet: false", "crossSubnet: maybe");
+        let e = errors(&bad);
+        for want in [
+            "crossSubnet: expected true or false",
+            "vxlan.vnii: unknown field, did you mean vni",
+            "nodes[1].podCidr: unknown field, did you mean podCIDR",
+            "nodes[1].podCIDR: missing",
+        ] {
+            assert!(e.contains(&want.to_string()), "{want:?} not in {e:#?}");
+        }
+    }
+
+    #[test]
+    fn a_single_node_and_a_cidr_holding_node_addresses_are_explained() {
+        let node = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node1"}}"#;
+        assert!(errors(node)[0].contains("a single Node object"));
+        let e = errors(&GOOD.replace("10.244.1.0/24", "192.168.0.0/16"));
+        assert!(
+            e.iter()
+                .any(|p| p
+                    .starts_with("nodes[1].podCIDR: 192.168.0.0/16 holds the underlay address")),
+            "{e:#?}"
+        );
+    }
+
+    #[test]
+    fn flags_the_state_overrides_are_named() {
+        let d = Defaults {
+            vni: Some(7),
+            ..Defaults::default()
+        };
+        let c = parse(GOOD, &d, &limits(Some("node1"))).unwrap();
+        assert_eq!(c.vni, 4096);
+        assert_eq!(
+            c.warnings,
+            ["--vni 7 is overridden by the cluster state's vxlan.vni 4096"]
+        );
+    }
+
+    fn nodelist(nodes: &[(&str, &str, Option<&str>)], flannel: bool) -> String {
+        let items: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|(name, addr, cidr)| {
+                let mut n = serde_json::json!({
+                    "metadata": {"name": name, "annotations": {}},
+                    "spec": {},
+                    "status": {"addresses": [{"type": "InternalIP", "address": addr}]},
+                });
+                if let Some(c) = cidr {
+                    n["spec"]["podCIDR"] = serde_json::json!(c);
+                }
+                if flannel {
+                    n["metadata"]["annotations"] = serde_json::json!({
+                        "flannel.alpha.coreos.com/backend-type": "vxlan",
+                        "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"66:00:00:00:00:01"}"#,
+                    });
+                }
+                n
+            })
+            .collect();
+        serde_json::json!({"apiVersion": "v1", "kind": "NodeList", "items": items}).to_string()
+    }
+
+    #[test]
+    fn a_nodelist_skips_a_joining_node_but_not_this_one() {
+        let text = nodelist(
+            &[
+                ("node1", "192.168.1.10", Some("10.244.0.0/24")),
+                ("node2", "192.168.1.11", None),
+            ],
+            true,
+        );
+        let c = parse(&text, &Defaults::default(), &limits(Some("node1"))).unwrap();
+        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(
+            (c.vni, c.port),
+            (1, 8472),
+            "Flannel's defaults for Flannel's data"
+        );
+        assert_eq!(c.skipped[0].to_string(), "items[1].spec.podCIDR: missing");
+        let e = parse(&text, &Defaults::default(), &limits(Some("node2"))).unwrap_err();
+        assert_eq!(e.0[0].to_string(), "items[1].spec.podCIDR: missing");
+        let plain = nodelist(&[("node1", "192.168.1.10", Some("10.244.0.0/24"))], false);
+        let c = parse(&plain, &Defaults::default(), &limits(Some("node1"))).unwrap();
+        assert_eq!((c.vni, c.port), (4096, 4789));
+    }
+
+    #[test]
+    fn this_node_is_found_by_address_when_no_name_matches() {
+        let l = Limits {
+            max_nodes: 10,
+            own_node: Some("host-a".into()),
+            own_addrs: vec!["192.168.1.11".parse().unwrap()],
+        };
+        let c = parse(GOOD, &Defaults::default(), &l).unwrap();
+        assert_eq!(c.own.as_deref(), Some("node2"));
     }
 }

@@ -58,7 +58,7 @@ pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
 
 /// Writes `text` to `path` through a temporary file and a rename, so a reader never sees half
 /// of it; does nothing when the file already holds it. Returns whether it wrote.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
     use std::os::unix::fs::PermissionsExt as _;
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(false);

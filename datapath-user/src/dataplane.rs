@@ -132,6 +132,20 @@ impl Dataplane {
             .collect()
     }
 
+    /// The cluster's pod networks: the state's cluster CIDRs, else every pod CIDR merged
+    /// (what the aggregate routes cover, and this node's own).
+    pub fn cluster_networks(&self) -> Vec<Cidr> {
+        match &self.settings {
+            Some(s) if !s.cluster_cidrs.is_empty() => s.cluster_cidrs.clone(),
+            _ => self
+                .aggregates
+                .keys()
+                .copied()
+                .chain(self.own_pod_cidr())
+                .collect(),
+        }
+    }
+
     /// This node's own pod CIDR, once a state is applied.
     pub fn own_pod_cidr(&self) -> Option<Cidr> {
         self.me.as_ref().map(|m| m.pod_cidr)

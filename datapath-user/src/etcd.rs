@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::Update,
-    cluster::{self, Cidr, Node},
+    cluster::{self, Cidr, Node, Problem},
 };
 
 /// The keys under the prefix and their values, as the watcher last saw them; shared with the
@@ -44,8 +44,11 @@ pub struct EtcdOptions {
 /// This node's lease, as flanneld writes its own.
 #[derive(Clone, Debug)]
 pub struct Registration {
-    pub node: String,
-    pub pod_cidr: Cidr,
+    /// `NodeName` written into the lease (`--node`); none when not given, as flanneld writes.
+    pub node: Option<String>,
+    /// This node's pod CIDR; `None`: reuse the lease that carries `public_ip`, or claim a free
+    /// subnet of the config's `Network`, as flanneld does.
+    pub pod_cidr: Option<Cidr>,
     pub public_ip: Ipv4Addr,
     pub ttl_secs: i64,
 }
@@ -63,10 +66,17 @@ pub struct EtcdStatus {
 /// `<prefix>/config`, Flannel's network configuration.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct NetConfig {
+pub struct NetConfig {
     /// The cluster's pod network, e.g. `10.244.0.0/16`.
     #[serde(default)]
     network: Option<String>,
+    /// Prefix length of each node's subnet, and the first and last subnet to hand out.
+    #[serde(default)]
+    subnet_len: Option<u8>,
+    #[serde(default)]
+    subnet_min: Option<String>,
+    #[serde(default)]
+    subnet_max: Option<String>,
     #[serde(default)]
     backend: Backend,
 }
@@ -117,15 +127,14 @@ pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
     format!("{}{}-{}", subnets_prefix(prefix), cidr.addr, cidr.len)
 }
 
-/// Turns the keys under the prefix into cluster text (JSON in the cluster-file format), or
-/// the first problem found, naming its key.
-pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<String> {
-    let ck = config_key(prefix);
-    let config: NetConfig = serde_json::from_str(
-        kvs.get(&ck)
-            .with_context(|| format!("{ck}: missing (Flannel's network configuration)"))?,
-    )
-    .with_context(|| format!("{ck}: not Flannel's network configuration"))?;
+/// Turns the keys under the prefix into cluster text (JSON in the cluster-file format) and the
+/// leases left out: one that cannot be read is that node's problem, named by its key. Fails
+/// only without a readable config.
+pub fn compose(
+    prefix: &str,
+    kvs: &BTreeMap<String, String>,
+) -> anyhow::Result<(String, Vec<Problem>)> {
+    let config = net_config(prefix, kvs)?;
     let encap = config
         .backend
         .kind
@@ -133,19 +142,30 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<S
         .unwrap_or("vxlan")
         .to_lowercase();
     let sp = subnets_prefix(prefix);
-    let mut nodes = Vec::new();
+    let (mut nodes, mut skipped) = (Vec::new(), Vec::new());
     for (key, value) in kvs.range(sp.clone()..) {
         if !key.starts_with(&sp) {
             break;
         }
-        let n = lease_node(prefix, key, value)?;
-        let node = json!({
-            "name": n.name,
-            "address": n.address.to_string(),
-            "podCIDR": n.pod_cidr.to_string(),
-            "vtepMAC": cluster::format_mac(&n.vtep_mac),
-        });
-        nodes.push(node);
+        match lease_node(prefix, key, value) {
+            Ok(n) => nodes.push(json!({
+                "name": n.name,
+                "address": n.address.to_string(),
+                "podCIDR": n.pod_cidr.to_string(),
+                "vtepMAC": cluster::format_mac(&n.vtep_mac),
+            })),
+            Err(e) => {
+                let text = format!("{e:#}");
+                let reason = text
+                    .strip_prefix(&format!("{key}: "))
+                    .unwrap_or(&text)
+                    .to_string();
+                skipped.push(Problem {
+                    path: key.clone(),
+                    reason,
+                });
+            }
+        }
     }
     let mut doc = json!({
         "encapsulation": encap,
@@ -159,7 +179,16 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<S
     if let Some(network) = config.network {
         doc["clusterCIDR"] = json!(network);
     }
-    Ok(doc.to_string())
+    Ok((doc.to_string(), skipped))
+}
+
+fn net_config(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<NetConfig> {
+    let ck = config_key(prefix);
+    serde_json::from_str(
+        kvs.get(&ck)
+            .with_context(|| format!("{ck}: missing (Flannel's network configuration)"))?,
+    )
+    .with_context(|| format!("{ck}: not Flannel's network configuration"))
 }
 
 /// The pod CIDR a lease key names: `<prefix>/subnets/10.244.1.0-24` -> 10.244.1.0/24.
@@ -275,15 +304,9 @@ pub async fn watch(
     }
 }
 
-/// Sends the whole state `kvs` holds at `revision`; false when the agent is gone.
-async fn send_full(tx: &mpsc::Sender<Update>, prefix: &str, kvs: &Kvs, revision: i64) -> bool {
-    let text = compose(prefix, &kvs.lock().expect("etcd kvs"));
-    let update = Update::Full {
-        text,
-        reason: "etcd read",
-        revision,
-    };
-    tx.send(update).await.is_ok()
+/// Tells the agent to read the whole state `kvs` holds at `revision`; false when it is gone.
+async fn send_full(tx: &mpsc::Sender<Update>, revision: i64) -> bool {
+    tx.send(Update::EtcdRead { revision }).await.is_ok()
 }
 
 /// One connection: a full read, then the watch from the revision after it. `Ok` only when the
@@ -327,7 +350,7 @@ async fn watch_once(
         }
         s.revision = revision;
     }
-    if !send_full(tx, &prefix, kvs, revision).await {
+    if !send_full(tx, revision).await {
         return Ok(());
     }
     let mut stream = client
@@ -371,7 +394,7 @@ async fn watch_once(
         let sent = if events.iter().all(|(k, _)| k.starts_with(&subnets)) {
             tx.send(Update::Leases { events, revision }).await.is_ok()
         } else {
-            send_full(tx, &prefix, kvs, revision).await
+            send_full(tx, revision).await
         };
         if !sent {
             return Ok(());
@@ -382,38 +405,60 @@ async fn watch_once(
 
 /// Writes this node's lease with a TTL and keeps it alive, as flanneld does; writes it again
 /// under a new lease whenever the old one is lost (etcd restarted, TTL ran out while away).
+/// Without a pod CIDR of its own it reuses the lease that carries its public IP, or claims a
+/// free subnet of the config's `Network` in a transaction (so two nodes never get one).
 pub async fn keep_registered(opts: EtcdOptions, reg: Registration) {
-    let value = serde_json::to_string(&Lease {
-        public_ip: reg.public_ip.to_string(),
-        backend_type: Some("vxlan".into()),
-        backend_data: Some(LeaseBackendData {
-            vtep_mac: Some(cluster::format_mac(&cluster::derived_vtep_mac(
-                reg.public_ip,
-            ))),
-        }),
-        node_name: Some(reg.node.clone()),
-    })
-    .expect("lease serializes");
-    let key = lease_key(&opts.prefix, &reg.pod_cidr);
+    let mut claimed: Option<Cidr> = reg.pod_cidr;
     loop {
-        if let Err(e) = register_once(&opts, &reg, &key, &value).await {
-            warn!("etcd lease {key}: {e:#}; registering again");
+        if let Err(e) = register_once(&opts, &reg, &mut claimed).await {
+            warn!("etcd lease of this node: {e:#}; registering again");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
+/// The lease value this node writes, as flanneld writes its own (plus `NodeName`).
+fn lease_value(reg: &Registration, backend: &Backend) -> String {
+    serde_json::to_string(&Lease {
+        public_ip: reg.public_ip.to_string(),
+        backend_type: Some(backend.kind.clone().unwrap_or_else(|| "vxlan".into())),
+        backend_data: Some(LeaseBackendData {
+            vtep_mac: Some(cluster::format_mac(&cluster::derived_vtep_mac(
+                reg.public_ip,
+            ))),
+        }),
+        node_name: reg.node.clone(),
+    })
+    .expect("lease serializes")
+}
+
 async fn register_once(
     opts: &EtcdOptions,
     reg: &Registration,
-    key: &str,
-    value: &str,
+    claimed: &mut Option<Cidr>,
 ) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     let lease = client.lease_grant(reg.ttl_secs, None).await?.id();
-    client
-        .put(key, value, Some(PutOptions::new().with_lease(lease)))
-        .await?;
+    let key = match *claimed {
+        Some(cidr) if reg.pod_cidr.is_some() => {
+            let kvs = read_prefix(&mut client, &opts.prefix).await?.1;
+            let value = lease_value(reg, &net_config(&opts.prefix, &kvs)?.backend);
+            let key = lease_key(&opts.prefix, &cidr);
+            client
+                .put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+            key
+        }
+        _ => {
+            let cidr = claim(&mut client, opts, reg, *claimed, lease).await?;
+            *claimed = Some(cidr);
+            lease_key(&opts.prefix, &cidr)
+        }
+    };
     info!(key, ttl = reg.ttl_secs, "registered this node's lease");
     let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
     let every = Duration::from_secs((reg.ttl_secs as u64 / 3).max(1));
@@ -425,6 +470,134 @@ async fn register_once(
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Reads every key under the prefix; returns the revision and the keys.
+async fn read_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> anyhow::Result<(i64, BTreeMap<String, String>)> {
+    let prefix = prefix.trim_end_matches('/').to_string();
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let kvs = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            Some((
+                kv.key_str().ok()?.to_string(),
+                kv.value_str().ok()?.to_string(),
+            ))
+        })
+        .collect();
+    Ok((revision, kvs))
+}
+
+/// Claims this node's subnet under `lease`: the one it held before or whose lease carries its
+/// public IP (taken over only if unchanged since read), else the first free one of the
+/// config's range (created only if nobody has it). Each claim is one etcd transaction; a lost
+/// race tries the next subnet.
+async fn claim(
+    client: &mut Client,
+    opts: &EtcdOptions,
+    reg: &Registration,
+    before: Option<Cidr>,
+    lease: i64,
+) -> anyhow::Result<Cidr> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    for _ in 0..16 {
+        let (_, kvs) = read_prefix(client, &opts.prefix).await?;
+        let config = net_config(&opts.prefix, &kvs)?;
+        let value = lease_value(reg, &config.backend);
+        let put = |key: &str| {
+            TxnOp::put(
+                key,
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        let sp = subnets_prefix(&opts.prefix);
+        let mine = kvs.iter().find(|(k, v)| {
+            k.starts_with(&sp)
+                && serde_json::from_str::<Lease>(v)
+                    .is_ok_and(|l| l.public_ip == reg.public_ip.to_string())
+        });
+        if let Some((key, old)) = mine {
+            let cidr = key_cidr(&opts.prefix, key)?;
+            let txn = Txn::new()
+                .when(vec![Compare::value(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    old.as_str(),
+                )])
+                .and_then(vec![put(key)]);
+            if client.txn(txn).await?.succeeded() {
+                info!(%cidr, "took over the subnet lease that carries this node's public IP");
+                return Ok(cidr);
+            }
+            continue;
+        }
+        let taken: std::collections::HashSet<String> =
+            kvs.keys().filter(|k| k.starts_with(&sp)).cloned().collect();
+        let range = subnet_range(&config)?;
+        let free = before
+            .into_iter()
+            .chain(range)
+            .find(|c| !taken.contains(&lease_key(&opts.prefix, c)))
+            .context("no free subnet left in the config's Network")?;
+        let key = lease_key(&opts.prefix, &free);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![put(&key)]);
+        if client.txn(txn).await?.succeeded() {
+            info!(cidr = %free, "claimed a free subnet");
+            return Ok(free);
+        }
+    }
+    anyhow::bail!("could not claim a subnet: every try lost a race")
+}
+
+/// The subnets flanneld hands out: `SubnetLen` (24, or the network's length + 2 for networks
+/// smaller than a /22) from `SubnetMin` (the second subnet) to `SubnetMax` (the last).
+pub fn subnet_range(config: &NetConfig) -> anyhow::Result<impl Iterator<Item = Cidr> + use<>> {
+    let network: Cidr = config
+        .network
+        .as_deref()
+        .context("the config has no Network to claim a subnet from")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the config's Network: {e}"))?;
+    let len = config.subnet_len.unwrap_or(if network.len > 22 {
+        network.len + 2
+    } else {
+        24
+    });
+    anyhow::ensure!(
+        len >= network.len && len <= 30,
+        "SubnetLen {len} does not fit in Network {network}"
+    );
+    let step = 1u64 << (32 - len);
+    let (first, last) = network.range();
+    let bound =
+        |s: &Option<String>, default: u64| -> anyhow::Result<u64> {
+            match s {
+                None => Ok(default),
+                Some(a) => Ok(u32::from(a.parse::<Ipv4Addr>().map_err(|_| {
+                    anyhow::anyhow!("SubnetMin/SubnetMax {a:?} is not an IPv4 address")
+                })?) as u64),
+            }
+        };
+    let min = bound(&config.subnet_min, first as u64 + step)?;
+    let max = bound(&config.subnet_max, last as u64 + 1 - step)?;
+    Ok((min..=max).step_by(step as usize).map(move |a| Cidr {
+        addr: Ipv4Addr::from(a as u32),
+        len,
+    }))
 }
 
 #[cfg(test)]
@@ -454,13 +627,15 @@ mod tests {
                 ),
             ]),
         )
-        .unwrap();
+        .unwrap()
+        .0;
         let c = cluster::parse(
             &text,
             &cluster::Defaults::default(),
             &cluster::Limits {
                 max_nodes: 10,
                 own_node: Some("192.168.1.11".into()),
+                own_addrs: Vec::new(),
             },
         )
         .unwrap();
@@ -470,22 +645,46 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_lease_is_named() {
-        let e = compose(
+    fn a_bad_lease_is_skipped_and_named() {
+        let (text, skipped) = compose(
             "/p",
             &kvs(&[
                 ("/p/config", r#"{"Backend":{"Type":"ipip"}}"#),
                 ("/p/subnets/10.244.1.0-24", "{"),
+                (
+                    "/p/subnets/10.244.2.0-24",
+                    r#"{"PublicIP":"192.168.1.12","BackendType":"ipip"}"#,
+                ),
             ]),
         )
-        .unwrap_err();
-        assert!(
-            format!("{e:#}").starts_with("/p/subnets/10.244.1.0-24: not a Flannel subnet lease")
-        );
+        .unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].path, "/p/subnets/10.244.1.0-24");
+        assert!(skipped[0].reason.starts_with("not a Flannel subnet lease"));
+        assert!(text.contains("10.244.2.0/24") && !text.contains("10.244.1.0/24"));
         let e = compose("/p", &kvs(&[])).unwrap_err();
         assert_eq!(
             e.to_string(),
             "/p/config: missing (Flannel's network configuration)"
         );
+    }
+
+    #[test]
+    fn subnets_are_handed_out_as_flanneld_does() {
+        let config = |json: &str| serde_json::from_str::<NetConfig>(json).unwrap();
+        let all: Vec<String> = subnet_range(&config(r#"{"Network":"10.244.0.0/16"}"#))
+            .unwrap()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(all.first().unwrap(), "10.244.1.0/24");
+        assert_eq!(all.last().unwrap(), "10.244.255.0/24");
+        assert_eq!(all.len(), 255);
+        let small: Vec<String> = subnet_range(&config(
+            r#"{"Network":"10.10.0.0/24","SubnetMin":"10.10.0.128"}"#,
+        ))
+        .unwrap()
+        .map(|c| c.to_string())
+        .collect();
+        assert_eq!(small, ["10.10.0.128/26", "10.10.0.192/26"]);
     }
 }

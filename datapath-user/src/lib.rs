@@ -1,9 +1,11 @@
 //! The node agent's library: cluster state, loading and attaching, map sync, counters.
 pub mod agent;
 pub mod cluster;
+pub mod clusterdoc;
 pub mod cni;
 pub mod dataplane;
 pub mod etcd;
+pub mod flannel;
 pub mod loader;
 pub mod maps;
 pub mod net;

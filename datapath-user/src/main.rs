@@ -24,21 +24,23 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// Settings a Kubernetes NodeList does not carry (a cluster file's own values win).
+/// Settings for cluster states that do not carry them. A state's own value wins (with a
+/// warning when a flag says otherwise); without either, Flannel's defaults apply to Flannel's
+/// data (VNI 1, port 8472) and Calico's otherwise (VNI 4096, port 4789).
 #[derive(clap::Args, Clone)]
 struct ModeArgs {
-    /// Encapsulation when the cluster state does not say: ipip or vxlan.
-    #[arg(long, default_value = "vxlan")]
-    encapsulation: Encap,
+    /// Encapsulation: ipip or vxlan [default: vxlan].
+    #[arg(long)]
+    encapsulation: Option<Encap>,
     /// Reach same-subnet peers natively (Calico CrossSubnet, Flannel DirectRouting).
     #[arg(long)]
     cross_subnet: bool,
-    /// VXLAN network identifier (Calico 4096, Flannel 1).
-    #[arg(long, default_value_t = 4096)]
-    vni: u32,
-    /// VXLAN UDP port (4789 IANA/Calico, 8472 Flannel/Linux default).
-    #[arg(long, default_value_t = maps_common::VXLAN_PORT_IANA)]
-    vxlan_port: u16,
+    /// VXLAN network identifier [default: 4096 (Calico); 1 for Flannel's data].
+    #[arg(long)]
+    vni: Option<u32>,
+    /// VXLAN UDP port [default: 4789 (IANA, Calico); 8472 for Flannel's data].
+    #[arg(long)]
+    vxlan_port: Option<u16>,
     /// Compute the outer UDP checksum of VXLAN packets (default zero, as Calico and Cilium).
     #[arg(long)]
     vxlan_udp_checksum: bool,
@@ -52,11 +54,11 @@ impl ModeArgs {
     fn defaults(&self) -> Defaults {
         Defaults {
             encap: self.encapsulation,
-            cross_subnet: self.cross_subnet,
+            cross_subnet: self.cross_subnet.then_some(true),
             vni: self.vni,
             port: self.vxlan_port,
-            udp_checksum: self.vxlan_udp_checksum,
-            cluster_cidrs: self.cluster_cidr.clone().unwrap_or_default(),
+            udp_checksum: self.vxlan_udp_checksum.then_some(true),
+            cluster_cidrs: self.cluster_cidr.clone(),
         }
     }
 }
@@ -95,8 +97,10 @@ enum Cmd {
         etcd_certfile: Option<PathBuf>,
         #[arg(long, requires = "etcd_certfile")]
         etcd_keyfile: Option<PathBuf>,
-        /// Write and keep alive this node's own lease (as flanneld does), for `--pod-cidr`.
-        #[arg(long, requires_all = ["etcd_endpoints", "pod_cidr"])]
+        /// Write and keep alive this node's own lease (as flanneld does): for `--pod-cidr`, or
+        /// else the lease that already carries this node's public IP, or else a free subnet
+        /// of the config's Network claimed atomically.
+        #[arg(long, requires = "etcd_endpoints")]
         register: bool,
         /// This node's pod CIDR, for `--register`.
         #[arg(long)]
@@ -107,10 +111,19 @@ enum Cmd {
         /// TTL of the registered lease, in seconds; renewed every third of it.
         #[arg(long, default_value_t = 60)]
         lease_ttl: i64,
-        /// This node's name in the cluster state (from etcd: the lease's NodeName, or its
-        /// PublicIP for leases flanneld wrote).
+        /// This node's name in the cluster state [default: the host name]. A state without
+        /// it (leases flanneld wrote name no node) is searched for one of this host's
+        /// addresses.
         #[arg(long)]
-        node: String,
+        node: Option<String>,
+        /// Where to write Flannel's subnet.env (FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU,
+        /// FLANNEL_IPMASQ), which the pods' CNI setup on a Flannel node reads.
+        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        subnet_file: PathBuf,
+        /// Masquerade pod traffic leaving the cluster network, as flanneld's --ip-masq (needs
+        /// the iptables tool on the node).
+        #[arg(long)]
+        ip_masq: bool,
         /// Underlay interface; defaults to the one that holds the node's address.
         #[arg(long)]
         iface: Option<String>,
@@ -307,8 +320,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             max_nodes,
             no_inner_src_check,
             watch_ms: _,
+            subnet_file,
+            ip_masq,
             mode,
         } => {
+            // A lease names its node only when told to (flanneld's leases name none): without
+            // --node, this node is found by name (its host name) or else by its address.
+            let lease_name = node.clone();
+            let node = match node {
+                Some(n) => n,
+                None => datapath_user::flannel::host_name()?,
+            };
             let source = match cluster {
                 Some(path) => agent::Source::File { path },
                 None => {
@@ -320,16 +342,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                                     .addr
                                     .with_context(|| format!("{name} has no IPv4 address"))?
                             }
-                            (None, None) => {
-                                anyhow::bail!("--register needs --public-ip or --iface")
-                            }
+                            // As flanneld: the interface of the default route.
+                            (None, None) => net::blocking(|nl| async move {
+                                nl.default_iface().await?.addr.context(
+                                    "the default route's interface has no IPv4 address: give --public-ip or --iface",
+                                )
+                            })?,
                         };
-                        let pod_cidr = pod_cidr.unwrap_or_default();
+                        let pod_cidr = pod_cidr
+                            .map(|c| c.parse().map_err(|e| anyhow::anyhow!("--pod-cidr: {e}")))
+                            .transpose()?;
                         Some(etcd::Registration {
-                            node: node.clone(),
-                            pod_cidr: pod_cidr
-                                .parse()
-                                .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?,
+                            node: lease_name,
+                            pod_cidr,
                             public_ip,
                             ttl_secs: lease_ttl,
                         })
@@ -357,6 +382,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     pin_dir: pin_dir.clone(),
                 },
                 host_routing,
+                subnet_file,
+                ip_masq,
                 pin_dir,
                 metrics,
                 decap,
@@ -380,6 +407,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let limits = Limits {
                 max_nodes,
                 own_node: node,
+                own_addrs: Vec::new(),
             };
             let text = std::fs::read_to_string(&cluster)
                 .with_context(|| format!("reading {}", cluster.display()))?;
@@ -393,6 +421,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         c.port,
                         c.cross_subnet
                     );
+                    for w in &c.warnings {
+                        println!("warning: {w}");
+                    }
+                    for p in &c.skipped {
+                        println!("skipped: {p}");
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(invalid) => {
@@ -502,6 +536,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 nl.remove_csum_device().await?;
                 Ok(n)
             })?;
+            datapath_user::flannel::remove_masq()?;
             println!(
                 "detached: removed {} pins under {}, {routes} routes of proto {}, the next-hop neighbour entry and {} if present",
                 removed.len(),

@@ -168,6 +168,39 @@ impl Netlink {
             .collect())
     }
 
+    /// Every IPv4 address this host holds.
+    pub async fn addresses(&self) -> Result<Vec<Ipv4Addr>, NetError> {
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("address dump"))?;
+        Ok(addrs
+            .iter()
+            .flat_map(|a| &a.attributes)
+            .filter_map(|x| match x {
+                AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The interface the default route leaves by (flanneld's choice without `--iface`).
+    pub async fn default_iface(&self) -> Result<Iface, NetError> {
+        let oif = match self.route_to(Ipv4Addr::new(1, 1, 1, 1)).await? {
+            PeerPath::Reachable { oif, .. } => oif,
+            PeerPath::NoRoute => 0,
+        };
+        self.ifaces()
+            .await?
+            .into_iter()
+            .find(|i| i.ifindex == oif && oif != 0)
+            .ok_or_else(|| NetError::NoInterface("(the default route's)".into()))
+    }
+
     /// The interface named `name`.
     pub async fn iface(&self, name: &str) -> Result<Iface, NetError> {
         self.ifaces()

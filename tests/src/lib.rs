@@ -335,19 +335,32 @@ impl Topology {
     /// Starts the agent on node `i` with `source_args` (`--cluster F` or `--etcd-endpoints ..`)
     /// and waits until its programs are attached.
     pub fn start_agent_with(&mut self, i: usize, source_args: &str) {
+        let log = self.spawn_agent(i, source_args);
+        self.wait_agent(i, &log);
+    }
+
+    /// Starts the agent on node `i` without waiting; returns its log.
+    pub fn spawn_agent(&mut self, i: usize, source_args: &str) -> PathBuf {
         let n = &self.nodes[i];
         let log = self
             .workdir
             .join(format!("agent-{}-{}.log", n.name, self.agents.len()));
         let cni = self.cni_dir(i);
+        // `--node` comes first so a test's own `--node` (or none: `NONODE`) can override it.
+        let node = if source_args.contains("NONODE") {
+            String::new()
+        } else {
+            format!("--node {}", n.name)
+        };
         let cmd = format!(
-            "{} run --node {} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} {source_args}",
+            "{} run {node} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} --subnet-file {} {}",
             datapath_bin().display(),
-            n.name,
             self.pin_dir(i).display(),
             cni.join("net.d").display(),
             cni.join("bin").display(),
             cni.join("ipam").display(),
+            cni.join("subnet.env").display(),
+            source_args.replace("NONODE", ""),
         );
         let child = n.ns.spawn(&cmd, &log);
         let agent = Agent {
@@ -356,8 +369,14 @@ impl Topology {
             node: i,
         };
         self.agents.push(agent);
+        log
+    }
+
+    /// Waits until the agent of node `i` logging to `log` has attached its programs.
+    pub fn wait_agent(&self, i: usize, log: &Path) {
+        let n = &self.nodes[i];
         let attached = wait_for(Duration::from_secs(20), || {
-            fs::read_to_string(&log)
+            fs::read_to_string(log)
                 .unwrap_or_default()
                 .contains("programs attached")
         });
@@ -365,7 +384,7 @@ impl Topology {
             attached,
             "agent on {} did not attach:\n{}",
             n.name,
-            fs::read_to_string(&log).unwrap_or_default()
+            fs::read_to_string(log).unwrap_or_default()
         );
     }
 
@@ -428,6 +447,29 @@ impl Topology {
             .expect("drop reason")
     }
 
+    /// Sets node `i` up as flanneld sets up a VXLAN node: `flannel.1` (VNI `vni`, port `port`,
+    /// MAC `mac`) holding the first address of the node's pod CIDR.
+    pub fn flannel_device(&self, i: usize, vni: u32, port: u16, mac: &str) {
+        let n = &self.nodes[i];
+        let net = n.pod_cidr.split('/').next().unwrap();
+        n.ns.exec(&format!(
+            "ip link add flannel.1 type vxlan id {vni} dstport {port} local {} dev eth0 nolearning && \
+             ip link set flannel.1 address {mac} mtu 1450 up && ip addr add {net}/32 dev flannel.1",
+            n.addr
+        ));
+    }
+
+    /// What flanneld programs on node `i` for a peer: neighbour and FDB entries for the peer's
+    /// VTEP MAC, and the onlink route to its pod CIDR via its network address.
+    pub fn flannel_peer(&self, i: usize, peer_addr: &str, peer_cidr: &str, peer_mac: &str) {
+        let net = peer_cidr.split('/').next().unwrap();
+        self.nodes[i].ns.exec(&format!(
+            "ip neigh replace {net} lladdr {peer_mac} dev flannel.1 nud permanent && \
+             bridge fdb append {peer_mac} dev flannel.1 dst {peer_addr} && \
+             ip route replace {peer_cidr} via {net} dev flannel.1 onlink"
+        ));
+    }
+
     /// Runs `cni.py` (ADD or DEL) for node `i`'s pod with the agent's configuration list.
     fn cni(&self, i: usize, command: &str) -> String {
         let dir = self.cni_dir(i);
@@ -454,6 +496,32 @@ impl Topology {
     /// Unplugs node `i`'s pod (CNI DEL through the list in reverse).
     pub fn cni_del(&self, i: usize) {
         self.cni(i, "del");
+    }
+
+    /// Starts a ping pod `from` → pod `to` every 5 ms for `secs` seconds; returns the child
+    /// whose output ends with ping's own loss summary.
+    pub fn flood_ping(&self, from: usize, to: usize, secs: u32) -> Child {
+        let log = self.workdir.join(format!("ping-{from}-{to}.log"));
+        self.nodes[from].pod.spawn(
+            &format!("ping -i 0.005 -w {secs} -W 1 {}", self.nodes[to].pod_ip),
+            &log,
+        )
+    }
+
+    /// Waits for a `flood_ping` and returns (sent, received) from ping's summary.
+    pub fn flood_ping_result(&self, from: usize, to: usize, mut child: Child) -> (u32, u32) {
+        let _ = child.wait();
+        let text = fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log"))).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+        let nums: Vec<u32> = line
+            .split(", ")
+            .take(2)
+            .map(|p| p.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        (nums[0], nums[1])
     }
 
     /// Pings pod `to` from pod `from`; returns the number of replies.

@@ -111,6 +111,7 @@ impl Env {
         let limits = Limits {
             max_nodes: 64,
             own_node: Some("node1".into()),
+            own_addrs: Vec::new(),
         };
         let cluster = cluster::parse(&text, &Defaults::default(), &limits).expect("cluster");
         let mut ebpf = loader::load(&LoadOptions {

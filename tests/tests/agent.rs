@@ -10,29 +10,12 @@ use std::{fs, thread, time::Duration};
 
 use integration_tests::{Topology, datapath_bin, sh, sh_out, wait_for};
 
-/// Starts a 100-packets-per-second ping pod1 → pod2 for `secs` seconds; returns the child
-/// whose output ends with ping's own loss summary.
 fn flood_ping(t: &Topology, secs: u32) -> std::process::Child {
-    let log = t.workdir.join("ping.log");
-    t.nodes[0].pod.spawn(
-        &format!("ping -i 0.005 -w {secs} -W 1 {}", t.nodes[1].pod_ip),
-        &log,
-    )
+    t.flood_ping(0, 1, secs)
 }
 
-fn ping_result(t: &Topology, mut child: std::process::Child) -> (u32, u32) {
-    let _ = child.wait();
-    let text = fs::read_to_string(t.workdir.join("ping.log")).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
-    let nums: Vec<u32> = line
-        .split(", ")
-        .take(2)
-        .map(|p| p.split(' ').next().unwrap().parse().unwrap())
-        .collect();
-    (nums[0], nums[1])
+fn ping_result(t: &Topology, child: std::process::Child) -> (u32, u32) {
+    t.flood_ping_result(0, 1, child)
 }
 
 fn routes_json(t: &Topology, i: usize) -> serde_json::Value {

@@ -24,14 +24,8 @@ fn interop(vni: u32, port: u16) {
     );
     let cluster = t.write_cluster(&yaml);
     t.start_agent(0, &cluster, "");
-    t.nodes[1].ns.exec(&format!(
-        "ip link add flannel.1 type vxlan id {vni} dstport {port} local 192.168.1.11 dev eth0 nolearning && \
-         ip link set flannel.1 address {NODE2_VTEP} mtu 1450 up && \
-         ip addr add 10.244.1.0/32 dev flannel.1 && \
-         ip neigh replace 10.244.0.0 lladdr {NODE1_VTEP} dev flannel.1 nud permanent && \
-         bridge fdb append {NODE1_VTEP} dev flannel.1 dst 192.168.1.10 && \
-         ip route replace 10.244.0.0/24 via 10.244.0.0 dev flannel.1 onlink"
-    ));
+    t.flannel_device(1, vni, port, NODE2_VTEP);
+    t.flannel_peer(1, "192.168.1.10", "10.244.0.0/24", NODE1_VTEP);
     assert_eq!(
         t.ping(0, 1, 5),
         5,

@@ -450,7 +450,7 @@ fn program_costs(bin: &Path) -> Result<String> {
         println!("bench: per-packet cost, {BIG} nodes");
         let large = costs(BIG)?;
         let mut s = String::from(
-            "\nPer-packet cost from BPF_PROG_TEST_RUN (median of 20,000 single runs, kernel-reported ns; \
+            "\nPer-packet cost from BPF_PROG_TEST_RUN (mean of the middle 80% of 20,000 single runs, kernel-reported ns; \
              the floor is a program that only returns; decap inputs are the encap program's outputs):\n\n\
              | program | 2 nodes (ns) | above floor | 10,000 nodes (ns) | above floor | 10,000 / 2 (above floor) |\n|---|---|---|---|---|---|\n",
         );

@@ -1,0 +1,403 @@
+//! Reading a cluster text before validation: the cluster-file format (every unknown field
+//! reported with its path and a likely meant name, every field of the wrong type), a Kubernetes
+//! NodeList (with Flannel's annotations), or a single Node recognised and explained. The
+//! result is raw strings and numbers with the path each came from.
+use serde::Deserialize;
+
+use crate::cluster::Problem;
+
+/// Flannel's annotations on a Node.
+pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+
+/// Where a cluster text came from, as far as defaults go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A cluster file: strict, a bad node rejects the file.
+    File,
+    /// A NodeList: live data, a node that is incomplete is skipped.
+    NodeList,
+    /// A NodeList whose nodes carry Flannel's annotations: Flannel's defaults apply.
+    FlannelNodeList,
+}
+
+/// Settings as the text states them; `None` where it is silent.
+#[derive(Clone, Debug, Default)]
+pub struct RawSettings {
+    pub encap: Option<String>,
+    pub cross_subnet: Option<bool>,
+    pub cluster_cidr: Option<String>,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub udp_checksum: Option<bool>,
+}
+
+/// One node as the text states it.
+#[derive(Clone, Debug, Default)]
+pub struct RawNode {
+    pub index: usize,
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub pod_cidr: Option<String>,
+    pub vtep_mac: Option<String>,
+    /// Where it came from: a NodeList's items, or a cluster file's nodes.
+    pub in_nodelist: bool,
+}
+
+/// A node's field, by number: name, address, podCIDR, vtepMAC.
+pub const NAME: usize = 0;
+pub const ADDRESS: usize = 1;
+pub const POD_CIDR: usize = 2;
+pub const VTEP_MAC: usize = 3;
+
+/// The path of field `field` of node `index`, for messages; made only when one is needed (a
+/// large cluster has 40,000 of them).
+pub fn node_path(index: usize, in_nodelist: bool, field: usize) -> String {
+    if in_nodelist {
+        match field {
+            NAME => format!("items[{index}].metadata.name"),
+            ADDRESS => format!("items[{index}].status.addresses"),
+            POD_CIDR => format!("items[{index}].spec.podCIDR"),
+            _ => format!("items[{index}].metadata.annotations[{FLANNEL_BACKEND_DATA}]"),
+        }
+    } else {
+        format!("nodes[{index}].{}", NODE_FIELDS[field])
+    }
+}
+
+pub struct RawState {
+    pub origin: Origin,
+    pub settings: RawSettings,
+    pub nodes: Vec<RawNode>,
+    pub problems: Vec<Problem>,
+}
+
+fn problem(path: impl Into<String>, reason: impl Into<String>) -> Problem {
+    Problem {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The cluster-file format, read straight from JSON on the fast path (a 10,000-node file).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileDoc {
+    encapsulation: Option<String>,
+    cross_subnet: Option<bool>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    vxlan: Option<FileVxlan>,
+    nodes: Option<Vec<FileNode>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileVxlan {
+    vni: Option<u32>,
+    port: Option<u16>,
+    udp_checksum: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: Option<String>,
+    address: Option<String>,
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "vtepMAC")]
+    vtep_mac: Option<String>,
+}
+
+const TOP_FIELDS: &[&str] = &[
+    "encapsulation",
+    "crossSubnet",
+    "clusterCIDR",
+    "vxlan",
+    "nodes",
+];
+const VXLAN_FIELDS: &[&str] = &["vni", "port", "udpChecksum"];
+const NODE_FIELDS: &[&str] = &["name", "address", "podCIDR", "vtepMAC"];
+
+/// Reads a cluster text. Problems of shape (unknown fields, wrong types, not a cluster at all)
+/// are all collected, not only the first.
+pub fn read(text: &str) -> RawState {
+    if text.trim_start().starts_with('{')
+        && let Ok(doc) = serde_json::from_str::<FileDoc>(text)
+    {
+        return from_file_doc(doc);
+    }
+    // JSON is YAML; serde_json is faster on a large NodeList, YAML's parser explains errors.
+    let value: Result<serde_yaml::Value, String> = match serde_json::from_str(text) {
+        Ok(v) => Ok(v),
+        Err(_) => serde_yaml::from_str(text).map_err(|e| e.to_string()),
+    };
+    let value = match value {
+        Ok(v) => v,
+        Err(e) => return whole(format!("not parsable as YAML or JSON: {e}")),
+    };
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("NodeList") => from_nodelist(&value),
+        Some("List") if value.get("items").is_some() => from_nodelist(&value),
+        Some("Node") => whole(
+            "a single Node object (kind: Node); a NodeList is expected: `kubectl get nodes -o json`, \
+             not `kubectl get node NAME -o json`"
+                .into(),
+        ),
+        Some(other) => whole(format!(
+            "a Kubernetes {other} object; expected a cluster file or a NodeList (`kubectl get nodes -o json`)"
+        )),
+        None if value.get("items").is_some() && value.get("nodes").is_none() => {
+            from_nodelist(&value)
+        }
+        None => from_file_value(&value),
+    }
+}
+
+fn whole(reason: String) -> RawState {
+    RawState {
+        origin: Origin::File,
+        settings: RawSettings::default(),
+        nodes: Vec::new(),
+        problems: vec![problem("(file)", reason)],
+    }
+}
+
+fn from_file_doc(doc: FileDoc) -> RawState {
+    let vx = doc.vxlan.unwrap_or(FileVxlan {
+        vni: None,
+        port: None,
+        udp_checksum: None,
+    });
+    let nodes = doc
+        .nodes
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| RawNode {
+            index: i,
+            name: n.name,
+            address: n.address,
+            pod_cidr: n.pod_cidr,
+            vtep_mac: n.vtep_mac,
+            in_nodelist: false,
+        })
+        .collect();
+    RawState {
+        origin: Origin::File,
+        settings: RawSettings {
+            encap: doc.encapsulation,
+            cross_subnet: doc.cross_subnet,
+            cluster_cidr: doc.cluster_cidr,
+            vni: vx.vni,
+            port: vx.port,
+            udp_checksum: vx.udp_checksum,
+        },
+        nodes,
+        problems: Vec::new(),
+    }
+}
+
+/// The field names of `map` that are not in `known`, each a problem at `path` with the name
+/// probably meant.
+fn unknown_fields(map: &serde_yaml::Mapping, path: &str, known: &[&str], out: &mut Vec<Problem>) {
+    for key in map.keys() {
+        let Some(k) = key.as_str() else {
+            out.push(problem(
+                path.trim_end_matches('.'),
+                "a field name that is not a string",
+            ));
+            continue;
+        };
+        if known.contains(&k) {
+            continue;
+        }
+        let reason = match did_you_mean(k, known) {
+            Some(m) => format!("unknown field, did you mean {m}"),
+            None => format!("unknown field (expected one of {})", known.join(", ")),
+        };
+        out.push(problem(format!("{path}{k}"), reason));
+    }
+}
+
+/// The known name closest to `k`: the same ignoring case, dashes and underscores, or within
+/// two edits.
+fn did_you_mean<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
+    let norm = |s: &str| s.to_lowercase().replace(['-', '_'], "");
+    known
+        .iter()
+        .find(|c| norm(c) == norm(k))
+        .or_else(|| {
+            known
+                .iter()
+                .find(|c| edit_distance(&norm(c), &norm(k)) <= 2)
+        })
+        .copied()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A field of `map` as `T`; a problem at `path` when it has another type.
+fn field<T: serde::de::DeserializeOwned>(
+    map: &serde_yaml::Mapping,
+    name: &str,
+    path: &str,
+    what: &str,
+    out: &mut Vec<Problem>,
+) -> Option<T> {
+    let v = map.get(name)?;
+    if v.is_null() {
+        return None;
+    }
+    match serde_yaml::from_value(v.clone()) {
+        Ok(t) => Some(t),
+        Err(_) => {
+            out.push(problem(format!("{path}{name}"), format!("expected {what}")));
+            None
+        }
+    }
+}
+
+fn from_file_value(value: &serde_yaml::Value) -> RawState {
+    let mut problems = Vec::new();
+    let Some(top) = value.as_mapping() else {
+        return whole("expected a cluster file (a mapping with nodes:) or a NodeList".into());
+    };
+    unknown_fields(top, "", TOP_FIELDS, &mut problems);
+    let mut settings = RawSettings {
+        encap: field(top, "encapsulation", "", "a string", &mut problems),
+        cross_subnet: field(top, "crossSubnet", "", "true or false", &mut problems),
+        cluster_cidr: field(top, "clusterCIDR", "", "a CIDR string", &mut problems),
+        ..RawSettings::default()
+    };
+    match top.get("vxlan").map(|v| (v, v.as_mapping())) {
+        None => {}
+        Some((v, _)) if v.is_null() => {}
+        Some((_, None)) => problems.push(problem("vxlan", "expected a mapping (vni, port)")),
+        Some((_, Some(vx))) => {
+            unknown_fields(vx, "vxlan.", VXLAN_FIELDS, &mut problems);
+            settings.vni = field(vx, "vni", "vxlan.", "a number", &mut problems);
+            settings.port = field(vx, "port", "vxlan.", "a port number", &mut problems);
+            settings.udp_checksum =
+                field(vx, "udpChecksum", "vxlan.", "true or false", &mut problems);
+        }
+    }
+    let mut nodes = Vec::new();
+    match top.get("nodes") {
+        None => {}
+        Some(v) if v.is_null() => {}
+        Some(v) => match v.as_sequence() {
+            None => problems.push(problem("nodes", "expected a list")),
+            Some(list) => {
+                for (i, item) in list.iter().enumerate() {
+                    let path = format!("nodes[{i}].");
+                    let Some(m) = item.as_mapping() else {
+                        problems.push(problem(format!("nodes[{i}]"), "expected a mapping"));
+                        continue;
+                    };
+                    unknown_fields(m, &path, NODE_FIELDS, &mut problems);
+                    nodes.push(RawNode {
+                        index: i,
+                        name: field(m, "name", &path, "a string", &mut problems),
+                        address: field(m, "address", &path, "a string", &mut problems),
+                        pod_cidr: field(m, "podCIDR", &path, "a string", &mut problems),
+                        vtep_mac: field(m, "vtepMAC", &path, "a string", &mut problems),
+                        in_nodelist: false,
+                    });
+                }
+            }
+        },
+    }
+    RawState {
+        origin: Origin::File,
+        settings,
+        nodes,
+        problems,
+    }
+}
+
+/// Flannel's `backend-data` annotation: `{"VNI":1,"VtepMAC":"..."}`.
+#[derive(Deserialize)]
+struct BackendData {
+    #[serde(rename = "VNI")]
+    vni: Option<u32>,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: Option<String>,
+}
+
+/// Reads the nodes of a `kubectl get nodes -o json` NodeList: name, `spec.podCIDR`, the
+/// InternalIP address, and Flannel's `public-ip`, `backend-type` and `backend-data`
+/// annotations (VNI, VtepMAC).
+fn from_nodelist(v: &serde_yaml::Value) -> RawState {
+    let mut state = RawState {
+        origin: Origin::NodeList,
+        settings: RawSettings::default(),
+        nodes: Vec::new(),
+        problems: Vec::new(),
+    };
+    let Some(items) = v.get("items").and_then(|i| i.as_sequence()) else {
+        state
+            .problems
+            .push(problem("items", "missing or not a list"));
+        return state;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let s = |v: Option<&serde_yaml::Value>| v.and_then(|x| x.as_str()).map(String::from);
+        let annotations = item.get("metadata").and_then(|m| m.get("annotations"));
+        let note = |key: &str| s(annotations.and_then(|a| a.get(key)));
+        let mut raw = RawNode {
+            index: i,
+            name: s(item.get("metadata").and_then(|m| m.get("name"))),
+            pod_cidr: s(item.get("spec").and_then(|sp| sp.get("podCIDR"))),
+            in_nodelist: true,
+            ..RawNode::default()
+        };
+        raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item));
+        if let Some(kind) = note(FLANNEL_BACKEND_TYPE) {
+            state.origin = Origin::FlannelNodeList;
+            state.settings.encap.get_or_insert(kind);
+        }
+        if let Some(bd) = note(FLANNEL_BACKEND_DATA) {
+            state.origin = Origin::FlannelNodeList;
+            match serde_json::from_str::<BackendData>(&bd) {
+                Ok(d) => {
+                    raw.vtep_mac = d.vtep_mac;
+                    if let Some(vni) = d.vni {
+                        state.settings.vni.get_or_insert(vni);
+                    }
+                }
+                Err(_) => state.problems.push(problem(
+                    node_path(i, true, VTEP_MAC),
+                    "not Flannel's backend data (a JSON object)",
+                )),
+            }
+        }
+        state.nodes.push(raw);
+    }
+    state
+}
+
+fn internal_ip(item: &serde_yaml::Value) -> Option<String> {
+    let addrs = item.get("status")?.get("addresses")?.as_sequence()?;
+    addrs
+        .iter()
+        .filter(|a| a.get("type").and_then(|t| t.as_str()) == Some("InternalIP"))
+        .filter_map(|a| a.get("address")?.as_str())
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(String::from)
+}
