@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FlowKey, MAX_FLOWS, NodeConfig,
-    NodeEntry, PeerStats, PodKey, PodRoute,
+    AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FlowKey, MAX_FLOWS,
+    NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -62,6 +62,10 @@ pub static DP_ENDPOINTS: HashMap<[u8; 4], Endpoint, MAX_ENDPOINTS> = HashMap::ne
 /// Flows local pods sent to remote pods through the host's stack; their replies take it too.
 #[btf_map]
 pub static DP_STACK_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// What the agent last applied, for `datapath status`; no program reads it.
+#[btf_map]
+pub static DP_AGENT: Array<AgentInfo, 1> = Array::new();
 
 /// Pods on one node: far above Kubernetes' 110, within a /20 pod CIDR.
 const MAX_ENDPOINTS: usize = 4096;

@@ -56,6 +56,7 @@ pub struct AgentOptions {
     pub iface: Option<String>,
     pub cni: CniOptions,
     pub host_routing: HostRouting,
+    pub tc_attach: loader::TcAttach,
     /// Where `subnet.env` is written (Flannel's `/run/flannel/subnet.env`).
     pub subnet_file: PathBuf,
     /// Masquerade pod traffic leaving the cluster network, as flanneld's `--ip-masq`.
@@ -110,6 +111,52 @@ struct Shared {
     /// it; `None` until the first sync has made sure either way (an earlier agent may have
     /// left it).
     csum_dev: Option<bool>,
+    /// How TC programs are attached (resolved).
+    tc_mode: loader::TcAttach,
+    /// The decapsulation hook in use, once attached.
+    decap: Option<DecapHook>,
+    host_routing_bpf: bool,
+}
+
+impl Shared {
+    /// Writes what the agent runs and last did into `DP_AGENT`, for `datapath status`.
+    fn record(&mut self) {
+        let mode = match self.dp.settings().map(|s| s.encap) {
+            Some(cluster::Encap::Ipip) => maps_common::route_mode::IPIP,
+            _ => maps_common::route_mode::VXLAN,
+        };
+        let r = &self.reload;
+        let info = maps_common::AgentInfo {
+            abi_version: maps_common::ABI_VERSION,
+            pid: std::process::id(),
+            last_reload_unix: r.last_reload_unix as u64,
+            reloads: r.reloads,
+            reload_failures: r.failures,
+            last_reload_ok: u8::from(r.last_reload_ok),
+            mode,
+            cross_subnet: u8::from(self.dp.settings().is_some_and(|s| s.cross_subnet)),
+            decap_hook: match self.decap {
+                Some(DecapHook::Xdp) => 1,
+                _ => 2,
+            },
+            host_routing_bpf: u8::from(self.host_routing_bpf),
+            tc_attach: if self.tc_mode == loader::TcAttach::Netlink {
+                2
+            } else {
+                1
+            },
+            _pad: [0; 2],
+            pod_mtu: self.dp.pod_mtu(),
+            nodes_skipped: r.skipped as u32,
+            version: crate::status::version_bytes(),
+        };
+        if let Err(e) = self.dp.maps.write_agent(&info) {
+            warn!(
+                "recording the agent's state in {}: {e}",
+                maps_common::map_names::AGENT
+            );
+        }
+    }
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -190,8 +237,13 @@ async fn with_csum_device(
     let (ifindex, fresh) = nl.ensure_csum_device(cluster.port).await?;
     let mut s = lock(shared);
     if fresh || s.csum_dev != Some(true) {
-        let Shared { ebpf, pin_dir, .. } = &mut *s;
-        loader::attach_csum_dev(ebpf, net::CSUM_DEV, fresh, pin_dir)?;
+        let Shared {
+            ebpf,
+            pin_dir,
+            tc_mode,
+            ..
+        } = &mut *s;
+        loader::attach_csum_dev(ebpf, net::CSUM_DEV, fresh, *tc_mode, pin_dir)?;
         s.csum_dev = Some(true);
     }
     Ok(ifindex)
@@ -395,6 +447,7 @@ impl Agent {
                 );
             }
         }
+        s.record();
     }
 }
 
@@ -492,6 +545,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         ebpf,
         pin_dir: opts.pin_dir.clone(),
         csum_dev: None,
+        tc_mode: opts.tc_attach.resolve(),
+        decap: None,
+        host_routing_bpf: opts.host_routing == HostRouting::Bpf,
     }));
     let installed = nl
         .owned_routes()
@@ -534,11 +590,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             "cluster state applied"
         );
         loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
+        let tc_mode = s.tc_mode;
         let (hook, why) = loader::attach(
             &mut s.ebpf,
             &iface.name,
             opts.decap,
             iface.virtual_dev,
+            tc_mode,
             &opts.pin_dir,
         )?;
         info!(
@@ -546,9 +604,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             decap = ?hook,
             decap_reason = why,
             host_routing = ?opts.host_routing,
+            tc_attach = tc_mode.name(),
             "programs attached; pod MTU for this mode is {}",
             s.dp.pod_mtu()
         );
+        s.decap = Some(hook);
+        s.record();
     }
     tokio::spawn(watch_underlay(shared.clone(), nl.clone(), health.clone()));
     health.notify_one();

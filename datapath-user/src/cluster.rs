@@ -443,13 +443,20 @@ fn is_own(rn: &RawNode, limits: &Limits) -> bool {
     by_name || by_addr
 }
 
-/// This node's name in the state: by name, else by one of this host's addresses.
+/// This node's name in the state: by name, else, among nodes that have no name of their own
+/// (a lease flanneld wrote is named by its public IP), by one of this host's addresses.
 fn own_node(nodes: &[Node], limits: &Limits) -> Option<String> {
     let name = limits.own_node.as_ref()?;
+    let unnamed = |n: &&Node| n.name == n.address.to_string();
     nodes
         .iter()
         .find(|n| &n.name == name)
-        .or_else(|| nodes.iter().find(|n| limits.own_addrs.contains(&n.address)))
+        .or_else(|| {
+            nodes
+                .iter()
+                .filter(unnamed)
+                .find(|n| limits.own_addrs.contains(&n.address))
+        })
         .map(|n| n.name.clone())
 }
 
@@ -906,13 +913,16 @@ nodes:
     }
 
     #[test]
-    fn this_node_is_found_by_address_when_no_name_matches() {
+    fn an_unnamed_node_is_found_by_address() {
         let l = Limits {
             max_nodes: 10,
             own_node: Some("host-a".into()),
             own_addrs: vec!["192.168.1.11".parse().unwrap()],
         };
-        let c = parse(GOOD, &Defaults::default(), &l).unwrap();
-        assert_eq!(c.own.as_deref(), Some("node2"));
+        let unnamed = GOOD.replace("name: node2", "name: 192.168.1.11");
+        let c = parse(&unnamed, &Defaults::default(), &l).unwrap();
+        assert_eq!(c.own.as_deref(), Some("192.168.1.11"));
+        // A node with a name of its own is this node only by that name.
+        assert!(parse(GOOD, &Defaults::default(), &l).is_err());
     }
 }

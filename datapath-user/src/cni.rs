@@ -31,6 +31,8 @@ pub struct CniOptions {
     /// host-local's `dataDir`: where IP leases are kept.
     pub ipam_dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// How the plugin attaches the pod program (the agent's resolved mode).
+    pub tc_attach: loader::TcAttach,
 }
 
 /// The configuration list for a node with `pod_cidr` whose pods use `mtu`.
@@ -50,7 +52,7 @@ pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
                     "dataDir": opts.ipam_dir,
                 },
             },
-            { "type": PLUGIN, "pinDir": opts.pin_dir },
+            { "type": PLUGIN, "pinDir": opts.pin_dir, "tcAttach": opts.tc_attach.resolve().name() },
             { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
         ],
     })
@@ -130,6 +132,10 @@ fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
         .as_str()
         .map_or_else(|| PathBuf::from(loader::DEFAULT_PIN_DIR), PathBuf::from);
     let prev = &conf["prevResult"];
+    let tc_mode = match conf["tcAttach"].as_str() {
+        Some("netlink") => loader::TcAttach::Netlink,
+        _ => loader::TcAttach::Tcx,
+    };
     match command {
         "ADD" => {
             anyhow::ensure!(
@@ -137,7 +143,7 @@ fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
                 "{PLUGIN} must be chained after ptp: no prevResult"
             );
             for pod in pods(prev) {
-                add(&pin_dir, &pod)?;
+                add(&pin_dir, &pod, tc_mode)?;
             }
             let mut out = prev.clone();
             out["cniVersion"] = conf["cniVersion"].clone();
@@ -204,7 +210,7 @@ fn endpoints(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, [u8; 4], Endpoin
     Ok(Map::from_map_data(md)?.try_into()?)
 }
 
-fn add(pin_dir: &Path, pod: &PodIf) -> anyhow::Result<()> {
+fn add(pin_dir: &Path, pod: &PodIf, tc_mode: loader::TcAttach) -> anyhow::Result<()> {
     let c = std::ffi::CString::new(pod.host_if.as_str())?;
     // SAFETY: a NUL-terminated interface name.
     let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -215,7 +221,7 @@ fn add(pin_dir: &Path, pod: &PodIf) -> anyhow::Result<()> {
         host_mac: pod.host_mac,
     };
     endpoints(pin_dir)?.insert(pod.ip.octets(), ep, 0)?;
-    loader::attach_pod(pin_dir, &pod.host_if)
+    loader::attach_pod(pin_dir, &pod.host_if, tc_mode)
         .with_context(|| format!("attaching the pod program to {}", pod.host_if))
 }
 
@@ -243,17 +249,7 @@ pub fn list_endpoints(pin_dir: &Path) -> anyhow::Result<Vec<EndpointRow>> {
     let mut rows = Vec::new();
     for item in eps.iter() {
         let (ip, ep) = item?;
-        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
-        let name = unsafe { libc::if_indextoname(ep.ifindex, buf.as_mut_ptr()) };
-        let host_if = if name.is_null() {
-            "(gone)".to_string()
-        } else {
-            // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-                .to_string_lossy()
-                .into_owned()
-        };
+        let host_if = crate::net::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into());
         rows.push(EndpointRow {
             pod_ip: Ipv4Addr::from(ip),
             ifindex: ep.ifindex,

@@ -11,4 +11,5 @@ pub mod maps;
 pub mod net;
 pub mod progbench;
 pub mod stats;
+pub mod status;
 pub mod watch;

@@ -10,7 +10,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
     sys::SyscallError,
@@ -72,6 +72,44 @@ impl DecapHook {
         }
     }
 }
+
+/// How the TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// tcx where the kernel has it (6.6 and later), netlink TC (clsact) before.
+    Auto,
+    /// tcx links, pinned: the kernel's newest TC attachment.
+    Tcx,
+    /// A clsact qdisc and a direct-action cls_bpf filter at a fixed priority and handle, which
+    /// a restarted agent replaces in place: kernels before 6.6 (Debian 12, Ubuntu 22.04, RHEL 9).
+    Netlink,
+}
+
+impl TcAttach {
+    /// `Auto` resolved for the running kernel.
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto => match aya::util::KernelVersion::current() {
+                Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => Self::Tcx,
+                _ => Self::Netlink,
+            },
+            other => other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        }
+    }
+}
+
+/// Priority and handle of the agent's netlink TC filters: fixed, so a restarted agent finds and
+/// replaces its own filter instead of adding a second.
+const NL_PRIORITY: u16 = 1;
+const NL_HANDLE: TcHandle = TcHandle::new(0, 0xd47);
 
 /// Settings fixed when the object is loaded.
 #[derive(Clone, Debug)]
@@ -256,15 +294,11 @@ pub fn attach(
     iface: &str,
     decap: DecapHook,
     virtual_dev: bool,
+    tc_mode: TcAttach,
     pin_dir: &Path,
 ) -> Result<(DecapHook, &'static str), LoadError> {
-    attach_tc(
-        ebpf,
-        iface,
-        prog_names::TC_ENCAP_EGRESS,
-        TcAttachType::Egress,
-        pin_dir,
-    )?;
+    let tc_at = |ebpf: &mut Ebpf, name, kind| attach_tc(ebpf, iface, name, kind, tc_mode, pin_dir);
+    tc_at(ebpf, prog_names::TC_ENCAP_EGRESS, TcAttachType::Egress)?;
     let (hook, why) = match decap {
         DecapHook::Auto if virtual_dev => (
             DecapHook::Tc,
@@ -281,14 +315,15 @@ pub fn attach(
     };
     detach_other(pin_dir, hook);
     match hook {
-        DecapHook::Tc => attach_tc(
-            ebpf,
-            iface,
-            prog_names::TC_DECAP_INGRESS,
-            TcAttachType::Ingress,
-            pin_dir,
-        )?,
-        _ => attach_xdp(ebpf, iface, XdpMode::default(), pin_dir)?,
+        DecapHook::Tc => tc_at(ebpf, prog_names::TC_DECAP_INGRESS, TcAttachType::Ingress)?,
+        _ => {
+            let _ = tc::qdisc_detach_program(
+                iface,
+                TcAttachType::Ingress,
+                prog_names::TC_DECAP_INGRESS,
+            );
+            attach_xdp(ebpf, iface, XdpMode::default(), pin_dir)?
+        }
     }
     Ok((hook, why))
 }
@@ -335,28 +370,37 @@ pub fn pin_pod_program(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError>
 
 /// Attaches the pinned pod program at TC ingress of a pod's host-side interface and pins the
 /// link (the CNI plugin's ADD). An earlier link of that interface is replaced in place.
-pub fn attach_pod(pin_dir: &Path, ifname: &str) -> Result<(), LoadError> {
+pub fn attach_pod(pin_dir: &Path, ifname: &str, tc_mode: TcAttach) -> Result<(), LoadError> {
     let name = prog_names::TC_POD_INGRESS;
     let prog_err = |e| LoadError::Program(name, e);
     let mut prog = SchedClassifier::from_pin(pod_prog_pin_path(pin_dir)).map_err(prog_err)?;
     let path = pod_link_pin_path(pin_dir, ifname);
-    let id = match pinned_link(&path)? {
-        Some(old) => {
-            prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(&path))?)
-        }
-        None => prog.attach_with_options(
-            ifname,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        ),
-    }
-    .map_err(prog_err)?;
-    pin_link(prog.take_link(id).map_err(prog_err)?, &path)
+    attach_classifier(
+        &mut prog,
+        name,
+        ifname,
+        TcAttachType::Ingress,
+        tc_mode,
+        &path,
+    )
 }
 
 /// Removes the pinned link of a pod's interface, detaching the program (the CNI's DEL).
 pub fn detach_pod(pin_dir: &Path, ifname: &str) {
     let _ = std::fs::remove_file(pod_link_pin_path(pin_dir, ifname));
+    let _ = tc::qdisc_detach_program(ifname, TcAttachType::Ingress, prog_names::TC_POD_INGRESS);
+}
+
+/// Removes the agent's netlink TC filters from `iface` (they have no pins to remove): the
+/// underlay's and a pod veth's.
+pub fn detach_netlink_filters(iface: &str) {
+    for (kind, name) in [
+        (TcAttachType::Egress, prog_names::TC_ENCAP_EGRESS),
+        (TcAttachType::Ingress, prog_names::TC_DECAP_INGRESS),
+        (TcAttachType::Ingress, prog_names::TC_POD_INGRESS),
+    ] {
+        let _ = tc::qdisc_detach_program(iface, kind, name);
+    }
 }
 
 /// Attaches the drop program at TC ingress of the checksum path's kernel VXLAN device `dev`
@@ -366,6 +410,7 @@ pub fn attach_csum_dev(
     ebpf: &mut Ebpf,
     dev: &str,
     fresh: bool,
+    tc_mode: TcAttach,
     pin_dir: &Path,
 ) -> Result<(), LoadError> {
     if fresh {
@@ -376,6 +421,7 @@ pub fn attach_csum_dev(
         dev,
         prog_names::TC_CSUM_DEV_INGRESS,
         TcAttachType::Ingress,
+        tc_mode,
         pin_dir,
     )
 }
@@ -400,31 +446,70 @@ where
     repin(FdLink::try_from(link).map_err(link_err(path))?, path)
 }
 
-/// Loads the TC program `name` and attaches it (TCX) at `kind` on `iface`, or in place of the
-/// program in its pinned link; pins the link.
+/// Loads the TC program `name` and attaches it at `kind` on `iface` (see `attach_classifier`).
 fn attach_tc(
     ebpf: &mut Ebpf,
     iface: &str,
     name: &'static str,
     kind: TcAttachType,
+    tc_mode: TcAttach,
     pin_dir: &Path,
 ) -> Result<(), LoadError> {
     let path = link_pin_path(pin_dir, name);
-    let prog_err = |e| LoadError::Program(name, e);
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     if prog.fd().is_err() {
-        prog.load().map_err(prog_err)?;
+        prog.load().map_err(|e| LoadError::Program(name, e))?;
     }
-    let id = match pinned_link(&path)? {
+    attach_classifier(prog, name, iface, kind, tc_mode, &path)
+}
+
+/// Attaches a loaded TC program. tcx: in place of the program of the link pinned at `path`
+/// (an earlier agent's), else newly, the link pinned. Netlink: in place of the filter at the
+/// agent's fixed priority and handle, else newly (a clsact qdisc added first); the filter
+/// outlives this process, as a pinned link would. Either way no packet sees an empty hook, and
+/// what the other mode left is removed.
+fn attach_classifier(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    kind: TcAttachType,
+    tc_mode: TcAttach,
+    path: &Path,
+) -> Result<(), LoadError> {
+    let prog_err = |e| LoadError::Program(name, e);
+    if tc_mode.resolve() == TcAttach::Netlink {
+        let _ = std::fs::remove_file(path);
+        let _ = tc::qdisc_add_clsact(iface);
+        let existing = SchedClassifierLink::attached(iface, kind, NL_PRIORITY, NL_HANDLE, None)
+            .ok()
+            .and_then(|link| prog.attach_to_link(link).ok());
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let opts = NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: NL_HANDLE,
+                    ..NlOptions::default()
+                };
+                prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(opts))
+                    .map_err(prog_err)?
+            }
+        };
+        // Dropping the link would remove the filter: it must outlive this process.
+        std::mem::forget(prog.take_link(id).map_err(prog_err)?);
+        return Ok(());
+    }
+    let _ = tc::qdisc_detach_program(iface, kind, name);
+    let id = match pinned_link(path)? {
         Some(old) => {
-            prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(&path))?)
+            prog.attach_to_link(SchedClassifierLink::try_from(old).map_err(link_err(path))?)
         }
         None => {
             prog.attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::default()))
         }
     }
     .map_err(prog_err)?;
-    pin_link(prog.take_link(id).map_err(prog_err)?, &path)
+    pin_link(prog.take_link(id).map_err(prog_err)?, path)
 }
 
 /// The same for the XDP decapsulation program, in `mode` when newly attached.

@@ -142,6 +142,10 @@ enum Cmd {
         /// routing and netfilter); kernel: through the host's stack.
         #[arg(long, value_enum, default_value = "bpf")]
         host_routing: agent::HostRouting,
+        /// How TC programs are attached: tcx (kernel 6.6+), netlink (clsact filters, older
+        /// kernels), or auto (tcx where the kernel has it).
+        #[arg(long, value_enum, default_value = "auto")]
+        tc_attach: loader::TcAttach,
         /// Where the node's CNI configuration list (10-datapath.conflist) is written.
         #[arg(long, default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
@@ -181,6 +185,15 @@ enum Cmd {
         max_nodes: u32,
         #[command(flatten)]
         mode: ModeArgs,
+    },
+    /// Say whether the datapath is attached and how: hooks, pin directory, the configuration
+    /// in effect, nodes, the last reload, pod MTU, agent version and map ABI.
+    #[command(after_help = "Example:\n  datapath status --json | jq .attached")]
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Print the datapath's counters, read from the pinned maps.
     #[command(after_help = "Example:\n  datapath stats --json | jq .drops")]
@@ -313,6 +326,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
             decap,
             host_routing,
+            tc_attach,
             cni_conf_dir,
             cni_bin_dir,
             cni_ipam_dir,
@@ -380,8 +394,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     bin_dir: cni_bin_dir,
                     ipam_dir: cni_ipam_dir,
                     pin_dir: pin_dir.clone(),
+                    tc_attach,
                 },
                 host_routing,
+                tc_attach,
                 subnet_file,
                 ip_masq,
                 pin_dir,
@@ -450,6 +466,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Routes { pin_dir, .. } => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             print!("{}", Snapshot::read(&maps)?.render_routes());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { json, pin_dir } => {
+            let st = datapath_user::status::Status::read(&pin_dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.render());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Endpoints { json, pin_dir } => {
@@ -529,6 +554,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Detach { pin_dir } => {
+            // Netlink TC filters have no pins: find their interfaces before the maps go.
+            if let Ok(maps) = DatapathMaps::open_pinned(&pin_dir) {
+                let mut ifaces: Vec<u32> = maps
+                    .endpoints
+                    .iter()
+                    .flatten()
+                    .map(|(_, e)| e.ifindex)
+                    .collect();
+                ifaces.extend(maps.read_config().map(|c| c.underlay_ifindex));
+                for name in ifaces.into_iter().filter_map(net::if_name) {
+                    loader::detach_netlink_filters(&name);
+                }
+            }
             let removed = loader::remove_pins(&pin_dir)?;
             let routes = net::blocking(|nl| async move {
                 let n = nl.flush_routes().await?;

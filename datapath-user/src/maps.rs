@@ -1,12 +1,18 @@
 //! The datapath's maps from userspace: typed handles, opened from a loaded object or from the
 //! pins, and what reading them whole needs (for `stats`, `routes`, metrics and adoption).
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
-use maps_common::{Counter, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute, map_names};
+use maps_common::{
+    AgentInfo, Counter, Endpoint, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute, map_names,
+};
 
 use crate::cluster::Cidr;
 
@@ -18,8 +24,14 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
-    #[error("map {0} is missing from the object or the pin directory")]
+    #[error("map {0} is missing from the object")]
     Missing(&'static str),
+    #[error(
+        "nothing is pinned at {}: no datapath agent has run with --pin-dir {} on this node (is the agent running, and with this --pin-dir?)",
+        .path.display(),
+        .dir.display()
+    )]
+    NotPinned { path: PathBuf, dir: PathBuf },
     #[error("node {0:?} is not in the cluster state")]
     OwnNodeMissing(String),
     #[error("no free peer slot: raise --max-nodes")]
@@ -39,6 +51,8 @@ pub struct DatapathMaps {
     pub counters: PerCpuArray<MapData, Counter>,
     pub drops: PerCpuArray<MapData, Counter>,
     pub peer_stats: PerCpuArray<MapData, PeerStats>,
+    pub endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    pub agent: Array<MapData, AgentInfo>,
 }
 
 impl DatapathMaps {
@@ -51,8 +65,11 @@ impl DatapathMaps {
     /// agent runs.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapsError> {
         Self::from_maps(|name| {
-            let md = MapData::from_pin(crate::loader::map_pin_path(pin_dir, name))
-                .map_err(|_| MapsError::Missing(name))?;
+            let path = crate::loader::map_pin_path(pin_dir, name);
+            let md = MapData::from_pin(&path).map_err(|_| MapsError::NotPinned {
+                path: path.clone(),
+                dir: pin_dir.to_path_buf(),
+            })?;
             Map::from_map_data(md).map_err(map_err(name))
         })
     }
@@ -74,6 +91,8 @@ impl DatapathMaps {
             counters: typed(&mut get, map_names::COUNTERS)?,
             drops: typed(&mut get, map_names::DROPS)?,
             peer_stats: typed(&mut get, map_names::PEER_STATS)?,
+            endpoints: typed(&mut get, map_names::ENDPOINTS)?,
+            agent: typed(&mut get, map_names::AGENT)?,
         })
     }
 
@@ -101,6 +120,16 @@ impl DatapathMaps {
             out.insert(Ipv4Addr::from(k), v);
         }
         Ok(out)
+    }
+
+    pub fn read_agent(&self) -> Result<AgentInfo, MapsError> {
+        self.agent.get(&0, 0).map_err(map_err(map_names::AGENT))
+    }
+
+    pub fn write_agent(&mut self, info: &AgentInfo) -> Result<(), MapsError> {
+        self.agent
+            .set(0, info, 0)
+            .map_err(map_err(map_names::AGENT))
     }
 
     pub fn read_config(&self) -> Result<NodeConfig, MapsError> {

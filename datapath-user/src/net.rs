@@ -503,6 +503,22 @@ pub async fn route_events(kick: impl Fn()) -> Result<(), NetError> {
     )))
 }
 
+/// The name of interface `ifindex`, if it exists.
+pub fn if_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 /// Runs `f` on a one-off current-thread runtime with a netlink connection: for the CLI's
 /// commands that are not the agent.
 pub fn blocking<T, F>(f: impl FnOnce(Netlink) -> F) -> anyhow::Result<T>

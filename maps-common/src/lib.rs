@@ -30,8 +30,11 @@ pub mod map_names {
     /// stack, where NAT may have rewritten them (a Service's DNAT); their replies go back
     /// through the stack too, never straight into the pod.
     pub const STACK_FLOWS: &str = "DP_STACK_FLOWS";
+    /// `Array<AgentInfo, 1>`: what the agent last did, for `datapath status` (the programs do
+    /// not read it).
+    pub const AGENT: &str = "DP_AGENT";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -41,6 +44,7 @@ pub mod map_names {
         PEER_STATS,
         ENDPOINTS,
         STACK_FLOWS,
+        AGENT,
     ];
 }
 
@@ -60,6 +64,11 @@ pub mod prog_names {
     pub const TC_FLOOR: &str = "tc_floor";
     pub const XDP_FLOOR: &str = "xdp_floor";
 }
+
+/// Version of the layout of the pinned maps (their keys, values and meaning). 1 was the first
+/// release (six maps, 12 then 16 drop reasons); 2 added exact-match pod routes, endpoints, stack
+/// flows, the agent map and per-peer unreachable counts. The README keeps the history.
+pub const ABI_VERSION: u32 = 2;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -170,6 +179,35 @@ pub struct NodeConfig {
     pub underlay_ifindex: u32,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 44);
+
+/// The single value of `DP_AGENT`: what the agent last applied, written after each change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// `ABI_VERSION` of the agent that wrote it.
+    pub abi_version: u32,
+    pub pid: u32,
+    /// Unix time of the last reload, in seconds.
+    pub last_reload_unix: u64,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    /// 1 when the last reload succeeded.
+    pub last_reload_ok: u8,
+    /// `route_mode` of the encapsulation (IPIP or VXLAN).
+    pub mode: u8,
+    pub cross_subnet: u8,
+    /// Decapsulation hook: 1 XDP, 2 TC.
+    pub decap_hook: u8,
+    pub host_routing_bpf: u8,
+    /// How TC programs are attached: 1 tcx, 2 netlink (clsact).
+    pub tc_attach: u8,
+    pub _pad: [u8; 2],
+    pub pod_mtu: u32,
+    pub nodes_skipped: u32,
+    /// The agent's version, NUL-padded.
+    pub version: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AgentInfo>() == 64);
 
 /// Value of `DP_ENDPOINTS` (key: the pod's IPv4, wire order): what delivering straight into
 /// a local pod needs.
@@ -431,6 +469,7 @@ mod pod {
     unsafe impl aya::Pod for super::PodRoute {}
     unsafe impl aya::Pod for super::PodKey {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::AgentInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}

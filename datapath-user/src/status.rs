@@ -1,0 +1,276 @@
+//! `datapath status`: whether the datapath is attached and on which hooks, the state it runs,
+//! and what the agent last did, read from the pins alone: it answers with no agent running.
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use maps_common::{ABI_VERSION, AgentInfo, node_flags, prog_names, route_mode};
+use serde::Serialize;
+
+use crate::{
+    loader,
+    maps::{DatapathMaps, MapsError},
+};
+
+/// This build's version, as the agent records it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Hook {
+    pub program: &'static str,
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub node_addr: Ipv4Addr,
+    pub mode: &'static str,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub cross_subnet: bool,
+    pub host_routing: &'static str,
+    pub decap: &'static str,
+    pub tc_attach: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Reload {
+    pub unix: u64,
+    pub ok: bool,
+    pub reloads: u64,
+    pub failures: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub attached: bool,
+    pub pin_dir: String,
+    /// Why the datapath is not attached, when it is not.
+    pub reason: Option<String>,
+    pub hooks: Vec<Hook>,
+    pub config: Option<Config>,
+    pub nodes_known: usize,
+    pub peers_unreachable: usize,
+    pub nodes_skipped: u32,
+    pub pods: usize,
+    pub pod_mtu: u32,
+    pub last_reload: Option<Reload>,
+    pub agent_version: String,
+    pub agent_pid: u32,
+    pub agent_running: bool,
+    /// Map ABI of the pinned maps (as the agent that wrote them recorded it).
+    pub map_abi: u32,
+    /// This binary's version and map ABI.
+    pub cli_version: &'static str,
+    pub cli_map_abi: u32,
+}
+
+fn nul_str(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The hooks the pins (or, for netlink TC, the agent's record) say are in use.
+fn hooks(pin_dir: &Path, info: &AgentInfo) -> Vec<Hook> {
+    let netlink = info.tc_attach == 2;
+    let tc = |dir: &str| {
+        if netlink {
+            format!("netlink tc {dir}")
+        } else {
+            format!("tcx {dir}")
+        }
+    };
+    let mut out = Vec::new();
+    let pinned = |p: &str| loader::link_pin_path(pin_dir, p).exists();
+    if pinned(prog_names::TC_ENCAP_EGRESS) || (netlink && info.abi_version != 0) {
+        out.push(Hook {
+            program: prog_names::TC_ENCAP_EGRESS,
+            hook: tc("egress"),
+        });
+    }
+    if pinned(prog_names::XDP_DECAP_INGRESS) {
+        out.push(Hook {
+            program: prog_names::XDP_DECAP_INGRESS,
+            hook: "xdp".into(),
+        });
+    } else if pinned(prog_names::TC_DECAP_INGRESS) || (netlink && info.decap_hook == 2) {
+        out.push(Hook {
+            program: prog_names::TC_DECAP_INGRESS,
+            hook: tc("ingress"),
+        });
+    }
+    if pinned(prog_names::TC_CSUM_DEV_INGRESS) {
+        out.push(Hook {
+            program: prog_names::TC_CSUM_DEV_INGRESS,
+            hook: format!("{} on {}", tc("ingress"), crate::net::CSUM_DEV),
+        });
+    }
+    out
+}
+
+impl Status {
+    /// Reads everything from the pins under `pin_dir`; a pin directory without a datapath is
+    /// a status too (not attached, and where it looked).
+    pub fn read(pin_dir: &Path) -> Self {
+        let mut st = Status {
+            attached: false,
+            pin_dir: pin_dir.display().to_string(),
+            reason: None,
+            hooks: Vec::new(),
+            config: None,
+            nodes_known: 0,
+            peers_unreachable: 0,
+            nodes_skipped: 0,
+            pods: 0,
+            pod_mtu: 0,
+            last_reload: None,
+            agent_version: String::new(),
+            agent_pid: 0,
+            agent_running: false,
+            map_abi: 0,
+            cli_version: VERSION,
+            cli_map_abi: ABI_VERSION,
+        };
+        if let Err(e) = st.fill(pin_dir) {
+            st.reason = Some(e.to_string());
+        }
+        st
+    }
+
+    fn fill(&mut self, pin_dir: &Path) -> Result<(), MapsError> {
+        let maps = DatapathMaps::open_pinned(pin_dir)?;
+        let cfg = maps.read_config()?;
+        let info = maps.read_agent()?;
+        let nodes = maps.read_nodes()?;
+        self.hooks = hooks(pin_dir, &info);
+        self.nodes_known = nodes.len();
+        self.peers_unreachable = nodes
+            .values()
+            .filter(|e| e.flags & node_flags::UNREACHABLE != 0)
+            .count();
+        self.pods = maps.endpoints.keys().count();
+        self.pod_mtu = info.pod_mtu;
+        self.nodes_skipped = info.nodes_skipped;
+        self.agent_version = nul_str(&info.version);
+        self.agent_pid = info.pid;
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        self.agent_running = info.pid != 0 && unsafe { libc::kill(info.pid as i32, 0) } == 0;
+        self.map_abi = info.abi_version;
+        if info.abi_version != 0 {
+            self.last_reload = Some(Reload {
+                unix: info.last_reload_unix,
+                ok: info.last_reload_ok == 1,
+                reloads: info.reloads,
+                failures: info.reload_failures,
+            });
+        }
+        if cfg.node_addr != [0; 4] {
+            self.config = Some(Config {
+                node_addr: Ipv4Addr::from(cfg.node_addr),
+                mode: route_mode::name(info.mode),
+                vni: cfg.vni,
+                vxlan_port: cfg.vxlan_port,
+                cross_subnet: info.cross_subnet == 1,
+                host_routing: if info.host_routing_bpf == 1 {
+                    "bpf"
+                } else {
+                    "kernel"
+                },
+                decap: match info.decap_hook {
+                    1 => "xdp",
+                    2 => "tc",
+                    _ => "unknown",
+                },
+                tc_attach: if info.tc_attach == 2 {
+                    "netlink"
+                } else {
+                    "tcx"
+                },
+            });
+        }
+        self.attached = self.config.is_some()
+            && self
+                .hooks
+                .iter()
+                .any(|h| h.program == prog_names::TC_ENCAP_EGRESS);
+        if !self.attached {
+            self.reason = Some(format!(
+                "maps are pinned under {} but no encapsulation hook is (detached, or the agent never finished starting)",
+                pin_dir.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The status as a person reads it.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if !self.attached {
+            let _ = writeln!(
+                s,
+                "datapath: not attached: {}",
+                self.reason.as_deref().unwrap_or("unknown")
+            );
+            return s;
+        }
+        let _ = writeln!(s, "datapath: attached (pins under {})", self.pin_dir);
+        for h in &self.hooks {
+            let _ = writeln!(s, "  hook      {:<20} {}", h.program, h.hook);
+        }
+        if let Some(c) = &self.config {
+            let _ = writeln!(
+                s,
+                "  config    node {}  mode {}  vni {}  port {}  crossSubnet {}  host routing {}  decap {}  tc attach {}",
+                c.node_addr,
+                c.mode,
+                c.vni,
+                c.vxlan_port,
+                c.cross_subnet,
+                c.host_routing,
+                c.decap,
+                c.tc_attach
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  nodes     {} known, {} unreachable, {} skipped; {} local pods; pod MTU {}",
+            self.nodes_known, self.peers_unreachable, self.nodes_skipped, self.pods, self.pod_mtu
+        );
+        if let Some(r) = &self.last_reload {
+            let _ = writeln!(
+                s,
+                "  reload    last at unix {} {}; {} reloads, {} failed",
+                r.unix,
+                if r.ok {
+                    "succeeded"
+                } else {
+                    "FAILED (the last good state stays)"
+                },
+                r.reloads,
+                r.failures
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  agent     {} (pid {}, {}), map ABI {}; this binary {} (map ABI {})",
+            self.agent_version,
+            self.agent_pid,
+            if self.agent_running {
+                "running"
+            } else {
+                "not running"
+            },
+            self.map_abi,
+            self.cli_version,
+            self.cli_map_abi
+        );
+        s
+    }
+}
+
+/// This build's version, NUL-padded, as `AgentInfo::version` holds it.
+pub fn version_bytes() -> [u8; 16] {
+    let mut version = [0u8; 16];
+    for (d, b) in version.iter_mut().zip(VERSION.bytes()) {
+        *d = b;
+    }
+    version
+}
