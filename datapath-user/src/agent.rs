@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     signal::unix::{SignalKind, signal},
     sync::{Notify, mpsc},
 };
@@ -23,7 +22,7 @@ use crate::{
     cni::{self, CniOptions},
     dataplane::{ApplyError, Changes, Dataplane, LocalOptions},
     etcd::{self, EtcdStatus},
-    flannel,
+    flannel, http,
     loader::{self, DecapHook, LoadOptions},
     maps::DatapathMaps,
     net::{self, Netlink, PeerPath, RouteSpec},
@@ -465,6 +464,10 @@ fn etcd_state(
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let probe = http::Probe::new("waiting for the first cluster state");
+    if let Some(addr) = opts.metrics {
+        http::serve(addr, probe.clone()).await?;
+    }
     let nl = Netlink::connect()?;
     // A lease flanneld wrote names no node: this node's is the one with one of its addresses.
     let limits = Limits {
@@ -613,9 +616,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_underlay(shared.clone(), nl.clone(), health.clone()));
     health.notify_one();
-    if let Some(addr) = opts.metrics {
+    {
         let etcd = matches!(opts.source, Source::Etcd(_)).then(|| etcd_status.clone());
-        serve_metrics(addr, shared.clone(), etcd).await?;
+        let shared = shared.clone();
+        probe.set_metrics(move || metrics_body(&shared, etcd.as_deref()));
+        probe.set_ready();
     }
 
     let mut term = signal(SignalKind::terminate())?;
@@ -717,35 +722,6 @@ async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(
-    addr: SocketAddr,
-    shared: SharedRef,
-    etcd: Option<Arc<Mutex<EtcdStatus>>>,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding metrics on {addr}"))?;
-    info!(%addr, "serving metrics");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let body = metrics_body(&shared, etcd.as_deref());
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
-}
-
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -754,33 +730,64 @@ fn now() -> f64 {
 }
 
 fn metrics_body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String {
+    use crate::stats::Extra::{Counter, Gauge};
     let s = lock(shared);
-    let gauge = |name: &str, v: f64| (name.to_string(), v);
+    let r = &s.reload;
     let mut extra = vec![
-        gauge(
+        Gauge(
             "datapath_last_reload_timestamp_seconds",
-            s.reload.last_reload_unix,
+            "Unix time of the last reload",
+            r.last_reload_unix,
         ),
-        gauge(
+        Gauge(
             "datapath_last_reload_success",
-            f64::from(u8::from(s.reload.last_reload_ok)),
+            "1 when the last reload applied, 0 when it was rejected",
+            f64::from(u8::from(r.last_reload_ok)),
         ),
-        gauge("datapath_reloads_total", s.reload.reloads as f64),
-        gauge("datapath_reload_failures_total", s.reload.failures as f64),
-        gauge("datapath_pod_mtu", f64::from(s.dp.pod_mtu())),
-        gauge("datapath_nodes_skipped", s.reload.skipped as f64),
+        Counter("datapath_reloads", "Cluster states received", r.reloads),
+        Counter(
+            "datapath_reload_failures",
+            "Cluster states rejected (the last good state stayed)",
+            r.failures,
+        ),
+        Gauge(
+            "datapath_pod_mtu",
+            "MTU pods on this node should use",
+            f64::from(s.dp.pod_mtu()),
+        ),
+        Gauge(
+            "datapath_nodes_skipped",
+            "Nodes of the last state left out as incomplete or unreadable",
+            r.skipped as f64,
+        ),
     ];
     if let Some(etcd) = etcd {
         let e = etcd.lock().expect("lock").clone();
         extra.extend([
-            gauge("datapath_etcd_connected", f64::from(u8::from(e.connected))),
-            gauge("datapath_etcd_resyncs_total", e.resyncs as f64),
-            gauge("datapath_etcd_revision", e.revision as f64),
-            gauge("datapath_etcd_applied_revision", s.reload.revision as f64),
+            Gauge(
+                "datapath_etcd_connected",
+                "1 while the etcd watch is connected",
+                f64::from(u8::from(e.connected)),
+            ),
+            Counter(
+                "datapath_etcd_resyncs",
+                "Full reads of etcd after a lost connection",
+                e.resyncs,
+            ),
+            Gauge(
+                "datapath_etcd_revision",
+                "etcd revision last seen",
+                e.revision as f64,
+            ),
+            Gauge(
+                "datapath_etcd_applied_revision",
+                "etcd revision of the state applied",
+                r.revision as f64,
+            ),
         ]);
     }
     match Snapshot::read(&s.dp.maps) {
-        Ok(snap) => snap.render_prometheus(&extra),
-        Err(e) => format!("# error reading maps: {e}\n"),
+        Ok(snap) => snap.render_openmetrics(&extra),
+        Err(e) => format!("# error reading maps: {e}\n# EOF\n"),
     }
 }

@@ -6,6 +6,7 @@ pub mod cni;
 pub mod dataplane;
 pub mod etcd;
 pub mod flannel;
+pub mod http;
 pub mod loader;
 pub mod maps;
 pub mod net;

@@ -130,7 +130,7 @@ enum Cmd {
         /// Directory (on bpffs, mounted if needed) for pinned maps and links.
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Serve Prometheus metrics on this address.
+        /// Serve /healthz, /readyz and /metrics (Prometheus) on this address, e.g. 0.0.0.0:9464.
         #[arg(long)]
         metrics: Option<SocketAddr>,
         /// Where decapsulation runs (auto: native XDP on NICs that have it, TC on veth and

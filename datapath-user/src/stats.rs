@@ -2,7 +2,14 @@
 //! people (`datapath stats`, `datapath routes`), scripts (`--json`) and Prometheus.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use std::sync::atomic::AtomicU64;
+
 use maps_common::{CounterId, DropReason, node_flags, route_mode};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Serialize;
 
 use crate::{
@@ -184,91 +191,131 @@ impl Snapshot {
         s
     }
 
-    /// Prometheus text exposition format.
-    pub fn render_prometheus(&self, extra: &[(String, f64)]) -> String {
-        let mut s = String::new();
-        for (name, help, value) in [
-            (
-                "datapath_packets_total",
-                "Packets by direction and mode.",
-                (|c: &CounterRow| c.packets) as fn(&CounterRow) -> u64,
-            ),
-            (
-                "datapath_bytes_total",
-                "Bytes by direction and mode.",
-                |c| c.bytes,
-            ),
-        ] {
-            let _ = writeln!(s, "# HELP {name} {help}");
-            let _ = writeln!(s, "# TYPE {name} counter");
-            for c in &self.counters {
-                let _ = writeln!(
-                    s,
-                    "{name}{{direction=\"{}\",mode=\"{}\"}} {}",
-                    c.direction,
-                    c.mode,
-                    value(c)
-                );
+    /// The metrics in the OpenMetrics text format, through prometheus-client: the maps' counters
+    /// and gauges, then the agent's own (`extra`).
+    pub fn render_openmetrics(&self, extra: &[Extra]) -> String {
+        let mut reg = Registry::default();
+        let packets = Family::<DirMode, Counter>::default();
+        let bytes = Family::<DirMode, Counter>::default();
+        for c in &self.counters {
+            let l = DirMode {
+                direction: c.direction.into(),
+                mode: c.mode.into(),
+            };
+            packets.get_or_create(&l).inc_by(c.packets);
+            bytes.get_or_create(&l).inc_by(c.bytes);
+        }
+        reg.register("datapath_packets", "Packets by direction and mode", packets);
+        reg.register("datapath_bytes", "Bytes by direction and mode", bytes);
+        let drops = Family::<Reason, Counter>::default();
+        let drop_bytes = Family::<Reason, Counter>::default();
+        for d in &self.drops {
+            let l = Reason {
+                reason: d.reason.into(),
+            };
+            drops.get_or_create(&l).inc_by(d.packets);
+            drop_bytes.get_or_create(&l).inc_by(d.bytes);
+        }
+        reg.register("datapath_drops", "Dropped packets by reason", drops);
+        reg.register(
+            "datapath_dropped_bytes",
+            "Dropped bytes by reason",
+            drop_bytes,
+        );
+        let peer_packets = Family::<PeerDir, Counter>::default();
+        let peer_bytes = Family::<PeerDir, Counter>::default();
+        let unreachable = Family::<Peer, Gauge>::default();
+        let unreachable_drops = Family::<Peer, Counter>::default();
+        for r in self.routes.iter().filter(|r| r.mode != "local") {
+            let peer = r.node.to_string();
+            for (direction, p, b) in [
+                ("tx", r.tx_packets, r.tx_bytes),
+                ("rx", r.rx_packets, r.rx_bytes),
+            ] {
+                let l = PeerDir {
+                    peer: peer.clone(),
+                    direction: direction.into(),
+                };
+                peer_packets.get_or_create(&l).inc_by(p);
+                peer_bytes.get_or_create(&l).inc_by(b);
+            }
+            let l = Peer { peer };
+            unreachable
+                .get_or_create(&l)
+                .set(i64::from(r.state == "unreachable"));
+            unreachable_drops
+                .get_or_create(&l)
+                .inc_by(r.unreachable_packets);
+        }
+        reg.register(
+            "datapath_peer_packets",
+            "Packets per peer node and direction",
+            peer_packets,
+        );
+        reg.register(
+            "datapath_peer_bytes",
+            "Bytes per peer node and direction",
+            peer_bytes,
+        );
+        reg.register(
+            "datapath_peer_unreachable",
+            "1 while the kernel has no route toward the peer node",
+            unreachable,
+        );
+        reg.register(
+            "datapath_peer_unreachable_drops",
+            "Packets for the peer dropped as unreachable",
+            unreachable_drops,
+        );
+        let known = Gauge::<i64>::default();
+        known.set(self.nodes_known as i64);
+        reg.register("datapath_nodes_known", "Peer nodes in the maps", known);
+        for e in extra {
+            match *e {
+                Extra::Gauge(name, help, v) => {
+                    let g = Gauge::<f64, AtomicU64>::default();
+                    g.set(v);
+                    reg.register(name, help, g);
+                }
+                Extra::Counter(name, help, v) => {
+                    let c = Counter::<u64>::default();
+                    c.inc_by(v);
+                    reg.register(name, help, c);
+                }
             }
         }
-        let _ = writeln!(s, "# HELP datapath_drops_total Dropped packets by reason.");
-        let _ = writeln!(s, "# TYPE datapath_drops_total counter");
-        for d in &self.drops {
-            let _ = writeln!(
-                s,
-                "datapath_drops_total{{reason=\"{}\"}} {}",
-                d.reason, d.packets
-            );
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &reg) {
+            return format!("# error encoding metrics: {e}\n# EOF\n");
         }
-        let _ = writeln!(
-            s,
-            "# HELP datapath_peer_packets_total Packets per peer node."
-        );
-        let _ = writeln!(s, "# TYPE datapath_peer_packets_total counter");
-        for r in self.routes.iter().filter(|r| r.mode != "local") {
-            let _ = writeln!(
-                s,
-                "datapath_peer_packets_total{{peer=\"{}\",direction=\"tx\"}} {}",
-                r.node, r.tx_packets
-            );
-            let _ = writeln!(
-                s,
-                "datapath_peer_packets_total{{peer=\"{}\",direction=\"rx\"}} {}",
-                r.node, r.rx_packets
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP datapath_peer_unreachable 1 while the kernel has no route toward the peer node."
-        );
-        let _ = writeln!(s, "# TYPE datapath_peer_unreachable gauge");
-        for r in self.routes.iter().filter(|r| r.mode != "local") {
-            let _ = writeln!(
-                s,
-                "datapath_peer_unreachable{{peer=\"{}\"}} {}",
-                r.node,
-                u8::from(r.state == "unreachable")
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP datapath_peer_unreachable_drops_total Packets for the peer dropped as unreachable."
-        );
-        let _ = writeln!(s, "# TYPE datapath_peer_unreachable_drops_total counter");
-        for r in self.routes.iter().filter(|r| r.mode != "local") {
-            let _ = writeln!(
-                s,
-                "datapath_peer_unreachable_drops_total{{peer=\"{}\"}} {}",
-                r.node, r.unreachable_packets
-            );
-        }
-        let _ = writeln!(s, "# HELP datapath_nodes_known Peer nodes in the maps.");
-        let _ = writeln!(s, "# TYPE datapath_nodes_known gauge");
-        let _ = writeln!(s, "datapath_nodes_known {}", self.nodes_known);
-        for (name, value) in extra {
-            let _ = writeln!(s, "# TYPE {name} gauge");
-            let _ = writeln!(s, "{name} {value}");
-        }
-        s
+        out
     }
+}
+
+/// An agent metric beside the maps' (prometheus-client adds `_total` to a counter's name).
+pub enum Extra {
+    Gauge(&'static str, &'static str, f64),
+    Counter(&'static str, &'static str, u64),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirMode {
+    direction: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDir {
+    peer: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Peer {
+    peer: String,
 }

@@ -58,6 +58,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "containernetworking-plugins",
     "iptables",
+    "python3-prometheus-client",
+    "podman",
+    "buildah",
 ];
 
 /// Where `bpf-linker` is built against the nightly toolchain's own LLVM.

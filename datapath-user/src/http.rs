@@ -1,0 +1,87 @@
+//! The agent's HTTP endpoint, as a DaemonSet's probes and Prometheus expect it: `/healthz`
+//! (the process answers), `/readyz` (a first state applied and the programs attached, by the
+//! agent that holds the node; 503 with the reason otherwise) and `/metrics` (OpenMetrics text
+//! from prometheus-client), served by axum.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use tracing::{error, info};
+
+/// What the endpoint answers with, set by the agent as it goes.
+pub struct Probe {
+    /// `None` when ready; otherwise why not.
+    not_ready: Mutex<Option<String>>,
+    /// Renders the metrics; absent until the datapath is loaded.
+    metrics: Mutex<Option<Box<dyn Fn() -> String + Send>>>,
+}
+
+impl Probe {
+    pub fn new(not_ready: &str) -> Arc<Self> {
+        Arc::new(Self {
+            not_ready: Mutex::new(Some(not_ready.to_string())),
+            metrics: Mutex::new(None),
+        })
+    }
+
+    pub fn set_ready(&self) {
+        *self.not_ready.lock().expect("probe lock") = None;
+    }
+
+    pub fn set_not_ready(&self, why: &str) {
+        *self.not_ready.lock().expect("probe lock") = Some(why.to_string());
+    }
+
+    pub fn set_metrics(&self, render: impl Fn() -> String + Send + 'static) {
+        *self.metrics.lock().expect("probe lock") = Some(Box::new(render));
+    }
+}
+
+/// The OpenMetrics text format's content type, as prometheus-client writes it.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Binds `addr` and serves the three paths in the background.
+pub async fn serve(addr: SocketAddr, probe: Arc<Probe>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(probe);
+    info!(%addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!("HTTP endpoint stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+async fn readyz(State(p): State<Arc<Probe>>) -> impl IntoResponse {
+    match p.not_ready.lock().expect("probe lock").clone() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(p): State<Arc<Probe>>) -> impl IntoResponse {
+    let body = match p.metrics.lock().expect("probe lock").as_ref() {
+        Some(render) => render(),
+        None => "# EOF\n".to_string(),
+    };
+    ([(header::CONTENT_TYPE, OPENMETRICS)], body)
+}
