@@ -40,6 +40,13 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build the agent's container image: a statically linked `datapath` on an empty base
+    /// (deploy/Containerfile), with buildah.
+    Image {
+        /// The image's name and tag.
+        #[arg(long, default_value = "localhost/datapath:0.1.0")]
+        tag: String,
+    },
 }
 
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -80,6 +87,10 @@ fn main() -> Result<()> {
             bench::check_tools()?;
             run(cargo().args(["build", "--quiet", "--release", "-p", "datapath-user"]))?;
             bench::run(&workspace().join("target/release/datapath"), rounds, secs)
+        }
+        Cmd::Image { tag } => {
+            setup()?;
+            image(&tag)
         }
         Cmd::Test { filter } => {
             setup()?;
@@ -207,6 +218,19 @@ fn setup() -> Result<()> {
         did.push("bpf-linker");
     }
 
+    if !quiet_ok(Command::new("kubernetes-validate").arg("--version")) {
+        println!("setup: installing kubernetes-validate (PyPI) to check deploy/ offline");
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]))?;
+        did.push("kubernetes-validate");
+    }
+
     if did.is_empty() {
         println!("setup: nothing to do (packages, nightly rust-src, bpf-linker all present)");
     } else {
@@ -219,6 +243,38 @@ fn cargo() -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(workspace());
     c
+}
+
+/// The statically linked agent (glibc, `crt-static`): what the image holds.
+const STATIC_BIN: &str = "target/x86_64-unknown-linux-gnu/release/datapath";
+
+/// Builds the static agent and the image `tag` from deploy/Containerfile.
+fn image(tag: &str) -> Result<()> {
+    run(cargo()
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-p",
+            "datapath-user",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    let context = std::env::temp_dir().join("datapath-image");
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(workspace().join(STATIC_BIN), context.join("datapath"))?;
+    let built = run(Command::new("buildah")
+        .args(["build", "--quiet", "-f"])
+        .arg(workspace().join("deploy/Containerfile"))
+        .args(["-t", tag])
+        .arg(&context)
+        .stdout(Stdio::null()));
+    let _ = std::fs::remove_dir_all(&context);
+    built?;
+    println!("image: built {tag} (deploy/Containerfile, static datapath)");
+    Ok(())
 }
 
 fn build() -> Result<()> {
@@ -252,6 +308,9 @@ fn run_counting(cmd: &mut Command, tests: &mut (u64, u64)) -> bool {
     }
     child.wait().is_ok_and(|s| s.success())
 }
+
+/// The image the tests run the agent's binary from; removed afterwards.
+const TEST_IMAGE: &str = "localhost/datapath:test";
 
 fn test(filter: Option<&str>) -> Result<()> {
     let started = Instant::now();
@@ -295,15 +354,32 @@ fn test(filter: Option<&str>) -> Result<()> {
             .args(&filter_args),
         &mut tests,
     );
-    if built {
-        // Namespace tests share the machine's two cores: one at a time.
-        step(
-            "program tests (BPF_PROG_TEST_RUN) and namespace integration tests",
-            cargo()
-                .args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
-                .args(&filter_args),
+    let image_built = filter.is_none()
+        && step(
+            "container image (static datapath, deploy/Containerfile)",
+            Command::new(std::env::current_exe()?).args(["image", "--tag", TEST_IMAGE]),
             &mut tests,
         );
+    if built {
+        // Namespace tests share the machine's two cores: one at a time.
+        let mut cmd = cargo();
+        cmd.args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
+            .args(&filter_args);
+        if image_built {
+            cmd.env("DATAPATH_IMAGE", TEST_IMAGE);
+        }
+        step(
+            "program tests (BPF_PROG_TEST_RUN) and namespace integration tests",
+            &mut cmd,
+            &mut tests,
+        );
+    }
+    if image_built {
+        let _ = Command::new("podman")
+            .args(["rmi", "-f", TEST_IMAGE])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
     let leftovers =
         String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)

@@ -1,0 +1,81 @@
+//! What a cluster deploys: the manifests under `deploy/` checked against the Kubernetes
+//! schemas (kubernetes-validate, offline, strict), and the container image built from
+//! `deploy/Containerfile` shown self-contained by running its binary from the image's own root
+//! filesystem (containers cannot be started on these machines: `podman image mount`, `chroot`).
+use std::path::PathBuf;
+
+use integration_tests::{sh, sh_out};
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[test]
+fn manifests_are_valid_kubernetes_objects() {
+    let dir = deploy_dir();
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        files.len() >= 2,
+        "manifests in {}: {files:?}",
+        dir.display()
+    );
+    for version in ["1.27.0", "1.30.0"] {
+        let out = sh_out(&format!(
+            "kubernetes-validate --strict -k {version} {}",
+            files.join(" ")
+        ));
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubernetes {version}: {said}");
+        assert!(
+            said.contains("passed for resource daemonset/datapath"),
+            "{said}"
+        );
+    }
+    let ds = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
+    for needle in [
+        "hostNetwork: true",
+        "path: /healthz",
+        "path: /readyz",
+        "path: /sys/fs/bpf",
+        "path: /etc/cni/net.d",
+        "path: /run/flannel",
+        "secretName: datapath-etcd-tls",
+        "drop: [\"ALL\"]",
+    ] {
+        assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
+    }
+}
+
+#[test]
+fn the_image_holds_a_self_contained_agent() {
+    let Ok(image) = std::env::var("DATAPATH_IMAGE") else {
+        eprintln!("skipped: DATAPATH_IMAGE is set by `cargo xtask test`, which builds the image");
+        return;
+    };
+    let root = sh(&format!("podman image mount {image}"))
+        .trim()
+        .to_string();
+    let run = |args: &str| sh_out(&format!("chroot {root} /datapath {args}"));
+    let listing = sh(&format!("ls -A {root}"));
+    let version = run("--version");
+    let status = run("status --json --pin-dir /nonexistent");
+    let _ = sh_out(&format!("podman image unmount {image}"));
+    assert_eq!(
+        listing.trim(),
+        "datapath",
+        "the image holds more than the agent"
+    );
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with("datapath "),
+        "{version:?}"
+    );
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(st["attached"], false, "{st}");
+}
