@@ -1,10 +1,7 @@
 //! Decapsulation on the underlay's ingress: decides whether an IPIP/VXLAN packet is ours and
 //! allowed in, then strips the tunnel headers at XDP or at TC.
 use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_action::XDP_PASS,
-    },
+    bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action::XDP_PASS},
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
@@ -289,12 +286,10 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             counter,
             peer_idx,
         } => {
-            ctx.adjust_room(
-                -(strip as i32),
-                BPF_ADJ_ROOM_MAC,
-                BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
-            )
-            .map_err(|_| DropReason::AdjustFailed)?;
+            // No flags: the inner header is IPv4 like the outer one, so nothing changes
+            // version (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3).
+            ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
+                .map_err(|_| DropReason::AdjustFailed)?;
             count(counter, len);
             count_peer(peer_idx, false, len);
             // Revalidated inside: the head moved.
