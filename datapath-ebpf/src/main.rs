@@ -67,8 +67,7 @@ pub static DP_STACK_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = Lr
 #[btf_map]
 pub static DP_AGENT: Array<AgentInfo, 1> = Array::new();
 
-/// Pods on one node: far above Kubernetes' 110, within a /20 pod CIDR.
-const MAX_ENDPOINTS: usize = 4096;
+const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 
 /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
 #[classifier]

@@ -27,7 +27,7 @@ use crate::{
     maps::DatapathMaps,
     net::{self, Netlink, PeerPath, RouteSpec},
     stats::Snapshot,
-    watch,
+    upgrade, watch,
 };
 
 /// Where the cluster state comes from.
@@ -450,6 +450,36 @@ impl Agent {
     }
 }
 
+/// Waits until this agent holds the node (the pin directory's lock): one agent writes the maps
+/// at a time; a second (a rolling update's surge, a crash-looping pod) waits, not ready, and
+/// takes over when the first exits. `None` when stopped while waiting.
+async fn take_node(
+    pin_dir: &std::path::Path,
+    probe: &http::Probe,
+) -> anyhow::Result<Option<upgrade::NodeLock>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut said = false;
+    loop {
+        if let Some(lock) = upgrade::NodeLock::try_take(pin_dir)? {
+            if said {
+                info!(pin_dir = %pin_dir.display(), "the other agent exited: this one holds the node now");
+            }
+            return Ok(Some(lock));
+        }
+        if !said {
+            warn!(pin_dir = %pin_dir.display(), "another agent holds this node (its pin directory is locked); waiting for it to exit");
+            probe.set_not_ready("another agent holds this node");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+        }
+    }
+}
+
 /// The whole state etcd holds now: its keys composed into cluster text, parsed, with the
 /// leases that could not be read reported as skipped.
 fn etcd_state(
@@ -532,11 +562,25 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
 
     loader::ensure_bpffs(&opts.pin_dir)?;
-    let adopting = loader::map_pin_path(&opts.pin_dir, maps_common::map_names::CONFIG).exists();
+    let Some(_node_lock) = take_node(&opts.pin_dir, &probe).await? else {
+        return Ok(()); // stopped while waiting for the node
+    };
+    upgrade::recover(&opts.pin_dir)?;
+    let pins = upgrade::check(&opts.pin_dir, opts.max_nodes)?;
+    let migrating = matches!(pins, upgrade::Pins::Migrate { .. });
+    if let upgrade::Pins::Migrate { abi, why } = &pins {
+        info!(
+            from_abi = abi,
+            to_abi = maps_common::ABI_VERSION,
+            "the pinned maps differ from this build's ({why}): building new maps beside them; the old programs forward until the new ones take over"
+        );
+    }
+    let adopting = pins == upgrade::Pins::Current;
     let mut ebpf = loader::load(&LoadOptions {
         max_nodes: opts.max_nodes,
         log_level: opts.log_level,
         pin_dir: Some(opts.pin_dir.clone()),
+        maps_dir: if migrating { upgrade::PENDING } else { "maps" },
     })?;
     if opts.log_level > 0 {
         start_kernel_logs(&mut ebpf);
@@ -578,6 +622,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     cni::install_plugin(&opts.cni)?;
     let changes = agent.apply_full(&cluster).await?;
+    if migrating {
+        upgrade::carry_state(&opts.pin_dir, &mut lock(&shared).dp.maps)?;
+        upgrade::fault("after-fill");
+    }
     {
         let mut s = lock(&shared);
         s.reload.last_reload_ok = true;
@@ -594,6 +642,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         );
         loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
         let tc_mode = s.tc_mode;
+        let pod_ifaces: Vec<String> =
+            s.dp.maps
+                .endpoints
+                .iter()
+                .flatten()
+                .filter_map(|(_, e)| net::if_name(e.ifindex))
+                .collect();
+        loader::reattach_pods(&mut s.ebpf, &opts.pin_dir, tc_mode, &pod_ifaces)?;
         let (hook, why) = loader::attach(
             &mut s.ebpf,
             &iface.name,
@@ -613,6 +669,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         );
         s.decap = Some(hook);
         s.record();
+    }
+    if migrating {
+        // The old programs stopped counting at the swap: what they counted is added now.
+        upgrade::carry_counters(&opts.pin_dir, &mut lock(&shared).dp.maps)?;
+        upgrade::fault("after-swap");
+        upgrade::finish(&opts.pin_dir)?;
+        info!(
+            "migration complete: this build's programs and maps hold the node; the old maps are gone"
+        );
     }
     tokio::spawn(watch_underlay(shared.clone(), nl.clone(), health.clone()));
     health.notify_one();

@@ -13,4 +13,5 @@ pub mod net;
 pub mod progbench;
 pub mod stats;
 pub mod status;
+pub mod upgrade;
 pub mod watch;

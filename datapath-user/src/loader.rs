@@ -120,6 +120,8 @@ pub struct LoadOptions {
     pub log_level: u8,
     /// Pin maps here (reusing pins that exist). `None`: nothing is pinned (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
+    /// The maps' directory under `pin_dir`: `maps`, or `maps-pending` while migrating.
+    pub maps_dir: &'static str,
 }
 
 pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
@@ -212,7 +214,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     loader.override_global(aya_log::LEVEL, &opts.log_level, false);
     let paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
-            let maps_dir = dir.join("maps");
+            let maps_dir = dir.join(opts.maps_dir);
             std::fs::create_dir_all(&maps_dir).map_err(|source| LoadError::Io {
                 what: "creating",
                 path: maps_dir.clone(),
@@ -220,7 +222,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
             })?;
             map_names::ALL
                 .iter()
-                .map(|m| (*m, map_pin_path(dir, m)))
+                .map(|m| (*m, maps_dir.join(m)))
                 .collect()
         }
         None => Vec::new(),
@@ -385,6 +387,34 @@ pub fn attach_pod(pin_dir: &Path, ifname: &str, tc_mode: TcAttach) -> Result<(),
     )
 }
 
+/// Puts this agent's pod program into every pod's hook (their links, or their netlink filters
+/// on `netlink_ifaces`), in place: after an upgrade the old program would use the old maps.
+pub fn reattach_pods(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    tc_mode: TcAttach,
+    netlink_ifaces: &[String],
+) -> Result<usize, LoadError> {
+    let name = prog_names::TC_POD_INGRESS;
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let ifaces: Vec<String> = if tc_mode.resolve() == TcAttach::Netlink {
+        netlink_ifaces.to_vec()
+    } else {
+        std::fs::read_dir(pin_dir.join("links").join("pods"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ifname in &ifaces {
+        let path = pod_link_pin_path(pin_dir, ifname);
+        attach_classifier(prog, name, ifname, TcAttachType::Ingress, tc_mode, &path)?;
+    }
+    Ok(ifaces.len())
+}
+
 /// Removes the pinned link of a pod's interface, detaching the program (the CNI's DEL).
 pub fn detach_pod(pin_dir: &Path, ifname: &str) {
     let _ = std::fs::remove_file(pod_link_pin_path(pin_dir, ifname));
@@ -538,7 +568,14 @@ fn attach_xdp(
 /// maps) and the directories themselves. Returns what it removed.
 pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut removed = Vec::new();
-    for sub in ["links/pods", "links", "progs", "maps"] {
+    for sub in [
+        "links/pods",
+        "links",
+        "progs",
+        "maps",
+        "maps-pending",
+        "maps-old",
+    ] {
         let dir = pin_dir.join(sub);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,

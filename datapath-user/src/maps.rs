@@ -11,7 +11,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use maps_common::{
-    AgentInfo, Counter, Endpoint, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute, map_names,
+    AgentInfo, Counter, Endpoint, FlowKey, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
+    map_names,
 };
 
 use crate::cluster::Cidr;
@@ -52,6 +53,7 @@ pub struct DatapathMaps {
     pub drops: PerCpuArray<MapData, Counter>,
     pub peer_stats: PerCpuArray<MapData, PeerStats>,
     pub endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    pub stack_flows: HashMap<MapData, FlowKey, u32>,
     pub agent: Array<MapData, AgentInfo>,
 }
 
@@ -92,6 +94,7 @@ impl DatapathMaps {
             drops: typed(&mut get, map_names::DROPS)?,
             peer_stats: typed(&mut get, map_names::PEER_STATS)?,
             endpoints: typed(&mut get, map_names::ENDPOINTS)?,
+            stack_flows: typed(&mut get, map_names::STACK_FLOWS)?,
             agent: typed(&mut get, map_names::AGENT)?,
         })
     }

@@ -195,6 +195,7 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         max_nodes: max,
         log_level: 0,
         pin_dir: None,
+        maps_dir: "maps",
     })?;
     let maps = DatapathMaps::take(&mut ebpf)?;
     let iface = net::blocking(|nl| async move { Ok(nl.iface("ul0").await?) })?;

@@ -137,6 +137,69 @@ pub mod config_flags {
     pub const HOST_ROUTING_BPF: u32 = 1 << 3;
 }
 
+/// Entries of `DP_ENDPOINTS`: pods on one node, far above Kubernetes' 110.
+pub const MAX_ENDPOINTS: u32 = 4096;
+
+/// The layout this build gives each pinned map: (name, key size, value size, max entries), for
+/// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
+/// release or another `--max-nodes`, and is migrated rather than reused.
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 10] {
+    use core::mem::size_of;
+    let lpm_key = 8; // prefix length (u32) + IPv4 address
+    [
+        (map_names::CONFIG, 4, size_of::<NodeConfig>() as u32, 1),
+        (
+            map_names::POD_CIDRS,
+            lpm_key,
+            size_of::<PodRoute>() as u32,
+            max_nodes,
+        ),
+        (
+            map_names::POD_ROUTES,
+            size_of::<PodKey>() as u32,
+            size_of::<PodRoute>() as u32,
+            max_nodes,
+        ),
+        (
+            map_names::NODES,
+            4,
+            size_of::<NodeEntry>() as u32,
+            max_nodes,
+        ),
+        (
+            map_names::COUNTERS,
+            4,
+            size_of::<Counter>() as u32,
+            CounterId::COUNT,
+        ),
+        (
+            map_names::DROPS,
+            4,
+            size_of::<Counter>() as u32,
+            DropReason::COUNT,
+        ),
+        (
+            map_names::PEER_STATS,
+            4,
+            size_of::<PeerStats>() as u32,
+            max_nodes,
+        ),
+        (
+            map_names::ENDPOINTS,
+            4,
+            size_of::<Endpoint>() as u32,
+            MAX_ENDPOINTS,
+        ),
+        (
+            map_names::STACK_FLOWS,
+            size_of::<FlowKey>() as u32,
+            4,
+            MAX_FLOWS,
+        ),
+        (map_names::AGENT, 4, size_of::<AgentInfo>() as u32, 1),
+    ]
+}
+
 /// Flows in `DP_STACK_FLOWS`: every Service connection a busy node's pods keep open; each packet
 /// such a flow sends re-inserts it, so only a flow idle while 65,536 newer ones pass is forgotten.
 pub const MAX_FLOWS: u32 = 65536;

@@ -341,6 +341,11 @@ impl Topology {
 
     /// Starts the agent on node `i` without waiting; returns its log.
     pub fn spawn_agent(&mut self, i: usize, source_args: &str) -> PathBuf {
+        self.spawn_agent_env(i, "", source_args)
+    }
+
+    /// The same with environment assignments (`K=V ...`) for the agent.
+    pub fn spawn_agent_env(&mut self, i: usize, env: &str, source_args: &str) -> PathBuf {
         let n = &self.nodes[i];
         let log = self
             .workdir
@@ -353,7 +358,7 @@ impl Topology {
             format!("--node {}", n.name)
         };
         let cmd = format!(
-            "{} run {node} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} --subnet-file {} {}",
+            "env {env} {} run {node} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} --subnet-file {} {}",
             datapath_bin().display(),
             self.pin_dir(i).display(),
             cni.join("net.d").display(),
@@ -362,14 +367,23 @@ impl Topology {
             cni.join("subnet.env").display(),
             source_args.replace("NONODE", ""),
         );
-        let child = n.ns.spawn(&cmd, &log);
-        let agent = Agent {
-            child,
-            log: log.clone(),
-            node: i,
-        };
-        self.agents.push(agent);
+        self.spawn_raw(i, &cmd, &log);
         log
+    }
+
+    /// Starts any command on node `i` as one of its agents (stopped with them), output to `log`.
+    pub fn spawn_raw(&mut self, i: usize, cmd: &str, log: &Path) {
+        let child = self.nodes[i].ns.spawn(cmd, log);
+        self.agents.push(Agent {
+            child,
+            log: log.to_path_buf(),
+            node: i,
+        });
+    }
+
+    /// Stops agent `k` (in start order) alone.
+    pub fn stop_agent(&mut self, k: usize) {
+        self.agents[k].stop();
     }
 
     /// Waits until the agent of node `i` logging to `log` has attached its programs.
@@ -664,6 +678,36 @@ pub fn tshark_fields(pcap: &Path, decode_as: &str, fields: &[&str]) -> Vec<Vec<S
         .lines()
         .map(|l| l.split('\t').map(String::from).collect())
         .collect()
+}
+
+/// The `datapath` binary of an earlier release, built once from this repository's history and
+/// cached under /var/cache/datapath-tests/<commit> (its own target directory).
+pub fn release_bin(commit: &str) -> PathBuf {
+    let cache = PathBuf::from("/var/cache/datapath-tests").join(commit);
+    let bin = cache.join("target/debug/datapath");
+    if bin.exists() {
+        return bin;
+    }
+    let src = cache.join("src");
+    let _ = fs::remove_dir_all(&src);
+    fs::create_dir_all(&src).expect("cache dir");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    sh(&format!(
+        "git -C {} archive {commit} | tar -x -C {}",
+        repo.display(),
+        src.display()
+    ));
+    eprintln!(
+        "building release {commit} once (cached in {})",
+        cache.display()
+    );
+    sh(&format!(
+        "cd {} && CARGO_TARGET_DIR={} cargo build --quiet -p datapath-user",
+        src.display(),
+        cache.join("target").display()
+    ));
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
 }
 
 /// Path of a helper script in the `tests` directory.

@@ -118,6 +118,7 @@ impl Env {
             max_nodes: 64,
             log_level: 0,
             pin_dir: None,
+            maps_dir: "maps",
         })
         .expect("load object");
         let maps = DatapathMaps::take(&mut ebpf).expect("maps");

@@ -1,0 +1,187 @@
+//! Upgrades that drop nothing: node1 upgraded from the previous release (commit b0238e2, built
+//! from this repository's history) to this build under a 200 pps ping, for IPIP and VXLAN with
+//! XDP and TC decapsulation; the same killed with SIGKILL at each step of the migration;
+//! `--max-nodes` raised under ping; and a second agent beside a running one, which waits and
+//! takes over.
+//!
+//! ```text
+//!   pod1 ── node1 (b0238e2 agent → this build) ── u0 ─ br0 ─ u1 ── node2 (b0238e2 agent) ── pod2
+//!   flow under test: ping pod1 → pod2 every 5 ms, losses counted by ping itself
+//! ```
+use std::{fs, path::Path, thread, time::Duration};
+
+use integration_tests::{NodeSpec, Topology, release_bin, wait_for};
+
+const PREVIOUS: &str = "b0238e2";
+
+fn start_previous(t: &mut Topology, i: usize, bin: &Path, cluster: &Path, decap: &str) {
+    let log = t.workdir.join(format!("old-agent-{}.log", t.agents.len()));
+    let cmd = format!(
+        "{} run --cluster {} --node node{} --pin-dir {} --decap {decap} --watch-ms 100",
+        bin.display(),
+        cluster.display(),
+        i + 1,
+        t.pin_dir(i).display()
+    );
+    t.spawn_raw(i, &cmd, &log);
+    t.wait_agent(i, &log);
+}
+
+/// Two nodes running the previous release.
+fn previous_cluster(tag: &str, encap: &str, decap: &str) -> (Topology, std::path::PathBuf) {
+    let old = release_bin(PREVIOUS);
+    let mut t = Topology::new(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
+    let cluster = t.write_cluster(&t.cluster_yaml(encap, ""));
+    for i in 0..2 {
+        start_previous(&mut t, i, &old, &cluster, decap);
+    }
+    assert_eq!(t.ping(0, 1, 2), 2, "the previous release carries traffic");
+    (t, cluster)
+}
+
+/// Nothing of the previous release or of the migration is left on node `i`.
+fn clean_after_migration(t: &Topology, i: usize) {
+    let pins = t.pin_dir(i);
+    for gone in ["maps-pending", "maps-old"] {
+        assert!(!pins.join(gone).exists(), "{gone} left behind");
+    }
+    let mut maps: Vec<String> = fs::read_dir(pins.join("maps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    maps.sort();
+    let mut want: Vec<String> = maps_common::map_names::ALL
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(maps, want, "pinned maps");
+    let routes = t.nodes[i].ns.exec("ip route show proto 199");
+    assert!(
+        routes.lines().all(|l| l.contains("via 169.254.0.1")),
+        "per-peer routes of the previous release left: {routes}"
+    );
+    let links = t.nodes[i].ns.exec("ip link show");
+    assert!(!links.contains("dp-vxcsum"), "{links}");
+}
+
+#[test]
+fn upgrading_from_the_previous_release_under_ping_loses_nothing() {
+    for (encap, decap) in [
+        ("ipip", "xdp"),
+        ("ipip", "tc"),
+        ("vxlan", "xdp"),
+        ("vxlan", "tc"),
+    ] {
+        let (mut t, cluster) = previous_cluster(&format!("up{encap}{decap}"), encap, decap);
+        let ping = t.flood_ping(0, 1, 5);
+        thread::sleep(Duration::from_millis(500));
+        t.stop_agents(0);
+        t.start_agent(
+            0,
+            &cluster,
+            &format!("--decap {decap} --metrics 127.0.0.1:9464"),
+        );
+        let (sent, received) = t.flood_ping_result(0, 1, ping);
+        assert!(sent >= 500, "ping sent only {sent}");
+        assert_eq!(
+            sent, received,
+            "{encap}/{decap}: packets lost in the upgrade"
+        );
+        let log = fs::read_to_string(&t.agents.last().unwrap().log).unwrap();
+        assert!(log.contains("migration complete"), "{log}");
+        clean_after_migration(&t, 0);
+        // The new agent serves from the migrated pins, counters carried over.
+        let encapsulated = t.counter(0, "encap", encap);
+        assert!(
+            encapsulated >= u64::from(sent),
+            "counters not carried: {encapsulated}"
+        );
+        let routes = t.datapath(0, &format!("routes --pin-dir {}", t.pin_dir(0).display()));
+        assert!(String::from_utf8_lossy(&routes.stdout).contains("10.244.1.0/24"));
+        let metrics = t.nodes[0].ns.exec("curl -s http://127.0.0.1:9464/metrics");
+        assert!(metrics.contains("datapath_packets_total"), "{metrics}");
+        assert_eq!(t.ping(0, 1, 2), 2, "{encap}/{decap}: after the upgrade");
+    }
+}
+
+#[test]
+fn a_migration_killed_at_each_step_completes_on_the_next_start() {
+    for fault in ["after-fill", "after-swap", "after-rename"] {
+        let (mut t, cluster) = previous_cluster(&format!("kill{}", &fault[6..]), "vxlan", "tc");
+        t.stop_agents(0);
+        let log = t.spawn_agent_env(
+            0,
+            &format!("DATAPATH_FAULT={fault}"),
+            &format!("--cluster {} --decap tc", cluster.display()),
+        );
+        let killed = wait_for(Duration::from_secs(20), || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("DATAPATH_FAULT")
+        });
+        assert!(killed, "{fault}: the fault point was not reached");
+        thread::sleep(Duration::from_millis(300));
+        t.start_agent(0, &cluster, "--decap tc");
+        let up = wait_for(Duration::from_secs(5), || t.ping(0, 1, 1) == 1);
+        assert!(up, "{fault}: traffic did not recover");
+        assert_eq!(t.ping(0, 1, 3), 3, "{fault}");
+        clean_after_migration(&t, 0);
+    }
+}
+
+#[test]
+fn raising_max_nodes_under_ping_loses_nothing() {
+    let (mut t, cluster) = Topology::two_nodes_running("upmax", "vxlan", "", "--max-nodes 64");
+    let ping = t.flood_ping(0, 1, 5);
+    thread::sleep(Duration::from_millis(500));
+    t.stop_agents(0);
+    t.start_agent(0, &cluster, "--max-nodes 128");
+    let (sent, received) = t.flood_ping_result(0, 1, ping);
+    assert!(sent >= 500, "ping sent only {sent}");
+    assert_eq!(sent, received, "packets lost raising --max-nodes");
+    let info = t.nodes[0].ns.exec(&format!(
+        "bpftool -j map show pinned {}/maps/DP_NODES",
+        t.pin_dir(0).display()
+    ));
+    assert!(info.contains("\"max_entries\":128"), "{info}");
+    clean_after_migration(&t, 0);
+}
+
+#[test]
+fn a_second_agent_waits_for_the_first_and_takes_over() {
+    let (mut t, cluster) =
+        Topology::two_nodes_running("uptwo", "ipip", "", "--metrics 127.0.0.1:9464");
+    let ping = t.flood_ping(0, 1, 6);
+    thread::sleep(Duration::from_millis(300));
+    let second = t.spawn_agent(
+        0,
+        &format!("--cluster {} --metrics 127.0.0.1:9465", cluster.display()),
+    );
+    let waiting = wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&second)
+            .unwrap_or_default()
+            .contains("another agent holds this node")
+    });
+    assert!(waiting, "the second agent did not wait");
+    let ready = t.nodes[0]
+        .ns
+        .exec("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9465/readyz");
+    assert_eq!(ready, "503", "the waiting agent said it was ready");
+    thread::sleep(Duration::from_millis(500));
+    t.stop_agent(0);
+    t.wait_agent(0, &second);
+    let (sent, received) = t.flood_ping_result(0, 1, ping);
+    assert!(sent >= 500, "ping sent only {sent}");
+    assert_eq!(sent, received, "packets lost in the hand-over");
+    let log = fs::read_to_string(&second).unwrap();
+    let took = log
+        .find("this one holds the node now")
+        .expect("hand-over logged");
+    let applied = log.find("cluster state applied").expect("state applied");
+    assert!(
+        applied > took,
+        "the second agent wrote the maps before it held the node:\n{log}"
+    );
+}
