@@ -185,3 +185,33 @@ fn a_second_agent_waits_for_the_first_and_takes_over() {
         "the second agent wrote the maps before it held the node:\n{log}"
     );
 }
+
+#[test]
+fn a_downgrade_is_refused_before_anything_is_touched() {
+    let (mut t, cluster) = Topology::two_nodes_running("updown", "ipip", "", "");
+    t.stop_agents(0);
+    // Pins as a newer agent would leave them: DP_AGENT's first field is the map ABI.
+    let pins = t.pin_dir(0);
+    let agent_map = pins.join("maps/DP_AGENT");
+    t.nodes[0].ns.exec(&format!(
+        "bpftool map update pinned {} key 0 0 0 0 value 99 0 0 0 {}",
+        agent_map.display(),
+        "0 ".repeat(60)
+    ));
+    let before = t.nodes[0].ns.exec(&format!("ls -R {}", pins.display()));
+    let log = t.spawn_agent(0, &format!("--cluster {}", cluster.display()));
+    let refused = wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("was written with map ABI 99")
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(refused, "no refusal:\n{text}");
+    assert!(text.contains("speaks map ABI 2"), "{text}");
+    assert_eq!(
+        t.nodes[0].ns.exec(&format!("ls -R {}", pins.display())),
+        before,
+        "the refusing agent touched the pins"
+    );
+    assert_eq!(t.ping(0, 1, 2), 2, "the datapath forwards on");
+}
