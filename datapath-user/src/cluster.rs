@@ -473,28 +473,12 @@ fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
     if name.is_none() {
         problem(0, "missing".into());
     }
-    let address = match rn.address.as_deref().map(parse_address) {
-        None => {
-            problem(1, "missing".into());
-            None
-        }
-        Some(Err(reason)) => {
-            problem(1, reason);
-            None
-        }
-        Some(Ok(a)) => Some(a),
-    };
-    let pod_cidr = match rn.pod_cidr.as_deref().map(str::parse::<Cidr>) {
-        None => {
-            problem(2, "missing".into());
-            None
-        }
-        Some(Err(reason)) => {
-            problem(2, reason);
-            None
-        }
-        Some(Ok(c)) => Some(c),
-    };
+    let address = required(rn.address.as_deref().map(parse_address), |r| {
+        problem(ADDRESS, r)
+    });
+    let pod_cidr = required(rn.pod_cidr.as_deref().map(str::parse::<Cidr>), |r| {
+        problem(POD_CIDR, r)
+    });
     let vtep_mac = match (rn.vtep_mac.as_deref().map(parse_mac), address) {
         (Some(Err(reason)), _) => {
             problem(3, reason);
@@ -516,6 +500,21 @@ fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
         _ => None,
     };
     (node, problems)
+}
+
+/// A required field's value, or `None` after reporting it missing or why it is wrong.
+fn required<T>(parsed: Option<Result<T, String>>, mut problem: impl FnMut(String)) -> Option<T> {
+    match parsed {
+        None => {
+            problem("missing".into());
+            None
+        }
+        Some(Err(reason)) => {
+            problem(reason);
+            None
+        }
+        Some(Ok(v)) => Some(v),
+    }
 }
 
 /// Names, addresses and pod CIDRs that two nodes claim, each reported at the later node.

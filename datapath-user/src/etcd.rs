@@ -319,20 +319,7 @@ async fn watch_once(
 ) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     let prefix = opts.prefix.trim_end_matches('/').to_string();
-    let resp = client
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let read: BTreeMap<String, String> = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            Some((
-                kv.key_str().ok()?.to_string(),
-                kv.value_str().ok()?.to_string(),
-            ))
-        })
-        .collect();
+    let (mut revision, read) = read_prefix(&mut client, &prefix).await?;
     let keys = read.len();
     *kvs.lock().expect("etcd kvs") = read;
     {

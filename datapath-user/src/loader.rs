@@ -259,15 +259,21 @@ fn pinned_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
     }
 }
 
-/// Pins `link` at `path`, replacing an older pin of the same link.
-fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
+/// Creates the directory `path` is to be pinned in.
+fn create_parent(path: &Path) -> Result<(), LoadError> {
+    match path.parent() {
+        Some(parent) => std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
             what: "creating",
             path: parent.to_path_buf(),
             source,
-        })?;
+        }),
+        None => Ok(()),
     }
+}
+
+/// Pins `link` at `path`, replacing an older pin of the same link.
+fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
+    create_parent(path)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -358,13 +364,7 @@ pub fn pin_pod_program(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), LoadError>
     if prog.fd().is_err() {
         prog.load().map_err(|e| LoadError::Program(name, e))?;
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
-            what: "creating",
-            path: parent.to_path_buf(),
-            source,
-        })?;
-    }
+    create_parent(&path)?;
     let _ = std::fs::remove_file(&path);
     prog.pin(&path)
         .map_err(|source| LoadError::Pin { path, source })

@@ -143,13 +143,8 @@ impl DatapathMaps {
     pub fn sum_counters(map: &PerCpuArray<MapData, Counter>) -> Vec<Counter> {
         map.iter()
             .map(|v| {
-                v.map(|per_cpu| {
-                    per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                    })
-                })
-                .unwrap_or_default()
+                v.map(|per_cpu| per_cpu.iter().fold(Counter::default(), |a, c| a.plus(*c)))
+                    .unwrap_or_default()
             })
             .collect()
     }
@@ -158,16 +153,7 @@ impl DatapathMaps {
     pub fn peer_stats(&self, idx: u32) -> PeerStats {
         self.peer_stats
             .get(&idx, 0)
-            .map(|v| {
-                v.iter().fold(PeerStats::default(), |a, p| PeerStats {
-                    tx_packets: a.tx_packets + p.tx_packets,
-                    tx_bytes: a.tx_bytes + p.tx_bytes,
-                    rx_packets: a.rx_packets + p.rx_packets,
-                    rx_bytes: a.rx_bytes + p.rx_bytes,
-                    unreachable_packets: a.unreachable_packets + p.unreachable_packets,
-                    unreachable_bytes: a.unreachable_bytes + p.unreachable_bytes,
-                })
-            })
+            .map(|v| v.iter().fold(PeerStats::default(), |a, p| a.plus(*p)))
             .unwrap_or_default()
     }
 

@@ -11,9 +11,9 @@ use rtnetlink::{
     packet_core::ErrorMessage,
     packet_route::{
         AddressFamily,
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
         },
@@ -123,14 +123,7 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(nl_err("link dump"))?;
-        let addrs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("address dump"))?;
+        let addrs = self.address_dump().await?;
         Ok(links
             .iter()
             .map(|l| {
@@ -170,14 +163,7 @@ impl Netlink {
 
     /// Every IPv4 address this host holds.
     pub async fn addresses(&self) -> Result<Vec<Ipv4Addr>, NetError> {
-        let addrs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("address dump"))?;
+        let addrs = self.address_dump().await?;
         Ok(addrs
             .iter()
             .flat_map(|a| &a.attributes)
@@ -186,6 +172,26 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+
+    async fn address_dump(&self) -> Result<Vec<AddressMessage>, NetError> {
+        self.handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("address dump"))
+    }
+
+    async fn neighbour_dump(&self) -> Result<Vec<NeighbourMessage>, NetError> {
+        self.handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("neighbour dump"))
     }
 
     /// The interface the default route leaves by (flanneld's choice without `--iface`).
@@ -297,14 +303,7 @@ impl Netlink {
     /// Removes `ROUTE_NEXTHOP`'s neighbour entry from every interface that has one.
     pub async fn remove_nexthop_neigh(&self) -> Result<(), NetError> {
         let nexthop = Ipv4Addr::from(maps_common::ROUTE_NEXTHOP);
-        let neighs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("neighbour dump"))?;
+        let neighs = self.neighbour_dump().await?;
         for n in neighs {
             let ours = n.attributes.iter().any(|a| {
                 matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == nexthop)
@@ -357,14 +356,7 @@ impl Netlink {
 
     /// Neighbour entries known to have failed resolution, by (interface, address).
     pub async fn failed_neighbours(&self) -> Result<HashMap<(u32, Ipv4Addr), ()>, NetError> {
-        let neighs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("neighbour dump"))?;
+        let neighs = self.neighbour_dump().await?;
         Ok(neighs
             .iter()
             .filter(|n| n.header.state == NeighbourState::Failed)

@@ -209,10 +209,7 @@ fn add_counters(old: &PerCpuArray<MapData, Counter>, new: &mut PerCpuArray<MapDa
         let sum: Vec<Counter> = old_v
             .iter()
             .zip(new_v.iter())
-            .map(|(o, n)| Counter {
-                packets: o.packets + n.packets,
-                bytes: o.bytes + n.bytes,
-            })
+            .map(|(o, n)| o.plus(*n))
             .collect();
         if let Ok(sum) = PerCpuValues::try_from(sum) {
             let _ = new.set(i as u32, sum, 0);
@@ -268,14 +265,7 @@ pub fn carry_counters(pin_dir: &Path, new: &mut DatapathMaps) -> anyhow::Result<
         let sum: Vec<PeerStats> = old
             .iter()
             .zip(now.iter())
-            .map(|(o, n)| PeerStats {
-                tx_packets: o.tx_packets + n.tx_packets,
-                tx_bytes: o.tx_bytes + n.tx_bytes,
-                rx_packets: o.rx_packets + n.rx_packets,
-                rx_bytes: o.rx_bytes + n.rx_bytes,
-                unreachable_packets: o.unreachable_packets + n.unreachable_packets,
-                unreachable_bytes: o.unreachable_bytes + n.unreachable_bytes,
-            })
+            .map(|(o, n)| o.plus(*n))
             .collect();
         if let Ok(sum) = PerCpuValues::try_from(sum) {
             let _ = new.peer_stats.set(*idx, sum, 0);

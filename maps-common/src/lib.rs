@@ -366,6 +366,16 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
+impl Counter {
+    /// Field by field: for summing per-CPU values.
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets + o.packets,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
 /// Traffic to and from one peer node; the value of `DP_PEER_STATS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -381,6 +391,20 @@ pub struct PeerStats {
     pub unreachable_bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<PeerStats>() == 48);
+
+impl PeerStats {
+    /// Field by field: for summing per-CPU values.
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            tx_packets: self.tx_packets + o.tx_packets,
+            tx_bytes: self.tx_bytes + o.tx_bytes,
+            rx_packets: self.rx_packets + o.rx_packets,
+            rx_bytes: self.rx_bytes + o.rx_bytes,
+            unreachable_packets: self.unreachable_packets + o.unreachable_packets,
+            unreachable_bytes: self.unreachable_bytes + o.unreachable_bytes,
+        }
+    }
+}
 
 /// Index into `DP_COUNTERS`. Bytes are counted as the packet's length when the program saw it.
 #[repr(u32)]

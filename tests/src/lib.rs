@@ -710,6 +710,19 @@ pub fn release_bin(commit: &str) -> PathBuf {
     bin
 }
 
+/// Runs `tests/wire_check.py` (scapy) on a pod's and the underlay's captures in `encap`
+/// (VNI 4096, port 4789; `extra` appended, e.g. `udpcsum`); panics unless the wire checks out.
+pub fn wire_check(encap: &str, pod: &Path, underlay: &Path, extra: &str) -> String {
+    let check = sh(&format!(
+        "/usr/bin/python3 {} {encap} {} {} 4096 4789 {extra}",
+        script("wire_check.py").display(),
+        pod.display(),
+        underlay.display(),
+    ));
+    assert!(check.contains("wire check ok"), "{check}");
+    check
+}
+
 /// Path of a helper script in the `tests` directory.
 pub fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)

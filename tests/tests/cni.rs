@@ -13,7 +13,7 @@
 //! ```
 use std::fs;
 
-use integration_tests::{Capture, NodeSpec, Topology, script, sh};
+use integration_tests::{Capture, NodeSpec, Topology, wire_check};
 
 fn pods_on_two_nodes(tag: &str, encap: &str, routing: &str) -> Topology {
     let mut t = Topology::with_cni(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
@@ -104,13 +104,7 @@ fn carry(encap: &str, routing: &str) {
     assert_eq!(sent, got, "50 MiB over TCP pod1 -> pod2");
     let fwd = [forwarded(&t, 0) - before[0], forwarded(&t, 1) - before[1]];
     let (ul, pod) = (ul.stop(), pod.stop());
-    let check = sh(&format!(
-        "/usr/bin/python3 {} {encap} {} {} 4096 4789",
-        script("wire_check.py").display(),
-        pod.display(),
-        ul.display(),
-    ));
-    assert!(check.contains("wire check ok"), "{check}");
+    wire_check(encap, &pod, &ul, "");
 
     let out = t.counter(0, "host_route_out", "bpf");
     let delivered = t.counter(1, "host_route_in", "bpf");
