@@ -402,7 +402,7 @@ const PROG_BPFFS: &str = "/run/dpbench-prog-bpffs";
 fn prog_lab_teardown() {
     let _ = sh(&format!(
         "ip netns pids {PROG_NS} 2>/dev/null | xargs -r kill -9; ip netns del {PROG_NS} 2>/dev/null; \
-         umount {PROG_BPFFS} 2>/dev/null; rmdir {PROG_BPFFS} 2>/dev/null"
+         umount {PROG_BPFFS} 2>/dev/null; rmdir {PROG_BPFFS} 2>/dev/null; rm -rf /run/dpbench-prog-cni"
     ));
 }
 
@@ -578,6 +578,15 @@ fn timed_agent(bin: &Path, source: &[&str], log: &str) -> Result<(Duration, u64,
             &format!("{PROG_BPFFS}/node1"),
             "--log-level",
             "info",
+            // Keep the agent's CNI and Flannel files off this machine's own directories.
+            "--cni-conf-dir",
+            "/run/dpbench-prog-cni/net.d",
+            "--cni-bin-dir",
+            "/run/dpbench-prog-cni/bin",
+            "--cni-ipam-dir",
+            "/run/dpbench-prog-cni/ipam",
+            "--subnet-file",
+            "/run/dpbench-prog-cni/subnet.env",
         ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)

@@ -225,6 +225,7 @@ impl Lab {
             .args(["--cni-conf-dir", &format!("{}/net.d", self.cni_dir(i))])
             .args(["--cni-bin-dir", &format!("{}/bin", self.cni_dir(i))])
             .args(["--cni-ipam-dir", &format!("{}/ipam", self.cni_dir(i))])
+            .args(["--subnet-file", &format!("{}/subnet.env", self.cni_dir(i))])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
