@@ -219,54 +219,6 @@ enum Cmd {
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Per-packet cost of each program via BPF_PROG_TEST_RUN (used by `cargo xtask bench`).
-    #[command(hide = true)]
-    BenchProgs {
-        #[arg(long, default_value_t = 2)]
-        nodes: u32,
-        #[arg(long, default_value_t = 20000)]
-        iterations: u32,
-    },
-    /// Fill etcd with N generated Flannel leases (`--fill`), or time lease changes until the
-    /// agent's pinned map holds them (`--latency SAMPLES`); used by `cargo xtask bench`.
-    #[command(hide = true)]
-    BenchEtcd {
-        #[arg(long, value_delimiter = ',')]
-        etcd_endpoints: Vec<String>,
-        #[arg(long, default_value = "/coreos.com/network")]
-        etcd_prefix: String,
-        #[arg(long)]
-        nodes: u32,
-        #[arg(long)]
-        fill: bool,
-        #[arg(long)]
-        latency: Option<u32>,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-    /// Print a generated cluster file of N nodes (used by `cargo xtask bench`).
-    #[command(hide = true)]
-    GenCluster {
-        #[arg(long)]
-        nodes: u32,
-        #[arg(long, default_value = "vxlan")]
-        encapsulation: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Time one-node changes of a generated JSON cluster file until the agent's pinned map
-    /// holds them (used by `cargo xtask bench`).
-    #[command(hide = true)]
-    BenchFile {
-        #[arg(long)]
-        cluster: PathBuf,
-        #[arg(long)]
-        nodes: u32,
-        #[arg(long)]
-        latency: u32,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
     /// Remove the programs, links, pins and routes the agent made.
     #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
     Detach {
@@ -493,64 +445,6 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::BenchProgs { nodes, iterations } => {
-            let costs = datapath_user::progbench::measure(nodes, iterations)?;
-            println!("{}", serde_json::to_string(&costs)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::BenchEtcd {
-            etcd_endpoints,
-            etcd_prefix,
-            nodes,
-            fill,
-            latency,
-            pin_dir,
-        } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            if fill {
-                rt.block_on(datapath_user::progbench::etcd_fill(
-                    &etcd_endpoints,
-                    &etcd_prefix,
-                    nodes,
-                ))?;
-            }
-            if let Some(samples) = latency {
-                let ms = rt.block_on(datapath_user::progbench::etcd_latency(
-                    &etcd_endpoints,
-                    &etcd_prefix,
-                    nodes,
-                    &pin_dir,
-                    samples,
-                ))?;
-                println!("{}", serde_json::to_string(&ms)?);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::GenCluster {
-            nodes,
-            encapsulation,
-            json,
-        } => {
-            let text = if json {
-                datapath_user::progbench::cluster_json(&encapsulation, nodes, None)
-            } else {
-                datapath_user::progbench::cluster_text(&encapsulation, nodes)
-            };
-            print!("{text}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::BenchFile {
-            cluster,
-            nodes,
-            latency,
-            pin_dir,
-        } => {
-            let ms = datapath_user::progbench::file_latency(&cluster, nodes, &pin_dir, latency)?;
-            println!("{}", serde_json::to_string(&ms)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Detach { pin_dir } => {

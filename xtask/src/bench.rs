@@ -440,7 +440,7 @@ fn program_costs(bin: &Path) -> Result<String> {
         ))?;
         let costs = |nodes: u32| -> Result<BTreeMap<String, f64>> {
             let out = sh(&format!(
-                "ip netns exec {PROG_NS} {} bench-progs --nodes {nodes} --iterations 20000",
+                "ip netns exec {PROG_NS} {}-bench bench-progs --nodes {nodes} --iterations 20000",
                 bin.display()
             ))?;
             Ok(serde_json::from_str(&out)?)
@@ -473,7 +473,7 @@ fn program_costs(bin: &Path) -> Result<String> {
         ))?;
         let cluster = "/run/dpbench-prog-cluster.json";
         sh(&format!(
-            "{} gen-cluster --json --nodes {BIG} > {cluster}",
+            "{}-bench gen-cluster --json --nodes {BIG} > {cluster}",
             bin.display()
         ))?;
         let (synced, rss_kb, agent) = timed_agent(
@@ -482,7 +482,7 @@ fn program_costs(bin: &Path) -> Result<String> {
             "/tmp/dpbench-prog-agent.log",
         )?;
         let lat = sh(&format!(
-            "ip netns exec {PROG_NS} {} bench-file --cluster {cluster} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
+            "ip netns exec {PROG_NS} {}-bench bench-file --cluster {cluster} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
             bin.display()
         ));
         let routes = sh(&format!("ip -n {PROG_NS} route show proto 199 | wc -l"));
@@ -538,7 +538,7 @@ fn etcd_costs(bin: &Path) -> Result<String> {
         }
         anyhow::ensure!(up, "etcd did not start (see /tmp/dpbench-etcd.log)");
         sh(&format!(
-            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --fill",
+            "ip netns exec {PROG_NS} {}-bench bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --fill",
             bin.display()
         ))?;
         let (synced, rss_kb, agent) = timed_agent(
@@ -547,7 +547,7 @@ fn etcd_costs(bin: &Path) -> Result<String> {
             "/tmp/dpbench-etcd-agent.log",
         )?;
         let lat = sh(&format!(
-            "ip netns exec {PROG_NS} {} bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
+            "ip netns exec {PROG_NS} {}-bench bench-etcd --etcd-endpoints {ETCD_URL} --nodes {BIG} --latency 200 --pin-dir {PROG_BPFFS}/node1",
             bin.display()
         ));
         stop_agent(bin, agent);
