@@ -70,7 +70,7 @@ impl ModeArgs {
 )]
 enum Cmd {
     /// Run the node agent: load and attach the programs, keep the maps in step with the
-    /// cluster file.
+    /// cluster state (a file or NodeList, or etcd in Flannel's layout).
     #[command(
         after_help = "Example:\n  datapath run --cluster /etc/datapath/cluster.yaml --node node1 --metrics 127.0.0.1:9464"
     )]
