@@ -35,11 +35,13 @@ const VXLAN_TO_INNER_IP: usize = UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN;
 pub enum Verdict {
     /// Not a tunnel packet for this node: hand it on untouched.
     Pass,
-    /// Ours and allowed: remove `strip` bytes after the outer Ethernet header.
+    /// Ours and allowed: remove `strip` bytes after the outer Ethernet header; `host_routing`:
+    /// BPF host routing is on (the inner packet may go straight into its pod).
     Decap {
         strip: u32,
         counter: CounterId,
         peer_idx: u32,
+        host_routing: bool,
     },
 }
 
@@ -195,6 +197,7 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         strip,
         counter,
         peer_idx,
+        host_routing: cfg.flags & config_flags::HOST_ROUTING_BPF != 0,
     })
 }
 
@@ -248,6 +251,7 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             strip,
             counter,
             peer_idx,
+            ..
         } => (strip, counter, peer_idx),
     };
     let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
@@ -285,6 +289,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             strip,
             counter,
             peer_idx,
+            host_routing,
         } => {
             // No flags: the inner header is IPv4 like the outer one, so nothing changes
             // version (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3).
@@ -293,10 +298,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             count(counter, len);
             count_peer(peer_idx, false, len);
             // Revalidated inside: the head moved.
-            match DP_CONFIG
-                .get(0)
-                .and_then(|cfg| hostroute::deliver(ctx, cfg))
-            {
+            match host_routing.then(|| hostroute::deliver(ctx)).flatten() {
                 Some(action) => Ok(action),
                 None => Ok(TC_ACT_OK),
             }

@@ -136,10 +136,8 @@ pub fn remember_stack_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
 /// rewritten it, to be undone by the stack). Returns the redirect verdict, or `None` to let
 /// the stack deliver it.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
-    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 {
-        return None;
-    }
+/// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`).
+pub fn deliver(ctx: &TcContext) -> Option<i32> {
     let inner = ipv4_at(ctx)?;
     if inner.ttl <= 1 {
         return None;
