@@ -19,8 +19,8 @@ use crate::{
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// MF flag and fragment offset bits of the IPv4 flags/fragment-offset field.
-const IP_MF_OFFSET: u16 = 0x3fff;
+/// Fragment offset bits of the IPv4 flags/fragment-offset field.
+const IP_OFFSET: u16 = 0x1fff;
 
 /// At the pod's veth: encapsulates and sends toward the peer node when host routing is BPF,
 /// the source is a local pod and the destination a remote encapsulated pod CIDR.
@@ -101,7 +101,7 @@ fn flow_of(ctx: &TcContext, ip: &Ipv4Hdr) -> FlowKey {
         proto: ip.proto,
         ..FlowKey::default()
     };
-    let first = u16::from_be_bytes(ip.frags) & IP_MF_OFFSET & 0x1fff == 0;
+    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
     if first && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
         let off = EthHdr::LEN + ((ip.vihl & 0x0f) as usize) * 4;
         if let Some(ports) = ptr_at::<[[u8; 2]; 2], _>(ctx, off) {

@@ -168,18 +168,23 @@ fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
 struct Routes {
     nl: Netlink,
     installed: BTreeMap<Cidr, RouteSpec>,
+    /// The aggregate routes' next-hop neighbour entry is known to be in place.
+    neigh_ready: bool,
 }
 
 impl Routes {
-    /// Brings the agent's routes to `want`; also makes sure the aggregate routes' next-hop
-    /// neighbour entry exists (a link flap removes it).
+    /// Brings the agent's routes to `want`, the aggregate routes' next-hop neighbour entry
+    /// first (once; `reconcile` checks it again, since a link flap removes it).
     async fn sync(
         &mut self,
         want: &BTreeMap<Cidr, RouteSpec>,
         ifindex: u32,
         ch: &mut Changes,
     ) -> anyhow::Result<()> {
-        self.nl.ensure_nexthop_neigh(ifindex).await?;
+        if !self.neigh_ready {
+            self.nl.ensure_nexthop_neigh(ifindex).await?;
+            self.neigh_ready = true;
+        }
         for r in want.values() {
             if self.installed.get(&r.cidr) != Some(r) {
                 self.nl.replace_route(r).await?;
@@ -204,6 +209,7 @@ impl Routes {
     /// Reads the kernel's view again (someone may have flushed the routes) and re-syncs.
     async fn reconcile(&mut self, want: &BTreeMap<Cidr, RouteSpec>, ifindex: u32) {
         let mut ch = Changes::default();
+        self.neigh_ready = false;
         let result = async {
             self.installed = self
                 .nl
@@ -374,7 +380,8 @@ impl Agent {
         &mut self,
         events: &[(String, Option<String>)],
     ) -> anyhow::Result<Changes> {
-        let (prefix, kvs) = self.etcd.clone().context("lease events without etcd")?;
+        let (prefix, _) = self.etcd.as_ref().context("lease events without etcd")?;
+        let prefix = prefix.clone();
         if !self.dirty {
             let delta = {
                 let s = lock(&self.shared);
@@ -399,7 +406,6 @@ impl Agent {
                 }
             }
         }
-        let _ = kvs;
         let cluster = self.etcd_state()?;
         self.apply_full(&cluster).await
     }
@@ -608,6 +614,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         routes: Routes {
             nl: nl.clone(),
             installed,
+            neigh_ready: false,
         },
         parse: Box::new(parse),
         etcd,

@@ -27,6 +27,12 @@ impl Encap {
     }
 }
 
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl FromStr for Encap {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -137,18 +143,11 @@ pub struct Node {
     pub vtep_mac: [u8; 6],
 }
 
-/// Validated cluster state.
+/// Validated cluster state: its settings (also reached through `Deref`, as `cluster.vni`) and
+/// nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
-    pub encap: Encap,
-    pub cross_subnet: bool,
-    pub vni: u32,
-    pub port: u16,
-    /// Compute the outer UDP checksum of VXLAN packets instead of sending zero.
-    pub udp_checksum: bool,
-    /// The cluster's pod networks (Kubernetes' `--cluster-cidr`, Flannel's `Network`): the
-    /// agent routes each toward the datapath with one route. Empty: the pod CIDRs, merged.
-    pub cluster_cidrs: Vec<Cidr>,
+    pub settings: Settings,
     pub nodes: Vec<Node>,
     /// The name of this node in the state, when `Limits::own_node` asked for it: found by name,
     /// or else by one of this host's addresses (a lease flanneld wrote has no name).
@@ -167,24 +166,23 @@ pub struct Settings {
     pub cross_subnet: bool,
     pub vni: u32,
     pub port: u16,
+    /// Compute the outer UDP checksum of VXLAN packets instead of sending zero.
     pub udp_checksum: bool,
+    /// The cluster's pod networks (Kubernetes' `--cluster-cidr`, Flannel's `Network`): the
+    /// agent routes each toward the datapath with one route. Empty: the pod CIDRs, merged.
     pub cluster_cidrs: Vec<Cidr>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Settings;
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
 }
 
 impl Cluster {
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
-    }
-
-    pub fn settings(&self) -> Settings {
-        Settings {
-            encap: self.encap,
-            cross_subnet: self.cross_subnet,
-            vni: self.vni,
-            port: self.port,
-            udp_checksum: self.udp_checksum,
-            cluster_cidrs: self.cluster_cidrs.clone(),
-        }
     }
 }
 
@@ -252,23 +250,14 @@ fn setting<T: PartialEq + fmt::Display>(
     }
 }
 
-/// What the settings of a cluster state resolve to; `None` for the encapsulation when the
-/// state names one this datapath does not have (a problem was recorded).
-struct Resolved {
-    encap: Option<Encap>,
-    cross_subnet: bool,
-    vni: u32,
-    port: u16,
-    udp_checksum: bool,
-    cluster_cidrs: Vec<Cidr>,
-}
-
+/// The settings a cluster state resolves to. An encapsulation this datapath does not have is
+/// recorded as a problem (the state is rejected) and stands as VXLAN meanwhile.
 fn resolve_settings(
     raw: &clusterdoc::RawState,
     defaults: &Defaults,
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<String>,
-) -> Resolved {
+) -> Settings {
     let s = &raw.settings;
     let flannel = raw.origin == Origin::FlannelNodeList;
     let (vni_field, encap_field) = if raw.origin == Origin::File {
@@ -276,28 +265,24 @@ fn resolve_settings(
     } else {
         ("Flannel backend-data VNI", "Flannel backend-type")
     };
-    let encap = match s.encap.as_deref().map(|e| (e, e.parse::<Encap>())) {
-        None => Some(defaults.encap.unwrap_or(Encap::Vxlan)),
-        Some((_, Ok(e))) => {
-            let given = defaults.encap.map(Encap::name);
-            Some(setting(
-                "encapsulation",
-                encap_field,
-                Some(e.name()),
-                given,
-                "",
-                warnings,
-            ))
-            .map(|_| e)
-        }
-        Some((_, Err(reason))) => {
+    let stated = match s.encap.as_deref().map(str::parse::<Encap>) {
+        Some(Err(reason)) => {
             problems.push(Problem {
                 path: encap_field.into(),
                 reason,
             });
             None
         }
+        other => other.and_then(Result::ok),
     };
+    let encap = setting(
+        "encapsulation",
+        encap_field,
+        stated,
+        defaults.encap,
+        Encap::Vxlan,
+        warnings,
+    );
     let (vni0, port0) = if flannel {
         (1, maps_common::VXLAN_PORT_LINUX)
     } else {
@@ -313,7 +298,7 @@ fn resolve_settings(
             }),
         }
     }
-    Resolved {
+    Settings {
         encap,
         cross_subnet: setting(
             "cross-subnet",
@@ -415,21 +400,16 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
             reason: format!("this node {name:?} is not in the cluster state{also}"),
         });
     }
-    match (problems.is_empty(), set.encap) {
-        (true, Some(encap)) => Ok(Cluster {
-            encap,
-            cross_subnet: set.cross_subnet,
-            vni: set.vni,
-            port: set.port,
-            udp_checksum: set.udp_checksum,
-            cluster_cidrs: set.cluster_cidrs,
-            nodes,
-            own,
-            warnings,
-            skipped,
-        }),
-        _ => Err(Invalid(problems)),
+    if !problems.is_empty() {
+        return Err(Invalid(problems));
     }
+    Ok(Cluster {
+        settings: set,
+        nodes,
+        own,
+        warnings,
+        skipped,
+    })
 }
 
 /// Whether a raw node is this node (by name or address), whose problems reject the state.

@@ -173,7 +173,7 @@ impl Dataplane {
             .node(&self.local.node)
             .ok_or_else(|| MapsError::OwnNodeMissing(self.local.node.clone()))?
             .clone();
-        let settings = cluster.settings();
+        let settings = cluster.settings.clone();
         let replan = self.settings.as_ref() != Some(&settings)
             || !self.me.as_ref().is_some_and(|m| same_node(m, &me));
         let names: HashSet<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -332,7 +332,15 @@ impl Dataplane {
         replan: bool,
     ) -> Result<Changes, MapsError> {
         let mut ch = Changes::default();
-        let cidrs_before = ch_cidr_set(&self.by_start);
+        // The pod CIDR set changes when a node goes, or comes or moves its CIDR: only then are
+        // the aggregate routes worked out again.
+        let cidrs_change = replan
+            || removes.iter().any(|n| self.peers.contains_key(n))
+            || upserts.iter().any(|n| {
+                self.peers
+                    .get(&n.name)
+                    .is_none_or(|p| p.node.pod_cidr != n.pod_cidr)
+            });
         self.settings = Some(settings);
         for name in &removes {
             if let Some(p) = self.peers.remove(name) {
@@ -364,7 +372,7 @@ impl Dataplane {
             self.config = config;
             ch.config = true;
         }
-        if replan || ch_cidr_set(&self.by_start) != cidrs_before {
+        if cidrs_change {
             self.aggregates = self.aggregate_routes();
         }
         Ok(ch)
@@ -616,10 +624,6 @@ impl Dataplane {
             })
             .collect()
     }
-}
-
-fn ch_cidr_set(by_start: &BTreeMap<u32, (Cidr, String)>) -> Vec<Cidr> {
-    by_start.values().map(|(c, _)| *c).collect()
 }
 
 fn pod_key(c: &Cidr) -> PodKey {

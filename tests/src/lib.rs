@@ -710,6 +710,19 @@ pub fn release_bin(commit: &str) -> PathBuf {
     bin
 }
 
+/// Starts the captures a wire check compares: node1's underlay port (`u0`, tunnel packets of
+/// `encap` only) and pod1's `eth0`; returns (underlay, pod).
+pub fn wire_captures(t: &Topology, encap: &str) -> (Capture, Capture) {
+    let filter = if encap == "ipip" {
+        "ip proto 4"
+    } else {
+        "udp port 4789"
+    };
+    let ul = Capture::start(&t.underlay, "u0", filter, &t.workdir.join("underlay.pcap"));
+    let pod = Capture::start(&t.nodes[0].pod, "eth0", "ip", &t.workdir.join("pod.pcap"));
+    (ul, pod)
+}
+
 /// Runs `tests/wire_check.py` (scapy) on a pod's and the underlay's captures in `encap`
 /// (VNI 4096, port 4789; `extra` appended, e.g. `udpcsum`); panics unless the wire checks out.
 pub fn wire_check(encap: &str, pod: &Path, underlay: &Path, extra: &str) -> String {

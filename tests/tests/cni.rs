@@ -13,7 +13,7 @@
 //! ```
 use std::fs;
 
-use integration_tests::{Capture, NodeSpec, Topology, wire_check};
+use integration_tests::{NodeSpec, Topology, wire_captures, wire_check};
 
 fn pods_on_two_nodes(tag: &str, encap: &str, routing: &str) -> Topology {
     let mut t = Topology::with_cni(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
@@ -90,13 +90,7 @@ fn carry(encap: &str, routing: &str) {
     assert_eq!(t.ping(0, 1, 3), 3, "pod1 -> pod2 over {encap}, {routing}");
     assert_eq!(t.ping(1, 0, 3), 3, "pod2 -> pod1 over {encap}, {routing}");
 
-    let filter = if encap == "ipip" {
-        "ip proto 4"
-    } else {
-        "udp port 4789"
-    };
-    let ul = Capture::start(&t.underlay, "u0", filter, &t.workdir.join("underlay.pcap"));
-    let pod = Capture::start(&t.nodes[0].pod, "eth0", "ip", &t.workdir.join("pod.pcap"));
+    let (ul, pod) = wire_captures(&t, encap);
     let before = [forwarded(&t, 0), forwarded(&t, 1)];
     assert_eq!(t.udp_exchange(0, 1, 100), 100);
     let (sent, got) = t.tcp_transfer(0, 1, 50);

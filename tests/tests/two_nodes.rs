@@ -11,7 +11,7 @@
 //! 199`) to eth0, encapsulated at TC egress, decapsulated by node2's XDP program, routed to
 //! pod2. Replies take the mirror path. The capture on br0 is checked by scapy
 //! (`tests/wire_check.py`) against the pod's own capture.
-use integration_tests::{Capture, Topology, script, sh, wire_check};
+use integration_tests::{Capture, Topology, script, sh, wire_captures, wire_check};
 
 fn two_nodes_carry_traffic(encap: &str, decap: &str) {
     carry_traffic(encap, decap, false);
@@ -30,13 +30,7 @@ fn carry_traffic(encap: &str, decap: &str, udp_csum: bool) {
         &format!("--decap {decap}"),
     );
 
-    let filter = if encap == "ipip" {
-        "ip proto 4"
-    } else {
-        "udp port 4789"
-    };
-    let ul = Capture::start(&t.underlay, "u0", filter, &t.workdir.join("underlay.pcap"));
-    let pod = Capture::start(&t.nodes[0].pod, "eth0", "ip", &t.workdir.join("pod.pcap"));
+    let (ul, pod) = wire_captures(&t, encap);
 
     assert_eq!(t.ping(0, 1, 5), 5, "ping pod1 -> pod2 over {encap}");
     assert_eq!(t.ping(1, 0, 5), 5, "ping pod2 -> pod1 over {encap}");
