@@ -1,7 +1,10 @@
 //! Decapsulation on the underlay's ingress: decides whether an IPIP/VXLAN packet is ours and
 //! allowed in, then strips the tunnel headers at XDP or at TC.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action::XDP_PASS},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::XDP_PASS,
+    },
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
@@ -18,15 +21,11 @@ use crate::{
     counters::{count, count_peer},
     hostroute,
     lookup::in_cidr,
-    parse::{Packet, ptr_at, ptr_at_mut},
+    parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
 };
 
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
 /// MF flag and fragment offset bits of the IPv4 flags/fragment-offset field.
 const IP_MF_OFFSET: u16 = 0x3fff;
-/// Fragment offset bits alone.
-const IP_OFFSET: u16 = 0x1fff;
 const IPV4_MIN_HLEN: usize = 20;
 /// From the UDP header to the inner IPv4 header of a VXLAN packet: UDP, VXLAN, inner Ethernet.
 const VXLAN_TO_INNER_IP: usize = UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN;
@@ -291,10 +290,17 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             peer_idx,
             host_routing,
         } => {
-            // No flags: the inner header is IPv4 like the outer one, so nothing changes
-            // version (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3).
-            ctx.adjust_room(-(strip as i32), BPF_ADJ_ROOM_MAC, 0)
-                .map_err(|_| DropReason::AdjustFailed)?;
+            // The inner header is IPv4 like the outer one, so nothing changes version
+            // (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3). GSO size
+            // fixed: a GRO-merged or GSO packet's segment size is already the inner payload's;
+            // growing it by the stripped headers would make the host's forwarding refuse it
+            // as larger than the pod's MTU.
+            ctx.adjust_room(
+                -(strip as i32),
+                BPF_ADJ_ROOM_MAC,
+                BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+            )
+            .map_err(|_| DropReason::AdjustFailed)?;
             count(counter, len);
             count_peer(peer_idx, false, len);
             // Revalidated inside: the head moved.

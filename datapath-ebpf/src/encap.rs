@@ -5,10 +5,11 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_DONT_FRAGMENT, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT, BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_tunnel_key,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
     programs::TcContext,
@@ -27,12 +28,10 @@ use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
     csum, hostroute, lookup,
-    parse::{ptr_at, ptr_at_mut},
+    parse::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
 };
 
 const AF_INET: u8 = 2;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
 const OUTER_TTL: u8 = 64;
 /// DF bit in the first byte of the IPv4 flags/fragment-offset field.
 const IP_DF: u8 = 0x40;
@@ -297,11 +296,12 @@ fn encap(
     };
     outer.check = csum::ipv4_header(&outer);
 
+    let gso = gso_flag(ctx, gso_size, cfg, inner, overhead);
     if !vxlan {
         ctx.adjust_room(
             overhead as i32,
             BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64,
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64 | gso,
         )
         .map_err(|_| DropReason::AdjustFailed)?;
         // Revalidate after adjust_room: the head moved.
@@ -340,7 +340,8 @@ fn encap(
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
-        | encap_l2_len();
+        | encap_l2_len()
+        | gso;
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustFailed)?;
     // Revalidate after adjust_room: the head moved.
@@ -363,6 +364,38 @@ fn encap(
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
     Ok(CounterId::EncapVxlan)
+}
+
+/// `BPF_F_ADJ_ROOM_FIXED_GSO` when a GSO packet's segments, encapsulated, still fit the underlay
+/// MTU (the pod MTU leaves room for the tunnel): they keep their size. Otherwise (a sender with a
+/// larger MTU, or the MTU unknown) no flag, and the kernel shrinks the segment size by the
+/// tunnel's overhead so that they fit.
+#[inline(always)]
+fn gso_flag(
+    ctx: &TcContext,
+    gso_size: u32,
+    cfg: &NodeConfig,
+    inner: &Ipv4Hdr,
+    overhead: u32,
+) -> u64 {
+    if gso_size == 0 || cfg.underlay_mtu == 0 {
+        return 0;
+    }
+    let ihl = (inner.vihl & 0x0f) as usize * 4;
+    let l4_len = match inner.proto {
+        IPPROTO_UDP => 8,
+        IPPROTO_TCP => match ptr_at::<[u8; 13], _>(ctx, EthHdr::LEN + ihl) {
+            // SAFETY: ptr_at checked the bounds; byte 12 holds the data offset in words.
+            Some(tcp) => (unsafe { (*tcp)[12] } >> 4) as u32 * 4,
+            None => return 0,
+        },
+        _ => return 0,
+    };
+    if gso_size + ihl as u32 + l4_len + overhead <= cfg.underlay_mtu {
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    } else {
+        0
+    }
 }
 
 /// The inner UDP checksum field, read before the head moves; `None` for other protocols or

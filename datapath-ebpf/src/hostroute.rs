@@ -14,13 +14,8 @@ use crate::{
     DP_CONFIG, DP_ENDPOINTS, DP_STACK_FLOWS,
     counters::count,
     csum, encap, lookup,
-    parse::{ptr_at, ptr_at_mut},
+    parse::{IP_OFFSET, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
 };
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-/// Fragment offset bits of the IPv4 flags/fragment-offset field.
-const IP_OFFSET: u16 = 0x1fff;
 
 /// At the pod's veth: encapsulates and sends toward the peer node when host routing is BPF,
 /// the source is a local pod and the destination a remote encapsulated pod CIDR.

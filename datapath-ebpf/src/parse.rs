@@ -1,6 +1,12 @@
 //! The one bounds-checked way to reach packet memory, for both XDP and TC contexts.
 use aya_ebpf::programs::{TcContext, XdpContext};
 
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// Fragment offset bits of the IPv4 flags/fragment-offset field.
+pub const IP_OFFSET: u16 = 0x1fff;
+
 /// A context whose packet bytes lie between `data()` and `data_end()`.
 pub trait Packet {
     fn data(&self) -> usize;

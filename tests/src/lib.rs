@@ -617,6 +617,23 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// One counter of /proc/net/snmp in `ns`, e.g. `("Ip", "ForwDatagrams")`.
+pub fn snmp(ns: &Netns, group: &str, name: &str) -> u64 {
+    let text = ns.exec("cat /proc/net/snmp");
+    let prefix = format!("{group}:");
+    let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (rows.next().expect("names"), rows.next().expect("values"));
+    let at = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no {group} {name} in /proc/net/snmp"));
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
 /// A tcpdump capture running in a namespace, written to a pcap file.
 pub struct Capture {
     child: Child,

@@ -13,7 +13,7 @@
 //! ```
 use std::fs;
 
-use integration_tests::{NodeSpec, Topology, wire_captures, wire_check};
+use integration_tests::{NodeSpec, Topology, snmp, wire_captures, wire_check};
 
 fn pods_on_two_nodes(tag: &str, encap: &str, routing: &str) -> Topology {
     let mut t = Topology::with_cni(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
@@ -27,16 +27,9 @@ fn pods_on_two_nodes(tag: &str, encap: &str, routing: &str) -> Topology {
     t
 }
 
-/// IPv4 datagrams the node's stack forwarded (`ForwDatagrams` of /proc/net/snmp).
+/// IPv4 datagrams the node's stack forwarded.
 fn forwarded(t: &Topology, i: usize) -> u64 {
-    let snmp = t.nodes[i].ns.exec("cat /proc/net/snmp");
-    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
-    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "ForwDatagrams")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    snmp(&t.nodes[i].ns, "Ip", "ForwDatagrams")
 }
 
 fn endpoints(t: &Topology, i: usize) -> serde_json::Value {
