@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: native routing, the Linux VXLAN device set up as Flannel does, and this
-//! datapath (IPIP; VXLAN with XDP and with TC decapsulation) measured side by side in one run,
+//! datapath (IPIP and VXLAN; XDP or TC decapsulation; kernel or BPF host routing) measured side
+//! by side in one run, on bare nodes and on nodes carrying kube-proxy's iptables rules,
 //! configurations alternated round by round, medians reported with ratios to native and to the
-//! Linux VXLAN device; a markdown table and an SVG chart in `bench-results/`.
+//! Linux VXLAN device; markdown tables and SVG charts in `bench-results/`.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    io::Write as _,
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -93,6 +95,100 @@ impl Metric {
     }
 }
 
+/// What the nodes carry besides the networking under test.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Nodes {
+    /// No netfilter rules: the host's forwarding at its cheapest.
+    Bare,
+    /// The rules kube-proxy's iptables mode installs for one ClusterIP Service, as on every
+    /// Kubernetes node: conntrack and the filter chains see every packet the host forwards.
+    KubeProxy,
+}
+
+impl Nodes {
+    const ALL: [Nodes; 2] = [Self::Bare, Self::KubeProxy];
+
+    fn configs(self) -> &'static [Config] {
+        match self {
+            Self::Bare => &Config::ALL,
+            Self::KubeProxy => &[
+                Config::Native,
+                Config::LinuxVxlan,
+                Config::DpIpipBpf,
+                Config::DpVxlanBpf,
+            ],
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Bare => "Bare nodes (no netfilter rules)",
+            Self::KubeProxy => "Nodes with kube-proxy's iptables rules (one ClusterIP Service)",
+        }
+    }
+
+    /// The file name of this setup's chart in `bench-results/`.
+    fn chart(self) -> &'static str {
+        match self {
+            Self::Bare => "chart.svg",
+            Self::KubeProxy => "chart-kube-proxy.svg",
+        }
+    }
+
+    /// Installs (or, for `Bare`, removes) the setup's rules on both nodes; `iptables-restore`
+    /// replaces the nat and filter tables whole.
+    fn apply(self, lab: &Lab) -> Result<()> {
+        let rules = match self {
+            Self::Bare => "*nat\nCOMMIT\n*filter\nCOMMIT\n",
+            Self::KubeProxy => KUBE_PROXY_RULES,
+        };
+        for n in ["n1", "n2"] {
+            let mut restore = Command::new("ip")
+                .args(["netns", "exec", &lab.ns(n), "iptables-restore", "-w"])
+                .stdin(Stdio::piped())
+                .spawn()?;
+            restore
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(rules.as_bytes())?;
+            if !restore.wait()?.success() {
+                bail!("iptables-restore on {n} failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// kube-proxy's iptables mode on the client's and the server's node for a ClusterIP
+/// 10.96.0.10:5201 backed by the server pod: Service portals in PREROUTING and OUTPUT, the
+/// masquerade mark, and KUBE-FORWARD's conntrack matches, as iptables-restore text.
+const KUBE_PROXY_RULES: &str = concat!(
+    "*nat\n",
+    ":KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    ":KUBE-SVC-BENCH - [0:0]\n:KUBE-SEP-BENCH - [0:0]\n",
+    "-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n",
+    "-A POSTROUTING -j KUBE-POSTROUTING\n",
+    "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n",
+    "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n",
+    "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n",
+    "-A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
+    "-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 5201 -j KUBE-SVC-BENCH\n",
+    "-A KUBE-SVC-BENCH ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 5201 -j KUBE-MARK-MASQ\n",
+    "-A KUBE-SVC-BENCH -j KUBE-SEP-BENCH\n",
+    "-A KUBE-SEP-BENCH -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:5201\n",
+    "COMMIT\n",
+    "*filter\n:KUBE-FORWARD - [0:0]\n",
+    "-A FORWARD -j KUBE-FORWARD\n",
+    "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+    "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
+    "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
+    "COMMIT\n",
+);
+
+/// Medians per configuration and metric, for one node setup.
+type Medians = BTreeMap<(Config, Metric), f64>;
+
 const NODE_MAC: [&str; 2] = ["0e:00:c0:a8:01:0a", "0e:00:c0:a8:01:0b"];
 
 fn enable(lab: &Lab, c: Config, agents: &mut Vec<Child>) -> Result<()> {
@@ -175,6 +271,12 @@ fn iperf_json(lab: &Lab, args: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&out).context("iperf3 JSON")
 }
 
+/// The CPU both ends of the latency test run on. Across CPUs, a ping-pong on this VM mostly
+/// measures the hypervisor waking the other CPU (an IPI and a VM exit each way, p50 moving by
+/// ±15% between runs); on one CPU it measures the network path (±3%). Two real nodes have no
+/// such cross-CPU wakeup: each one's NIC interrupts its own CPU.
+const LATENCY_CPU: u32 = 0;
+
 /// One round of every metric in the current configuration.
 fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
     let mut m = BTreeMap::new();
@@ -191,7 +293,9 @@ fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
     m.insert(Metric::Udp64Pps, received / seconds / 1e3);
     let lat = lab.in_ns(
         "p1",
-        &format!("sockperf ping-pong -i 10.244.1.2 -p 11111 -t {secs} -m 64 --full-rtt 2>&1"),
+        &format!(
+            "taskset -c {LATENCY_CPU} sockperf ping-pong -i 10.244.1.2 -p 11111 -t {secs} -m 64 --full-rtt 2>&1"
+        ),
     )?;
     let pct = |p: &str| {
         lat.lines()
@@ -217,27 +321,30 @@ pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
     let lab = Lab::new("dpbench", bin);
     lab.teardown();
     lab.teardown_on_ctrlc()?;
-    let mut samples: BTreeMap<(Config, Metric), Vec<f64>> = BTreeMap::new();
+    let mut samples: BTreeMap<(Nodes, Config, Metric), Vec<f64>> = BTreeMap::new();
     let result = (|| -> Result<()> {
         lab.build()?;
         let mut servers = vec![
             spawn_in(&lab, "p2", "iperf3 -s")?,
-            spawn_in(&lab, "p2", "sockperf server -i 10.244.1.2 -p 11111")?,
+            spawn_in(
+                &lab,
+                "p2",
+                &format!("taskset -c {LATENCY_CPU} sockperf server -i 10.244.1.2 -p 11111"),
+            )?,
         ];
         thread::sleep(Duration::from_millis(500));
         for round in 1..=rounds {
-            for c in Config::ALL {
-                println!("bench: round {round}/{rounds}: {}", c.name());
-                let mut agents = Vec::new();
-                enable(&lab, c, &mut agents)?;
-                let ping = lab.in_ns("p1", "ping -c 2 -W 1 10.244.1.2");
-                let m = match ping {
-                    Ok(_) => measure(&lab, secs),
-                    Err(e) => Err(e),
-                };
-                disable(&lab, c, &mut agents);
-                for (metric, v) in m.with_context(|| format!("measuring {}", c.name()))? {
-                    samples.entry((c, metric)).or_default().push(v);
+            for nodes in Nodes::ALL {
+                nodes.apply(&lab)?;
+                for &c in nodes.configs() {
+                    println!(
+                        "bench: round {round}/{rounds}: {:?} nodes: {}",
+                        nodes,
+                        c.name()
+                    );
+                    for (metric, v) in measure_config(&lab, c, secs)? {
+                        samples.entry((nodes, c, metric)).or_default().push(v);
+                    }
                 }
             }
         }
@@ -250,28 +357,62 @@ pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
     lab.teardown();
     result?;
 
-    let med: BTreeMap<(Config, Metric), f64> =
-        samples.into_iter().map(|(k, v)| (k, median(v))).collect();
-    let mut table = render_table(&med, rounds, secs);
-    table += &program_costs(bin)?;
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
     std::fs::create_dir_all(&out_dir)?;
+    let mut table = render_preamble(rounds, secs);
+    for nodes in Nodes::ALL {
+        let med: Medians = samples
+            .iter()
+            .filter(|((n, ..), _)| *n == nodes)
+            .map(|(&(_, c, m), v)| ((c, m), median(v.clone())))
+            .collect();
+        table += &render_table(nodes, &med);
+        std::fs::write(out_dir.join(nodes.chart()), render_svg(nodes, &med))?;
+    }
+    let raw: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|((n, c, m), v)| {
+            serde_json::json!({ "nodes": format!("{n:?}"), "configuration": c.name(), "metric": m.name(), "rounds": v })
+        })
+        .collect();
+    std::fs::write(
+        out_dir.join("samples.json"),
+        serde_json::to_string_pretty(&raw)?,
+    )?;
+    table += &program_costs(bin)?;
     std::fs::write(out_dir.join("results.md"), &table)?;
-    std::fs::write(out_dir.join("chart.svg"), render_svg(&med))?;
     println!("\n{table}");
-    println!("bench: wrote bench-results/results.md and bench-results/chart.svg");
+    println!("bench: wrote bench-results/: results.md, the charts, every round in samples.json");
     Ok(())
 }
 
-fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -> String {
-    let mut s = String::new();
+/// Enables `c`, checks a pod reaches the other, measures one round, disables `c`.
+fn measure_config(lab: &Lab, c: Config, secs: u32) -> Result<BTreeMap<Metric, f64>> {
+    let mut agents = Vec::new();
+    let m = enable(lab, c, &mut agents)
+        .and_then(|()| lab.in_ns("p1", "ping -c 2 -W 1 10.244.1.2"))
+        .and_then(|_| measure(lab, secs));
+    disable(lab, c, &mut agents);
+    m.with_context(|| format!("measuring {}", c.name()))
+}
+
+/// What every table shares: rounds, duration, the lab, the kernel, how to read ratios.
+fn render_preamble(rounds: u32, secs: u32) -> String {
     let kernel = sh("uname -r").unwrap_or_default();
-    let _ = writeln!(
-        s,
-        "Medians of {rounds} rounds ({secs} s per figure), configurations alternated each round; \
+    format!(
+        "Medians of {rounds} round(s) ({secs} s per figure), configurations alternated each round; \
          two nodes and a pod each in network namespaces on veth, kernel {}. \
-         Ratios: to native / to the Linux VXLAN device (for latency, lower is better).\n",
+         Ratios: to native routing on the same nodes / to the Linux VXLAN device (for latency, \
+         lower is better).\n\n",
         kernel.trim()
+    )
+}
+
+fn render_table(nodes: Nodes, med: &Medians) -> String {
+    let mut s = format!(
+        "### {}\n\n![relative to native]({})\n\n",
+        nodes.title(),
+        nodes.chart()
     );
     let _ = write!(s, "| configuration |");
     for m in Metric::ALL {
@@ -279,7 +420,7 @@ fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "|---|{}", "---|".repeat(Metric::ALL.len()));
-    for c in Config::ALL {
+    for &c in nodes.configs() {
         let _ = write!(s, "| {} |", c.name());
         for m in Metric::ALL {
             let v = med.get(&(c, m)).copied().unwrap_or(0.0);
@@ -296,12 +437,12 @@ fn render_table(med: &BTreeMap<(Config, Metric), f64>, rounds: u32, secs: u32) -
         let _ = writeln!(s);
     }
     s += &render_targets(med);
-    s
+    s + "\n"
 }
 
 /// BPF host routing against native routing: TCP 1 flow and 64-byte UDP at least 1.00×, latency
 /// p50 at most native's.
-fn render_targets(med: &BTreeMap<(Config, Metric), f64>) -> String {
+fn render_targets(med: &Medians) -> String {
     let get = |c, m| med.get(&(c, m)).copied().unwrap_or(0.0);
     let mut s = String::from(
         "\nTargets for BPF host routing (ratios to native routing in this run): TCP 1 flow ≥ 1.00×, UDP 64 B ≥ 1.00×, latency p50 ≤ 1.00×.\n\n",
@@ -327,19 +468,23 @@ fn render_targets(med: &BTreeMap<(Config, Metric), f64>) -> String {
 }
 
 /// Grouped bars: each metric's value relative to native (1.0 = native), one bar per config.
-fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
+fn render_svg(nodes: Nodes, med: &Medians) -> String {
     let colors = [
         "#888888", "#d62728", "#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2",
     ];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / Metric::ALL.len() as f64;
-    let bar_w = group_w / (Config::ALL.len() as f64 + 1.0);
+    let configs = nodes.configs();
+    let bar_w = group_w / (configs.len() as f64 + 1.0);
+    // A configuration keeps its colour in every chart.
+    let color = |c: &Config| colors[Config::ALL.iter().position(|x| x == c).unwrap_or(0)];
     let max = 1.6;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{left}\" y=\"20\" font-size=\"14\">Relative to native routing (1.0 = native; latency: lower is better)</text>\n"
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">{}: relative to native routing (1.0 = native; latency: lower is better)</text>\n",
+        nodes.title()
     );
     for tick in [0.0, 0.5, 1.0, 1.5] {
         let y = top + plot_h * (1.0 - tick / max);
@@ -354,7 +499,7 @@ fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
     for (gi, m) in Metric::ALL.iter().enumerate() {
         let gx = left + gi as f64 * group_w;
         let native = med.get(&(Config::Native, *m)).copied().unwrap_or(0.0);
-        for (ci, c) in Config::ALL.iter().enumerate() {
+        for (ci, c) in configs.iter().enumerate() {
             let v = med.get(&(*c, *m)).copied().unwrap_or(0.0);
             let r = if native > 0.0 {
                 (v / native).min(max)
@@ -368,7 +513,7 @@ fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
                 "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{}: {v:.2}</title></rect>",
                 top + plot_h - bh,
                 bar_w * 0.9,
-                colors[ci],
+                color(c),
                 c.name()
             );
         }
@@ -380,14 +525,14 @@ fn render_svg(med: &BTreeMap<(Config, Metric), f64>) -> String {
             m.name()
         );
     }
-    for (ci, c) in Config::ALL.iter().enumerate() {
+    for (ci, c) in configs.iter().enumerate() {
         let x = left + (ci % 3) as f64 * 270.0;
         let y = h - 40.0 + (ci / 3) as f64 * 18.0;
         let _ = writeln!(
             s,
             "<rect x=\"{x}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
             y - 10.0,
-            colors[ci],
+            color(c),
             x + 16.0,
             c.name()
         );
