@@ -145,6 +145,10 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = sh_out(&format!("umount {}", self.dir.display()));
         let _ = fs::remove_dir(&self.dir);
+        // Empty once the last test's mount is gone; otherwise this fails and it stays.
+        if let Some(parent) = self.dir.parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
 }
 
