@@ -317,46 +317,59 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Every round's figure per node setup, configuration and metric.
+type Samples = BTreeMap<(Nodes, Config, Metric), Vec<f64>>;
+
 pub fn run(bin: &Path, rounds: u32, secs: u32) -> Result<()> {
     let lab = Lab::new("dpbench", bin);
     lab.teardown();
     lab.teardown_on_ctrlc()?;
-    let mut samples: BTreeMap<(Nodes, Config, Metric), Vec<f64>> = BTreeMap::new();
+    let samples = lab
+        .build()
+        .and_then(|()| measure_rounds(&lab, rounds, secs));
+    lab.teardown();
+    write_results(bin, &samples?, rounds, secs)
+}
+
+/// Alternates every node setup and configuration, `rounds` times, with the servers running
+/// in the second pod.
+fn measure_rounds(lab: &Lab, rounds: u32, secs: u32) -> Result<Samples> {
+    let mut servers = vec![
+        spawn_in(lab, "p2", "iperf3 -s")?,
+        spawn_in(
+            lab,
+            "p2",
+            &format!("taskset -c {LATENCY_CPU} sockperf server -i 10.244.1.2 -p 11111"),
+        )?,
+    ];
+    thread::sleep(Duration::from_millis(500));
+    let mut samples = Samples::new();
     let result = (|| -> Result<()> {
-        lab.build()?;
-        let mut servers = vec![
-            spawn_in(&lab, "p2", "iperf3 -s")?,
-            spawn_in(
-                &lab,
-                "p2",
-                &format!("taskset -c {LATENCY_CPU} sockperf server -i 10.244.1.2 -p 11111"),
-            )?,
-        ];
-        thread::sleep(Duration::from_millis(500));
         for round in 1..=rounds {
             for nodes in Nodes::ALL {
-                nodes.apply(&lab)?;
+                nodes.apply(lab)?;
                 for &c in nodes.configs() {
                     println!(
-                        "bench: round {round}/{rounds}: {:?} nodes: {}",
-                        nodes,
+                        "bench: round {round}/{rounds}: {nodes:?} nodes: {}",
                         c.name()
                     );
-                    for (metric, v) in measure_config(&lab, c, secs)? {
+                    for (metric, v) in measure_config(lab, c, secs)? {
                         samples.entry((nodes, c, metric)).or_default().push(v);
                     }
                 }
             }
         }
-        for s in &mut servers {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
         Ok(())
     })();
-    lab.teardown();
-    result?;
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    result.map(|()| samples)
+}
 
+/// Tables, charts and raw rounds into `bench-results/`, with the program and agent costs.
+fn write_results(bin: &Path, samples: &Samples, rounds: u32, secs: u32) -> Result<()> {
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
     std::fs::create_dir_all(&out_dir)?;
     let mut table = render_preamble(rounds, secs);
