@@ -304,10 +304,10 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             count(counter, len);
             count_peer(peer_idx, false, len);
             // Revalidated inside: the head moved.
-            match host_routing.then(|| hostroute::deliver(ctx)).flatten() {
-                Some(action) => Ok(action),
-                None => Ok(TC_ACT_OK),
+            if !host_routing {
+                return Ok(TC_ACT_OK);
             }
+            Ok(hostroute::deliver(ctx).unwrap_or(TC_ACT_OK))
         }
     }
 }

@@ -265,15 +265,8 @@ fn encap(
     inner: &Ipv4Hdr,
 ) -> Result<CounterId, DropReason> {
     let vxlan = route.mode == route_mode::VXLAN;
-    let overhead: u32 = if vxlan {
-        maps_common::VXLAN_OVERHEAD
-    } else {
-        maps_common::IPIP_OVERHEAD
-    };
-    if gso_size == 0
-        && cfg.underlay_mtu != 0
-        && len - EthHdr::LEN as u32 + overhead > cfg.underlay_mtu
-    {
+    let overhead = overhead(route.mode);
+    if too_big(len, gso_size, cfg, route.mode) {
         return Err(DropReason::TooBig);
     }
 
@@ -364,6 +357,25 @@ fn encap(
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
     Ok(CounterId::EncapVxlan)
+}
+
+/// Bytes the tunnel of `mode` (IPIP or VXLAN) puts in front of the inner IPv4 header.
+#[inline(always)]
+fn overhead(mode: u8) -> u32 {
+    if mode == route_mode::VXLAN {
+        maps_common::VXLAN_OVERHEAD
+    } else {
+        maps_common::IPIP_OVERHEAD
+    }
+}
+
+/// Whether a non-GSO packet of `len` bytes (Ethernet header included) would exceed the
+/// underlay MTU once encapsulated in `mode`. GSO packets are segmented to fit (`gso_flag`).
+#[inline(always)]
+pub fn too_big(len: u32, gso_size: u32, cfg: &NodeConfig, mode: u8) -> bool {
+    gso_size == 0
+        && cfg.underlay_mtu != 0
+        && len - EthHdr::LEN as u32 + overhead(mode) > cfg.underlay_mtu
 }
 
 /// `BPF_F_ADJ_ROOM_FIXED_GSO` when a GSO packet's segments, encapsulated, still fit the underlay

@@ -41,7 +41,9 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         Some(r) if r.mode == route_mode::IPIP || r.mode == route_mode::VXLAN => r,
         _ => return Ok(TC_ACT_OK),
     };
-    if !fits(ctx, cfg, route.mode) {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if encap::too_big(ctx.len(), gso_size, cfg, route.mode) {
         return Ok(TC_ACT_OK);
     }
     let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
@@ -69,21 +71,6 @@ fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { *ip };
     (ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5).then_some(ip)
-}
-
-/// Whether a non-GSO packet still fits the underlay MTU once encapsulated.
-#[inline(always)]
-fn fits(ctx: &TcContext, cfg: &NodeConfig, mode: u8) -> bool {
-    // SAFETY: ctx.skb.skb is the program's __sk_buff.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    let overhead = if mode == route_mode::VXLAN {
-        maps_common::VXLAN_OVERHEAD
-    } else {
-        maps_common::IPIP_OVERHEAD
-    };
-    gso_size != 0
-        || cfg.underlay_mtu == 0
-        || ctx.len() - EthHdr::LEN as u32 + overhead <= cfg.underlay_mtu
 }
 
 /// The flow of `ip` as its sender sent it: addresses, protocol, and for TCP/UDP (first or
@@ -130,8 +117,8 @@ pub fn remember_stack_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
 /// the flow's other direction left through the host's stack (where a Service's NAT may have
 /// rewritten it, to be undone by the stack). Returns the redirect verdict, or `None` to let
 /// the stack deliver it.
-#[inline(always)]
 /// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`).
+#[inline(always)]
 pub fn deliver(ctx: &TcContext) -> Option<i32> {
     let inner = ipv4_at(ctx)?;
     if inner.ttl <= 1 {
