@@ -774,7 +774,7 @@ async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
         let down = match nl.route_to(addr).await? {
             PeerPath::NoRoute => true,
             PeerPath::Reachable { gateway, oif } => {
-                failed.contains_key(&(oif, gateway.unwrap_or(addr)))
+                failed.contains(&(oif, gateway.unwrap_or(addr)))
             }
         };
         if down != was_down {

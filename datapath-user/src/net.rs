@@ -1,7 +1,7 @@
 //! The node's interfaces, the agent's few kernel routes and neighbour entry, route lookups
 //! toward peers, and the checksum path's VXLAN device: all through rtnetlink, no `ip` process.
 use std::{
-    collections::HashMap,
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -21,6 +21,16 @@ use rtnetlink::{
 };
 
 use crate::cluster::Cidr;
+
+/// The first of netlink `$attrs` that matches `$pat`, mapped to `$val`.
+macro_rules! attr {
+    ($attrs:expr, $pat:pat => $val:expr) => {
+        $attrs.iter().find_map(|a| match a {
+            $pat => Some($val),
+            _ => None,
+        })
+    };
+}
 
 /// Routing protocol number of the routes the agent installs (`ip route show proto 199`), so
 /// they can be told apart from everyone else's and flushed on detach.
@@ -131,25 +141,14 @@ impl Netlink {
                     if a.header.index != l.header.index {
                         return None;
                     }
-                    a.attributes.iter().find_map(|x| match x {
+                    attr!(a.attributes,
                         AddressAttribute::Local(IpAddr::V4(v4))
-                        | AddressAttribute::Address(IpAddr::V4(v4)) => {
-                            Some((*v4, a.header.prefix_len))
-                        }
-                        _ => None,
-                    })
+                        | AddressAttribute::Address(IpAddr::V4(v4)) => (*v4, a.header.prefix_len))
                 });
                 Iface {
                     name: link_name(l).unwrap_or_default(),
                     ifindex: l.header.index,
-                    mtu: l
-                        .attributes
-                        .iter()
-                        .find_map(|a| match a {
-                            LinkAttribute::Mtu(m) => Some(*m),
-                            _ => None,
-                        })
-                        .unwrap_or(1500),
+                    mtu: attr!(l.attributes, LinkAttribute::Mtu(m) => *m).unwrap_or(1500),
                     addr: inet.map(|(a, _)| a),
                     prefix_len: inet.map(|(_, p)| p),
                     virtual_dev: l.attributes.iter().any(|a| {
@@ -339,34 +338,19 @@ impl Netlink {
             return Ok(PeerPath::NoRoute);
         }
         Ok(PeerPath::Reachable {
-            gateway: r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
-                _ => None,
-            }),
-            oif: r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                })
-                .unwrap_or(0),
+            gateway: attr!(r.attributes, RouteAttribute::Gateway(RouteAddress::Inet(g)) => *g),
+            oif: attr!(r.attributes, RouteAttribute::Oif(i) => *i).unwrap_or(0),
         })
     }
 
     /// Neighbour entries known to have failed resolution, by (interface, address).
-    pub async fn failed_neighbours(&self) -> Result<HashMap<(u32, Ipv4Addr), ()>, NetError> {
+    pub async fn failed_neighbours(&self) -> Result<HashSet<(u32, Ipv4Addr)>, NetError> {
         let neighs = self.neighbour_dump().await?;
         Ok(neighs
             .iter()
             .filter(|n| n.header.state == NeighbourState::Failed)
             .filter_map(|n| {
-                n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                        Some(((n.header.ifindex, *ip), ()))
-                    }
-                    _ => None,
-                })
+                attr!(n.attributes, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => (n.header.ifindex, *ip))
             })
             .collect())
     }
@@ -429,23 +413,13 @@ impl Netlink {
 }
 
 fn link_name(l: &LinkMessage) -> Option<String> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.clone()),
-        _ => None,
-    })
+    attr!(l.attributes, LinkAttribute::IfName(n) => n.clone())
 }
 
 fn vxlan_port(l: &LinkMessage) -> Option<u16> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Data(InfoData::Vxlan(v)) => v.iter().find_map(|x| match x {
-                InfoVxlan::Port(p) => Some(*p),
-                _ => None,
-            }),
-            _ => None,
-        }),
-        _ => None,
-    })
+    let infos = attr!(l.attributes, LinkAttribute::LinkInfo(i) => i)?;
+    let vxlan = attr!(infos, LinkInfo::Data(InfoData::Vxlan(v)) => v)?;
+    attr!(vxlan, InfoVxlan::Port(p) => *p)
 }
 
 fn route_spec(r: &RouteMessage) -> Option<RouteSpec> {
@@ -467,10 +441,7 @@ fn route_spec(r: &RouteMessage) -> Option<RouteSpec> {
             RouteAttribute::Gateway(RouteAddress::Inet(g)) => spec.via = *g,
             RouteAttribute::Oif(i) => spec.ifindex = *i,
             RouteAttribute::Metrics(m) => {
-                spec.mtu = m.iter().find_map(|x| match x {
-                    RouteMetric::Mtu(v) => Some(*v),
-                    _ => None,
-                });
+                spec.mtu = attr!(m, RouteMetric::Mtu(v) => *v);
             }
             _ => {}
         }
