@@ -199,6 +199,12 @@ fn open_old<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: 
     Map::from_map_data(md).ok()?.try_into().ok()
 }
 
+/// CPU by CPU, `old` plus `now`; `None` when the kernel's CPU count makes no valid value.
+fn per_cpu_sum<T: aya::Pod>(old: &[T], now: &[T], plus: fn(T, T) -> T) -> Option<PerCpuValues<T>> {
+    let sum: Vec<T> = old.iter().zip(now).map(|(o, n)| plus(*o, *n)).collect();
+    PerCpuValues::try_from(sum).ok()
+}
+
 /// Adds, per CPU, what the old counters hold to the new ones (the new programs may already
 /// have counted since the swap).
 fn add_counters(old: &PerCpuArray<MapData, Counter>, new: &mut PerCpuArray<MapData, Counter>) {
@@ -206,12 +212,7 @@ fn add_counters(old: &PerCpuArray<MapData, Counter>, new: &mut PerCpuArray<MapDa
         let (Ok(old_v), Ok(new_v)) = (values, new.get(&(i as u32), 0)) else {
             break; // past either map's end
         };
-        let sum: Vec<Counter> = old_v
-            .iter()
-            .zip(new_v.iter())
-            .map(|(o, n)| o.plus(*n))
-            .collect();
-        if let Ok(sum) = PerCpuValues::try_from(sum) {
+        if let Some(sum) = per_cpu_sum(&old_v, &new_v, Counter::plus) {
             let _ = new.set(i as u32, sum, 0);
         }
     }
@@ -262,12 +263,7 @@ pub fn carry_counters(pin_dir: &Path, new: &mut DatapathMaps) -> anyhow::Result<
         let Ok(now) = new.peer_stats.get(idx, 0) else {
             continue;
         };
-        let sum: Vec<PeerStats> = old
-            .iter()
-            .zip(now.iter())
-            .map(|(o, n)| o.plus(*n))
-            .collect();
-        if let Ok(sum) = PerCpuValues::try_from(sum) {
+        if let Some(sum) = per_cpu_sum(&old, &now, PeerStats::plus) {
             let _ = new.peer_stats.set(*idx, sum, 0);
         }
     }
