@@ -74,6 +74,8 @@ pub struct Dataplane {
     by_addr: HashMap<Ipv4Addr, String>,
     /// Pod CIDRs of peers and of this node, by first address.
     by_start: BTreeMap<u32, (Cidr, String)>,
+    /// How many of `by_start`'s CIDRs have each prefix length: the encap program's list.
+    prefix_counts: BTreeMap<u8, u32>,
     free: BTreeSet<u32>,
     aggregates: BTreeMap<Cidr, RouteSpec>,
     native: BTreeMap<Cidr, RouteSpec>,
@@ -99,6 +101,7 @@ impl Dataplane {
             peers: BTreeMap::new(),
             by_addr: HashMap::new(),
             by_start: BTreeMap::new(),
+            prefix_counts: BTreeMap::new(),
             free,
             aggregates: BTreeMap::new(),
             native: BTreeMap::new(),
@@ -383,7 +386,7 @@ impl Dataplane {
         if let Some(old) = self.me.take() {
             self.by_addr.remove(&old.address);
             if old.pod_cidr != me.pod_cidr {
-                self.by_start.remove(&old.pod_cidr.range().0);
+                self.unindex(&old.pod_cidr);
                 self.remove_cidr(&old.pod_cidr, ch)?;
             }
         }
@@ -395,8 +398,7 @@ impl Dataplane {
             peer_idx: 0,
         };
         self.write_cidr(&me.pod_cidr, &route, ch)?;
-        self.by_start
-            .insert(me.pod_cidr.range().0, (me.pod_cidr, me.name.clone()));
+        self.index(me.pod_cidr, &me.name);
         self.by_addr.insert(me.address, me.name.clone());
         self.me = Some(me);
         Ok(())
@@ -448,8 +450,7 @@ impl Dataplane {
             self.native.remove(&n.pod_cidr);
         }
         self.by_addr.insert(n.address, n.name.clone());
-        self.by_start
-            .insert(n.pod_cidr.range().0, (n.pod_cidr, n.name.clone()));
+        self.index(n.pod_cidr, &n.name);
         self.peers.insert(
             n.name.clone(),
             Peer {
@@ -461,10 +462,34 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Records `c` as `owner`'s pod CIDR in the by-start index and the prefix-length counts.
+    fn index(&mut self, c: Cidr, owner: &str) {
+        if let Some((old, _)) = self.by_start.insert(c.range().0, (c, owner.to_string())) {
+            self.uncount(old.len);
+        }
+        *self.prefix_counts.entry(c.len).or_default() += 1;
+    }
+
+    /// Forgets the pod CIDR starting where `c` starts.
+    fn unindex(&mut self, c: &Cidr) {
+        if let Some((old, _)) = self.by_start.remove(&c.range().0) {
+            self.uncount(old.len);
+        }
+    }
+
+    fn uncount(&mut self, len: u8) {
+        if let Some(n) = self.prefix_counts.get_mut(&len) {
+            *n -= 1;
+            if *n == 0 {
+                self.prefix_counts.remove(&len);
+            }
+        }
+    }
+
     /// Removes one peer: its pod CIDR first, then its DP_NODES entry; frees its slot.
     fn unlink(&mut self, p: &Peer, ch: &mut Changes) -> Result<(), MapsError> {
         self.remove_cidr(&p.node.pod_cidr, ch)?;
-        self.by_start.remove(&p.node.pod_cidr.range().0);
+        self.unindex(&p.node.pod_cidr);
         self.native.remove(&p.node.pod_cidr);
         match self.maps.nodes.remove(&p.node.address.octets()) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -546,7 +571,7 @@ impl Dataplane {
     fn remove_stale(&mut self) -> Result<(), MapsError> {
         let mut ch = Changes::default();
         for c in std::mem::take(&mut self.stale_cidrs) {
-            if !self.by_start.values().any(|(o, _)| *o == c) {
+            if self.by_start.get(&c.range().0).is_none_or(|(o, _)| *o != c) {
                 self.remove_cidr(&c, &mut ch)?;
             }
         }
@@ -576,12 +601,12 @@ impl Dataplane {
         if self.local.host_routing_bpf {
             flags |= config_flags::HOST_ROUTING_BPF;
         }
-        let lens: BTreeSet<u8> = self.by_start.values().map(|(c, _)| c.len).collect();
+        let lens = &self.prefix_counts;
         let mut prefix_lens = [0u8; MAX_PREFIX_LENS];
         if lens.len() > MAX_PREFIX_LENS {
             flags |= config_flags::LPM_LOOKUP;
         }
-        for (slot, len) in prefix_lens.iter_mut().zip(lens.iter().rev()) {
+        for (slot, len) in prefix_lens.iter_mut().zip(lens.keys().rev()) {
             *slot = *len;
         }
         NodeConfig {

@@ -234,3 +234,87 @@ fn vxlan_encap_with_udp_checksum_is_exact() {
         assert_ne!(c, [0, 0], "{proto}: checksum must not be zero");
     }
 }
+
+/// Node1's view of `peers` (name, address, pod CIDR) besides itself, applied whole as the
+/// agent applies a new cluster state.
+fn apply_peers(env: &mut Env, peers: &[(&str, &str, &str)]) {
+    use datapath_user::cluster::{self, Defaults, Limits};
+    let mut text = String::from(
+        "encapsulation: ipip\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n",
+    );
+    for (name, addr, cidr) in peers {
+        text += &format!("  - name: {name}\n    address: {addr}\n    podCIDR: {cidr}\n");
+    }
+    let limits = Limits {
+        max_nodes: 64,
+        own_node: Some("node1".into()),
+        own_addrs: Vec::new(),
+    };
+    let cluster = cluster::parse(&text, &Defaults::default(), &limits).expect("cluster");
+    env.dp.apply_full(&cluster).expect("apply");
+}
+
+/// The outer destination the encap program picks for a packet to `dst`.
+fn encap_toward(env: &Env, dst: [u8; 4]) -> [u8; 4] {
+    let inner = ipv4(
+        &Ip {
+            tos: 0,
+            id: 1,
+            df: true,
+            ttl: 64,
+            proto: 17,
+            src: POD1,
+            dst,
+        },
+        &udp(5353, 53, b"query"),
+    );
+    let input = eth(NODE_MAC, NODE_MAC, 0x0800, &inner);
+    let (_, out) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &input);
+    assert_eq!(out.len(), input.len() + 20, "{dst:?} was not encapsulated");
+    out[30..34].try_into().unwrap()
+}
+
+/// Pod CIDRs of several prefix lengths: each destination goes to the node owning the longest
+/// matching CIDR, through the exact-match lookups while at most 4 lengths are in use, through
+/// the LPM trie beyond, and back once a length is gone.
+#[test]
+fn pod_cidrs_of_mixed_lengths_reach_their_owners() {
+    let mut env = Env::new("ipip");
+    let four = [
+        ("node2", "192.168.1.11", "10.244.1.0/24"),
+        ("node3", "192.168.1.12", "10.245.0.0/25"),
+        ("node4", "192.168.1.13", "10.245.0.128/26"),
+        ("node5", "192.168.1.14", "10.246.0.0/23"),
+    ];
+    let fifth = ("node6", "192.168.1.15", "10.247.0.0/27");
+    let owners: [([u8; 4], [u8; 4]); 5] = [
+        ([10, 244, 1, 9], [192, 168, 1, 11]),
+        ([10, 245, 0, 100], [192, 168, 1, 12]),
+        ([10, 245, 0, 150], [192, 168, 1, 13]),
+        ([10, 246, 1, 200], [192, 168, 1, 14]),
+        ([10, 247, 0, 30], [192, 168, 1, 15]),
+    ];
+    let lpm = |env: &Env| {
+        let cfg = env.dp.maps.read_config().expect("config");
+        (
+            cfg.flags & maps_common::config_flags::LPM_LOOKUP != 0,
+            cfg.prefix_lens,
+        )
+    };
+    for (phase, peers, want_lpm, want_lens) in [
+        ("4 lengths", four.to_vec(), false, [26, 25, 24, 23]),
+        (
+            "5 lengths",
+            [&four[..], &[fifth]].concat(),
+            true,
+            [27, 26, 25, 24],
+        ),
+        ("back to 4", four.to_vec(), false, [26, 25, 24, 23]),
+    ] {
+        apply_peers(&mut env, &peers);
+        assert_eq!(lpm(&env), (want_lpm, want_lens), "{phase}: lookup config");
+        for (dst, owner) in &owners[..peers.len()] {
+            assert_eq!(encap_toward(&env, *dst), *owner, "{phase}: {dst:?}");
+        }
+    }
+}
