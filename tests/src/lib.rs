@@ -393,11 +393,7 @@ impl Topology {
     /// Waits until the agent of node `i` logging to `log` has attached its programs.
     pub fn wait_agent(&self, i: usize, log: &Path) {
         let n = &self.nodes[i];
-        let attached = wait_for(Duration::from_secs(20), || {
-            fs::read_to_string(log)
-                .unwrap_or_default()
-                .contains("programs attached")
-        });
+        let attached = wait_for_text(log, "programs attached", Duration::from_secs(20));
         assert!(
             attached,
             "agent on {} did not attach:\n{}",
@@ -418,6 +414,15 @@ impl Topology {
         self.nodes[i]
             .ns
             .exec_out(&format!("{} {args}", datapath_bin().display()))
+    }
+
+    /// `datapath detach` on node `i`'s pins, asserting it succeeded.
+    pub fn detach(&self, i: usize) {
+        let out = self.datapath(
+            i,
+            &format!("detach --pin-dir {}", self.pin_dir(i).display()),
+        );
+        assert!(out.status.success(), "detach on node{}: {out:?}", i + 1);
     }
 
     /// The JSON of `datapath stats --json` on node `i`.
@@ -638,6 +643,15 @@ pub fn snmp(ns: &Netns, group: &str, name: &str) -> u64 {
         .expect("a number")
 }
 
+/// Waits until the file at `path` contains `needle`; false when `timeout` passes first.
+pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+    })
+}
+
 /// A tcpdump capture running in a namespace, written to a pcap file.
 pub struct Capture {
     child: Child,
@@ -655,11 +669,7 @@ impl Capture {
             ),
             &log,
         );
-        let listening = wait_for(Duration::from_secs(5), || {
-            fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("listening on")
-        });
+        let listening = wait_for_text(&log, "listening on", Duration::from_secs(5));
         assert!(listening, "tcpdump did not start");
         Self {
             child,

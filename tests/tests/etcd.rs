@@ -7,7 +7,7 @@
 //! ```
 use std::{fs, time::Duration};
 
-use integration_tests::{Etcd, Topology, wait_for};
+use integration_tests::{Etcd, Topology, wait_for, wait_for_text};
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str =
@@ -221,11 +221,7 @@ fn tls_client_certificates_are_used() {
         ),
         &log,
     );
-    let refused = wait_for(Duration::from_secs(10), || {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("etcd unreachable")
-    });
+    let refused = wait_for_text(&log, "etcd unreachable", Duration::from_secs(10));
     let _ = child.kill();
     let _ = child.wait();
     assert!(

@@ -303,8 +303,7 @@ fn ip_masq_rewrites_only_traffic_leaving_the_cluster() {
     });
     assert!(back, "masquerade rules not re-created");
     t.stop_agents(0);
-    let detach = t.datapath(0, &format!("detach --pin-dir {}", t.pin_dir(0).display()));
-    assert!(detach.status.success(), "{detach:?}");
+    t.detach(0);
     let nat = t.nodes[0].ns.exec("iptables -t nat -S");
     assert!(
         !nat.contains("DATAPATH-POSTRTG"),

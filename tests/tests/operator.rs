@@ -190,8 +190,7 @@ fn the_two_node_core_with_netlink_tc_attachment() {
             "one filter, replaced in place: {filters}"
         );
         t.stop_agents(0);
-        let out = t.datapath(0, &format!("detach --pin-dir {}", t.pin_dir(0).display()));
-        assert!(out.status.success(), "{out:?}");
+        t.detach(0);
         let filters = t.nodes[0].ns.exec("tc filter show dev eth0 egress");
         assert!(
             !filters.contains("tc_encap_egress"),

@@ -10,7 +10,7 @@
 //! ```
 use std::{fs, path::Path, thread, time::Duration};
 
-use integration_tests::{NodeSpec, Topology, release_bin, wait_for};
+use integration_tests::{NodeSpec, Topology, release_bin, wait_for, wait_for_text};
 
 const PREVIOUS: &str = "b0238e2";
 
@@ -116,11 +116,7 @@ fn a_migration_killed_at_each_step_completes_on_the_next_start() {
             &format!("DATAPATH_FAULT={fault}"),
             &format!("--cluster {} --decap tc", cluster.display()),
         );
-        let killed = wait_for(Duration::from_secs(20), || {
-            fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("DATAPATH_FAULT")
-        });
+        let killed = wait_for_text(&log, "DATAPATH_FAULT", Duration::from_secs(20));
         assert!(killed, "{fault}: the fault point was not reached");
         thread::sleep(Duration::from_millis(300));
         t.start_agent(0, &cluster, "--decap tc");
@@ -159,11 +155,11 @@ fn a_second_agent_waits_for_the_first_and_takes_over() {
         0,
         &format!("--cluster {} --metrics 127.0.0.1:9465", cluster.display()),
     );
-    let waiting = wait_for(Duration::from_secs(10), || {
-        fs::read_to_string(&second)
-            .unwrap_or_default()
-            .contains("another agent holds this node")
-    });
+    let waiting = wait_for_text(
+        &second,
+        "another agent holds this node",
+        Duration::from_secs(10),
+    );
     assert!(waiting, "the second agent did not wait");
     let ready = t.nodes[0]
         .ns
@@ -200,11 +196,7 @@ fn a_downgrade_is_refused_before_anything_is_touched() {
     ));
     let before = t.nodes[0].ns.exec(&format!("ls -R {}", pins.display()));
     let log = t.spawn_agent(0, &format!("--cluster {}", cluster.display()));
-    let refused = wait_for(Duration::from_secs(10), || {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("was written with map ABI 99")
-    });
+    let refused = wait_for_text(&log, "was written with map ABI 99", Duration::from_secs(10));
     let text = fs::read_to_string(&log).unwrap();
     assert!(refused, "no refusal:\n{text}");
     assert!(text.contains("speaks map ABI 2"), "{text}");
