@@ -114,7 +114,6 @@ struct Shared {
     tc_mode: loader::TcAttach,
     /// The decapsulation hook in use, once attached.
     decap: Option<DecapHook>,
-    host_routing_bpf: bool,
 }
 
 impl Shared {
@@ -138,7 +137,7 @@ impl Shared {
                 Some(DecapHook::Xdp) => 1,
                 _ => 2,
             },
-            host_routing_bpf: u8::from(self.host_routing_bpf),
+            host_routing_bpf: u8::from(self.dp.local.host_routing_bpf),
             tc_attach: if self.tc_mode == loader::TcAttach::Netlink {
                 2
             } else {
@@ -513,45 +512,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     let etcd_status = Arc::new(Mutex::new(EtcdStatus::default()));
     let (tx, mut rx) = mpsc::channel::<Update>(64);
-    let mut etcd = None;
-    match &opts.source {
-        Source::File { path } => {
-            let source = watch::file_source(path.clone(), tx);
-            tokio::spawn(async move {
-                if let Err(e) = source.await {
-                    error!("cluster file source stopped: {e:#}");
-                }
-            });
-        }
-        Source::Etcd(e) => {
-            if let Some(reg) = &e.register {
-                tokio::spawn(etcd::keep_registered(e.clone(), reg.clone()));
-            }
-            let kvs = Arc::new(Mutex::new(BTreeMap::new()));
-            etcd = Some((e.prefix.trim_end_matches('/').to_string(), kvs.clone()));
-            tokio::spawn(etcd::watch(e.clone(), tx, etcd_status.clone(), kvs));
-        }
-    }
+    let etcd = start_source(&opts.source, tx, &etcd_status);
     let defaults = opts.defaults.clone();
     let parse = move |text: anyhow::Result<String>| -> anyhow::Result<Cluster> {
         Ok(cluster::parse(&text?, &defaults, &limits)?)
     };
-    // The first good state: a bad cluster file at start is an error; etcd is waited for.
-    let first = loop {
-        let (state, revision) = match rx.recv().await.context("cluster source stopped")? {
-            Update::Full { text, revision, .. } => (parse(text), revision),
-            Update::EtcdRead { revision } => (etcd_state(etcd.as_ref(), &parse), revision),
-            Update::Leases { .. } => continue,
-        };
-        match (state, &opts.source) {
-            (Ok(c), _) => break (c, revision),
-            (Err(e), Source::File { .. }) => return Err(e),
-            (Err(e), Source::Etcd(_)) => {
-                warn!("cluster state in etcd not usable yet: {e:#}");
-            }
-        }
-    };
-    let (cluster, revision) = first;
+    let (cluster, revision) = first_state(&mut rx, &opts.source, etcd.as_ref(), &parse).await?;
     let own = cluster.own.clone().unwrap_or_else(|| opts.node.clone());
     let me = cluster.node(&own).context("own node")?.clone();
     let iface = match &opts.iface {
@@ -571,26 +537,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let Some(_node_lock) = take_node(&opts.pin_dir, &probe).await? else {
         return Ok(()); // stopped while waiting for the node
     };
-    upgrade::recover(&opts.pin_dir)?;
-    let pins = upgrade::check(&opts.pin_dir, opts.max_nodes)?;
+    let (pins, mut ebpf) = load(&opts)?;
     let migrating = matches!(pins, upgrade::Pins::Migrate { .. });
-    if let upgrade::Pins::Migrate { abi, why } = &pins {
-        info!(
-            from_abi = abi,
-            to_abi = maps_common::ABI_VERSION,
-            "the pinned maps differ from this build's ({why}): building new maps beside them; the old programs forward until the new ones take over"
-        );
-    }
     let adopting = pins == upgrade::Pins::Current;
-    let mut ebpf = loader::load(&LoadOptions {
-        max_nodes: opts.max_nodes,
-        log_level: opts.log_level,
-        pin_dir: Some(opts.pin_dir.clone()),
-        maps_dir: if migrating { upgrade::PENDING } else { "maps" },
-    })?;
-    if opts.log_level > 0 {
-        start_kernel_logs(&mut ebpf);
-    }
     let dp = Dataplane::new(DatapathMaps::take(&mut ebpf)?, local)?;
     let shared = Arc::new(Mutex::new(Shared {
         dp,
@@ -600,7 +549,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         csum_dev: None,
         tc_mode: opts.tc_attach.resolve(),
         decap: None,
-        host_routing_bpf: opts.host_routing == HostRouting::Bpf,
     }));
     let installed = nl
         .owned_routes()
@@ -647,35 +595,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             ?changes,
             "cluster state applied"
         );
-        loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
-        let tc_mode = s.tc_mode;
-        let pod_ifaces: Vec<String> =
-            s.dp.maps
-                .endpoints
-                .iter()
-                .flatten()
-                .filter_map(|(_, e)| net::if_name(e.ifindex))
-                .collect();
-        loader::reattach_pods(&mut s.ebpf, &opts.pin_dir, tc_mode, &pod_ifaces)?;
-        let (hook, why) = loader::attach(
-            &mut s.ebpf,
-            &iface.name,
-            opts.decap,
-            iface.virtual_dev,
-            tc_mode,
-            &opts.pin_dir,
-        )?;
-        info!(
-            pin_dir = %opts.pin_dir.display(),
-            decap = ?hook,
-            decap_reason = why,
-            host_routing = ?opts.host_routing,
-            tc_attach = tc_mode.name(),
-            "programs attached; pod MTU for this mode is {}",
-            s.dp.pod_mtu()
-        );
-        s.decap = Some(hook);
-        s.record();
+        attach(&mut s, &opts, &iface)?;
     }
     if migrating {
         // The old programs stopped counting at the swap: what they counted is added now.
@@ -695,6 +615,128 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         probe.set_ready();
     }
 
+    serve(agent, rx, opts.ip_masq).await
+}
+
+/// Finishes or undoes an interrupted migration, compares the pins with this build, and loads
+/// the programs: their maps beside the pinned ones when those must be migrated.
+fn load(opts: &AgentOptions) -> anyhow::Result<(upgrade::Pins, aya::Ebpf)> {
+    upgrade::recover(&opts.pin_dir)?;
+    let pins = upgrade::check(&opts.pin_dir, opts.max_nodes)?;
+    let migrating = matches!(pins, upgrade::Pins::Migrate { .. });
+    if let upgrade::Pins::Migrate { abi, why } = &pins {
+        info!(
+            from_abi = abi,
+            to_abi = maps_common::ABI_VERSION,
+            "the pinned maps differ from this build's ({why}): building new maps beside them; the old programs forward until the new ones take over"
+        );
+    }
+    let mut ebpf = loader::load(&LoadOptions {
+        max_nodes: opts.max_nodes,
+        log_level: opts.log_level,
+        pin_dir: Some(opts.pin_dir.clone()),
+        maps_dir: if migrating { upgrade::PENDING } else { "maps" },
+    })?;
+    if opts.log_level > 0 {
+        start_kernel_logs(&mut ebpf);
+    }
+    Ok((pins, ebpf))
+}
+
+/// Starts the cluster source; for etcd, returns its prefix and the keys it keeps.
+fn start_source(
+    source: &Source,
+    tx: mpsc::Sender<Update>,
+    etcd_status: &Arc<Mutex<EtcdStatus>>,
+) -> Option<(String, etcd::Kvs)> {
+    match source {
+        Source::File { path } => {
+            let source = watch::file_source(path.clone(), tx);
+            tokio::spawn(async move {
+                if let Err(e) = source.await {
+                    error!("cluster file source stopped: {e:#}");
+                }
+            });
+            None
+        }
+        Source::Etcd(e) => {
+            if let Some(reg) = &e.register {
+                tokio::spawn(etcd::keep_registered(e.clone(), reg.clone()));
+            }
+            let kvs = Arc::new(Mutex::new(BTreeMap::new()));
+            tokio::spawn(etcd::watch(e.clone(), tx, etcd_status.clone(), kvs.clone()));
+            Some((e.prefix.trim_end_matches('/').to_string(), kvs))
+        }
+    }
+}
+
+/// The first good state and its revision: a bad cluster file at start is an error; etcd is
+/// waited for.
+async fn first_state(
+    rx: &mut mpsc::Receiver<Update>,
+    source: &Source,
+    etcd: Option<&(String, etcd::Kvs)>,
+    parse: &dyn Fn(anyhow::Result<String>) -> anyhow::Result<Cluster>,
+) -> anyhow::Result<(Cluster, i64)> {
+    loop {
+        let (state, revision) = match rx.recv().await.context("cluster source stopped")? {
+            Update::Full { text, revision, .. } => (parse(text), revision),
+            Update::EtcdRead { revision } => (etcd_state(etcd, parse), revision),
+            Update::Leases { .. } => continue,
+        };
+        match (state, source) {
+            (Ok(c), _) => return Ok((c, revision)),
+            (Err(e), Source::File { .. }) => return Err(e),
+            (Err(e), Source::Etcd(_)) => {
+                warn!("cluster state in etcd not usable yet: {e:#}");
+            }
+        }
+    }
+}
+
+/// Pins the pod program, moves pods' hooks to it, attaches the underlay's programs and
+/// records what runs.
+fn attach(s: &mut Shared, opts: &AgentOptions, iface: &net::Iface) -> anyhow::Result<()> {
+    loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
+    let tc_mode = s.tc_mode;
+    let pod_ifaces: Vec<String> =
+        s.dp.maps
+            .endpoints
+            .iter()
+            .flatten()
+            .filter_map(|(_, e)| net::if_name(e.ifindex))
+            .collect();
+    loader::reattach_pods(&mut s.ebpf, &opts.pin_dir, tc_mode, &pod_ifaces)?;
+    let (hook, why) = loader::attach(
+        &mut s.ebpf,
+        &iface.name,
+        opts.decap,
+        iface.virtual_dev,
+        tc_mode,
+        &opts.pin_dir,
+    )?;
+    info!(
+        pin_dir = %opts.pin_dir.display(),
+        decap = ?hook,
+        decap_reason = why,
+        host_routing = ?opts.host_routing,
+        tc_attach = tc_mode.name(),
+        "programs attached; pod MTU for this mode is {}",
+        s.dp.pod_mtu()
+    );
+    s.decap = Some(hook);
+    s.record();
+    Ok(())
+}
+
+/// Applies what the source sends, reconciles routes every 30 s and the masquerade rules every
+/// 5 s (with `ip_masq`), until SIGTERM or SIGINT.
+async fn serve(
+    mut agent: Agent,
+    mut rx: mpsc::Receiver<Update>,
+    ip_masq: bool,
+) -> anyhow::Result<()> {
+    let shared = agent.shared.clone();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut reconcile = tokio::time::interval(Duration::from_secs(30));
@@ -715,7 +757,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 };
                 agent.routes.reconcile(&want, ifindex).await;
             }
-            _ = masq.tick(), if opts.ip_masq => {
+            _ = masq.tick(), if ip_masq => {
                 if let Err(e) = agent.flannel.apply(&lock(&shared).dp) {
                     warn!("masquerade rules: {e:#}");
                 }
