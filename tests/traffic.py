@@ -5,6 +5,10 @@ tcp-server PORT OUT        accept one connection, write the SHA-256 and byte cou
 tcp-client HOST PORT MB    send MB MiB of seeded pseudo-random bytes, print their SHA-256
 udp-server PORT COUNT OUT  receive up to COUNT datagrams (5 s idle timeout), write how many were intact
 udp-client HOST PORT COUNT send COUNT numbered datagrams
+echo-server PORT SECS      echo on every TCP connection accepted within SECS seconds
+connect HOST PORT          try one TCP connection (2 s), print "connected" or why not
+stream HOST PORT SECS      one TCP connection: 16 bytes every 50 ms for SECS seconds, each echo
+                           awaited (1 s at most); print the Unix times of the echoes as JSON
 """
 import hashlib
 import random
@@ -68,6 +72,69 @@ def udp_client(host, port, count):
         time.sleep(0.001)
 
 
+def echo_server(port, secs):
+    import threading
+    import time
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen(16)
+    s.settimeout(0.2)
+    end = time.time() + float(secs)
+
+    def echo(c):
+        c.settimeout(float(secs))
+        try:
+            while b := c.recv(4096):
+                c.sendall(b)
+        except OSError:
+            pass
+        c.close()
+
+    while time.time() < end:
+        try:
+            c, _ = s.accept()
+        except socket.timeout:
+            continue
+        threading.Thread(target=echo, args=(c,), daemon=True).start()
+
+
+def connect(host, port):
+    try:
+        c = socket.create_connection((host, int(port)), timeout=2)
+        c.sendall(b"hello")
+        c.settimeout(2)
+        print("connected" if c.recv(5) == b"hello" else "no echo")
+    except OSError as e:
+        print(f"failed: {e}")
+
+
+def stream(host, port, secs):
+    import json
+    import time
+    c = socket.create_connection((host, int(port)), timeout=2)
+    c.settimeout(1)
+    end, echoes, pending = time.time() + float(secs), [], b""
+    while time.time() < end:
+        c.sendall(b"0123456789abcdef")
+        pending += b"0123456789abcdef"
+        try:
+            while pending:
+                got = c.recv(4096)
+                if not got:
+                    raise OSError("closed")
+                pending = pending[len(got):]
+            echoes.append(time.time())
+        except socket.timeout:
+            pass
+        except OSError:
+            break
+        time.sleep(0.05)
+    print(json.dumps(echoes))
+
+
 if __name__ == "__main__":
     {"tcp-server": tcp_server, "tcp-client": tcp_client,
-     "udp-server": udp_server, "udp-client": udp_client}[sys.argv[1]](*sys.argv[2:])
+     "udp-server": udp_server, "udp-client": udp_client,
+     "echo-server": echo_server, "connect": connect,
+     "stream": stream}[sys.argv[1]](*sys.argv[2:])

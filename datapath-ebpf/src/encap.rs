@@ -101,7 +101,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     match route.mode {
         route_mode::IPIP | route_mode::VXLAN => {
-            hostroute::remember_stack_flow(ctx, cfg, &inner);
+            hostroute::stack_forwarded(ctx, cfg, &inner);
             send(ctx, cfg, &route, &inner)
         }
         // A same-subnet peer's own route normally carries these; through the aggregate route

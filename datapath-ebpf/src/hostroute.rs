@@ -1,10 +1,11 @@
 //! BPF host routing: a local pod's packets for remote pods are encapsulated at the pod's veth
 //! and sent straight to the underlay; decapsulated packets for local pods go straight into the
-//! pod (`bpf_redirect_peer`). Neither crosses the host's routing or netfilter. Everything else
-//! (Services, the node's own traffic, local pods) takes the stack, and so do the replies of
-//! flows that left through it: their NAT (a Service's DNAT) must be undone there.
+//! pod (`bpf_redirect_peer`). Neither crosses the host's routing or netfilter: in the default
+//! mode only flows netfilter already accepted (`flows`), with `bpf` every such packet.
+//! Everything else (Services, the node's own traffic, local pods) takes the stack, and so do
+//! the replies of flows that left through it: their NAT (a Service's DNAT) must be undone there.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
-use maps_common::{CounterId, DropReason, FlowKey, NodeConfig, config_flags, route_mode};
+use maps_common::{CounterId, DropReason, FlowKey, NodeConfig, config_flags, flow_dir, route_mode};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -13,16 +14,17 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_ENDPOINTS, DP_STACK_FLOWS,
     counters::count,
-    csum, encap, lookup,
-    parse::{IP_OFFSET, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
+    csum, encap, flows, lookup,
+    parse::{ptr_at, ptr_at_mut},
 };
 
 /// At the pod's veth: encapsulates and sends toward the peer node when host routing is BPF,
 /// the source is a local pod and the destination a remote encapsulated pod CIDR.
 ///
 /// Returns `TC_ACT_OK` (the host's stack takes it: host routing off, not pod-to-remote-pod, TTL
-/// about to expire, or too big for the tunnel, where the stack's route MTU answers with ICMP),
-/// the redirect verdict, or the reason to drop (as at the underlay's egress).
+/// about to expire, too big for the tunnel, where the stack's route MTU answers with ICMP, or a
+/// flow netfilter has yet to accept), the redirect verdict, or the reason to drop (as at the
+/// underlay's egress).
 #[inline(always)]
 pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
@@ -45,6 +47,12 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if encap::too_big(ctx.len(), gso_size, cfg, route.mode) {
         return Ok(TC_ACT_OK);
+    }
+    if flows::enforced(cfg) {
+        let seen = flows::seen(ctx, &inner, flow_dir::OUT);
+        if !flows::may_bypass(cfg, &seen, CounterId::FlowVerifyOut, ctx.len()) {
+            return Ok(TC_ACT_OK);
+        }
     }
     let ip = ptr_at_mut::<Ipv4Hdr, _>(ctx, EthHdr::LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds checked just above; the TTL was checked above 1.
@@ -73,39 +81,24 @@ fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
     (ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5).then_some(ip)
 }
 
-/// The flow of `ip` as its sender sent it: addresses, protocol, and for TCP/UDP (first or
-/// only fragment) the ports.
-#[inline(always)]
-fn flow_of(ctx: &TcContext, ip: &Ipv4Hdr) -> FlowKey {
-    let mut key = FlowKey {
-        src: ip.src_addr,
-        dst: ip.dst_addr,
-        proto: ip.proto,
-        ..FlowKey::default()
-    };
-    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
-    if first && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
-        let off = EthHdr::LEN + ((ip.vihl & 0x0f) as usize) * 4;
-        if let Some(ports) = ptr_at::<[[u8; 2]; 2], _>(ctx, off) {
-            // SAFETY: ptr_at checked the bounds.
-            let ports = unsafe { *ports };
-            key.sport = ports[0];
-            key.dport = ports[1];
-        }
-    }
-    key
-}
-
 /// At the underlay's egress, for a packet a local pod sent through the host's stack (the
-/// encap program's path): records its flow, once, so its replies take the stack too.
+/// encap program's path). A flow that came by the pod's veth unchanged is netfilter's verdict
+/// for `flows` (accepted when pending). Any other (rewritten by NAT on the way) is recorded,
+/// once, so its replies take the stack too.
 #[inline(always)]
-pub fn remember_stack_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
+pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
     if cfg.flags & config_flags::HOST_ROUTING_BPF == 0
         || !lookup::in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len)
     {
         return;
     }
-    let key = flow_of(ctx, ip);
+    if flows::enforced(cfg) {
+        let out = flows::seen(ctx, ip, flow_dir::OUT).key;
+        if flows::forwarded(cfg, &out, CounterId::FlowAcceptedOut, ctx.len()) {
+            return;
+        }
+    }
+    let key = flows::seen(ctx, ip, 0).key;
     // The lookup also marks the entry recently used, keeping a live flow from eviction.
     if DP_STACK_FLOWS.get_ptr(key).is_none() {
         // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
@@ -115,11 +108,12 @@ pub fn remember_stack_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
 
 /// After decapsulation at TC: delivers the inner packet straight into its local pod, unless
 /// the flow's other direction left through the host's stack (where a Service's NAT may have
-/// rewritten it, to be undone by the stack). Returns the redirect verdict, or `None` to let
-/// the stack deliver it.
+/// rewritten it, to be undone by the stack) or, with `flows` enforced, netfilter has yet to
+/// accept the flow. Returns the redirect verdict, or `None` to let the stack deliver it.
 /// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext) -> Option<i32> {
+    let cfg = DP_CONFIG.get(0)?;
     let inner = ipv4_at(ctx)?;
     if inner.ttl <= 1 {
         return None;
@@ -127,15 +121,19 @@ pub fn deliver(ctx: &TcContext) -> Option<i32> {
     let ep = DP_ENDPOINTS.get_ptr(inner.dst_addr)?;
     // SAFETY: a value pointer from the map, copied right away.
     let ep = unsafe { *ep };
-    let seen = flow_of(ctx, &inner);
+    let seen = flows::seen(ctx, &inner, flow_dir::IN);
     let reply_of = FlowKey {
-        src: seen.dst,
-        dst: seen.src,
-        sport: seen.dport,
-        dport: seen.sport,
-        ..seen
+        src: seen.key.dst,
+        dst: seen.key.src,
+        sport: seen.key.dport,
+        dport: seen.key.sport,
+        dir: 0,
+        ..seen.key
     };
     if DP_STACK_FLOWS.get_ptr(reply_of).is_some() {
+        return None;
+    }
+    if flows::enforced(cfg) && !flows::may_bypass(cfg, &seen, CounterId::FlowVerifyIn, ctx.len()) {
         return None;
     }
     let eth = ptr_at_mut::<EthHdr, _>(ctx, 0)?;
@@ -149,4 +147,20 @@ pub fn deliver(ctx: &TcContext) -> Option<i32> {
     count(CounterId::HostRouteIn, ctx.len());
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// At TC egress of a local pod's host-side veth: a packet the host's stack forwarded to the
+/// pod, whose flow (if it came decapsulated and unchanged) netfilter has thereby accepted.
+#[inline(always)]
+pub fn pod_ingress_seen(ctx: &TcContext) {
+    let Some(cfg) = DP_CONFIG.get(0) else {
+        return;
+    };
+    if !flows::enforced(cfg) {
+        return;
+    }
+    if let Some(ip) = ipv4_at(ctx) {
+        let key = flows::seen(ctx, &ip, flow_dir::IN).key;
+        flows::forwarded(cfg, &key, CounterId::FlowAcceptedIn, ctx.len());
+    }
 }

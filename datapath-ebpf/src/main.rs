@@ -8,6 +8,7 @@ mod counters;
 mod csum;
 mod decap;
 mod encap;
+mod flows;
 mod hostroute;
 mod lookup;
 mod parse;
@@ -20,8 +21,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FlowKey, MAX_FLOWS,
-    NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
+    AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FastFlow, FlowKey,
+    MAX_FLOWS, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -63,6 +64,10 @@ pub static DP_ENDPOINTS: HashMap<[u8; 4], Endpoint, MAX_ENDPOINTS> = HashMap::ne
 #[btf_map]
 pub static DP_STACK_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
 
+/// Pod flows on their way to netfilter's verdict, and those it accepted (`flows`).
+#[btf_map]
+pub static DP_FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FLOWS as usize }> = LruHashMap::new();
+
 /// What the agent last applied, for `datapath status`; no program reads it.
 #[btf_map]
 pub static DP_AGENT: Array<AgentInfo, 1> = Array::new();
@@ -76,6 +81,14 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => drop_tc(&ctx, reason),
     }
+}
+
+/// TC egress on a local pod's host-side veth: records the flows netfilter let through to the
+/// pod; never changes or drops a packet.
+#[classifier]
+pub fn tc_pod_egress(ctx: TcContext) -> i32 {
+    hostroute::pod_ingress_seen(&ctx);
+    aya_ebpf::bindings::TC_ACT_OK
 }
 
 /// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.

@@ -26,6 +26,7 @@ use crate::{
     loader::{self, DecapHook, LoadOptions},
     maps::DatapathMaps,
     net::{self, Netlink, PeerPath, RouteSpec},
+    ruleset,
     stats::Snapshot,
     upgrade, watch,
 };
@@ -39,14 +40,7 @@ pub enum Source {
     Etcd(etcd::EtcdOptions),
 }
 
-/// Where pods' packets are routed on this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HostRouting {
-    /// Straight between the pod's veth and the underlay, in BPF.
-    Bpf,
-    /// Through the host's routing and netfilter.
-    Kernel,
-}
+pub use crate::dataplane::HostRouting;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -114,6 +108,8 @@ struct Shared {
     tc_mode: loader::TcAttach,
     /// The decapsulation hook in use, once attached.
     decap: Option<DecapHook>,
+    /// Changes of the host's netfilter ruleset seen (`--host-routing accepted-flows`).
+    ruleset_changes: u64,
 }
 
 impl Shared {
@@ -137,7 +133,7 @@ impl Shared {
                 Some(DecapHook::Xdp) => 1,
                 _ => 2,
             },
-            host_routing_bpf: u8::from(self.dp.local.host_routing_bpf),
+            host_routing: self.dp.local.host_routing.code(),
             tc_attach: if self.tc_mode == loader::TcAttach::Netlink {
                 2
             } else {
@@ -530,7 +526,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         inner_src_check: opts.inner_src_check,
         max_nodes: opts.max_nodes,
         csum_ifindex: 0,
-        host_routing_bpf: opts.host_routing == HostRouting::Bpf,
+        host_routing: opts.host_routing,
     };
 
     loader::ensure_bpffs(&opts.pin_dir)?;
@@ -549,6 +545,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         csum_dev: None,
         tc_mode: opts.tc_attach.resolve(),
         decap: None,
+        ruleset_changes: 0,
     }));
     let installed = nl
         .owned_routes()
@@ -615,7 +612,32 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         probe.set_ready();
     }
 
-    serve(agent, rx, opts.ip_masq).await
+    let rulesets = (opts.host_routing == HostRouting::AcceptedFlows).then(|| {
+        ruleset::keep_tcp_tracking_liberal();
+        ruleset::watch()
+    });
+    serve(agent, rx, rulesets, opts.ip_masq).await
+}
+
+/// A netfilter ruleset change: accepted flows are judged again from their next packet on.
+/// Notifications of one transaction that are already queued count as this one change.
+fn ruleset_changed(
+    shared: &SharedRef,
+    change: ruleset::Change,
+    rx: &mut mpsc::Receiver<ruleset::Change>,
+) {
+    while rx.try_recv().is_ok() {}
+    ruleset::keep_tcp_tracking_liberal();
+    let mut s = lock(shared);
+    s.ruleset_changes += 1;
+    match s.dp.bump_ruleset_gen() {
+        Ok(generation) => tracing::debug!(
+            ?change,
+            generation,
+            "netfilter ruleset changed: accepted flows are judged again"
+        ),
+        Err(e) => warn!("netfilter ruleset changed, but the new generation was not written: {e}"),
+    }
 }
 
 /// Finishes or undoes an interrupted migration, compares the pins with this build, and loads
@@ -697,7 +719,7 @@ async fn first_state(
 /// Pins the pod program, moves pods' hooks to it, attaches the underlay's programs and
 /// records what runs.
 fn attach(s: &mut Shared, opts: &AgentOptions, iface: &net::Iface) -> anyhow::Result<()> {
-    loader::pin_pod_program(&mut s.ebpf, &opts.pin_dir)?;
+    loader::pin_pod_programs(&mut s.ebpf, &opts.pin_dir)?;
     let tc_mode = s.tc_mode;
     let pod_ifaces: Vec<String> =
         s.dp.maps
@@ -719,7 +741,8 @@ fn attach(s: &mut Shared, opts: &AgentOptions, iface: &net::Iface) -> anyhow::Re
         pin_dir = %opts.pin_dir.display(),
         decap = ?hook,
         decap_reason = why,
-        host_routing = ?opts.host_routing,
+        host_routing = opts.host_routing.name(),
+        bypass = opts.host_routing.bypass(),
         tc_attach = tc_mode.name(),
         "programs attached; pod MTU for this mode is {}",
         s.dp.pod_mtu()
@@ -734,6 +757,7 @@ fn attach(s: &mut Shared, opts: &AgentOptions, iface: &net::Iface) -> anyhow::Re
 async fn serve(
     mut agent: Agent,
     mut rx: mpsc::Receiver<Update>,
+    mut rulesets: Option<mpsc::Receiver<ruleset::Change>>,
     ip_masq: bool,
 ) -> anyhow::Result<()> {
     let shared = agent.shared.clone();
@@ -756,6 +780,9 @@ async fn serve(
                     (s.dp.routes(), s.dp.local.iface.ifindex)
                 };
                 agent.routes.reconcile(&want, ifindex).await;
+            }
+            Some(change) = async { rulesets.as_mut()?.recv().await }, if rulesets.is_some() => {
+                ruleset_changed(&shared, change, rulesets.as_mut().expect("watched"));
             }
             _ = masq.tick(), if ip_masq => {
                 if let Err(e) = agent.flannel.apply(&lock(&shared).dp) {
@@ -873,6 +900,11 @@ fn metrics_body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String 
             "datapath_nodes_skipped",
             "Nodes of the last state left out as incomplete or unreadable",
             r.skipped as f64,
+        ),
+        Counter(
+            "datapath_ruleset_changes",
+            "Changes of the host's netfilter ruleset seen; each one has accepted flows judged again",
+            s.ruleset_changes,
         ),
     ];
     if let Some(etcd) = etcd {

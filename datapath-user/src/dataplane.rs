@@ -27,8 +27,50 @@ pub struct LocalOptions {
     pub max_nodes: u32,
     /// Ifindex of the checksum path's kernel VXLAN device (`net::CSUM_DEV`), 0 when absent.
     pub csum_ifindex: u32,
-    /// BPF host routing (`--host-routing bpf`): pods' traffic skips the host's stack.
-    pub host_routing_bpf: bool,
+    /// How pods' packets cross this node (`--host-routing`).
+    pub host_routing: HostRouting,
+}
+
+/// Where pods' packets are routed on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// BPF host routing for the flows the host's netfilter accepted: each flow's first packets
+    /// (and every TCP SYN, FIN, RST) take the host's stack; once netfilter has forwarded one,
+    /// the flow goes straight between the pod's veth and the underlay until the ruleset changes.
+    AcceptedFlows,
+    /// Straight between the pod's veth and the underlay, in BPF, skipping netfilter.
+    Bpf,
+    /// Through the host's routing and netfilter.
+    Kernel,
+}
+
+impl HostRouting {
+    /// The `maps_common::host_routing` code `DP_AGENT` records.
+    pub fn code(self) -> u8 {
+        use maps_common::host_routing as h;
+        match self {
+            Self::AcceptedFlows => h::ACCEPTED_FLOWS,
+            Self::Bpf => h::BPF,
+            Self::Kernel => h::KERNEL,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        maps_common::host_routing::name(self.code())
+    }
+
+    /// What the mode skips, for the startup log and `datapath status`.
+    pub fn bypass(self) -> &'static str {
+        match self {
+            Self::AcceptedFlows => {
+                "netfilter judges every pod flow's first packets, TCP SYN/FIN/RST and one packet every 10 s; flows it forwarded then skip the host's stack until the ruleset changes"
+            }
+            Self::Bpf => {
+                "every pod-to-remote-pod packet skips the host's routing and netfilter (policy must be enforced elsewhere)"
+            }
+            Self::Kernel => "nothing: every packet takes the host's routing and netfilter",
+        }
+    }
 }
 
 /// What one change did to the maps (routes are counted by whoever applies them).
@@ -82,6 +124,8 @@ pub struct Dataplane {
     /// What an earlier agent left in the maps, cleared after the first full state.
     stale_nodes: HashMap<Ipv4Addr, NodeEntry>,
     stale_cidrs: BTreeSet<Cidr>,
+    /// Generation of the host's netfilter ruleset as the programs know it (`NodeConfig`).
+    ruleset_gen: u32,
 }
 
 impl Dataplane {
@@ -92,8 +136,11 @@ impl Dataplane {
         let stale_cidrs = maps.read_pod_cidrs()?.into_keys().collect();
         let used: HashSet<u32> = stale_nodes.values().map(|e| e.peer_idx).collect();
         let free = (0..local.max_nodes).filter(|i| !used.contains(i)).collect();
+        let config = maps.read_config()?;
         Ok(Self {
-            config: maps.read_config()?,
+            // The ruleset may have changed while no agent watched it: every flow is judged anew.
+            ruleset_gen: config.ruleset_gen.wrapping_add(1).max(1),
+            config,
             maps,
             local,
             settings: None,
@@ -108,6 +155,24 @@ impl Dataplane {
             stale_nodes,
             stale_cidrs,
         })
+    }
+
+    /// Moves to the next ruleset generation: every accepted flow is judged by netfilter again
+    /// from its next packet on. Returns the new generation.
+    pub fn bump_ruleset_gen(&mut self) -> Result<u32, MapsError> {
+        self.ruleset_gen = self.ruleset_gen.wrapping_add(1).max(1);
+        if self.config.node_addr != [0; 4] {
+            let config = NodeConfig {
+                ruleset_gen: self.ruleset_gen,
+                ..self.config
+            };
+            self.maps
+                .config
+                .set(0, config, 0)
+                .map_err(map_err(map_names::CONFIG))?;
+            self.config = config;
+        }
+        Ok(self.ruleset_gen)
     }
 
     /// MTU pods on this node should use: the underlay MTU less the encapsulation overhead.
@@ -598,8 +663,12 @@ impl Dataplane {
         if s.udp_checksum {
             flags |= config_flags::UDP_CSUM;
         }
-        if self.local.host_routing_bpf {
-            flags |= config_flags::HOST_ROUTING_BPF;
+        match self.local.host_routing {
+            HostRouting::AcceptedFlows => {
+                flags |= config_flags::HOST_ROUTING_BPF | config_flags::ACCEPTED_FLOWS;
+            }
+            HostRouting::Bpf => flags |= config_flags::HOST_ROUTING_BPF,
+            HostRouting::Kernel => {}
         }
         let lens = &self.prefix_counts;
         let mut prefix_lens = [0u8; MAX_PREFIX_LENS];
@@ -622,6 +691,7 @@ impl Dataplane {
             pod_prefix_len: me.pod_cidr.len,
             _pad: [0; 3],
             underlay_ifindex: self.local.iface.ifindex,
+            ruleset_gen: self.ruleset_gen,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod loader;
 pub mod maps;
 pub mod net;
 pub mod progbench;
+pub mod ruleset;
 pub mod stats;
 pub mod status;
 pub mod upgrade;

@@ -137,10 +137,13 @@ enum Cmd {
         /// other virtual devices; the log says which and why).
         #[arg(long, value_enum, default_value = "auto")]
         decap: DecapHook,
-        /// bpf: pods' packets for remote pods are encapsulated at the pod's veth and sent
-        /// straight to the underlay, replies go straight into the pod (skipping the host's
-        /// routing and netfilter); kernel: through the host's stack.
-        #[arg(long, value_enum, default_value = "bpf")]
+        /// accepted-flows: the first packets of every pod flow go through the host's routing
+        /// and netfilter (iptables, nftables: NetworkPolicy), and only the flows netfilter
+        /// forwarded then go straight between the pod's veth and the underlay, judged again
+        /// when the ruleset changes; bpf: every pod-to-remote-pod packet skips the host's
+        /// routing and netfilter (for nodes whose policy is enforced elsewhere); kernel:
+        /// everything through the host's stack.
+        #[arg(long, value_enum, default_value = "accepted-flows")]
         host_routing: agent::HostRouting,
         /// How TC programs are attached: tcx (kernel 6.6+), netlink (clsact filters, older
         /// kernels), or auto (tcx where the kernel has it).

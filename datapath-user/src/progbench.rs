@@ -208,7 +208,7 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         inner_src_check: true,
         max_nodes: max,
         csum_ifindex: 0,
-        host_routing_bpf: false,
+        host_routing: crate::dataplane::HostRouting::Kernel,
     };
     let mut dp = Dataplane::new(maps, local)?;
     dp.apply_full(&c)?;

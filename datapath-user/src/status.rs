@@ -169,11 +169,7 @@ impl Status {
                 vni: cfg.vni,
                 vxlan_port: cfg.vxlan_port,
                 cross_subnet: info.cross_subnet == 1,
-                host_routing: if info.host_routing_bpf == 1 {
-                    "bpf"
-                } else {
-                    "kernel"
-                },
+                host_routing: maps_common::host_routing::name(info.host_routing),
                 decap: match info.decap_hook {
                     1 => "xdp",
                     2 => "tc",

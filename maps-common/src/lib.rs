@@ -33,8 +33,11 @@ pub mod map_names {
     /// `Array<AgentInfo, 1>`: what the agent last did, for `datapath status` (the programs do
     /// not read it).
     pub const AGENT: &str = "DP_AGENT";
+    /// `LruHashMap<FlowKey, FastFlow>`: pod flows on their way to the host's netfilter for a
+    /// verdict, and those it accepted, which BPF host routing then carries (default mode).
+    pub const FAST_FLOWS: &str = "DP_FAST_FLOWS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -45,6 +48,7 @@ pub mod map_names {
         ENDPOINTS,
         STACK_FLOWS,
         AGENT,
+        FAST_FLOWS,
     ];
 }
 
@@ -60,6 +64,9 @@ pub mod prog_names {
     pub const TC_CSUM_DEV_INGRESS: &str = "tc_csum_dev_ingress";
     /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
     pub const TC_POD_INGRESS: &str = "tc_pod_ingress";
+    /// TC egress on a local pod's host-side veth: records the flows the host's netfilter let
+    /// through toward the pod (`--host-routing accepted-flows`).
+    pub const TC_POD_EGRESS: &str = "tc_pod_egress";
     /// Programs that only return: the benchmark's floor.
     pub const TC_FLOOR: &str = "tc_floor";
     pub const XDP_FLOOR: &str = "xdp_floor";
@@ -67,8 +74,9 @@ pub mod prog_names {
 
 /// Version of the layout of the pinned maps (their keys, values and meaning). 1 was the first
 /// release (six maps, 12 then 16 drop reasons); 2 added exact-match pod routes, endpoints, stack
-/// flows, the agent map and per-peer unreachable counts. The README keeps the history.
-pub const ABI_VERSION: u32 = 2;
+/// flows, the agent map and per-peer unreachable counts; 3 the accepted flows (`DP_FAST_FLOWS`),
+/// the ruleset generation in `NodeConfig` and four flow counters. The README keeps the history.
+pub const ABI_VERSION: u32 = 3;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -135,7 +143,57 @@ pub mod config_flags {
     /// BPF host routing: pods' packets for remote pods are encapsulated at the pod's veth and
     /// sent straight to the underlay; replies for them go straight into the pod.
     pub const HOST_ROUTING_BPF: u32 = 1 << 3;
+    /// With `HOST_ROUTING_BPF`: only flows the host's netfilter accepted in the current ruleset
+    /// generation bypass the stack; every other packet takes it (`DP_FAST_FLOWS`).
+    pub const ACCEPTED_FLOWS: u32 = 1 << 4;
 }
+
+/// `AgentInfo::host_routing`: how pods' packets cross this node, as `datapath status` names it.
+pub mod host_routing {
+    /// Through the host's routing and netfilter (`--host-routing kernel`).
+    pub const KERNEL: u8 = 0;
+    /// Straight between the pod's veth and the underlay, skipping netfilter (`bpf`).
+    pub const BPF: u8 = 1;
+    /// The first packets of every flow through the host's netfilter, the rest of the flows it
+    /// accepted straight (`accepted-flows`, the default).
+    pub const ACCEPTED_FLOWS: u8 = 2;
+
+    /// The mode's name, as the `--host-routing` flag spells it.
+    pub const fn name(mode: u8) -> &'static str {
+        match mode {
+            KERNEL => "kernel",
+            BPF => "bpf",
+            ACCEPTED_FLOWS => "accepted-flows",
+            _ => "unknown",
+        }
+    }
+}
+
+/// `FastFlow::state`: where a flow of `DP_FAST_FLOWS` stands with the host's netfilter.
+pub mod flow_state {
+    /// A packet of the flow went to the host's stack for netfilter's verdict; the program on
+    /// the far side of the stack (the underlay's or the pod veth's egress) accepts the flow
+    /// when the packet reaches it unchanged.
+    pub const PENDING: u8 = 1;
+    /// A TCP SYN, FIN or RST went to the stack: conntrack must see those, so it accepts
+    /// nothing, but it tells the far side the flow was not rewritten by NAT.
+    pub const CONTROL: u8 = 2;
+    /// Netfilter forwarded a packet of the flow in this ruleset generation: its packets
+    /// bypass the stack until the generation changes or the verdict is `REVERIFY_NS` old.
+    pub const ACCEPTED: u8 = 3;
+}
+
+/// `FlowKey::dir` of `DP_FAST_FLOWS` entries.
+pub mod flow_dir {
+    /// A local pod's packets toward a remote pod (judged in this node's FORWARD).
+    pub const OUT: u8 = 1;
+    /// Decapsulated packets toward a local pod.
+    pub const IN: u8 = 2;
+}
+
+/// How long a flow's accepted verdict stands before one packet takes the stack again: it
+/// refreshes the flow's conntrack entry (UDP's lasts 120 s, ICMP's 30 s) and re-asks netfilter.
+pub const REVERIFY_NS: u64 = 10_000_000_000;
 
 /// Entries of `DP_ENDPOINTS`: pods on one node, far above Kubernetes' 110.
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -143,7 +201,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 10] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 11] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -197,6 +255,12 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 10] 
             MAX_FLOWS,
         ),
         (map_names::AGENT, 4, size_of::<AgentInfo>() as u32, 1),
+        (
+            map_names::FAST_FLOWS,
+            size_of::<FlowKey>() as u32,
+            size_of::<FastFlow>() as u32,
+            MAX_FLOWS,
+        ),
     ]
 }
 
@@ -240,8 +304,11 @@ pub struct NodeConfig {
     pub _pad: [u8; 3],
     /// Interface index of the underlay interface: where BPF host routing sends from a veth.
     pub underlay_ifindex: u32,
+    /// Generation of the host's netfilter ruleset, bumped by the agent on every change: an
+    /// accepted flow of another generation is judged again (`ACCEPTED_FLOWS`).
+    pub ruleset_gen: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 48);
 
 /// The single value of `DP_AGENT`: what the agent last applied, written after each change.
 #[repr(C)]
@@ -261,7 +328,8 @@ pub struct AgentInfo {
     pub cross_subnet: u8,
     /// Decapsulation hook: 1 XDP, 2 TC.
     pub decap_hook: u8,
-    pub host_routing_bpf: u8,
+    /// `host_routing` value.
+    pub host_routing: u8,
     /// How TC programs are attached: 1 tcx, 2 netlink (clsact).
     pub tc_attach: u8,
     pub _pad: [u8; 2],
@@ -286,7 +354,8 @@ pub struct Endpoint {
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 
-/// Key of `DP_STACK_FLOWS`: a flow as it left the node (after the stack's NAT). Ports are wire order, zero for protocols
+/// Key of `DP_STACK_FLOWS` (a flow as it left the node, after the stack's NAT; `dir` 0) and of
+/// `DP_FAST_FLOWS` (`dir` a `flow_dir` value). Ports are wire order, zero for protocols
 /// without them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -296,9 +365,24 @@ pub struct FlowKey {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub dir: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Value of `DP_FAST_FLOWS`: where a pod flow stands with the host's netfilter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastFlow {
+    /// `bpf_ktime_get_ns` when the state was written.
+    pub since_ns: u64,
+    /// `NodeConfig::ruleset_gen` when the state was written.
+    pub ruleset_gen: u32,
+    /// `flow_state` value.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FastFlow>() == 16);
 
 /// Key of `DP_POD_ROUTES`: the same layout as an LPM trie key, but matched exactly. `addr` is
 /// the network address (host bits zero), wire order.
@@ -422,10 +506,19 @@ pub enum CounterId {
     HostRouteOut = 6,
     /// Decapsulated and delivered straight into the pod (`bpf_redirect_peer`).
     HostRouteIn = 7,
+    /// A local pod's packet for a remote pod handed to the host's stack for netfilter's verdict
+    /// (its flow not accepted yet, a TCP SYN/FIN/RST, or a verdict due again).
+    FlowVerifyOut = 8,
+    /// A decapsulated packet for a local pod handed to the stack for netfilter's verdict.
+    FlowVerifyIn = 9,
+    /// Outbound flows netfilter forwarded, recorded at the underlay's egress as accepted.
+    FlowAcceptedOut = 10,
+    /// Inbound flows netfilter forwarded, recorded at the pod veth's egress as accepted.
+    FlowAcceptedIn = 11,
 }
 
 impl CounterId {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
     pub const ALL: [CounterId; Self::COUNT as usize] = [
         Self::EncapIpip,
         Self::EncapVxlan,
@@ -435,6 +528,10 @@ impl CounterId {
         Self::Pass,
         Self::HostRouteOut,
         Self::HostRouteIn,
+        Self::FlowVerifyOut,
+        Self::FlowVerifyIn,
+        Self::FlowAcceptedOut,
+        Self::FlowAcceptedIn,
     ];
 
     /// (direction, mode) labels of the counter, as the metrics endpoint exports them.
@@ -448,6 +545,10 @@ impl CounterId {
             Self::Pass => ("pass", "none"),
             Self::HostRouteOut => ("host_route_out", "bpf"),
             Self::HostRouteIn => ("host_route_in", "bpf"),
+            Self::FlowVerifyOut => ("flow_verify_out", "stack"),
+            Self::FlowVerifyIn => ("flow_verify_in", "stack"),
+            Self::FlowAcceptedOut => ("flow_accepted_out", "flows"),
+            Self::FlowAcceptedIn => ("flow_accepted_in", "flows"),
         }
     }
 }
@@ -558,6 +659,7 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::AgentInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FastFlow {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerStats {}

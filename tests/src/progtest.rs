@@ -135,7 +135,7 @@ impl Env {
             inner_src_check: true,
             max_nodes: 64,
             csum_ifindex: 0,
-            host_routing_bpf: false,
+            host_routing: datapath_user::dataplane::HostRouting::Kernel,
         };
         let mut dp = Dataplane::new(maps, local).expect("dataplane");
         dp.apply_full(&cluster).expect("fill the maps");
