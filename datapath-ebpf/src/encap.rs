@@ -11,11 +11,12 @@ use aya_ebpf::{
         TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
         bpf_tunnel_key,
     },
-    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 use maps_common::{
-    CounterId, DropReason, NodeConfig, PodRoute, ROUTE_NEXTHOP_MAC, config_flags, route_mode,
+    CounterId, DropReason, NextHop, NodeConfig, PodRoute, ROUTE_NEXTHOP_MAC, config_flags,
+    route_mode,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -25,14 +26,16 @@ use network_types::{
 };
 
 use crate::{
-    DP_CONFIG, DP_NODES,
+    DP_CONFIG, DP_NEXTHOPS, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
     csum, hostroute, lookup,
-    parse::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
+    parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
 };
 
 const AF_INET: u8 = 2;
 const OUTER_TTL: u8 = 64;
+/// A VLAN tag, which `is_skb_forwardable` allows beyond the MTU.
+const VLAN_HLEN: u32 = 4;
 /// DF bit in the first byte of the IPv4 flags/fragment-offset field.
 const IP_DF: u8 = 0x40;
 /// Source ports the Linux VXLAN device picks from (its default ip_local_port_range).
@@ -93,7 +96,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         // once the neighbour resolves: the kernel re-sends it through its route's neighbour,
         // the aggregate next hop, so it carries that MAC. Its own next hop is known now.
         _ if via_aggregate && DP_NODES.get_ptr(inner.dst_addr).is_some() => {
-            let action = forward(ctx, cfg, inner.dst_addr)?;
+            let action = forward(ctx, cfg, inner.dst_addr, None)?;
             return Ok(pass_with(len, action));
         }
         _ if via_aggregate => return Err(DropReason::NoPodRoute),
@@ -107,7 +110,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // they still reach the peer, unencapsulated.
         route_mode::NATIVE if via_aggregate => {
-            let action = forward(ctx, cfg, route.node_addr);
+            let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx));
             counted(action.map(|a| (CounterId::NativeForward, a)), &route, len)
         }
         route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
@@ -182,7 +185,8 @@ fn encap_and_forward(
         ));
     }
     let counter = encap(ctx, len, gso_size, cfg, route, inner)?;
-    Ok((counter, forward(ctx, cfg, route.node_addr)?))
+    let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx))?;
+    Ok((counter, action))
 }
 
 /// VXLAN for a GSO packet when outer UDP checksums are asked for: hands the packet, with its
@@ -304,9 +308,7 @@ fn encap(
         return Ok(CounterId::EncapIpip);
     }
 
-    // The hash of the inner flow picks the source port, as the Linux VXLAN device does.
-    // SAFETY: ctx.skb.skb is the program's __sk_buff.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let hash = flow_hash(ctx, inner);
     let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
         + VXLAN_SPORT_MIN;
     let mut hdrs = VxlanHeaders {
@@ -357,6 +359,36 @@ fn encap(
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
     Ok(CounterId::EncapVxlan)
+}
+
+/// The inner flow's hash, which picks the VXLAN source port as the Linux VXLAN device does:
+/// the skb's own (the socket's, or the NIC's RSS hash) when it has one, else a hash of the
+/// inner addresses, protocol and ports. `bpf_get_hash_recalc` would run the kernel's flow
+/// dissector for the second case, at a multiple of this cost.
+#[inline(always)]
+fn flow_hash(ctx: &TcContext, inner: &Ipv4Hdr) -> u32 {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let hash = unsafe { (*ctx.skb.skb).hash };
+    if hash != 0 {
+        return hash;
+    }
+    let mut h = u32::from_ne_bytes(inner.src_addr)
+        ^ u32::from_ne_bytes(inner.dst_addr).rotate_left(16)
+        ^ inner.proto as u32;
+    let first = u16::from_be_bytes(inner.frags) & IP_OFFSET == 0;
+    if first && (inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP) {
+        let off = EthHdr::LEN + (inner.vihl & 0x0f) as usize * 4;
+        if let Some(ports) = ptr_at::<[u8; 4], _>(ctx, off) {
+            // SAFETY: ptr_at checked the bounds.
+            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(8);
+        }
+    }
+    // murmur3's finaliser: every input bit reaches every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// Bytes the tunnel of `mode` (IPIP or VXLAN) puts in front of the inner IPv4 header.
@@ -432,23 +464,37 @@ const fn encap_l2_len() -> u64 {
 
 /// Sends the encapsulated packet to the outer next hop that the kernel's FIB and neighbour
 /// table give for the peer, looked up from the underlay interface (a pod's veth sends there).
+/// `slot` is the peer's `peer_idx`: its next hop is cached in `DP_NEXTHOPS` for as long as the
+/// underlay generation holds (the agent bumps it on every route, link or neighbour change).
 ///
 /// Returns `TC_ACT_OK` when the next hop is on this interface (MACs rewritten), the redirect
 /// verdict when it is on another interface or its neighbour entry must first be resolved;
-/// `TooBig` when the FIB says the packet exceeds the path MTU, `PeerUnreachable` when no route
-/// (or an unreachable, blackhole or prohibit route) leads to the peer, `FibLookupFailed`
+/// `TooBig` when the packet exceeds the outgoing interface's MTU, `PeerUnreachable` when no
+/// route (or an unreachable, blackhole or prohibit route) leads to the peer, `FibLookupFailed`
 /// otherwise.
 #[inline(always)]
-fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, DropReason> {
+fn forward(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    peer: [u8; 4],
+    slot: Option<u32>,
+) -> Result<i32, DropReason> {
+    let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
+    if let Some(nh) = cached {
+        // SAFETY: a value pointer into this CPU's copy of the map, copied right away.
+        let nh = unsafe { *nh };
+        if nh.underlay_gen != 0 && nh.underlay_gen == cfg.underlay_gen {
+            return send_to(ctx, &nh);
+        }
+    }
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    // SAFETY: ctx.skb.skb is the program's __sk_buff.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.ifindex = if cfg.underlay_ifindex != 0 {
         cfg.underlay_ifindex
     } else {
-        ifindex
+        // SAFETY: ctx.skb.skb is the program's __sk_buff.
+        unsafe { (*ctx.skb.skb).ifindex }
     };
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
@@ -463,18 +509,19 @@ fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, Drop
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
-            // SAFETY: bounds checked just above.
-            unsafe {
-                (*eth).dst_addr = params.dmac;
-                (*eth).src_addr = params.smac;
+            let nh = NextHop {
+                underlay_gen: cfg.underlay_gen,
+                ifindex: params.ifindex,
+                dmac: params.dmac,
+                smac: params.smac,
+                // SAFETY: on success, with tot_len left 0, the FIB writes the device's MTU here.
+                mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
+            };
+            if let Some(slot) = cached {
+                // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
+                unsafe { *slot = nh };
             }
-            if params.ifindex == ifindex {
-                Ok(TC_ACT_OK)
-            } else {
-                // SAFETY: plain helper call.
-                Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32)
-            }
+            send_to(ctx, &nh)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: all-zero is a valid bpf_redir_neigh.
@@ -498,5 +545,29 @@ fn forward(ctx: &TcContext, cfg: &NodeConfig, peer: [u8; 4]) -> Result<i32, Drop
         | BPF_FIB_LKUP_RET_BLACKHOLE
         | BPF_FIB_LKUP_RET_PROHIBIT => Err(DropReason::PeerUnreachable),
         _ => Err(DropReason::FibLookupFailed),
+    }
+}
+
+/// Addresses the packet to a resolved next hop and sends it there: on the interface it is on
+/// (`TC_ACT_OK`) or redirected to another. Refuses what the FIB would: a packet other than GSO
+/// longer than the interface's MTU plus its Ethernet and VLAN headers (`is_skb_forwardable`).
+#[inline(always)]
+fn send_to(ctx: &TcContext, nh: &NextHop) -> Result<i32, DropReason> {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let (gso_size, ifindex) = unsafe { ((*ctx.skb.skb).gso_size, (*ctx.skb.skb).ifindex) };
+    if gso_size == 0 && ctx.len() > nh.mtu + EthHdr::LEN as u32 + VLAN_HLEN {
+        return Err(DropReason::TooBig);
+    }
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        (*eth).dst_addr = nh.dmac;
+        (*eth).src_addr = nh.smac;
+    }
+    if nh.ifindex == ifindex {
+        Ok(TC_ACT_OK)
+    } else {
+        // SAFETY: plain helper call.
+        Ok(unsafe { bpf_redirect(nh.ifindex, 0) } as i32)
     }
 }

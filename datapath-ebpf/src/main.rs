@@ -22,7 +22,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use maps_common::{
     AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FastFlow, FlowKey,
-    MAX_FLOWS, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
+    MAX_FLOWS, NextHop, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -67,6 +67,10 @@ pub static DP_STACK_FLOWS: LruHashMap<FlowKey, u32, { MAX_FLOWS as usize }> = Lr
 /// Pod flows on their way to netfilter's verdict, and those it accepted (`flows`).
 #[btf_map]
 pub static DP_FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Each peer's outer next hop as the FIB last gave it, per CPU (no locking), by `peer_idx`.
+#[btf_map]
+pub static DP_NEXTHOPS: PerCpuArray<NextHop, MAX_NODES> = PerCpuArray::new();
 
 /// What the agent last applied, for `datapath status`; no program reads it.
 #[btf_map]

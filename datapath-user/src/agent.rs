@@ -813,11 +813,23 @@ fn start_kernel_logs(ebpf: &mut aya::Ebpf) {
 
 /// Keeps each peer's reachability flag in step with the kernel's routes toward it: checked
 /// after every change of the underlay's routes or links (netlink notifications), after new
-/// peers, and every 30 s (neighbour resolution fails without a route change).
+/// peers, and every 30 s (neighbour resolution fails without a route change). Every route,
+/// link or neighbour notification, and every 30 s check, also invalidates the programs'
+/// next-hop cache (`DP_NEXTHOPS`).
 async fn watch_underlay(shared: SharedRef, nl: Netlink, wake: Arc<Notify>) {
     let kick = wake.clone();
+    let cache = shared.clone();
     tokio::spawn(async move {
-        if let Err(e) = net::route_events(move || kick.notify_one()).await {
+        let events = net::route_events(move |event| {
+            // Any change may move a peer's next hop: the programs look each up again at once.
+            if let Err(e) = lock(&cache).dp.bump_underlay_gen() {
+                warn!("underlay changed, but the next-hop cache was not invalidated: {e}");
+            }
+            if event == net::UnderlayEvent::Route {
+                kick.notify_one();
+            }
+        });
+        if let Err(e) = events.await {
             warn!("underlay route notifications unavailable, checking every 30 s: {e:#}");
         }
     });
@@ -830,6 +842,10 @@ async fn watch_underlay(shared: SharedRef, nl: Netlink, wake: Arc<Notify>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Err(e) = check_peers(&shared, &nl).await {
             warn!("checking peer reachability: {e:#}");
+        }
+        // Bounds the cache's age where notifications are missing or were lost.
+        if let Err(e) = lock(&shared).dp.bump_underlay_gen() {
+            warn!("the next-hop cache was not invalidated: {e}");
         }
     }
 }

@@ -126,6 +126,8 @@ pub struct Dataplane {
     stale_cidrs: BTreeSet<Cidr>,
     /// Generation of the host's netfilter ruleset as the programs know it (`NodeConfig`).
     ruleset_gen: u32,
+    /// Generation of the underlay's routes, links and neighbours (`NodeConfig`).
+    underlay_gen: u32,
 }
 
 impl Dataplane {
@@ -138,8 +140,10 @@ impl Dataplane {
         let free = (0..local.max_nodes).filter(|i| !used.contains(i)).collect();
         let config = maps.read_config()?;
         Ok(Self {
-            // The ruleset may have changed while no agent watched it: every flow is judged anew.
-            ruleset_gen: config.ruleset_gen.wrapping_add(1).max(1),
+            // The ruleset and the underlay may have changed while no agent watched them: every
+            // flow is judged anew, every next hop looked up anew.
+            ruleset_gen: next_gen(config.ruleset_gen),
+            underlay_gen: next_gen(config.underlay_gen),
             config,
             maps,
             local,
@@ -160,19 +164,34 @@ impl Dataplane {
     /// Moves to the next ruleset generation: every accepted flow is judged by netfilter again
     /// from its next packet on. Returns the new generation.
     pub fn bump_ruleset_gen(&mut self) -> Result<u32, MapsError> {
-        self.ruleset_gen = self.ruleset_gen.wrapping_add(1).max(1);
-        if self.config.node_addr != [0; 4] {
-            let config = NodeConfig {
-                ruleset_gen: self.ruleset_gen,
-                ..self.config
-            };
-            self.maps
-                .config
-                .set(0, config, 0)
-                .map_err(map_err(map_names::CONFIG))?;
-            self.config = config;
-        }
+        self.ruleset_gen = next_gen(self.ruleset_gen);
+        self.write_generations()?;
         Ok(self.ruleset_gen)
+    }
+
+    /// Moves to the next underlay generation: every peer's next hop is looked up in the
+    /// kernel's FIB again from its next packet on.
+    pub fn bump_underlay_gen(&mut self) -> Result<(), MapsError> {
+        self.underlay_gen = next_gen(self.underlay_gen);
+        self.write_generations()
+    }
+
+    /// Writes the generations into the programs' configuration, once there is one.
+    fn write_generations(&mut self) -> Result<(), MapsError> {
+        if self.config.node_addr == [0; 4] {
+            return Ok(());
+        }
+        let config = NodeConfig {
+            ruleset_gen: self.ruleset_gen,
+            underlay_gen: self.underlay_gen,
+            ..self.config
+        };
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        self.config = config;
+        Ok(())
     }
 
     /// MTU pods on this node should use: the underlay MTU less the encapsulation overhead.
@@ -692,6 +711,7 @@ impl Dataplane {
             _pad: [0; 3],
             underlay_ifindex: self.local.iface.ifindex,
             ruleset_gen: self.ruleset_gen,
+            underlay_gen: self.underlay_gen,
         }
     }
 
@@ -775,6 +795,11 @@ fn parent(c: Cidr) -> Cidr {
         addr: Ipv4Addr::from(u32::from(c.addr) & Cidr::mask(len)),
         len,
     }
+}
+
+/// The generation after `g`; never 0, which means "none" to the programs.
+fn next_gen(g: u32) -> u32 {
+    g.wrapping_add(1).max(1)
 }
 
 #[cfg(test)]

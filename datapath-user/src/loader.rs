@@ -208,6 +208,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         map_names::POD_ROUTES,
         map_names::NODES,
         map_names::PEER_STATS,
+        map_names::NEXTHOPS,
     ] {
         loader.map_max_entries(map, opts.max_nodes);
     }

@@ -449,17 +449,38 @@ fn route_spec(r: &RouteMessage) -> Option<RouteSpec> {
     Some(spec)
 }
 
-/// Calls `kick` for every change of IPv4 routes or links the kernel announces (netlink
-/// multicast), for ever; returns only when the subscription fails.
-pub async fn route_events(kick: impl Fn()) -> Result<(), NetError> {
+/// What changed on the underlay, from a netlink notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnderlayEvent {
+    /// An IPv4 route or a link: which peers are reachable may have changed.
+    Route,
+    /// A neighbour entry: a next hop's MAC or state.
+    Neighbour,
+}
+
+/// Calls `kick` for every change of IPv4 routes, links or neighbours the kernel announces
+/// (netlink multicast), for ever; returns only when the subscription fails.
+pub async fn route_events(kick: impl Fn(UnderlayEvent)) -> Result<(), NetError> {
     use futures::StreamExt as _;
-    use rtnetlink::MulticastGroup;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Route, MulticastGroup::Link])
-            .map_err(NetError::Socket)?;
+    use rtnetlink::{
+        MulticastGroup,
+        packet_core::NetlinkPayload,
+        packet_route::RouteNetlinkMessage::{DelNeighbour, NewNeighbour},
+    };
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+    ])
+    .map_err(NetError::Socket)?;
     tokio::spawn(conn);
-    while messages.next().await.is_some() {
-        kick();
+    while let Some((msg, _)) = messages.next().await {
+        kick(match msg.payload {
+            NetlinkPayload::InnerMessage(NewNeighbour(_) | DelNeighbour(_)) => {
+                UnderlayEvent::Neighbour
+            }
+            _ => UnderlayEvent::Route,
+        });
     }
     Err(NetError::Socket(std::io::Error::other(
         "netlink notification stream ended",

@@ -14,7 +14,7 @@ use maps_common::prog_names;
 
 use crate::{
     cluster::{self, Defaults, Limits},
-    dataplane::{Dataplane, LocalOptions},
+    dataplane::{Dataplane, HostRouting, LocalOptions},
     loader::{self, LoadOptions},
     maps::DatapathMaps,
     net,
@@ -183,7 +183,7 @@ struct View {
     ifindex: u32,
 }
 
-fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
+fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<View> {
     let max = nodes.max(2) + 8;
     let limits = Limits {
         max_nodes: max,
@@ -208,13 +208,14 @@ fn view(encap: &str, nodes: u32, me: &str) -> Result<View> {
         inner_src_check: true,
         max_nodes: max,
         csum_ifindex: 0,
-        host_routing: crate::dataplane::HostRouting::Kernel,
+        host_routing,
     };
     let mut dp = Dataplane::new(maps, local)?;
     dp.apply_full(&c)?;
     for name in [
         prog_names::TC_ENCAP_EGRESS,
         prog_names::TC_DECAP_INGRESS,
+        prog_names::TC_POD_INGRESS,
         prog_names::TC_FLOOR,
     ] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
@@ -301,8 +302,8 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let input = pod_packet();
     for encap in ["ipip", "vxlan"] {
-        let sender = view(encap, nodes, "node1")?;
-        let receiver = view(encap, nodes, "node2")?;
+        let sender = view(encap, nodes, "node1", HostRouting::Kernel)?;
+        let receiver = view(encap, nodes, "node2", HostRouting::Kernel)?;
         let (encapsulated, _) = sender.run(prog_names::TC_ENCAP_EGRESS, &input)?;
         anyhow::ensure!(
             encapsulated.len() > input.len(),
@@ -320,6 +321,12 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
             format!("tc_decap_ingress {encap}"),
             receiver.trimmed_ns(prog_names::TC_DECAP_INGRESS, &encapsulated, iterations)?,
         );
+        for routing in [HostRouting::Bpf, HostRouting::AcceptedFlows] {
+            out.insert(
+                format!("tc_pod_ingress {encap} {}", routing.name()),
+                pod_ingress_ns(encap, nodes, routing, &input, iterations)?,
+            );
+        }
         if encap == "ipip" {
             out.insert(
                 "tc_floor".into(),
@@ -332,4 +339,32 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
         }
     }
     Ok(out)
+}
+
+/// The cost of BPF host routing at a pod's veth for a flow on the fast path: with
+/// accepted-flows, once the flow's first packet went by the stack (`tc_pod_ingress` handing it
+/// on, the underlay's `tc_encap_egress` accepting it), as every later packet finds it.
+fn pod_ingress_ns(
+    encap: &str,
+    nodes: u32,
+    routing: HostRouting,
+    input: &[u8],
+    iterations: u32,
+) -> Result<f64> {
+    let pod = view(encap, nodes, "node1", routing)?;
+    if routing == HostRouting::AcceptedFlows {
+        let (first, _) = pod.run(prog_names::TC_POD_INGRESS, input)?;
+        anyhow::ensure!(
+            first == input,
+            "{encap}: a new flow's first packet bypassed the stack"
+        );
+        pod.run(prog_names::TC_ENCAP_EGRESS, input)?;
+    }
+    let (bypassed, _) = pod.run(prog_names::TC_POD_INGRESS, input)?;
+    anyhow::ensure!(
+        bypassed.len() > input.len(),
+        "{encap}, {}: tc_pod_ingress did not encapsulate",
+        routing.name()
+    );
+    pod.trimmed_ns(prog_names::TC_POD_INGRESS, input, iterations)
 }

@@ -36,8 +36,11 @@ pub mod map_names {
     /// `LruHashMap<FlowKey, FastFlow>`: pod flows on their way to the host's netfilter for a
     /// verdict, and those it accepted, which BPF host routing then carries (default mode).
     pub const FAST_FLOWS: &str = "DP_FAST_FLOWS";
+    /// `PerCpuArray<NextHop>` indexed like `PEER_STATS`: each peer's outer next hop as the
+    /// kernel's FIB last gave it, valid while `NodeConfig::underlay_gen` is unchanged.
+    pub const NEXTHOPS: &str = "DP_NEXTHOPS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -49,6 +52,7 @@ pub mod map_names {
         STACK_FLOWS,
         AGENT,
         FAST_FLOWS,
+        NEXTHOPS,
     ];
 }
 
@@ -75,7 +79,8 @@ pub mod prog_names {
 /// Version of the layout of the pinned maps (their keys, values and meaning). 1 was the first
 /// release (six maps, 12 then 16 drop reasons); 2 added exact-match pod routes, endpoints, stack
 /// flows, the agent map and per-peer unreachable counts; 3 the accepted flows (`DP_FAST_FLOWS`),
-/// the ruleset generation in `NodeConfig` and four flow counters. The README keeps the history.
+/// the next-hop cache (`DP_NEXTHOPS`), the ruleset and underlay generations in `NodeConfig` and
+/// four flow counters. The README keeps the history.
 pub const ABI_VERSION: u32 = 3;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
@@ -201,7 +206,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 11] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 12] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -261,6 +266,12 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 11] 
             size_of::<FastFlow>() as u32,
             MAX_FLOWS,
         ),
+        (
+            map_names::NEXTHOPS,
+            4,
+            size_of::<NextHop>() as u32,
+            max_nodes,
+        ),
     ]
 }
 
@@ -307,8 +318,28 @@ pub struct NodeConfig {
     /// Generation of the host's netfilter ruleset, bumped by the agent on every change: an
     /// accepted flow of another generation is judged again (`ACCEPTED_FLOWS`).
     pub ruleset_gen: u32,
+    /// Generation of the underlay's routes, links and neighbours, bumped by the agent on every
+    /// netlink notification of them: a `DP_NEXTHOPS` entry of another generation is looked up
+    /// again. 0: no cache.
+    pub underlay_gen: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 52);
+
+/// Value of `DP_NEXTHOPS`: where packets encapsulated for one peer go, as `bpf_fib_lookup`
+/// answered in generation `underlay_gen`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `NodeConfig::underlay_gen` of the lookup; 0 for an empty slot.
+    pub underlay_gen: u32,
+    /// Interface the outer packet leaves by.
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// That interface's MTU (the FIB's `mtu_result`).
+    pub mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
 /// The single value of `DP_AGENT`: what the agent last applied, written after each change.
 #[repr(C)]
@@ -660,6 +691,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FastFlow {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::PeerStats {}

@@ -350,6 +350,17 @@ impl Topology {
 
     /// The same with environment assignments (`K=V ...`) for the agent.
     pub fn spawn_agent_env(&mut self, i: usize, env: &str, source_args: &str) -> PathBuf {
+        self.spawn_agent_bin(i, &datapath_bin(), env, source_args)
+    }
+
+    /// The same with another build of the agent (an earlier release).
+    pub fn spawn_agent_bin(
+        &mut self,
+        i: usize,
+        bin: &Path,
+        env: &str,
+        source_args: &str,
+    ) -> PathBuf {
         let n = &self.nodes[i];
         let log = self
             .workdir
@@ -363,7 +374,7 @@ impl Topology {
         };
         let cmd = format!(
             "env {env} {} run {node} --pin-dir {} --cni-conf-dir {} --cni-bin-dir {} --cni-ipam-dir {} --subnet-file {} {}",
-            datapath_bin().display(),
+            bin.display(),
             self.pin_dir(i).display(),
             cni.join("net.d").display(),
             cni.join("bin").display(),
@@ -494,10 +505,10 @@ impl Topology {
     }
 
     /// Runs `cni.py` (ADD or DEL) for node `i`'s pod with the agent's configuration list.
-    fn cni(&self, i: usize, command: &str) -> String {
+    fn cni(&self, i: usize, command: &str, runtime_config: &str) -> String {
         let dir = self.cni_dir(i);
         self.nodes[i].ns.exec(&format!(
-            "/usr/bin/python3 {} {command} {} /var/run/netns/{} {}-pod eth0 /usr/lib/cni:{} {}",
+            "/usr/bin/python3 {} {command} {} /var/run/netns/{} {}-pod eth0 /usr/lib/cni:{} {} '{runtime_config}'",
             script("cni.py").display(),
             dir.join("net.d/10-datapath.conflist").display(),
             self.nodes[i].pod.name,
@@ -509,8 +520,14 @@ impl Topology {
 
     /// Plugs node `i`'s pod in through the CNI plugins of the agent's list; returns the result.
     pub fn cni_add(&mut self, i: usize) -> serde_json::Value {
+        self.cni_add_with(i, "{}")
+    }
+
+    /// The same with the runtime's dynamic settings (`{"portMappings": [...]}` for hostPorts),
+    /// given to the plugins whose capabilities ask for them.
+    pub fn cni_add_with(&mut self, i: usize, runtime_config: &str) -> serde_json::Value {
         let result: serde_json::Value =
-            serde_json::from_str(&self.cni(i, "add")).expect("CNI result");
+            serde_json::from_str(&self.cni(i, "add", runtime_config)).expect("CNI result");
         let ip = result["ips"][0]["address"].as_str().expect("an address");
         self.nodes[i].pod_ip = ip.split('/').next().unwrap().to_string();
         result
@@ -518,7 +535,7 @@ impl Topology {
 
     /// Unplugs node `i`'s pod (CNI DEL through the list in reverse).
     pub fn cni_del(&self, i: usize) {
-        self.cni(i, "del");
+        self.cni(i, "del", "{}");
     }
 
     /// Starts a ping pod `from` → pod `to` every 5 ms for `secs` seconds; returns the child

@@ -203,3 +203,40 @@ fn cluster_ip_service(routing: &str) {
         t.cni_del(i);
     }
 }
+
+/// A pod's hostPort, as kubelet asks for it: the runtime hands `portmap` the pod's port
+/// mappings (`runtimeConfig.portMappings`), and `portmap` DNATs node2's address to the pod.
+/// With default settings, pod1 and node1 both reach pod2 through node2:8080, a NAT the host's
+/// stack applies and undoes (its replies take the stack, not the bypass); DEL removes the rules.
+#[test]
+fn a_host_port_reaches_its_pod_through_portmap_with_default_settings() {
+    let mut t = Topology::with_cni(
+        "cnihostport",
+        &[10, 11].map(|host| NodeSpec { subnet: 0, host }),
+    );
+    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    t.cni_add(0);
+    t.cni_add_with(
+        1,
+        r#"{"portMappings": [{"hostPort": 8080, "containerPort": 5001, "protocol": "tcp"}]}"#,
+    );
+    let node2 = t.nodes[1].addr.clone();
+    let (sent, got) = t.tcp_transfer_via(0, 1, &node2, 8080, 10);
+    assert!(sent.ends_with(" 10485760"), "sender printed {sent:?}");
+    assert_eq!(sent, got, "10 MiB from pod1 through node2's hostPort 8080");
+    let nat = t.nodes[1].ns.exec("iptables -t nat -S");
+    assert!(
+        nat.contains("--dport 8080") && nat.contains(&t.nodes[1].pod_ip),
+        "portmap programmed no DNAT toward pod2: {nat}"
+    );
+    // Pod-to-pod traffic keeps its bypass beside the hostPort's NAT.
+    assert_eq!(t.ping(0, 1, 3), 3);
+    for i in 0..2 {
+        t.cni_del(i);
+    }
+    let nat = t.nodes[1].ns.exec("iptables -t nat -S");
+    assert!(!nat.contains("--dport 8080"), "portmap's rules left: {nat}");
+}

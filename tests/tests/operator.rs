@@ -110,7 +110,7 @@ fn probes_metrics_and_status_in_each_state() {
     assert_eq!(st["config"]["vni"], 1);
     assert_eq!(st["config"]["vxlan_port"], 8472);
     assert_eq!(st["config"]["decap"], "tc");
-    assert_eq!(st["config"]["host_routing"], "bpf");
+    assert_eq!(st["config"]["host_routing"], "accepted-flows");
     assert_eq!(st["nodes_known"], 1);
     assert_eq!(st["pod_mtu"], 1450);
     assert_eq!(st["last_reload"]["ok"], true);

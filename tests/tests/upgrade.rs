@@ -13,6 +13,9 @@ use std::{fs, path::Path, thread, time::Duration};
 use integration_tests::{NodeSpec, Topology, release_bin, wait_for, wait_for_text};
 
 const PREVIOUS: &str = "b0238e2";
+/// The last release of map ABI 2, whose default host routing was `bpf` (no flow verdicts, no
+/// pod egress hook, no next-hop cache).
+const ABI2: &str = "400d98e";
 
 fn start_previous(t: &mut Topology, i: usize, bin: &Path, cluster: &Path, decap: &str) {
     let log = t.workdir.join(format!("old-agent-{}.log", t.agents.len()));
@@ -199,11 +202,89 @@ fn a_downgrade_is_refused_before_anything_is_touched() {
     let refused = wait_for_text(&log, "was written with map ABI 99", Duration::from_secs(10));
     let text = fs::read_to_string(&log).unwrap();
     assert!(refused, "no refusal:\n{text}");
-    assert!(text.contains("speaks map ABI 2"), "{text}");
+    let ours = format!("speaks map ABI {}", maps_common::ABI_VERSION);
+    assert!(text.contains(&ours), "{text}");
     assert_eq!(
         t.nodes[0].ns.exec(&format!("ls -R {}", pins.display())),
         before,
         "the refusing agent touched the pins"
     );
     assert_eq!(t.ping(0, 1, 2), 2, "the datapath forwards on");
+}
+
+/// CNI pods on BPF host routing, upgraded from map ABI 2 to this build's default under a 5 ms
+/// ping: nothing lost; the pod keeps its endpoint and gets the egress hook; its flows then go
+/// by netfilter's verdict (a FORWARD rule on node1 applies) and, once accepted, bypass again.
+#[test]
+fn cni_pods_upgraded_from_map_abi_2_lose_nothing_and_come_under_the_policy() {
+    let old = release_bin(ABI2);
+    for encap in ["ipip", "vxlan"] {
+        let mut t = Topology::with_cni(
+            &format!("upcni{encap}"),
+            &[10, 11].map(|host| NodeSpec { subnet: 0, host }),
+        );
+        let cluster = t.write_cluster(&t.cluster_yaml(encap, ""));
+        let source = format!("--cluster {} --watch-ms 100", cluster.display());
+        for i in 0..2 {
+            let log = t.spawn_agent_bin(i, &old, "", &source);
+            t.wait_agent(i, &log);
+            t.cni_add(i);
+        }
+        assert_eq!(t.ping(0, 1, 2), 2, "{ABI2} carries the CNI pods' traffic");
+
+        let mut ping = t.flood_ping(0, 1, 6);
+        thread::sleep(Duration::from_millis(800));
+        t.stop_agents(0);
+        t.start_agent(0, &cluster, "");
+        assert!(
+            ping.try_wait().unwrap().is_none(),
+            "the ping ended before the new agent had attached: it did not span the upgrade"
+        );
+        let (sent, received) = t.flood_ping_result(0, 1, ping);
+        assert!(sent >= 800, "ping sent only {sent}");
+        assert_eq!(sent, received, "{encap}: packets lost in the upgrade");
+        clean_after_migration(&t, 0);
+        let veth = t.nodes[0]
+            .ns
+            .exec("ls /sys/class/net")
+            .split_whitespace()
+            .find(|n| n.starts_with("veth"))
+            .expect("pod1's host-side veth")
+            .to_string();
+        for hooks in ["links/pods", "links/pods-egress"] {
+            let pin = t.pin_dir(0).join(hooks).join(&veth);
+            assert!(pin.exists(), "{} missing after the upgrade", pin.display());
+        }
+
+        // Under the new default, node1's FORWARD judges pod1's new flows...
+        let pod2 = t.nodes[1].pod_ip.clone();
+        let rule = format!("FORWARD -d {pod2} -p icmp -j DROP");
+        t.nodes[0].ns.exec(&format!("iptables -I {rule}"));
+        // The ping flow was accepted before the rule: its next packet is judged once the agent
+        // has the ruleset change (asynchronous, within milliseconds).
+        let took_effect = (0..10).any(|_| t.ping(0, 1, 1) == 0);
+        assert!(
+            took_effect,
+            "{encap}: node1's FORWARD ignored after the upgrade"
+        );
+        assert_eq!(
+            t.ping(0, 1, 2),
+            0,
+            "{encap}: node1's FORWARD rule stopped holding"
+        );
+        t.nodes[0].ns.exec(&format!("iptables -D {rule}"));
+        // ...and what it accepts bypasses the stack after the first packets.
+        let before = t.counter(0, "host_route_out", "bpf");
+        let (sent, got) = t.tcp_transfer(0, 1, 10);
+        assert_eq!(sent, got, "{encap}: 10 MiB after the upgrade");
+        assert!(t.counter(0, "flow_accepted_out", "flows") > 0);
+        let bypassed = t.counter(0, "host_route_out", "bpf") - before;
+        assert!(
+            bypassed > 100,
+            "{encap}: only {bypassed} packets bypassed after the upgrade"
+        );
+        for i in 0..2 {
+            t.cni_del(i);
+        }
+    }
 }
