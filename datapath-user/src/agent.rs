@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    cluster::{self, Cidr, Cluster, Defaults, Limits},
+    cluster::{self, Cidr, Cluster, Defaults, Limits, Settings},
     cni::{self, CniOptions},
     dataplane::{ApplyError, Changes, Dataplane, LocalOptions},
     etcd::{self, EtcdStatus},
@@ -315,6 +315,10 @@ impl Agent {
     async fn apply_full(&mut self, cluster: &Cluster) -> anyhow::Result<Changes> {
         self.note(cluster);
         let csum = with_csum_device(&self.shared, &self.routes.nl, cluster).await?;
+        let before = {
+            let s = lock(&self.shared);
+            (s.dp.settings().map(mode_text), s.dp.pod_mtu())
+        };
         let (mut ch, want, ifindex) = {
             let mut s = lock(&self.shared);
             if let Some(own) = &cluster.own {
@@ -327,6 +331,7 @@ impl Agent {
         };
         self.routes.sync(&want, ifindex, &mut ch).await?;
         drop_csum_device(&self.shared, &self.routes.nl).await?;
+        log_mode_change(&self.shared, before);
         self.install_cni()?;
         self.flannel.apply(&lock(&self.shared).dp)?;
         Ok(ch)
@@ -360,7 +365,7 @@ impl Agent {
         let Some(cidr) = cidr else { return Ok(()) };
         if cni::install_conflist(&self.cni, &cidr, mtu)? {
             info!(
-                path = %self.cni.conf_dir.join(cni::CONFLIST).display(),
+                path = %self.cni.conf_dir.join(&self.cni.conf_name).display(),
                 pod_cidr = %cidr,
                 mtu,
                 "CNI configuration written"
@@ -495,6 +500,7 @@ fn etcd_state(
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    loader::check_privileges()?;
     let probe = http::Probe::new("waiting for the first cluster state");
     if let Some(addr) = opts.metrics {
         http::serve(addr, probe.clone()).await?;
@@ -808,6 +814,37 @@ fn start_kernel_logs(ebpf: &mut aya::Ebpf) {
             });
         }
         Err(e) => warn!("kernel logs unavailable: {e}"),
+    }
+}
+
+/// How a cluster's encapsulation reads in the log.
+fn mode_text(s: &Settings) -> String {
+    let mode = match s.encap {
+        cluster::Encap::Vxlan => format!("vxlan (vni {}, port {})", s.vni, s.port),
+        cluster::Encap::Ipip => "ipip".to_string(),
+    };
+    format!("{mode}, crossSubnet {}", s.cross_subnet)
+}
+
+/// Says so when a state changed the encapsulation (given what it was and the pod MTU then),
+/// and warns when pods made before run at an MTU that is no longer the pod MTU.
+fn log_mode_change(shared: &SharedRef, (mode_before, mtu_before): (Option<String>, u32)) {
+    let s = lock(shared);
+    let (Some(from), Some(to)) = (mode_before, s.dp.settings().map(mode_text)) else {
+        return;
+    };
+    if from != to {
+        info!(from = %from, to = %to, "encapsulation changed");
+    }
+    let mtu = s.dp.pod_mtu();
+    let pods = s.dp.maps.endpoints.keys().count();
+    if mtu != mtu_before && pods > 0 {
+        warn!(
+            pods,
+            old_mtu = mtu_before,
+            new_mtu = mtu,
+            "the pod MTU changed: the CNI configuration has the new one, but the pods made before keep their MTU until they are recreated (larger packets from them are refused with ICMP by the tunnel's route MTU)"
+        );
     }
 }
 

@@ -386,12 +386,22 @@ pub fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster
         && own.is_none()
         && problems.is_empty()
     {
-        let also = if limits.own_addrs.is_empty() {
+        // The address fallback adopts only nodes without a name (flanneld's leases): a named
+        // node at one of this host's addresses is most likely this node under another name.
+        let named_here = nodes
+            .iter()
+            .find(|n| !n.name.is_empty() && limits.own_addrs.contains(&n.address));
+        let also = if let Some(n) = named_here {
+            format!(
+                "; node {:?} has this host's address {}: run with --node {} (the address fallback adopts only nodes without a name, as flanneld's leases are)",
+                n.name, n.address, n.name
+            )
+        } else if limits.own_addrs.is_empty() {
             String::new()
         } else {
             let addrs: Vec<String> = limits.own_addrs.iter().map(ToString::to_string).collect();
             format!(
-                ", nor a node with one of this host's addresses ({})",
+                ", nor an unnamed node (a flanneld lease) with one of this host's addresses ({}): give --node the name the cluster state uses for this host",
                 addrs.join(", ")
             )
         };

@@ -18,7 +18,11 @@ use crate::{cluster::Cidr, loader};
 
 /// Name of the network and of the configuration file.
 pub const NETWORK: &str = "datapath";
-pub const CONFLIST: &str = "10-datapath.conflist";
+/// The configuration list's default name: it sorts before the lists it replaces
+/// (`10-calico.conflist`, `10-flannel.conflist`), and a runtime uses the first.
+pub const CONFLIST: &str = "05-datapath.conflist";
+/// The name earlier releases wrote; removed once the list is written under another.
+const OLD_CONFLIST: &str = "10-datapath.conflist";
 /// The project's plugin: its `type` in the list and its file name in the CNI bin directory.
 pub const PLUGIN: &str = "datapath";
 const CNI_VERSION: &str = "1.0.0";
@@ -27,6 +31,8 @@ const CNI_VERSION: &str = "1.0.0";
 #[derive(Clone, Debug)]
 pub struct CniOptions {
     pub conf_dir: PathBuf,
+    /// The configuration list's file name in `conf_dir` (`--cni-conf-name`).
+    pub conf_name: String,
     pub bin_dir: PathBuf,
     /// host-local's `dataDir`: where IP leases are kept.
     pub ipam_dir: PathBuf,
@@ -67,9 +73,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool
     }
     let dir = path.parent().context("no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // One temporary file per writer: two agents sharing a filesystem (two nodes emulated on
+    // one host) must not rename each other's.
     let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
+        ".{}.{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
     ));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
@@ -88,7 +97,12 @@ pub fn install_plugin(opts: &CniOptions) -> anyhow::Result<()> {
 /// it wrote.
 pub fn install_conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> anyhow::Result<bool> {
     let text = serde_json::to_string_pretty(&conflist(opts, pod_cidr, mtu))? + "\n";
-    write_atomic(&opts.conf_dir.join(CONFLIST), text.as_bytes(), 0o644)
+    let wrote = write_atomic(&opts.conf_dir.join(&opts.conf_name), text.as_bytes(), 0o644)?;
+    let old = opts.conf_dir.join(OLD_CONFLIST);
+    if opts.conf_name != OLD_CONFLIST && old.exists() {
+        std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(wrote)
 }
 
 /// Whether this process was started by a container runtime as a CNI plugin.
@@ -245,9 +259,10 @@ pub struct EndpointRow {
 
 /// What `DP_ENDPOINTS` holds, with interface names.
 pub fn list_endpoints(pin_dir: &Path) -> anyhow::Result<Vec<EndpointRow>> {
-    let eps = endpoints(pin_dir)?;
+    // The maps as `stats` opens them: nothing pinned, or no right to read, said plainly.
+    let maps = crate::maps::DatapathMaps::open_pinned(pin_dir)?;
     let mut rows = Vec::new();
-    for item in eps.iter() {
+    for item in maps.endpoints.iter() {
         let (ip, ep) = item?;
         let host_if = crate::net::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into());
         rows.push(EndpointRow {

@@ -124,6 +124,9 @@ pub struct Dataplane {
     /// What an earlier agent left in the maps, cleared after the first full state.
     stale_nodes: HashMap<Ipv4Addr, NodeEntry>,
     stale_cidrs: BTreeSet<Cidr>,
+    /// Counter slots of peers that left (by address), kept with their counts for the peer's
+    /// return; new peers take them only when no other slot is free.
+    retired: HashMap<Ipv4Addr, u32>,
     /// Generation of the host's netfilter ruleset as the programs know it (`NodeConfig`).
     ruleset_gen: u32,
     /// Generation of the underlay's routes, links and neighbours (`NodeConfig`).
@@ -158,6 +161,7 @@ impl Dataplane {
             native: BTreeMap::new(),
             stale_nodes,
             stale_cidrs,
+            retired: HashMap::new(),
         })
     }
 
@@ -442,6 +446,8 @@ impl Dataplane {
                 .is_some_and(|p| p.node.address != n.address || p.node.pod_cidr != n.pod_cidr);
             if moved && let Some(p) = self.peers.remove(&n.name) {
                 self.unlink(&p, &mut ch)?;
+                // The same node, moved: its counters go on in the same slot.
+                self.retired.insert(n.address, p.entry.peer_idx);
             }
         }
         if replan {
@@ -580,19 +586,36 @@ impl Dataplane {
             Err(e) => return Err(map_err(map_names::NODES)(e)),
         }
         self.by_addr.remove(&p.node.address);
-        self.free.insert(p.entry.peer_idx);
+        self.retire(p.node.address, p.entry.peer_idx);
         Ok(())
     }
 
-    /// A counter slot for a new peer: the one an earlier agent gave this address, else the
-    /// lowest free one, zeroed.
+    /// Frees a peer's counter slot but remembers it, counts and all, for the address.
+    fn retire(&mut self, addr: Ipv4Addr, slot: u32) {
+        self.free.insert(slot);
+        self.retired.insert(addr, slot);
+    }
+
+    /// A counter slot for a new peer, counts kept: the one an earlier agent gave this address,
+    /// or the one it had before it left. Else the lowest free slot no departed peer holds (or,
+    /// when every free slot does, the lowest), zeroed.
     fn claim_slot(&mut self, addr: Ipv4Addr) -> Result<u32, MapsError> {
-        if let Some(e) = self.stale_nodes.remove(&addr)
-            && self.free.remove(&e.peer_idx)
-        {
-            return Ok(e.peer_idx);
+        let known = self.stale_nodes.remove(&addr).map(|e| e.peer_idx);
+        for slot in known.into_iter().chain(self.retired.remove(&addr)) {
+            if self.free.remove(&slot) {
+                return Ok(slot);
+            }
         }
-        let slot = self.free.pop_first().ok_or(MapsError::NoPeerSlot)?;
+        let held: HashSet<u32> = self.retired.values().copied().collect();
+        let slot = self
+            .free
+            .iter()
+            .copied()
+            .find(|s| !held.contains(s))
+            .or_else(|| self.free.first().copied())
+            .ok_or(MapsError::NoPeerSlot)?;
+        self.free.remove(&slot);
+        self.retired.retain(|_, s| *s != slot);
         self.maps.reset_peer(slot)?;
         Ok(slot)
     }
@@ -665,7 +688,7 @@ impl Dataplane {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(err) => return Err(map_err(map_names::NODES)(err)),
                 }
-                self.free.insert(e.peer_idx);
+                self.retire(addr, e.peer_idx);
             }
         }
         Ok(())

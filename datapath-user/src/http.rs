@@ -3,8 +3,10 @@
 //! agent that holds the node; 503 with the reason otherwise) and `/metrics` (OpenMetrics text
 //! from prometheus-client), served by axum.
 use std::{
+    io,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -15,7 +17,8 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use tracing::{error, info};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
 
 /// What the endpoint answers with, set by the agent as it goes.
 pub struct Probe {
@@ -49,23 +52,55 @@ impl Probe {
 /// The OpenMetrics text format's content type, as prometheus-client writes it.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Binds `addr` and serves the three paths in the background.
+/// How often a port another process holds is tried again.
+const BIND_RETRY: Duration = Duration::from_millis(500);
+
+/// Binds `addr` and serves the three paths in the background. A port in use (most likely by
+/// the agent this one replaces, on a host network) is tried again every `BIND_RETRY` in the
+/// background until it is free; any other failure to bind is an error.
 pub async fn serve(addr: SocketAddr, probe: Arc<Probe>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => Some(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            warn!(
+                %addr,
+                "the HTTP endpoint's port is in use, most likely by the agent this one replaces; trying again every {} ms",
+                BIND_RETRY.as_millis()
+            );
+            None
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("binding the HTTP endpoint on {addr}"));
+        }
+    };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(probe);
-    info!(%addr, "serving /healthz, /readyz and /metrics");
     tokio::spawn(async move {
+        let listener = match listener {
+            Some(l) => l,
+            None => bind_when_free(addr).await,
+        };
+        info!(%addr, "serving /healthz, /readyz and /metrics");
         if let Err(e) = axum::serve(listener, app).await {
             error!("HTTP endpoint stopped: {e}");
         }
     });
     Ok(())
+}
+
+/// Binds `addr` once the process holding it has let it go.
+async fn bind_when_free(addr: SocketAddr) -> TcpListener {
+    loop {
+        tokio::time::sleep(BIND_RETRY).await;
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => warn!(%addr, "binding the HTTP endpoint: {e}; trying again"),
+        }
+    }
 }
 
 async fn readyz(State(p): State<Arc<Probe>>) -> impl IntoResponse {

@@ -1,5 +1,6 @@
 //! The node agent's library: cluster state, loading and attaching, map sync, counters.
 pub mod agent;
+pub mod check;
 pub mod cluster;
 pub mod clusterdoc;
 pub mod cni;

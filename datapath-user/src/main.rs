@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use datapath_user::{
     agent::{self, AgentOptions},
+    check::Report,
     cluster::{self, Defaults, Encap, Limits},
     etcd,
     loader::{self, DecapHook},
@@ -16,7 +17,7 @@ use datapath_user::{
 #[derive(Parser)]
 #[command(
     name = "datapath",
-    version,
+    version = env!("DATAPATH_VERSION"),
     about = "eBPF IPIP/VXLAN encapsulation datapath for Kubernetes pod networking"
 )]
 struct Cli {
@@ -63,6 +64,17 @@ impl ModeArgs {
     }
 }
 
+/// Where the read-only commands look, and how they print.
+#[derive(clap::Args)]
+struct ReadArgs {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Where the agent pinned its maps and links (its --pin-dir).
+    #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
 #[derive(Subcommand)]
 #[expect(
     clippy::large_enum_variant,
@@ -87,6 +99,7 @@ enum Cmd {
         /// `<prefix>/subnets/<a.b.c.d-len>`), watched: comma-separated URLs.
         #[arg(long, value_delimiter = ',')]
         etcd_endpoints: Vec<String>,
+        /// The etcd key prefix of Flannel's layout (flanneld's --etcd-prefix).
         #[arg(long, default_value = "/coreos.com/network")]
         etcd_prefix: String,
         /// TLS: CA bundle that signed the etcd servers' certificates.
@@ -95,6 +108,7 @@ enum Cmd {
         /// TLS: client certificate and key.
         #[arg(long, requires = "etcd_keyfile")]
         etcd_certfile: Option<PathBuf>,
+        /// TLS: the client certificate's private key.
         #[arg(long, requires = "etcd_certfile")]
         etcd_keyfile: Option<PathBuf>,
         /// Write and keep alive this node's own lease (as flanneld does): for `--pod-cidr`, or
@@ -149,9 +163,14 @@ enum Cmd {
         /// kernels), or auto (tcx where the kernel has it).
         #[arg(long, value_enum, default_value = "auto")]
         tc_attach: loader::TcAttach,
-        /// Where the node's CNI configuration list (10-datapath.conflist) is written.
+        /// Where the node's CNI configuration list is written.
         #[arg(long, default_value = "/etc/cni/net.d")]
         cni_conf_dir: PathBuf,
+        /// The configuration list's file name. The runtime uses the first list in the
+        /// directory by name: the default sorts before 10-calico.conflist and
+        /// 10-flannel.conflist, which it replaces.
+        #[arg(long, default_value = datapath_user::cni::CONFLIST)]
+        cni_conf_name: String,
         /// Where this binary is installed as the `datapath` CNI plugin.
         #[arg(long, default_value = "/opt/cni/bin")]
         cni_bin_dir: PathBuf,
@@ -174,16 +193,23 @@ enum Cmd {
         #[command(flatten)]
         mode: ModeArgs,
     },
-    /// Validate a cluster file: print every problem, exit non-zero if any.
+    /// Validate a cluster file as the agent would: print every problem with its path. Exit
+    /// status 0: valid; 3: accepted with warnings or nodes left out; 1: rejected.
     #[command(
-        after_help = "Example:\n  kubectl get nodes -o json > nodes.json && datapath check --cluster nodes.json --node node1"
+        after_help = "Example:\n  kubectl get nodes -o json > nodes.json && datapath check --cluster nodes.json --node node1\n  datapath check --cluster cluster.yaml --json | jq .verdict"
     )]
     Check {
+        /// The cluster file, or `kubectl get nodes -o json` output, to check.
         #[arg(long)]
         cluster: PathBuf,
+        /// One JSON object: verdict (ok, warnings, invalid), nodes, skipped, warnings,
+        /// errors (each with its path), and the mode.
+        #[arg(long)]
+        json: bool,
         /// Also require this node to be present.
         #[arg(long)]
         node: Option<String>,
+        /// Nodes the maps would hold (the agent's --max-nodes): more nodes are an error.
         #[arg(long, default_value_t = maps_common::DEFAULT_MAX_NODES)]
         max_nodes: u32,
         #[command(flatten)]
@@ -193,40 +219,42 @@ enum Cmd {
     /// in effect, nodes, the last reload, pod MTU, agent version and map ABI.
     #[command(after_help = "Example:\n  datapath status --json | jq .attached")]
     Status {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Print the datapath's counters, read from the pinned maps.
     #[command(after_help = "Example:\n  datapath stats --json | jq .drops")]
     Stats {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Print the local pods the CNI plugin recorded: pod IP -> host-side interface, MACs.
     #[command(after_help = "Example:\n  datapath endpoints --json")]
     Endpoints {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Print what the kernel maps hold: pod CIDR -> node, VTEP MAC, mode.
     #[command(after_help = "Example:\n  datapath routes --pin-dir /sys/fs/bpf/datapath")]
     Routes {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Remove the programs, links, pins and routes the agent made.
     #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
     Detach {
+        /// Where the agent pinned its maps and links (its --pin-dir).
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Mount bpffs where the host has none, so that pins outlive the agent (the DaemonSet's
+    /// init container, with mountPropagation: Bidirectional). Does nothing where bpffs is
+    /// mounted already; refuses a mount that would stay private to this mount namespace.
+    #[command(after_help = "Example:\n  datapath mount-bpffs --path /sys/fs/bpf")]
+    MountBpffs {
+        /// Where bpffs belongs.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        path: PathBuf,
     },
 }
 
@@ -283,6 +311,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             host_routing,
             tc_attach,
             cni_conf_dir,
+            cni_conf_name,
             cni_bin_dir,
             cni_ipam_dir,
             log_level,
@@ -346,6 +375,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 iface,
                 cni: datapath_user::cni::CniOptions {
                     conf_dir: cni_conf_dir,
+                    conf_name: cni_conf_name,
                     bin_dir: cni_bin_dir,
                     ipam_dir: cni_ipam_dir,
                     pin_dir: pin_dir.clone(),
@@ -371,6 +401,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Check {
             cluster,
+            json,
             node,
             max_nodes,
             mode,
@@ -382,48 +413,41 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let text = std::fs::read_to_string(&cluster)
                 .with_context(|| format!("reading {}", cluster.display()))?;
-            match cluster::parse(&text, &mode.defaults(), &limits) {
-                Ok(c) => {
-                    println!(
-                        "ok: {} nodes, {} (vni {}, port {}), crossSubnet {}",
-                        c.nodes.len(),
-                        c.encap.name(),
-                        c.vni,
-                        c.port,
-                        c.cross_subnet
-                    );
-                    for w in &c.warnings {
-                        println!("warning: {w}");
-                    }
-                    for p in &c.skipped {
-                        println!("skipped: {p}");
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(invalid) => {
-                    for p in &invalid.0 {
-                        println!("{p}");
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
+            let report = Report::of(&cluster::parse(&text, &mode.defaults(), &limits));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
             }
+            Ok(report.exit_code())
         }
-        Cmd::Stats { json, pin_dir } | Cmd::Routes { json, pin_dir } if json => {
+        Cmd::Stats {
+            read: ReadArgs { json, pin_dir },
+        }
+        | Cmd::Routes {
+            read: ReadArgs { json, pin_dir },
+        } if json => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             println!("{}", serde_json::to_string_pretty(&Snapshot::read(&maps)?)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Stats { pin_dir, .. } => {
+        Cmd::Stats {
+            read: ReadArgs { pin_dir, .. },
+        } => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             print!("{}", Snapshot::read(&maps)?.render_stats());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Routes { pin_dir, .. } => {
+        Cmd::Routes {
+            read: ReadArgs { pin_dir, .. },
+        } => {
             let maps = DatapathMaps::open_pinned(&pin_dir)?;
             print!("{}", Snapshot::read(&maps)?.render_routes());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { json, pin_dir } => {
+        Cmd::Status {
+            read: ReadArgs { json, pin_dir },
+        } => {
             let st = datapath_user::status::Status::read(&pin_dir);
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
@@ -432,7 +456,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Endpoints { json, pin_dir } => {
+        Cmd::Endpoints {
+            read: ReadArgs { json, pin_dir },
+        } => {
             let rows = datapath_user::cni::list_endpoints(&pin_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -447,6 +473,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         r.pod_ip, r.host_if, r.ifindex, r.pod_mac, r.host_mac
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::MountBpffs { path } => {
+            if loader::mount_bpffs_once(&path)? {
+                println!(
+                    "mounted bpffs on {} (it outlives this process)",
+                    path.display()
+                );
+            } else {
+                println!("bpffs is mounted on {} already", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }

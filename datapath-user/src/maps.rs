@@ -33,6 +33,12 @@ pub enum MapsError {
         .dir.display()
     )]
     NotPinned { path: PathBuf, dir: PathBuf },
+    #[error(
+        "permission denied opening {}: reading the datapath's pins needs root (or CAP_BPF and access to {}); try sudo",
+        .path.display(),
+        .dir.display()
+    )]
+    PinsDenied { path: PathBuf, dir: PathBuf },
     #[error("node {0:?} is not in the cluster state")]
     OwnNodeMissing(String),
     #[error("no free peer slot: raise --max-nodes")]
@@ -68,9 +74,16 @@ impl DatapathMaps {
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapsError> {
         Self::from_maps(|name| {
             let path = crate::loader::map_pin_path(pin_dir, name);
-            let md = MapData::from_pin(&path).map_err(|_| MapsError::NotPinned {
-                path: path.clone(),
-                dir: pin_dir.to_path_buf(),
+            let md = MapData::from_pin(&path).map_err(|e| {
+                let (path, dir) = (path.clone(), pin_dir.to_path_buf());
+                match e {
+                    MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                        if matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+                    {
+                        MapsError::PinsDenied { path, dir }
+                    }
+                    _ => MapsError::NotPinned { path, dir },
+                }
             })?;
             Map::from_map_data(md).map_err(map_err(name))
         })

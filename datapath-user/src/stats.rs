@@ -62,6 +62,9 @@ pub struct Snapshot {
     pub routes: Vec<RouteRow>,
 }
 
+/// Which bytes each counter counts: each program counts the frame as it has it.
+pub const BYTES_LEGEND: &str = "bytes are Ethernet frames as each program counted them: encap, native, pass and peer tx before encapsulation (the pod's packet); decap and peer rx as received (tunnel headers included, 20 B IPIP, 50 B VXLAN); host_route_out after encapsulation; host_route_in after decapsulation";
+
 impl Snapshot {
     pub fn read(maps: &DatapathMaps) -> Result<Self, MapsError> {
         let cfg = maps.read_config()?;
@@ -154,10 +157,16 @@ impl Snapshot {
                 c.direction, c.mode, c.packets, c.bytes
             );
         }
-        let _ = writeln!(s, "drops (non-zero):");
-        for d in self.drops.iter().filter(|d| d.packets > 0) {
+        let drops: Vec<_> = self.drops.iter().filter(|d| d.packets > 0).collect();
+        if drops.is_empty() {
+            let _ = writeln!(s, "drops: none");
+        } else {
+            let _ = writeln!(s, "drops (non-zero):");
+        }
+        for d in drops {
             let _ = writeln!(s, "  {:<20} {:>14} {:>16}", d.reason, d.packets, d.bytes);
         }
+        let _ = writeln!(s, "{BYTES_LEGEND}");
         let _ = writeln!(s, "peers:");
         for r in self.routes.iter().filter(|r| r.mode != "local") {
             let _ = writeln!(

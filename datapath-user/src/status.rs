@@ -22,6 +22,8 @@ pub struct Hook {
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub node_addr: Ipv4Addr,
+    /// The underlay interface the programs are attached to, by name (or its index).
+    pub underlay: String,
     pub mode: &'static str,
     pub vni: u32,
     pub vxlan_port: u16,
@@ -34,6 +36,8 @@ pub struct Config {
 #[derive(Clone, Debug, Serialize)]
 pub struct Reload {
     pub unix: u64,
+    /// The same in this host's local time, for people.
+    pub local_time: String,
     pub ok: bool,
     pub reloads: u64,
     pub failures: u64,
@@ -157,6 +161,7 @@ impl Status {
         if info.abi_version != 0 {
             self.last_reload = Some(Reload {
                 unix: info.last_reload_unix,
+                local_time: local_time(info.last_reload_unix),
                 ok: info.last_reload_ok == 1,
                 reloads: info.reloads,
                 failures: info.reload_failures,
@@ -165,6 +170,8 @@ impl Status {
         if cfg.node_addr != [0; 4] {
             self.config = Some(Config {
                 node_addr: Ipv4Addr::from(cfg.node_addr),
+                underlay: crate::net::if_name(cfg.underlay_ifindex)
+                    .unwrap_or_else(|| format!("ifindex {}", cfg.underlay_ifindex)),
                 mode: route_mode::name(info.mode),
                 vni: cfg.vni,
                 vxlan_port: cfg.vxlan_port,
@@ -214,8 +221,9 @@ impl Status {
         if let Some(c) = &self.config {
             let _ = writeln!(
                 s,
-                "  config    node {}  mode {}  vni {}  port {}  crossSubnet {}  host routing {}  decap {}  tc attach {}",
+                "  config    node {} on {}  mode {}  vni {}  port {}  crossSubnet {}  host routing {}  decap {}  tc attach {}",
                 c.node_addr,
+                c.underlay,
                 c.mode,
                 c.vni,
                 c.vxlan_port,
@@ -233,8 +241,8 @@ impl Status {
         if let Some(r) = &self.last_reload {
             let _ = writeln!(
                 s,
-                "  reload    last at unix {} {}; {} reloads, {} failed",
-                r.unix,
+                "  reload    last at {} {}; {} reloads, {} failed",
+                r.local_time,
                 if r.ok {
                     "succeeded"
                 } else {
@@ -269,4 +277,32 @@ pub fn version_bytes() -> [u8; 16] {
         *d = b;
     }
     version
+}
+
+/// `unix` (seconds) as this host's local time and how long ago, e.g.
+/// `2026-12-03 10:16:33 +0000 (42 s ago)`.
+fn local_time(unix: u64) -> String {
+    let t = unix as libc::time_t;
+    // SAFETY: all-zero is a valid tm; localtime_r writes into it and reads only `t`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return format!("unix {unix}");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let off = tm.tm_gmtoff / 60;
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} {}{:02}{:02} ({} s ago)",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        if off < 0 { '-' } else { '+' },
+        off.abs() / 60,
+        off.abs() % 60,
+        now.saturating_sub(unix)
+    )
 }

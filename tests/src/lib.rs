@@ -507,10 +507,16 @@ impl Topology {
     /// Runs `cni.py` (ADD or DEL) for node `i`'s pod with the agent's configuration list.
     fn cni(&self, i: usize, command: &str, runtime_config: &str) -> String {
         let dir = self.cni_dir(i);
+        // As a runtime does: the first list by name (an earlier release wrote 10-datapath).
+        let conflist = ["05-datapath.conflist", "10-datapath.conflist"]
+            .iter()
+            .map(|name| dir.join("net.d").join(name))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| dir.join("net.d/05-datapath.conflist"));
         self.nodes[i].ns.exec(&format!(
             "/usr/bin/python3 {} {command} {} /var/run/netns/{} {}-pod eth0 /usr/lib/cni:{} {} '{runtime_config}'",
             script("cni.py").display(),
-            dir.join("net.d/10-datapath.conflist").display(),
+            conflist.display(),
             self.nodes[i].pod.name,
             self.nodes[i].pod.name,
             dir.join("bin").display(),

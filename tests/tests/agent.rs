@@ -264,6 +264,86 @@ fn check_reads_a_kubectl_nodelist() {
     );
 }
 
+/// `check` tells a clean state, one accepted with nodes left out, and one rejected apart, by
+/// its exit status (0, 3, 1), its first line and `--json`; IPIP names no VNI or port.
+#[test]
+fn check_exit_status_and_json_tell_ok_warnings_and_errors_apart() {
+    let dir = std::env::temp_dir().join(integration_tests::unique("checkjson"));
+    fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, text: &str, args: &str| {
+        let file = dir.join(name);
+        fs::write(&file, text).unwrap();
+        let out = sh_out(&format!(
+            "{} check --cluster {} {args}",
+            datapath_bin().display(),
+            file.display()
+        ));
+        let json = sh_out(&format!(
+            "{} check --json --cluster {} {args}",
+            datapath_bin().display(),
+            file.display()
+        ));
+        let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(
+            out.status.code(),
+            json.status.code(),
+            "{name}: --json changed the status"
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            report,
+        )
+    };
+    let mut partial: serde_json::Value = serde_json::from_str(NODELIST).unwrap();
+    let spec = partial["items"][1]["spec"].as_object_mut().unwrap();
+    spec.remove("podCIDR");
+    spec.remove("podCIDRs");
+    let ipip = "encapsulation: ipip\nnodes:\n  - { name: a, address: 192.168.1.10, podCIDR: 10.244.0.0/24 }\n  - { name: b, address: 192.168.1.11, podCIDR: 10.244.1.0/24 }\n";
+    let overlapping = "encapsulation: vxlan\nnodes:\n  - { name: a, address: 192.168.1.10, podCIDR: 10.244.0.0/16 }\n  - { name: b, address: 192.168.1.11, podCIDR: 10.244.1.0/24 }\n";
+    let cases = [
+        run("ipip.yaml", ipip, ""),
+        run("partial.json", &partial.to_string(), "--node minikube"),
+        run("overlap.yaml", overlapping, ""),
+    ];
+    let _ = fs::remove_dir_all(&dir);
+
+    let (code, text, report) = &cases[0];
+    assert_eq!(*code, Some(0), "{text}");
+    assert_eq!(text.trim(), "ok: 2 nodes, ipip, crossSubnet false");
+    assert_eq!(report["verdict"], "ok");
+    assert_eq!(report["vni"], serde_json::Value::Null, "{report}");
+
+    let (code, text, report) = &cases[1];
+    assert_eq!(*code, Some(3), "skipped nodes must not exit 0: {text}");
+    assert!(
+        text.starts_with("accepted with warnings: 1 of 2 nodes in use"),
+        "{text}"
+    );
+    assert!(
+        text.contains("skipped: items[1].spec.podCIDR: missing"),
+        "{text}"
+    );
+    assert_eq!(report["verdict"], "warnings");
+    assert_eq!(report["nodes"], 1);
+    assert_eq!(
+        report["skipped"][0]["path"], "items[1].spec.podCIDR",
+        "{report}"
+    );
+
+    let (code, text, report) = &cases[2];
+    assert_eq!(*code, Some(1), "{text}");
+    assert!(text.starts_with("invalid: "), "{text}");
+    assert_eq!(report["verdict"], "invalid");
+    let errors = report["errors"].as_array().unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().starts_with("nodes[")),
+        "{report}"
+    );
+}
+
 /// Trimmed from `kubectl get nodes -o json` of a two-node cluster running Flannel.
 const NODELIST: &str = r#"{
     "apiVersion": "v1",
@@ -314,3 +394,55 @@ const NODELIST: &str = r#"{
     "kind": "List",
     "metadata": { "resourceVersion": "" }
 }"#;
+
+/// node2's row in node1's `datapath routes`: (counter slot, packets sent to it).
+fn node2_row(t: &Topology) -> Option<(u64, u64)> {
+    t.stats(0)["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == t.nodes[1].addr)
+        .map(|r| {
+            (
+                r["peer_slot"].as_u64().unwrap(),
+                r["tx_packets"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// A peer absent from the first state after a restart (its lease gone a while, a NodeList
+/// caught mid-change) and back later keeps its counter slot and its counts, as a peer that
+/// moved does; a node that was never there gets a slot no departed peer holds.
+#[test]
+fn a_peer_that_leaves_and_returns_keeps_its_counters() {
+    let mut t = Topology::three_nodes("peerback", 0);
+    let all = t.cluster_yaml("ipip", "");
+    let cluster = t.write_cluster(&all);
+    t.start_agent(0, &cluster, "");
+    t.start_agent(1, &cluster, "");
+    assert_eq!(t.ping(0, 1, 5), 5);
+    let (slot, sent) = node2_row(&t).expect("node2 known");
+    assert!(sent >= 5, "node2's counter: {sent}");
+
+    t.stop_agents(0);
+    let without_node2: String = all
+        .split("  - name: ")
+        .filter(|n| !n.starts_with("node2\n"))
+        .collect::<Vec<_>>()
+        .join("  - name: ");
+    t.write_cluster(&without_node2);
+    t.start_agent(0, &cluster, "");
+    assert_eq!(node2_row(&t), None, "node2 is not in the state");
+    t.write_cluster(&all);
+    assert!(
+        wait_for(Duration::from_secs(5), || node2_row(&t).is_some()),
+        "node2 not back after the reload"
+    );
+    let (slot_back, sent_back) = node2_row(&t).unwrap();
+    assert_eq!(slot_back, slot, "node2's counter slot moved");
+    assert!(
+        sent_back >= sent,
+        "node2's counts were lost: {sent} before it left, {sent_back} after it came back"
+    );
+    assert_eq!(t.ping(0, 1, 3), 3);
+}

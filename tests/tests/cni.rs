@@ -1,5 +1,5 @@
 //! Pods plugged in the way a container runtime plugs them: each plugin of the agent's
-//! `10-datapath.conflist` (ptp with host-local IPAM, this project's plugin, portmap) run in
+//! `05-datapath.conflist` (ptp with host-local IPAM, this project's plugin, portmap) run in
 //! order by `tests/cni.py` per the CNI spec, on two nodes; then pod-to-pod traffic with BPF
 //! host routing and with the kernel's, a Service through kube-proxy-style NAT, and DEL.
 //!
@@ -42,7 +42,7 @@ fn endpoints(t: &Topology, i: usize) -> serde_json::Value {
 }
 
 fn conflist_is_the_nodes(t: &Topology, i: usize, mtu: u64) {
-    let path = t.cni_dir(i).join("net.d/10-datapath.conflist");
+    let path = t.cni_dir(i).join("net.d/05-datapath.conflist");
     let list: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     let types: Vec<&str> = list["plugins"]

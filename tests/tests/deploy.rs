@@ -48,6 +48,11 @@ fn manifests_are_valid_kubernetes_objects() {
         "path: /run/flannel",
         "secretName: datapath-etcd-tls",
         "drop: [\"ALL\"]",
+        // bpffs on the host from the init container, etcd by address from a ConfigMap.
+        "command: [\"/datapath\", \"mount-bpffs\", \"--path\", \"/sys/fs/bpf\"]",
+        "mountPropagation: Bidirectional",
+        "mountPropagation: HostToContainer",
+        "name: datapath-config",
     ] {
         assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
     }

@@ -198,3 +198,52 @@ fn the_two_node_core_with_netlink_tc_attachment() {
         );
     }
 }
+
+/// Errors that name their cause and the fix: the agent without privileges, `status` without
+/// the right to read the pins of a running agent, and `--node` naming no node where a named
+/// node holds this host's address.
+#[test]
+fn errors_name_the_cause_and_the_fix() {
+    let (t, cluster) = Topology::two_nodes_running("errs", "vxlan", "", "");
+    let bin = integration_tests::datapath_bin();
+    let nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all";
+    let out = t.nodes[0].ns.exec_out(&format!(
+        "timeout 10 {nobody} {} run --cluster {} --node node1 --pin-dir {}/unprivileged",
+        bin.display(),
+        cluster.display(),
+        t.workdir.display()
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unprivileged agent ran");
+    assert!(
+        err.contains("the agent needs root") && err.contains("CAP_BPF"),
+        "no word of privileges:\n{err}"
+    );
+
+    let out = t.nodes[0].ns.exec_out(&format!(
+        "{nobody} {} status --pin-dir {}",
+        bin.display(),
+        t.pin_dir(0).display()
+    ));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("permission denied") && !said.contains("nothing is pinned"),
+        "status without privileges blames the pins:\n{said}"
+    );
+
+    // node1 runs at 192.168.1.10 under the name node1; --node says otherwise.
+    let log = t.workdir.join("wrong-node.log");
+    let out = t.nodes[0].ns.exec_out(&format!(
+        "timeout 5 {bin} run --cluster {cluster} --node vm --pin-dir {w}/wrong-node --cni-conf-dir {w}/wn/net.d --cni-bin-dir {w}/wn/bin --cni-ipam-dir {w}/wn/ipam --subnet-file {w}/wn/subnet.env > {log} 2>&1",
+        bin = bin.display(),
+        w = t.workdir.display(),
+        log = log.display(),
+        cluster = cluster.display()
+    ));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("node \"node1\" has this host's address 192.168.1.10: run with --node node1"),
+        "the fallback does not say which node this host is ({:?}):\n{text}",
+        out.status
+    );
+}

@@ -277,8 +277,15 @@ fn image(tag: &str) -> Result<()> {
     Ok(())
 }
 
+/// Builds the agent, saying what and how long: a fresh checkout compiles for minutes.
 fn build() -> Result<()> {
-    run(cargo().args(["build", "--quiet", "-p", "datapath-user"]))
+    println!(
+        "build: the datapath agent and its kernel programs (cargo build -p datapath-user; a few minutes on a fresh checkout, seconds after)"
+    );
+    let started = Instant::now();
+    run(cargo().args(["build", "--quiet", "-p", "datapath-user"]))?;
+    println!("build: done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Runs `cmd`, echoing its output, and adds the counts of cargo's `test result:` lines.

@@ -1,0 +1,120 @@
+//! `datapath check`: a cluster state judged as the agent would judge it, for people and for
+//! scripts (`--json`), with an exit status that tells a clean state, one accepted with
+//! warnings or nodes left out, and one rejected apart.
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use crate::cluster::{Cluster, Encap, Invalid, Problem};
+
+/// Exit status of a state accepted with warnings or skipped nodes (1 is a rejected state,
+/// 2 a usage error).
+pub const EXIT_WARNINGS: u8 = 3;
+
+/// What `check` found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `ok`, `warnings` (accepted, with warnings or nodes left out) or `invalid` (rejected).
+    pub verdict: &'static str,
+    /// Nodes the agent would use.
+    pub nodes: usize,
+    /// Nodes of live data left out as incomplete or unreadable.
+    pub skipped: Vec<Finding>,
+    pub warnings: Vec<String>,
+    /// Why the state is rejected, every problem with its path.
+    pub errors: Vec<Finding>,
+    /// The mode in effect (absent when rejected); `vni` and `port` only for VXLAN.
+    pub encapsulation: Option<&'static str>,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub cross_subnet: Option<bool>,
+}
+
+/// A problem at a place in the state.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub path: String,
+    pub reason: String,
+}
+
+impl From<&Problem> for Finding {
+    fn from(p: &Problem) -> Self {
+        Self {
+            path: p.path.clone(),
+            reason: p.reason.clone(),
+        }
+    }
+}
+
+impl Report {
+    pub fn of(result: &Result<Cluster, Invalid>) -> Self {
+        match result {
+            Ok(c) => {
+                let vxlan = c.encap == Encap::Vxlan;
+                let clean = c.warnings.is_empty() && c.skipped.is_empty();
+                Self {
+                    verdict: if clean { "ok" } else { "warnings" },
+                    nodes: c.nodes.len(),
+                    skipped: c.skipped.iter().map(Finding::from).collect(),
+                    warnings: c.warnings.clone(),
+                    errors: Vec::new(),
+                    encapsulation: Some(c.encap.name()),
+                    vni: vxlan.then_some(c.vni),
+                    port: vxlan.then_some(c.port),
+                    cross_subnet: Some(c.cross_subnet),
+                }
+            }
+            Err(invalid) => Self {
+                verdict: "invalid",
+                nodes: 0,
+                skipped: Vec::new(),
+                warnings: Vec::new(),
+                errors: invalid.0.iter().map(Finding::from).collect(),
+                encapsulation: None,
+                vni: None,
+                port: None,
+                cross_subnet: None,
+            },
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self.verdict {
+            "ok" => ExitCode::SUCCESS,
+            "warnings" => ExitCode::from(EXIT_WARNINGS),
+            _ => ExitCode::FAILURE,
+        }
+    }
+
+    /// The report for people: a verdict line, then one line per finding.
+    pub fn text(&self) -> String {
+        let mode = match (self.encapsulation, self.vni, self.port) {
+            (Some(e), Some(vni), Some(port)) => format!("{e} (vni {vni}, port {port})"),
+            (Some(e), ..) => e.to_string(),
+            (None, ..) => String::new(),
+        };
+        let cross = self.cross_subnet.unwrap_or(false);
+        let mut out = match self.verdict {
+            "ok" => format!("ok: {} nodes, {mode}, crossSubnet {cross}\n", self.nodes),
+            "warnings" => format!(
+                "accepted with warnings: {} of {} nodes in use, {mode}, crossSubnet {cross}\n",
+                self.nodes,
+                self.nodes + self.skipped.len()
+            ),
+            _ => format!(
+                "invalid: {} problem(s); rejected whole\n",
+                self.errors.len()
+            ),
+        };
+        for w in &self.warnings {
+            out += &format!("warning: {w}\n");
+        }
+        for s in &self.skipped {
+            out += &format!("skipped: {}: {}\n", s.path, s.reason);
+        }
+        for e in &self.errors {
+            out += &format!("{}: {}\n", e.path, e.reason);
+        }
+        out
+    }
+}
