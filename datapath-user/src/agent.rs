@@ -110,6 +110,10 @@ struct Shared {
     decap: Option<DecapHook>,
     /// Changes of the host's netfilter ruleset seen (`--host-routing accepted-flows`).
     ruleset_changes: u64,
+    /// Reference CNI plugins missing from the CNI bin directory (`cni::missing_plugins`).
+    cni_missing: u8,
+    /// SIGTERM or SIGINT came: the agent is on its way out.
+    stopping: bool,
 }
 
 impl Shared {
@@ -139,7 +143,8 @@ impl Shared {
             } else {
                 1
             },
-            _pad: [0; 2],
+            cni_missing: self.cni_missing,
+            stopping: u8::from(self.stopping),
             pod_mtu: self.dp.pod_mtu(),
             nodes_skipped: r.skipped as u32,
             version: crate::status::version_bytes(),
@@ -552,6 +557,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tc_mode: opts.tc_attach.resolve(),
         decap: None,
         ruleset_changes: 0,
+        cni_missing: 0,
+        stopping: false,
     }));
     let installed = nl
         .owned_routes()
@@ -579,6 +586,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         notes: Default::default(),
     };
     cni::install_plugin(&opts.cni)?;
+    check_cni_plugins(&shared, &opts.cni, &probe);
     let changes = agent.apply_full(&cluster).await?;
     if migrating {
         upgrade::carry_state(&opts.pin_dir, &mut lock(&shared).dp.maps)?;
@@ -622,7 +630,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         ruleset::keep_tcp_tracking_liberal();
         ruleset::watch()
     });
-    serve(agent, rx, rulesets, opts.ip_masq).await
+    serve(agent, rx, rulesets, probe, opts.ip_masq).await
 }
 
 /// A netfilter ruleset change: accepted flows are judged again from their next packet on.
@@ -764,6 +772,7 @@ async fn serve(
     mut agent: Agent,
     mut rx: mpsc::Receiver<Update>,
     mut rulesets: Option<mpsc::Receiver<ruleset::Change>>,
+    probe: Arc<http::Probe>,
     ip_masq: bool,
 ) -> anyhow::Result<()> {
     let shared = agent.shared.clone();
@@ -774,6 +783,8 @@ async fn serve(
     // flanneld re-checks its rules every 5 s: someone may have flushed them.
     let mut masq = tokio::time::interval(Duration::from_secs(5));
     masq.tick().await;
+    let mut plugins = tokio::time::interval(CNI_PLUGIN_CHECK);
+    plugins.tick().await;
     loop {
         tokio::select! {
             u = rx.recv() => match u {
@@ -795,9 +806,15 @@ async fn serve(
                     warn!("masquerade rules: {e:#}");
                 }
             }
+            _ = plugins.tick() => check_cni_plugins(&shared, &agent.cni, &probe),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+    {
+        let mut s = lock(&shared);
+        s.stopping = true;
+        s.record();
     }
     info!("stopping; programs stay attached and forwarding from their pins");
     Ok(())
@@ -815,6 +832,33 @@ fn start_kernel_logs(ebpf: &mut aya::Ebpf) {
         }
         Err(e) => warn!("kernel logs unavailable: {e}"),
     }
+}
+
+/// How often the CNI bin directory is looked at again for the reference plugins.
+const CNI_PLUGIN_CHECK: Duration = Duration::from_secs(10);
+
+/// Looks for the reference CNI plugins the configuration list names; says so (log, `/readyz`,
+/// `datapath status`) when some are missing, and again when they come.
+fn check_cni_plugins(shared: &SharedRef, cni_opts: &CniOptions, probe: &http::Probe) {
+    let mask = cni::missing_plugins(cni_opts);
+    let mut s = lock(shared);
+    if mask == s.cni_missing {
+        return;
+    }
+    s.cni_missing = mask;
+    s.record();
+    if mask == 0 {
+        info!(dir = %cni_opts.bin_dir.display(), "the reference CNI plugins are there now");
+        probe.set_cni_problem(None);
+        return;
+    }
+    let why = format!(
+        "CNI plugins {} missing from {}: no pod can be created on this node; install the reference plugins (containernetworking-plugins) there",
+        cni::plugin_names(mask).join(", "),
+        cni_opts.bin_dir.display()
+    );
+    warn!("{why}");
+    probe.set_cni_problem(Some(why));
 }
 
 /// How a cluster's encapsulation reads in the log.

@@ -23,6 +23,34 @@ pub const NETWORK: &str = "datapath";
 pub const CONFLIST: &str = "05-datapath.conflist";
 /// The name earlier releases wrote; removed once the list is written under another.
 const OLD_CONFLIST: &str = "10-datapath.conflist";
+/// The reference plugins the list names beside this project's (Debian's and kubeadm's
+/// containernetworking-plugins): the runtime runs them from the CNI bin directory.
+pub const REFERENCE_PLUGINS: [&str; 3] = ["ptp", "host-local", "portmap"];
+
+/// The reference plugins absent from `opts.bin_dir`, or not executable there, as a bit mask
+/// in `REFERENCE_PLUGINS` order (`AgentInfo::cni_missing`).
+pub fn missing_plugins(opts: &CniOptions) -> u8 {
+    use std::os::unix::fs::PermissionsExt as _;
+    REFERENCE_PLUGINS
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            !std::fs::metadata(opts.bin_dir.join(p))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .fold(0, |mask, (i, _)| mask | (1 << i))
+}
+
+/// The names of a `missing_plugins` mask.
+pub fn plugin_names(mask: u8) -> Vec<&'static str> {
+    REFERENCE_PLUGINS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, p)| *p)
+        .collect()
+}
+
 /// The project's plugin: its `type` in the list and its file name in the CNI bin directory.
 pub const PLUGIN: &str = "datapath";
 const CNI_VERSION: &str = "1.0.0";

@@ -24,6 +24,8 @@ use tracing::{error, info, warn};
 pub struct Probe {
     /// `None` when ready; otherwise why not.
     not_ready: Mutex<Option<String>>,
+    /// Why pods cannot be created on this node (CNI plugins missing), if so: not ready either.
+    cni: Mutex<Option<String>>,
     /// Renders the metrics; absent until the datapath is loaded.
     metrics: Mutex<Option<Box<dyn Fn() -> String + Send>>>,
 }
@@ -32,6 +34,7 @@ impl Probe {
     pub fn new(not_ready: &str) -> Arc<Self> {
         Arc::new(Self {
             not_ready: Mutex::new(Some(not_ready.to_string())),
+            cni: Mutex::new(None),
             metrics: Mutex::new(None),
         })
     }
@@ -42,6 +45,10 @@ impl Probe {
 
     pub fn set_not_ready(&self, why: &str) {
         *self.not_ready.lock().expect("probe lock") = Some(why.to_string());
+    }
+
+    pub fn set_cni_problem(&self, why: Option<String>) {
+        *self.cni.lock().expect("probe lock") = why;
     }
 
     pub fn set_metrics(&self, render: impl Fn() -> String + Send + 'static) {
@@ -104,7 +111,8 @@ async fn bind_when_free(addr: SocketAddr) -> TcpListener {
 }
 
 async fn readyz(State(p): State<Arc<Probe>>) -> impl IntoResponse {
-    match p.not_ready.lock().expect("probe lock").clone() {
+    let not_ready = p.not_ready.lock().expect("probe lock").clone();
+    match not_ready.or_else(|| p.cni.lock().expect("probe lock").clone()) {
         None => (StatusCode::OK, "ready\n".to_string()),
         Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

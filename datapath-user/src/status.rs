@@ -60,6 +60,11 @@ pub struct Status {
     pub agent_version: String,
     pub agent_pid: u32,
     pub agent_running: bool,
+    /// The agent got SIGTERM and is on its way out (its programs stay).
+    pub agent_stopping: bool,
+    /// Reference CNI plugins the agent found missing from its CNI bin directory: no pod can
+    /// be created on this node until they are there.
+    pub cni_plugins_missing: Vec<&'static str>,
     /// Map ABI of the pinned maps (as the agent that wrote them recorded it).
     pub map_abi: u32,
     /// This binary's version and map ABI.
@@ -129,6 +134,8 @@ impl Status {
             agent_version: String::new(),
             agent_pid: 0,
             agent_running: false,
+            agent_stopping: false,
+            cni_plugins_missing: Vec::new(),
             map_abi: 0,
             cli_version: VERSION,
             cli_map_abi: ABI_VERSION,
@@ -157,6 +164,8 @@ impl Status {
         self.agent_pid = info.pid;
         // SAFETY: kill with signal 0 only checks that the process exists.
         self.agent_running = info.pid != 0 && unsafe { libc::kill(info.pid as i32, 0) } == 0;
+        self.agent_stopping = self.agent_running && info.stopping == 1;
+        self.cni_plugins_missing = crate::cni::plugin_names(info.cni_missing);
         self.map_abi = info.abi_version;
         if info.abi_version != 0 {
             self.last_reload = Some(Reload {
@@ -252,15 +261,22 @@ impl Status {
                 r.failures
             );
         }
+        if !self.cni_plugins_missing.is_empty() {
+            let _ = writeln!(
+                s,
+                "  cni       plugins {} missing from the agent's --cni-bin-dir: no pod can be created here",
+                self.cni_plugins_missing.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "  agent     {} (pid {}, {}), map ABI {}; this binary {} (map ABI {})",
             self.agent_version,
             self.agent_pid,
-            if self.agent_running {
-                "running"
-            } else {
-                "not running"
+            match (self.agent_running, self.agent_stopping) {
+                (true, false) => "running",
+                (true, true) => "stopping",
+                _ => "not running",
             },
             self.map_abi,
             self.cli_version,

@@ -363,7 +363,11 @@ pub struct AgentInfo {
     pub host_routing: u8,
     /// How TC programs are attached: 1 tcx, 2 netlink (clsact).
     pub tc_attach: u8,
-    pub _pad: [u8; 2],
+    /// Reference CNI plugins missing from the CNI bin directory, one bit each in the order of
+    /// the configuration list (ptp, host-local, portmap).
+    pub cni_missing: u8,
+    /// 1 once the agent is stopping (SIGTERM): its pid lives on a moment longer.
+    pub stopping: u8,
     pub pod_mtu: u32,
     pub nodes_skipped: u32,
     /// The agent's version, NUL-padded.

@@ -366,6 +366,7 @@ impl Topology {
             .workdir
             .join(format!("agent-{}-{}.log", n.name, self.agents.len()));
         let cni = self.cni_dir(i);
+        install_reference_plugins(&cni.join("bin"));
         // `--node` comes first so a test's own `--node` (or none: `NONODE`) can override it.
         let node = if source_args.contains("NONODE") {
             String::new()
@@ -762,6 +763,19 @@ pub fn release_bin(commit: &str) -> PathBuf {
     ));
     assert!(bin.exists(), "{} not built", bin.display());
     bin
+}
+
+/// Puts the reference CNI plugins (Debian's containernetworking-plugins) into a node's CNI
+/// bin directory, as a node's package or install step does: the agent looks for them there.
+pub fn install_reference_plugins(bin_dir: &Path) {
+    fs::create_dir_all(bin_dir).expect("CNI bin dir");
+    for p in ["ptp", "host-local", "portmap"] {
+        let link = bin_dir.join(p);
+        if !link.exists() {
+            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), &link)
+                .expect("linking a reference plugin");
+        }
+    }
 }
 
 /// Starts the captures a wire check compares: node1's underlay port (`u0`, tunnel packets of

@@ -247,3 +247,66 @@ fn errors_name_the_cause_and_the_fix() {
         out.status
     );
 }
+
+/// The reference CNI plugins the conflist names, missing from the agent's CNI bin directory:
+/// named in the log, `/readyz` (503) and `datapath status` until they are installed, then
+/// ready within the agent's 10 s re-check.
+#[test]
+fn missing_cni_plugins_are_named_until_they_are_installed() {
+    let (mut t, cluster) = Topology::two_nodes_running("cniplug", "vxlan", "", "");
+    t.stop_agents(0);
+    let bin_dir = t.workdir.join("bare-cni-bin");
+    let w = t.workdir.display().to_string();
+    let log = t.workdir.join("agent-no-plugins.log");
+    t.spawn_raw(
+        0,
+        &format!(
+            "{} run --cluster {} --node node1 --pin-dir {} --metrics 127.0.0.1:9464 --cni-conf-dir {w}/np/net.d --cni-bin-dir {} --cni-ipam-dir {w}/np/ipam --subnet-file {w}/np/subnet.env",
+            integration_tests::datapath_bin().display(),
+            cluster.display(),
+            t.pin_dir(0).display(),
+            bin_dir.display()
+        ),
+        &log,
+    );
+    t.wait_agent(0, &log);
+    let (code, body) = http(&t, 0, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("CNI plugins ptp, host-local, portmap missing from"),
+        "{body}"
+    );
+    assert_eq!(
+        status(&t, 0)["cni_plugins_missing"],
+        serde_json::json!(["ptp", "host-local", "portmap"])
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("no pod can be created")
+    );
+    assert_eq!(
+        t.ping(0, 1, 2),
+        2,
+        "forwarding does not wait for the plugins"
+    );
+
+    integration_tests::install_reference_plugins(&bin_dir);
+    assert!(
+        wait_for(Duration::from_secs(15), || http(&t, 0, "/readyz").0 == 200),
+        "not ready once the plugins are there: {:?}",
+        http(&t, 0, "/readyz")
+    );
+    assert_eq!(status(&t, 0)["cni_plugins_missing"], serde_json::json!([]));
+
+    // SIGTERM: the agent records that it is stopping before it goes (status says "stopping"
+    // while its pid lives on).
+    t.stop_agents(0);
+    let info = t.nodes[0].ns.exec(&format!(
+        "bpftool -j map dump pinned {}/maps/DP_AGENT",
+        t.pin_dir(0).display()
+    ));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info[0]["formatted"]["value"]["stopping"], 1, "{info}");
+    assert_eq!(status(&t, 0)["agent_running"], false);
+}

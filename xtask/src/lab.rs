@@ -210,6 +210,15 @@ impl Lab {
     /// Starts the agent on node `i` (1 or 2) and waits until its programs are attached.
     pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Child> {
         let log_path = format!("/tmp/{}-agent{i}.log", self.prefix);
+        // The reference plugins the agent's CNI list names, where it looks for them.
+        let bin_dir = format!("{}/bin", self.cni_dir(i));
+        std::fs::create_dir_all(&bin_dir)?;
+        for p in ["ptp", "host-local", "portmap"] {
+            let link = Path::new(&bin_dir).join(p);
+            if !link.exists() {
+                std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), link)?;
+            }
+        }
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(&format!("n{i}"))])
