@@ -16,7 +16,7 @@ use aya::{
 };
 use datapath_user::{
     cluster::{self, Defaults, Limits},
-    dataplane::{Dataplane, LocalOptions},
+    dataplane::{Dataplane, HostRouting, LocalOptions},
     loader::{self, LoadOptions},
     maps::DatapathMaps,
     net::Iface,
@@ -92,6 +92,11 @@ impl Env {
 
     /// `extra` goes into the cluster file before `nodes:`.
     pub fn with(encap: &str, extra: &str) -> Self {
+        Self::routed(encap, extra, HostRouting::Kernel)
+    }
+
+    /// With `host_routing` in the programs' configuration.
+    pub fn routed(encap: &str, extra: &str, host_routing: HostRouting) -> Self {
         let ns = ThreadNetns::enter();
         let ifindex: u32 = std::fs::read_to_string("/sys/class/net/ul0/ifindex")
             .ok()
@@ -135,11 +140,16 @@ impl Env {
             inner_src_check: true,
             max_nodes: 64,
             csum_ifindex: 0,
-            host_routing: datapath_user::dataplane::HostRouting::Kernel,
+            host_routing,
         };
         let mut dp = Dataplane::new(maps, local).expect("dataplane");
         dp.apply_full(&cluster).expect("fill the maps");
-        for name in [prog_names::TC_ENCAP_EGRESS, prog_names::TC_DECAP_INGRESS] {
+        for name in [
+            prog_names::TC_ENCAP_EGRESS,
+            prog_names::TC_DECAP_INGRESS,
+            prog_names::TC_POD_INGRESS,
+            prog_names::TC_POD_EGRESS,
+        ] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("verifier accepts the TC program");
         }
@@ -204,6 +214,11 @@ impl Env {
 
     pub fn drops(&self, reason: DropReason) -> u64 {
         DatapathMaps::sum_counters(&self.dp.maps.drops)[reason as usize].packets
+    }
+
+    /// Packets counted under `id`.
+    pub fn counter(&self, id: maps_common::CounterId) -> u64 {
+        DatapathMaps::sum_counters(&self.dp.maps.counters)[id as usize].packets
     }
 }
 

@@ -9,8 +9,8 @@
 //! ```
 //! The FIB and neighbour lookups of the encap program resolve in that namespace, so the output
 //! MACs are known. The only byte not fixed in advance is VXLAN's UDP source port: it comes from
-//! the kernel's flow hash, whose seed is random per boot; it is checked to lie in the Linux
-//! VXLAN device's range and to be stable for a flow.
+//! the skb's hash where it has one, else from a hash of the inner flow; it is checked to lie in
+//! the Linux VXLAN device's range and to be stable for a flow.
 use integration_tests::progtest::*;
 use maps_common::{DropReason, prog_names};
 
