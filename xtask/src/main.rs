@@ -361,7 +361,9 @@ fn test(filter: Option<&str>) -> Result<()> {
             .args(&filter_args),
         &mut tests,
     );
-    let image_built = filter.is_none()
+    // The image test's prerequisite: built whenever that test is among those that run.
+    let image_test = "the_image_holds_a_self_contained_agent";
+    let image_built = filter.is_none_or(|f| image_test.contains(f))
         && step(
             "container image (static datapath, deploy/Containerfile)",
             Command::new(std::env::current_exe()?).args(["image", "--tag", TEST_IMAGE]),
