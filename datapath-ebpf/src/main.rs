@@ -72,6 +72,10 @@ pub static DP_FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FLOWS as usize }> 
 #[btf_map]
 pub static DP_NEXTHOPS: PerCpuArray<NextHop, MAX_NODES> = PerCpuArray::new();
 
+/// Why the agent last rejected a cluster state, for `datapath status`; no program reads it.
+#[btf_map]
+pub static DP_AGENT_NOTE: Array<[u8; maps_common::AGENT_NOTE_LEN], 1> = Array::new();
+
 /// What the agent last applied, for `datapath status`; no program reads it.
 #[btf_map]
 pub static DP_AGENT: Array<AgentInfo, 1> = Array::new();

@@ -92,6 +92,8 @@ struct ReloadState {
     revision: i64,
     /// Nodes of the last state left out as incomplete or unreadable.
     skipped: usize,
+    /// Why the last state was rejected, while the last reload is a rejection (`DP_AGENT_NOTE`).
+    rejected: Option<String>,
 }
 
 struct Shared {
@@ -117,6 +119,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Records why the last state was rejected ("" clears it) in `DP_AGENT_NOTE`.
+    fn note_rejection(&mut self, why: &str) {
+        if let Err(e) = self.dp.maps.write_agent_note(why) {
+            warn!(
+                "recording the rejection in {}: {e}",
+                maps_common::map_names::AGENT_NOTE
+            );
+        }
+    }
+
     /// Writes what the agent runs and last did into `DP_AGENT`, for `datapath status`.
     fn record(&mut self) {
         let mode = match self.dp.settings().map(|s| s.encap) {
@@ -450,12 +462,18 @@ impl Agent {
             Err(e) => {
                 s.reload.last_reload_ok = false;
                 s.reload.failures += 1;
+                s.reload.rejected = Some(format!("{reason}: {e:#}"));
                 self.dirty = true;
                 error!(
                     reason,
                     "cluster state rejected, last good state stays: {e:#}"
                 );
             }
+        }
+        if s.reload.last_reload_ok && s.reload.rejected.take().is_some() {
+            s.note_rejection("");
+        } else if let Some(why) = s.reload.rejected.clone() {
+            s.note_rejection(&why);
         }
         s.record();
     }

@@ -11,8 +11,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use maps_common::{
-    AgentInfo, Counter, Endpoint, FlowKey, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
-    map_names,
+    AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, NodeConfig, NodeEntry, PeerStats,
+    PodKey, PodRoute, map_names,
 };
 
 use crate::cluster::Cidr;
@@ -61,6 +61,7 @@ pub struct DatapathMaps {
     pub endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     pub stack_flows: HashMap<MapData, FlowKey, u32>,
     pub agent: Array<MapData, AgentInfo>,
+    pub agent_note: Array<MapData, [u8; AGENT_NOTE_LEN]>,
 }
 
 impl DatapathMaps {
@@ -109,6 +110,7 @@ impl DatapathMaps {
             endpoints: typed(&mut get, map_names::ENDPOINTS)?,
             stack_flows: typed(&mut get, map_names::STACK_FLOWS)?,
             agent: typed(&mut get, map_names::AGENT)?,
+            agent_note: typed(&mut get, map_names::AGENT_NOTE)?,
         })
     }
 
@@ -140,6 +142,29 @@ impl DatapathMaps {
 
     pub fn read_agent(&self) -> Result<AgentInfo, MapsError> {
         self.agent.get(&0, 0).map_err(map_err(map_names::AGENT))
+    }
+
+    /// Why the last rejected state was rejected, as the agent recorded it ("" if none was).
+    pub fn read_agent_note(&self) -> Result<String, MapsError> {
+        let note = self
+            .agent_note
+            .get(&0, 0)
+            .map_err(map_err(map_names::AGENT_NOTE))?;
+        let end = note.iter().position(|b| *b == 0).unwrap_or(note.len());
+        Ok(String::from_utf8_lossy(&note[..end]).into_owned())
+    }
+
+    /// Records `why` (cut on a character boundary to fit), or clears it with "".
+    pub fn write_agent_note(&mut self, why: &str) -> Result<(), MapsError> {
+        let mut note = [0u8; AGENT_NOTE_LEN];
+        let mut end = why.len().min(AGENT_NOTE_LEN);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        note[..end].copy_from_slice(&why.as_bytes()[..end]);
+        self.agent_note
+            .set(0, note, 0)
+            .map_err(map_err(map_names::AGENT_NOTE))
     }
 
     pub fn write_agent(&mut self, info: &AgentInfo) -> Result<(), MapsError> {

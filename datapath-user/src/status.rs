@@ -41,6 +41,8 @@ pub struct Reload {
     pub ok: bool,
     pub reloads: u64,
     pub failures: u64,
+    /// Why the last state was rejected, when the last reload was a rejection.
+    pub rejected: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -174,6 +176,9 @@ impl Status {
                 ok: info.last_reload_ok == 1,
                 reloads: info.reloads,
                 failures: info.reload_failures,
+                rejected: (info.last_reload_ok != 1)
+                    .then(|| maps.read_agent_note().unwrap_or_default())
+                    .filter(|why| !why.is_empty()),
             });
         }
         if cfg.node_addr != [0; 4] {
@@ -252,10 +257,10 @@ impl Status {
                 s,
                 "  reload    last at {} {}; {} reloads, {} failed",
                 r.local_time,
-                if r.ok {
-                    "succeeded"
-                } else {
-                    "FAILED (the last good state stays)"
+                match (r.ok, &r.rejected) {
+                    (true, _) => "succeeded".to_string(),
+                    (false, Some(why)) => format!("FAILED (the last good state stays): {why}"),
+                    (false, None) => "FAILED (the last good state stays)".to_string(),
                 },
                 r.reloads,
                 r.failures

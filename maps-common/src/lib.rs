@@ -33,6 +33,9 @@ pub mod map_names {
     /// `Array<AgentInfo, 1>`: what the agent last did, for `datapath status` (the programs do
     /// not read it).
     pub const AGENT: &str = "DP_AGENT";
+    /// `Array<[u8; AGENT_NOTE_LEN], 1>`: why the last rejected cluster state was rejected
+    /// (UTF-8, NUL-padded), for `datapath status`; no program reads it.
+    pub const AGENT_NOTE: &str = "DP_AGENT_NOTE";
     /// `LruHashMap<FlowKey, FastFlow>`: pod flows on their way to the host's netfilter for a
     /// verdict, and those it accepted, which BPF host routing then carries (default mode).
     pub const FAST_FLOWS: &str = "DP_FAST_FLOWS";
@@ -40,7 +43,7 @@ pub mod map_names {
     /// kernel's FIB last gave it, valid while `NodeConfig::underlay_gen` is unchanged.
     pub const NEXTHOPS: &str = "DP_NEXTHOPS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -53,6 +56,7 @@ pub mod map_names {
         AGENT,
         FAST_FLOWS,
         NEXTHOPS,
+        AGENT_NOTE,
     ];
 }
 
@@ -206,7 +210,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 12] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 13] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -272,6 +276,7 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 12] 
             size_of::<NextHop>() as u32,
             max_nodes,
         ),
+        (map_names::AGENT_NOTE, 4, AGENT_NOTE_LEN as u32, 1),
     ]
 }
 
@@ -374,6 +379,9 @@ pub struct AgentInfo {
     pub version: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<AgentInfo>() == 64);
+
+/// Bytes of `DP_AGENT_NOTE`'s one value: the last rejection's reason, cut to fit.
+pub const AGENT_NOTE_LEN: usize = 256;
 
 /// Value of `DP_ENDPOINTS` (key: the pod's IPv4, wire order): what delivering straight into
 /// a local pod needs.

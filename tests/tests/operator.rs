@@ -136,6 +136,18 @@ fn probes_metrics_and_status_in_each_state() {
         status(&t, 0)
     );
     assert_eq!(status(&t, 0)["attached"], true);
+    // With its reason, in the JSON and the text.
+    let why = status(&t, 0)["last_reload"]["rejected"].clone();
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("config")),
+        "the rejection's reason is not shown: {why}"
+    );
+    let text = t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("FAILED (the last good state stays): "),
+        "{text}"
+    );
     assert_eq!(
         http(&t, 0, "/readyz").0,
         200,
