@@ -35,12 +35,13 @@ pub enum Verdict {
     /// Not a tunnel packet for this node: hand it on untouched.
     Pass,
     /// Ours and allowed: remove `strip` bytes after the outer Ethernet header; `host_routing`:
-    /// BPF host routing is on (the inner packet may go straight into its pod).
+    /// the configuration, when BPF host routing is on (the inner packet may go straight into
+    /// its pod), so that delivery reads it no second time.
     Decap {
         strip: u32,
         counter: CounterId,
         peer_idx: u32,
-        host_routing: bool,
+        host_routing: Option<&'static NodeConfig>,
     },
 }
 
@@ -196,7 +197,7 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         strip,
         counter,
         peer_idx,
-        host_routing: cfg.flags & config_flags::HOST_ROUTING_BPF != 0,
+        host_routing: (cfg.flags & config_flags::HOST_ROUTING_BPF != 0).then_some(cfg),
     })
 }
 
@@ -304,10 +305,10 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             count(counter, len);
             count_peer(peer_idx, false, len);
             // Revalidated inside: the head moved.
-            if !host_routing {
+            let Some(cfg) = host_routing else {
                 return Ok(TC_ACT_OK);
-            }
-            Ok(hostroute::deliver(ctx).unwrap_or(TC_ACT_OK))
+            };
+            Ok(hostroute::deliver(ctx, cfg).unwrap_or(TC_ACT_OK))
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     DP_CONFIG, DP_NEXTHOPS, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
     csum, hostroute, lookup,
-    parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
+    parse::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, l4_ports, ptr_at, ptr_at_mut},
 };
 
 const AF_INET: u8 = 2;
@@ -375,13 +375,8 @@ fn flow_hash(ctx: &TcContext, inner: &Ipv4Hdr) -> u32 {
     let mut h = u32::from_ne_bytes(inner.src_addr)
         ^ u32::from_ne_bytes(inner.dst_addr).rotate_left(16)
         ^ inner.proto as u32;
-    let first = u16::from_be_bytes(inner.frags) & IP_OFFSET == 0;
-    if first && (inner.proto == IPPROTO_TCP || inner.proto == IPPROTO_UDP) {
-        let off = EthHdr::LEN + (inner.vihl & 0x0f) as usize * 4;
-        if let Some(ports) = ptr_at::<[u8; 4], _>(ctx, off) {
-            // SAFETY: ptr_at checked the bounds.
-            h ^= u32::from_ne_bytes(unsafe { *ports }).rotate_left(8);
-        }
+    if let Some(([sport, dport], _)) = l4_ports(ctx, inner) {
+        h ^= u32::from_ne_bytes([sport[0], sport[1], dport[0], dport[1]]).rotate_left(8);
     }
     // murmur3's finaliser: every input bit reaches every output bit.
     h ^= h >> 16;

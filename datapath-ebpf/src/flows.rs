@@ -8,12 +8,12 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use maps_common::{
     CounterId, FastFlow, FlowKey, NodeConfig, REVERIFY_NS, config_flags, flow_state,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     DP_FAST_FLOWS,
     counters::count,
-    parse::{IP_OFFSET, IPPROTO_TCP, IPPROTO_UDP, ptr_at},
+    parse::{IPPROTO_TCP, l4_ports, ptr_at},
 };
 
 /// TCP flags conntrack must see (SYN, FIN, RST): such packets always take the stack.
@@ -38,15 +38,9 @@ pub fn seen(ctx: &TcContext, ip: &Ipv4Hdr, dir: u8) -> Seen {
         ..FlowKey::default()
     };
     let mut control = false;
-    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
-    if first && (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
-        let off = EthHdr::LEN + ((ip.vihl & 0x0f) as usize) * 4;
-        if let Some(ports) = ptr_at::<[[u8; 2]; 2], _>(ctx, off) {
-            // SAFETY: ptr_at checked the bounds.
-            let ports = unsafe { *ports };
-            key.sport = ports[0];
-            key.dport = ports[1];
-        }
+    if let Some((ports, off)) = l4_ports(ctx, ip) {
+        key.sport = ports[0];
+        key.dport = ports[1];
         if ip.proto == IPPROTO_TCP {
             // A TCP header too short to hold its flags is the stack's to judge.
             control = match ptr_at::<u8, _>(ctx, off + 13) {

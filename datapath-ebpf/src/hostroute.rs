@@ -92,13 +92,11 @@ pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
     {
         return;
     }
-    if flows::enforced(cfg) {
-        let out = flows::seen(ctx, ip, flow_dir::OUT).key;
-        if flows::forwarded(cfg, &out, CounterId::FlowAcceptedOut, ctx.len()) {
-            return;
-        }
+    let mut key = flows::seen(ctx, ip, flow_dir::OUT).key;
+    if flows::enforced(cfg) && flows::forwarded(cfg, &key, CounterId::FlowAcceptedOut, ctx.len()) {
+        return;
     }
-    let key = flows::seen(ctx, ip, 0).key;
+    key.dir = 0;
     // The lookup also marks the entry recently used, keeping a live flow from eviction.
     if DP_STACK_FLOWS.get_ptr(key).is_none() {
         // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
@@ -110,10 +108,9 @@ pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
 /// the flow's other direction left through the host's stack (where a Service's NAT may have
 /// rewritten it, to be undone by the stack) or, with `flows` enforced, netfilter has yet to
 /// accept the flow. Returns the redirect verdict, or `None` to let the stack deliver it.
-/// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`).
+/// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`) in `cfg`.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext) -> Option<i32> {
-    let cfg = DP_CONFIG.get(0)?;
+pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     let inner = ipv4_at(ctx)?;
     if inner.ttl <= 1 {
         return None;

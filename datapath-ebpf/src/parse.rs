@@ -7,6 +7,21 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Fragment offset bits of the IPv4 flags/fragment-offset field.
 pub const IP_OFFSET: u16 = 0x1fff;
 
+/// The source and destination ports (wire order) of a TCP or UDP packet whose IPv4 header `ip`
+/// stands behind the Ethernet header, and the L4 header's offset; `None` for other protocols,
+/// a non-first fragment, or ports beyond the linear area.
+#[inline(always)]
+pub fn l4_ports(ctx: &TcContext, ip: &network_types::ip::Ipv4Hdr) -> Option<([[u8; 2]; 2], usize)> {
+    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
+    if !first || (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let off = network_types::eth::EthHdr::LEN + ((ip.vihl & 0x0f) as usize) * 4;
+    let ports = ptr_at::<[[u8; 2]; 2], _>(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    Some((unsafe { *ports }, off))
+}
+
 /// A context whose packet bytes lie between `data()` and `data_end()`.
 pub trait Packet {
     fn data(&self) -> usize;

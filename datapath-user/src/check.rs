@@ -11,11 +11,21 @@ use crate::cluster::{Cluster, Encap, Invalid, Problem};
 /// 2 a usage error).
 pub const EXIT_WARNINGS: u8 = 3;
 
+/// How a state fared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    /// Accepted, with warnings or nodes left out.
+    Warnings,
+    /// Rejected whole.
+    Invalid,
+}
+
 /// What `check` found.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `ok`, `warnings` (accepted, with warnings or nodes left out) or `invalid` (rejected).
-    pub verdict: &'static str,
+    pub verdict: Verdict,
     /// Nodes the agent would use.
     pub nodes: usize,
     /// Nodes of live data left out as incomplete or unreadable.
@@ -53,7 +63,11 @@ impl Report {
                 let vxlan = c.encap == Encap::Vxlan;
                 let clean = c.warnings.is_empty() && c.skipped.is_empty();
                 Self {
-                    verdict: if clean { "ok" } else { "warnings" },
+                    verdict: if clean {
+                        Verdict::Ok
+                    } else {
+                        Verdict::Warnings
+                    },
                     nodes: c.nodes.len(),
                     skipped: c.skipped.iter().map(Finding::from).collect(),
                     warnings: c.warnings.clone(),
@@ -65,7 +79,7 @@ impl Report {
                 }
             }
             Err(invalid) => Self {
-                verdict: "invalid",
+                verdict: Verdict::Invalid,
                 nodes: 0,
                 skipped: Vec::new(),
                 warnings: Vec::new(),
@@ -80,9 +94,9 @@ impl Report {
 
     pub fn exit_code(&self) -> ExitCode {
         match self.verdict {
-            "ok" => ExitCode::SUCCESS,
-            "warnings" => ExitCode::from(EXIT_WARNINGS),
-            _ => ExitCode::FAILURE,
+            Verdict::Ok => ExitCode::SUCCESS,
+            Verdict::Warnings => ExitCode::from(EXIT_WARNINGS),
+            Verdict::Invalid => ExitCode::FAILURE,
         }
     }
 
@@ -95,13 +109,13 @@ impl Report {
         };
         let cross = self.cross_subnet.unwrap_or(false);
         let mut out = match self.verdict {
-            "ok" => format!("ok: {} nodes, {mode}, crossSubnet {cross}\n", self.nodes),
-            "warnings" => format!(
+            Verdict::Ok => format!("ok: {} nodes, {mode}, crossSubnet {cross}\n", self.nodes),
+            Verdict::Warnings => format!(
                 "accepted with warnings: {} of {} nodes in use, {mode}, crossSubnet {cross}\n",
                 self.nodes,
                 self.nodes + self.skipped.len()
             ),
-            _ => format!(
+            Verdict::Invalid => format!(
                 "invalid: {} problem(s); rejected whole\n",
                 self.errors.len()
             ),
