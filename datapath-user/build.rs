@@ -9,10 +9,17 @@ fn main() -> anyhow::Result<()> {
     version_with_commit(&manifest_dir);
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../datapath-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
+    // The floor programs only for the benchmark: the object a node runs holds none.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        &["floor"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "datapath-ebpf",
             root_dir: ebpf_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

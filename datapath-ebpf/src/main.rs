@@ -138,13 +138,17 @@ pub fn tc_csum_dev_ingress(ctx: TcContext) -> i32 {
     drop_tc(&ctx, DropReason::KernelTunnelRx)
 }
 
-/// Returns at once: the floor the benchmark subtracts from the TC programs' cost.
+/// Returns at once: the floor the benchmark subtracts from the TC programs' cost (only in
+/// the benchmark's build of the object).
+#[cfg(feature = "floor")]
 #[classifier]
 pub fn tc_floor(_ctx: TcContext) -> i32 {
     aya_ebpf::bindings::TC_ACT_OK
 }
 
-/// Returns at once: the floor the benchmark subtracts from the XDP program's cost.
+/// Returns at once: the floor the benchmark subtracts from the XDP program's cost (only in
+/// the benchmark's build of the object).
+#[cfg(feature = "floor")]
 #[xdp]
 pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS

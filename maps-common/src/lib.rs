@@ -178,6 +178,18 @@ pub mod host_routing {
     }
 }
 
+/// `AgentInfo::decap_hook`: where decapsulation runs.
+pub mod decap_hook {
+    pub const XDP: u8 = 1;
+    pub const TC: u8 = 2;
+}
+
+/// `AgentInfo::tc_attach`: how the TC programs are attached.
+pub mod tc_attach {
+    pub const TCX: u8 = 1;
+    pub const NETLINK: u8 = 2;
+}
+
 /// `FastFlow::state`: where a flow of `DP_FAST_FLOWS` stands with the host's netfilter.
 pub mod flow_state {
     /// A packet of the flow went to the host's stack for netfilter's verdict; the program on

@@ -62,7 +62,7 @@ pub fn datapath_bin() -> PathBuf {
         .join("datapath");
     assert!(
         bin.exists(),
-        "{} missing: build it first (cargo build -p datapath-user)",
+        "{} missing: build it first (cargo build -p datapath-user --features fault-injection)",
         bin.display()
     );
     bin

@@ -15,11 +15,11 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use datapath_user::{
-    cluster::{self, Defaults, Limits},
-    dataplane::{Dataplane, HostRouting, LocalOptions},
-    loader::{self, LoadOptions},
-    maps::DatapathMaps,
-    net::Iface,
+    cluster::{Defaults, Limits},
+    kernel::loader::{self, LoadOptions},
+    kernel::maps::DatapathMaps,
+    reconcile::dataplane::{Dataplane, HostRouting, LocalOptions},
+    underlay::netlink::Iface,
 };
 use maps_common::{DropReason, prog_names};
 
@@ -118,7 +118,8 @@ impl Env {
             own_node: Some("node1".into()),
             own_addrs: Vec::new(),
         };
-        let cluster = cluster::parse(&text, &Defaults::default(), &limits).expect("cluster");
+        let cluster = datapath_user::source::parse_text(&text, &Defaults::default(), &limits)
+            .expect("cluster");
         let mut ebpf = loader::load(&LoadOptions {
             max_nodes: 64,
             log_level: 0,

@@ -11,7 +11,7 @@
 //!        pod veth tc_pod_egress (marks the flow accepted)
 //!        then: tc_decap_ingress delivers into the pod itself (bpf_redirect_peer)
 //! ```
-use datapath_user::dataplane::HostRouting;
+use datapath_user::reconcile::dataplane::HostRouting;
 use integration_tests::progtest::*;
 use maps_common::{CounterId, Endpoint, ROUTE_NEXTHOP_MAC, prog_names};
 

@@ -238,7 +238,7 @@ fn vxlan_encap_with_udp_checksum_is_exact() {
 /// Node1's view of `peers` (name, address, pod CIDR) besides itself, applied whole as the
 /// agent applies a new cluster state.
 fn apply_peers(env: &mut Env, peers: &[(&str, &str, &str)]) {
-    use datapath_user::cluster::{self, Defaults, Limits};
+    use datapath_user::cluster::{Defaults, Limits};
     let mut text = String::from(
         "encapsulation: ipip\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n",
     );
@@ -250,7 +250,8 @@ fn apply_peers(env: &mut Env, peers: &[(&str, &str, &str)]) {
         own_node: Some("node1".into()),
         own_addrs: Vec::new(),
     };
-    let cluster = cluster::parse(&text, &Defaults::default(), &limits).expect("cluster");
+    let cluster =
+        datapath_user::source::parse_text(&text, &Defaults::default(), &limits).expect("cluster");
     env.dp.apply_full(&cluster).expect("apply");
 }
 

@@ -86,6 +86,8 @@ fn main() -> Result<()> {
             setup()?;
             bench::check_tools()?;
             run(cargo().args(["build", "--quiet", "--release", "-p", "datapath-user"]))?;
+            // Apart: built together, datapath-user would get the bench feature too.
+            run(cargo().args(["build", "--quiet", "--release", "-p", "datapath-bench"]))?;
             bench::run(&workspace().join("target/release/datapath"), rounds, secs)
         }
         Cmd::Image { tag } => {
@@ -350,8 +352,15 @@ fn test(filter: Option<&str>) -> Result<()> {
         &mut tests,
     );
     let built = step(
-        "build datapath",
-        cargo().args(["build", "--quiet", "-p", "datapath-user"]),
+        "build datapath (with the upgrade tests' crash points)",
+        cargo().args([
+            "build",
+            "--quiet",
+            "-p",
+            "datapath-user",
+            "--features",
+            "fault-injection",
+        ]),
         &mut tests,
     );
     step(

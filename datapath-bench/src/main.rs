@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use datapath_user::loader;
+use datapath_user::kernel::loader;
+
+mod progbench;
 
 #[derive(Parser)]
 #[command(
@@ -77,7 +79,7 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::BenchProgs { nodes, iterations } => {
-            let costs = datapath_user::progbench::measure(nodes, iterations)?;
+            let costs = progbench::measure(nodes, iterations)?;
             println!("{}", serde_json::to_string(&costs)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -93,14 +95,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             if fill {
-                rt.block_on(datapath_user::progbench::etcd_fill(
-                    &etcd_endpoints,
-                    &etcd_prefix,
-                    nodes,
-                ))?;
+                rt.block_on(progbench::etcd_fill(&etcd_endpoints, &etcd_prefix, nodes))?;
             }
             if let Some(samples) = latency {
-                let ms = rt.block_on(datapath_user::progbench::etcd_latency(
+                let ms = rt.block_on(progbench::etcd_latency(
                     &etcd_endpoints,
                     &etcd_prefix,
                     nodes,
@@ -117,9 +115,9 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let text = if json {
-                datapath_user::progbench::cluster_json(&encapsulation, nodes, None)
+                progbench::cluster_json(&encapsulation, nodes, None)
             } else {
-                datapath_user::progbench::cluster_text(&encapsulation, nodes)
+                progbench::cluster_text(&encapsulation, nodes)
             };
             print!("{text}");
             Ok(ExitCode::SUCCESS)
@@ -130,7 +128,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             latency,
             pin_dir,
         } => {
-            let ms = datapath_user::progbench::file_latency(&cluster, nodes, &pin_dir, latency)?;
+            let ms = progbench::file_latency(&cluster, nodes, &pin_dir, latency)?;
             println!("{}", serde_json::to_string(&ms)?);
             Ok(ExitCode::SUCCESS)
         }

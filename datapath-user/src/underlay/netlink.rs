@@ -40,11 +40,7 @@ pub const ROUTE_PROTO: u8 = 199;
 /// checksums are on (see `NodeConfig::csum_ifindex`).
 pub const CSUM_DEV: &str = "dp-vxcsum";
 
-const ENOENT: i32 = 2;
-const ESRCH: i32 = 3;
-const ENODEV: i32 = 19;
-const ENETUNREACH: i32 = 101;
-const EHOSTUNREACH: i32 = 113;
+use libc::{EHOSTUNREACH, ENETUNREACH, ENODEV, ENOENT, ESRCH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -1,8 +1,6 @@
-//! Pods through CNI: the node's network configuration list the agent installs (the reference
-//! plugins `ptp`, `host-local`, `portmap`, with this project's own plugin chained after
-//! `ptp`), and that plugin itself: the `datapath` binary run by a container runtime with
-//! `CNI_COMMAND` set. On ADD it records the pod in `DP_ENDPOINTS` and attaches the pod program
-//! to the pod's host-side veth; on DEL it undoes both.
+//! The `datapath` binary run by a container runtime as a CNI plugin (`CNI_COMMAND` set): on
+//! ADD it records the pod in `DP_ENDPOINTS` and attaches the pod program to the pod's
+//! host-side veth; on DEL it undoes both. Also lists the endpoints it recorded.
 use std::{
     io::Read as _,
     net::Ipv4Addr,
@@ -14,124 +12,10 @@ use aya::maps::{HashMap, Map, MapData};
 use maps_common::{Endpoint, map_names};
 use serde_json::{Value, json};
 
-use crate::{cluster::Cidr, loader};
-
-/// Name of the network and of the configuration file.
-pub const NETWORK: &str = "datapath";
-/// The configuration list's default name: it sorts before the lists it replaces
-/// (`10-calico.conflist`, `10-flannel.conflist`), and a runtime uses the first.
-pub const CONFLIST: &str = "05-datapath.conflist";
-/// The name earlier releases wrote; removed once the list is written under another.
-const OLD_CONFLIST: &str = "10-datapath.conflist";
-/// The reference plugins the list names beside this project's (Debian's and kubeadm's
-/// containernetworking-plugins): the runtime runs them from the CNI bin directory.
-pub const REFERENCE_PLUGINS: [&str; 3] = ["ptp", "host-local", "portmap"];
-
-/// The reference plugins absent from `opts.bin_dir`, or not executable there, as a bit mask
-/// in `REFERENCE_PLUGINS` order (`AgentInfo::cni_missing`).
-pub fn missing_plugins(opts: &CniOptions) -> u8 {
-    use std::os::unix::fs::PermissionsExt as _;
-    REFERENCE_PLUGINS
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            !std::fs::metadata(opts.bin_dir.join(p))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .fold(0, |mask, (i, _)| mask | (1 << i))
-}
-
-/// The names of a `missing_plugins` mask.
-pub fn plugin_names(mask: u8) -> Vec<&'static str> {
-    REFERENCE_PLUGINS
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| mask & (1 << i) != 0)
-        .map(|(_, p)| *p)
-        .collect()
-}
-
-/// The project's plugin: its `type` in the list and its file name in the CNI bin directory.
-pub const PLUGIN: &str = "datapath";
-const CNI_VERSION: &str = "1.0.0";
-
-/// Where the agent installs CNI configuration and what it puts in it.
-#[derive(Clone, Debug)]
-pub struct CniOptions {
-    pub conf_dir: PathBuf,
-    /// The configuration list's file name in `conf_dir` (`--cni-conf-name`).
-    pub conf_name: String,
-    pub bin_dir: PathBuf,
-    /// host-local's `dataDir`: where IP leases are kept.
-    pub ipam_dir: PathBuf,
-    pub pin_dir: PathBuf,
-    /// How the plugin attaches the pod program (the agent's resolved mode).
-    pub tc_attach: loader::TcAttach,
-}
-
-/// The configuration list for a node with `pod_cidr` whose pods use `mtu`.
-pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
-    json!({
-        "cniVersion": CNI_VERSION,
-        "name": NETWORK,
-        "plugins": [
-            {
-                "type": "ptp",
-                "mtu": mtu,
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": pod_cidr.to_string() }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
-                    "dataDir": opts.ipam_dir,
-                },
-            },
-            { "type": PLUGIN, "pinDir": opts.pin_dir, "tcAttach": opts.tc_attach.resolve().name() },
-            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
-        ],
-    })
-}
-
-/// Writes `text` to `path` through a temporary file and a rename, so a reader never sees half
-/// of it; does nothing when the file already holds it. Returns whether it wrote.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if std::fs::read(path).is_ok_and(|old| old == bytes) {
-        return Ok(false);
-    }
-    let dir = path.parent().context("no parent directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // One temporary file per writer: two agents sharing a filesystem (two nodes emulated on
-    // one host) must not rename each other's.
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-    Ok(true)
-}
-
-/// Installs this binary as the plugin in the CNI bin directory (when it differs).
-pub fn install_plugin(opts: &CniOptions) -> anyhow::Result<()> {
-    let exe =
-        std::fs::read("/proc/self/exe").context("reading this program for the CNI bin dir")?;
-    write_atomic(&opts.bin_dir.join(PLUGIN), &exe, 0o755).map(drop)
-}
-
-/// Installs the configuration list for `pod_cidr` and `mtu` when it changed; returns whether
-/// it wrote.
-pub fn install_conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> anyhow::Result<bool> {
-    let text = serde_json::to_string_pretty(&conflist(opts, pod_cidr, mtu))? + "\n";
-    let wrote = write_atomic(&opts.conf_dir.join(&opts.conf_name), text.as_bytes(), 0o644)?;
-    let old = opts.conf_dir.join(OLD_CONFLIST);
-    if opts.conf_name != OLD_CONFLIST && old.exists() {
-        std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    Ok(wrote)
-}
+use crate::{
+    kernel::{loader, pods},
+    outputs::cni::{CNI_VERSION, PLUGIN},
+};
 
 /// Whether this process was started by a container runtime as a CNI plugin.
 pub fn invoked_as_plugin() -> bool {
@@ -263,7 +147,7 @@ fn add(pin_dir: &Path, pod: &PodIf, tc_mode: loader::TcAttach) -> anyhow::Result
         host_mac: pod.host_mac,
     };
     endpoints(pin_dir)?.insert(pod.ip.octets(), ep, 0)?;
-    loader::attach_pod(pin_dir, &pod.host_if, tc_mode)
+    pods::attach_pod(pin_dir, &pod.host_if, tc_mode)
         .with_context(|| format!("attaching the pod program to {}", pod.host_if))
 }
 
@@ -272,7 +156,7 @@ fn del(pin_dir: &Path, pod: &PodIf) {
     if let Ok(mut eps) = endpoints(pin_dir) {
         let _ = eps.remove(&pod.ip.octets());
     }
-    loader::detach_pod(pin_dir, &pod.host_if);
+    pods::detach_pod(pin_dir, &pod.host_if);
 }
 
 /// One row of `datapath endpoints`.
@@ -288,11 +172,12 @@ pub struct EndpointRow {
 /// What `DP_ENDPOINTS` holds, with interface names.
 pub fn list_endpoints(pin_dir: &Path) -> anyhow::Result<Vec<EndpointRow>> {
     // The maps as `stats` opens them: nothing pinned, or no right to read, said plainly.
-    let maps = crate::maps::DatapathMaps::open_pinned(pin_dir)?;
+    let maps = crate::kernel::maps::DatapathMaps::open_pinned(pin_dir)?;
     let mut rows = Vec::new();
     for item in maps.endpoints.iter() {
         let (ip, ep) = item?;
-        let host_if = crate::net::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into());
+        let host_if =
+            crate::underlay::netlink::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into());
         rows.push(EndpointRow {
             pod_ip: Ipv4Addr::from(ip),
             ifindex: ep.ifindex,

@@ -74,7 +74,7 @@ impl DatapathMaps {
     /// agent runs.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapsError> {
         Self::from_maps(|name| {
-            let path = crate::loader::map_pin_path(pin_dir, name);
+            let path = crate::kernel::loader::map_pin_path(pin_dir, name);
             let md = MapData::from_pin(&path).map_err(|e| {
                 let (path, dir) = (path.clone(), pin_dir.to_path_buf());
                 match e {

@@ -12,12 +12,12 @@ use aya::{
 };
 use maps_common::prog_names;
 
-use crate::{
+use datapath_user::{
     cluster::{self, Defaults, Limits},
-    dataplane::{Dataplane, HostRouting, LocalOptions},
-    loader::{self, LoadOptions},
-    maps::DatapathMaps,
-    net,
+    kernel::loader::{self, LoadOptions},
+    kernel::maps::DatapathMaps,
+    reconcile::dataplane::{Dataplane, HostRouting, LocalOptions},
+    underlay::netlink,
 };
 
 /// The same cluster as JSON (what a generated or `kubectl`-made file of this size would be),
@@ -136,7 +136,7 @@ pub async fn etcd_fill(endpoints: &[String], prefix: &str, nodes: u32) -> Result
     )
     .await?;
     for k in 0..nodes {
-        let key = crate::etcd::lease_key(prefix, &pod_cidr(k));
+        let key = datapath_user::source::etcd::lease_key(prefix, &pod_cidr(k));
         c.put(
             key,
             flannel_lease(k, cluster::derived_vtep_mac(node_addr(k))),
@@ -166,7 +166,7 @@ pub async fn etcd_latency(
         let key = aya::maps::lpm_trie::Key::new(24, pod_cidr(k).addr.octets());
         let start = std::time::Instant::now();
         c.put(
-            crate::etcd::lease_key(prefix, &pod_cidr(k)),
+            datapath_user::source::etcd::lease_key(prefix, &pod_cidr(k)),
             flannel_lease(k, mac),
             None,
         )
@@ -190,7 +190,11 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
         own_node: Some(me.into()),
         own_addrs: Vec::new(),
     };
-    let c = cluster::parse(&cluster_text(encap, nodes), &Defaults::default(), &limits)?;
+    let c = datapath_user::source::parse_text(
+        &cluster_text(encap, nodes),
+        &Defaults::default(),
+        &limits,
+    )?;
     let mut ebpf = loader::load(&LoadOptions {
         max_nodes: max,
         log_level: 0,
@@ -198,10 +202,10 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
         maps_dir: "maps",
     })?;
     let maps = DatapathMaps::take(&mut ebpf)?;
-    let iface = net::blocking(|nl| async move { Ok(nl.iface("ul0").await?) })?;
+    let iface = netlink::blocking(|nl| async move { Ok(nl.iface("ul0").await?) })?;
     let local = LocalOptions {
         node: me.into(),
-        iface: net::Iface {
+        iface: netlink::Iface {
             prefix_len: Some(16),
             ..iface.clone()
         },

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     cluster::format_mac,
-    maps::{DatapathMaps, MapsError},
+    kernel::maps::{DatapathMaps, MapsError},
 };
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -32,15 +32,40 @@ pub struct DropRow {
     pub bytes: u64,
 }
 
+/// Where a pod CIDR's node stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// This node's own pod CIDR.
+    Local,
+    Reachable,
+    /// No route toward the node: its pods' traffic is dropped as `peer_unreachable`.
+    Unreachable,
+}
+
+impl PeerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Reachable => "reachable",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteRow {
     pub pod_cidr: String,
     pub node: Ipv4Addr,
     pub vtep_mac: String,
     pub mode: &'static str,
-    /// `local`, `reachable`, or `unreachable` (no route toward the node: its pods' traffic is
-    /// dropped as `peer_unreachable`).
-    pub state: &'static str,
+    pub state: PeerState,
     pub peer_slot: u32,
     pub unreachable_packets: u64,
     pub tx_packets: u64,
@@ -90,9 +115,9 @@ impl Snapshot {
                     vtep_mac: format_mac(&r.vtep_mac),
                     mode: route_mode::name(r.mode),
                     state: match (r.mode, down) {
-                        (route_mode::LOCAL, _) => "local",
-                        (_, true) => "unreachable",
-                        (_, false) => "reachable",
+                        (route_mode::LOCAL, _) => PeerState::Local,
+                        (_, true) => PeerState::Unreachable,
+                        (_, false) => PeerState::Reachable,
                     },
                     peer_slot: r.peer_idx,
                     unreachable_packets: s.unreachable_packets,
@@ -168,7 +193,7 @@ impl Snapshot {
         }
         let _ = writeln!(s, "{BYTES_LEGEND}");
         let _ = writeln!(s, "peers:");
-        for r in self.routes.iter().filter(|r| r.mode != "local") {
+        for r in self.routes.iter().filter(|r| r.state != PeerState::Local) {
             let _ = writeln!(
                 s,
                 "  {:<15} {:<11} tx {:>10} pkts {:>14} B   rx {:>10} pkts {:>14} B   unreachable {:>8} pkts",
@@ -200,10 +225,8 @@ impl Snapshot {
         s
     }
 
-    /// The metrics in the OpenMetrics text format, through prometheus-client: the maps' counters
-    /// and gauges, then the agent's own (`extra`).
-    pub fn render_openmetrics(&self, extra: &[Extra]) -> String {
-        let mut reg = Registry::default();
+    /// Packets and bytes by direction and mode, and drops by reason.
+    fn register_traffic(&self, reg: &mut Registry) {
         let packets = Family::<DirMode, Counter>::default();
         let bytes = Family::<DirMode, Counter>::default();
         for c in &self.counters {
@@ -231,11 +254,15 @@ impl Snapshot {
             "Dropped bytes by reason",
             drop_bytes,
         );
+    }
+
+    /// Per-peer packets, bytes and reachability.
+    fn register_peers(&self, reg: &mut Registry) {
         let peer_packets = Family::<PeerDir, Counter>::default();
         let peer_bytes = Family::<PeerDir, Counter>::default();
         let unreachable = Family::<Peer, Gauge>::default();
         let unreachable_drops = Family::<Peer, Counter>::default();
-        for r in self.routes.iter().filter(|r| r.mode != "local") {
+        for r in self.routes.iter().filter(|r| r.state != PeerState::Local) {
             let peer = r.node.to_string();
             for (direction, p, b) in [
                 ("tx", r.tx_packets, r.tx_bytes),
@@ -251,7 +278,7 @@ impl Snapshot {
             let l = Peer { peer };
             unreachable
                 .get_or_create(&l)
-                .set(i64::from(r.state == "unreachable"));
+                .set(i64::from(r.state == PeerState::Unreachable));
             unreachable_drops
                 .get_or_create(&l)
                 .inc_by(r.unreachable_packets);
@@ -276,6 +303,14 @@ impl Snapshot {
             "Packets for the peer dropped as unreachable",
             unreachable_drops,
         );
+    }
+
+    /// The metrics in the OpenMetrics text format, through prometheus-client: the maps' counters
+    /// and gauges, then the agent's own (`extra`).
+    pub fn render_openmetrics(&self, extra: &[Extra]) -> String {
+        let mut reg = Registry::default();
+        self.register_traffic(&mut reg);
+        self.register_peers(&mut reg);
         let known = Gauge::<i64>::default();
         known.set(self.nodes_known as i64);
         reg.register("datapath_nodes_known", "Peer nodes in the maps", known);

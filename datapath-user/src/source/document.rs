@@ -4,74 +4,13 @@
 //! result is raw strings and numbers with the path each came from.
 use serde::Deserialize;
 
-use crate::cluster::Problem;
-
-/// Flannel's annotations on a Node.
-pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
-pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
-pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
-
-/// Where a cluster text came from, as far as defaults go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// A cluster file: strict, a bad node rejects the file.
-    File,
-    /// A NodeList: live data, a node that is incomplete is skipped.
-    NodeList,
-    /// A NodeList whose nodes carry Flannel's annotations: Flannel's defaults apply.
-    FlannelNodeList,
-}
-
-/// Settings as the text states them; `None` where it is silent.
-#[derive(Clone, Debug, Default)]
-pub struct RawSettings {
-    pub encap: Option<String>,
-    pub cross_subnet: Option<bool>,
-    pub cluster_cidr: Option<String>,
-    pub vni: Option<u32>,
-    pub port: Option<u16>,
-    pub udp_checksum: Option<bool>,
-}
-
-/// One node as the text states it.
-#[derive(Clone, Debug, Default)]
-pub struct RawNode {
-    pub index: usize,
-    pub name: Option<String>,
-    pub address: Option<String>,
-    pub pod_cidr: Option<String>,
-    pub vtep_mac: Option<String>,
-    /// Where it came from: a NodeList's items, or a cluster file's nodes.
-    pub in_nodelist: bool,
-}
-
-/// A node's field, by number: name, address, podCIDR, vtepMAC.
-pub const NAME: usize = 0;
-pub const ADDRESS: usize = 1;
-pub const POD_CIDR: usize = 2;
-pub const VTEP_MAC: usize = 3;
-
-/// The path of field `field` of node `index`, for messages; made only when one is needed (a
-/// large cluster has 40,000 of them).
-pub fn node_path(index: usize, in_nodelist: bool, field: usize) -> String {
-    if in_nodelist {
-        match field {
-            NAME => format!("items[{index}].metadata.name"),
-            ADDRESS => format!("items[{index}].status.addresses"),
-            POD_CIDR => format!("items[{index}].spec.podCIDR"),
-            _ => format!("items[{index}].metadata.annotations[{FLANNEL_BACKEND_DATA}]"),
-        }
-    } else {
-        format!("nodes[{index}].{}", NODE_FIELDS[field])
-    }
-}
-
-pub struct RawState {
-    pub origin: Origin,
-    pub settings: RawSettings,
-    pub nodes: Vec<RawNode>,
-    pub problems: Vec<Problem>,
-}
+use crate::cluster::{
+    Problem,
+    raw::{
+        FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP, NodeAt, NodeField, Origin,
+        RawNode, RawSettings, RawState, node_path,
+    },
+};
 
 fn problem(path: impl Into<String>, reason: impl Into<String>) -> Problem {
     Problem {
@@ -157,12 +96,7 @@ pub fn read(text: &str) -> RawState {
 }
 
 fn whole(reason: String) -> RawState {
-    RawState {
-        origin: Origin::File,
-        settings: RawSettings::default(),
-        nodes: Vec::new(),
-        problems: vec![problem("(file)", reason)],
-    }
+    RawState::unusable("(file)", reason)
 }
 
 fn from_file_doc(doc: FileDoc) -> RawState {
@@ -182,7 +116,7 @@ fn from_file_doc(doc: FileDoc) -> RawState {
             address: n.address,
             pod_cidr: n.pod_cidr,
             vtep_mac: n.vtep_mac,
-            in_nodelist: false,
+            at: NodeAt::File,
         })
         .collect();
     RawState {
@@ -197,6 +131,7 @@ fn from_file_doc(doc: FileDoc) -> RawState {
         },
         nodes,
         problems: Vec::new(),
+        skipped: Vec::new(),
     }
 }
 
@@ -232,24 +167,9 @@ fn did_you_mean<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
         .or_else(|| {
             known
                 .iter()
-                .find(|c| edit_distance(&norm(c), &norm(k)) <= 2)
+                .find(|c| strsim::levenshtein(&norm(c), &norm(k)) <= 2)
         })
         .copied()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// A field of `map` as `T`; a problem at `path` when it has another type.
@@ -317,7 +237,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
                         address: field(m, "address", &path, "a string", &mut problems),
                         pod_cidr: field(m, "podCIDR", &path, "a string", &mut problems),
                         vtep_mac: field(m, "vtepMAC", &path, "a string", &mut problems),
-                        in_nodelist: false,
+                        at: NodeAt::File,
                     });
                 }
             }
@@ -328,6 +248,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         settings,
         nodes,
         problems,
+        skipped: Vec::new(),
     }
 }
 
@@ -349,6 +270,7 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         settings: RawSettings::default(),
         nodes: Vec::new(),
         problems: Vec::new(),
+        skipped: Vec::new(),
     };
     let Some(items) = v.get("items").and_then(|i| i.as_sequence()) else {
         state
@@ -364,7 +286,7 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
             index: i,
             name: s(item.get("metadata").and_then(|m| m.get("name"))),
             pod_cidr: s(item.get("spec").and_then(|sp| sp.get("podCIDR"))),
-            in_nodelist: true,
+            at: NodeAt::Item,
             ..RawNode::default()
         };
         raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item));
@@ -382,7 +304,7 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
                     }
                 }
                 Err(_) => state.problems.push(problem(
-                    node_path(i, true, VTEP_MAC),
+                    node_path(i, &NodeAt::Item, NodeField::VtepMac),
                     "not Flannel's backend data (a JSON object)",
                 )),
             }

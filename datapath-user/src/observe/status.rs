@@ -6,12 +6,10 @@ use maps_common::{ABI_VERSION, AgentInfo, node_flags, prog_names, route_mode};
 use serde::Serialize;
 
 use crate::{
-    loader,
-    maps::{DatapathMaps, MapsError},
+    VERSION,
+    kernel::loader::{self, DecapHook, TcAttach},
+    kernel::maps::{DatapathMaps, MapsError},
 };
-
-/// This build's version, as the agent records it.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Hook {
@@ -81,7 +79,7 @@ fn nul_str(b: &[u8]) -> String {
 
 /// The hooks the pins (or, for netlink TC, the agent's record) say are in use.
 fn hooks(pin_dir: &Path, info: &AgentInfo) -> Vec<Hook> {
-    let netlink = info.tc_attach == 2;
+    let netlink = TcAttach::from_code(info.tc_attach) == TcAttach::Netlink;
     let tc = |dir: &str| {
         if netlink {
             format!("netlink tc {dir}")
@@ -102,7 +100,9 @@ fn hooks(pin_dir: &Path, info: &AgentInfo) -> Vec<Hook> {
             program: prog_names::XDP_DECAP_INGRESS,
             hook: "xdp".into(),
         });
-    } else if pinned(prog_names::TC_DECAP_INGRESS) || (netlink && info.decap_hook == 2) {
+    } else if pinned(prog_names::TC_DECAP_INGRESS)
+        || (netlink && DecapHook::from_code(info.decap_hook) == Some(DecapHook::Tc))
+    {
         out.push(Hook {
             program: prog_names::TC_DECAP_INGRESS,
             hook: tc("ingress"),
@@ -111,7 +111,11 @@ fn hooks(pin_dir: &Path, info: &AgentInfo) -> Vec<Hook> {
     if pinned(prog_names::TC_CSUM_DEV_INGRESS) {
         out.push(Hook {
             program: prog_names::TC_CSUM_DEV_INGRESS,
-            hook: format!("{} on {}", tc("ingress"), crate::net::CSUM_DEV),
+            hook: format!(
+                "{} on {}",
+                tc("ingress"),
+                crate::underlay::netlink::CSUM_DEV
+            ),
         });
     }
     out
@@ -167,7 +171,7 @@ impl Status {
         // SAFETY: kill with signal 0 only checks that the process exists.
         self.agent_running = info.pid != 0 && unsafe { libc::kill(info.pid as i32, 0) } == 0;
         self.agent_stopping = self.agent_running && info.stopping == 1;
-        self.cni_plugins_missing = crate::cni::plugin_names(info.cni_missing);
+        self.cni_plugins_missing = crate::outputs::cni::plugin_names(info.cni_missing);
         self.map_abi = info.abi_version;
         if info.abi_version != 0 {
             self.last_reload = Some(Reload {
@@ -184,23 +188,15 @@ impl Status {
         if cfg.node_addr != [0; 4] {
             self.config = Some(Config {
                 node_addr: Ipv4Addr::from(cfg.node_addr),
-                underlay: crate::net::if_name(cfg.underlay_ifindex)
+                underlay: crate::underlay::netlink::if_name(cfg.underlay_ifindex)
                     .unwrap_or_else(|| format!("ifindex {}", cfg.underlay_ifindex)),
                 mode: route_mode::name(info.mode),
                 vni: cfg.vni,
                 vxlan_port: cfg.vxlan_port,
                 cross_subnet: info.cross_subnet == 1,
                 host_routing: maps_common::host_routing::name(info.host_routing),
-                decap: match info.decap_hook {
-                    1 => "xdp",
-                    2 => "tc",
-                    _ => "unknown",
-                },
-                tc_attach: if info.tc_attach == 2 {
-                    "netlink"
-                } else {
-                    "tcx"
-                },
+                decap: DecapHook::from_code(info.decap_hook).map_or("unknown", DecapHook::name),
+                tc_attach: TcAttach::from_code(info.tc_attach).name(),
             });
         }
         self.attached = self.config.is_some()
@@ -289,15 +285,6 @@ impl Status {
         );
         s
     }
-}
-
-/// This build's version, NUL-padded, as `AgentInfo::version` holds it.
-pub fn version_bytes() -> [u8; 16] {
-    let mut version = [0u8; 16];
-    for (d, b) in version.iter_mut().zip(VERSION.bytes()) {
-        *d = b;
-    }
-    version
 }
 
 /// `unix` (seconds) as this host's local time and how long ago, e.g.

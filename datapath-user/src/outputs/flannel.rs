@@ -5,7 +5,8 @@ use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 
-use crate::{cluster::Cidr, cni::write_atomic};
+use super::write_atomic;
+use crate::cluster::Cidr;
 
 /// The values `subnet.env` carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,19 +32,6 @@ impl SubnetEnv {
     pub fn write(&self, path: &Path) -> anyhow::Result<bool> {
         write_atomic(path, self.text().as_bytes(), 0o644)
     }
-}
-
-/// The smallest CIDR that holds all of `cidrs` (the network a Flannel pod is told about).
-pub fn covering(cidrs: &[Cidr]) -> Option<Cidr> {
-    let (first, rest) = cidrs.split_first()?;
-    let mut c = *first;
-    for o in rest {
-        while !(c.contains(o.addr) && c.len <= o.len) {
-            c.len -= 1;
-            c.addr = Ipv4Addr::from(u32::from(c.addr) & Cidr::mask(c.len));
-        }
-    }
-    Some(c)
 }
 
 /// The nat table's chain holding the agent's masquerade rules; POSTROUTING jumps to it.
@@ -161,11 +149,6 @@ mod tests {
         assert_eq!(
             env.text(),
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
-        );
-        let c = |s: &str| s.parse::<Cidr>().unwrap();
-        assert_eq!(
-            covering(&[c("10.244.0.0/24"), c("10.244.3.0/24")]),
-            Some(c("10.244.0.0/22"))
         );
     }
 }

@@ -19,9 +19,9 @@ use maps_common::{
     ABI_VERSION, AgentInfo, Counter, Endpoint, FlowKey, NodeEntry, PeerStats, map_layouts,
     map_names,
 };
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::maps::DatapathMaps;
+use crate::kernel::maps::DatapathMaps;
 
 /// The directories under the pin directory a migration goes through.
 pub const PENDING: &str = "maps-pending";
@@ -99,7 +99,7 @@ fn remove_dir_pins(dir: &Path) -> anyhow::Result<()> {
 
 /// The pinned maps' ABI: what `DP_AGENT` records, or 1 for the first release, which had none.
 fn pinned_abi(pin_dir: &Path) -> u32 {
-    let path = crate::loader::map_pin_path(pin_dir, map_names::AGENT);
+    let path = crate::kernel::loader::map_pin_path(pin_dir, map_names::AGENT);
     let Ok(md) = MapData::from_pin(&path) else {
         return 1;
     };
@@ -112,7 +112,7 @@ fn pinned_abi(pin_dir: &Path) -> u32 {
 /// Compares the pins with this build for maps sized `max_nodes`. Refuses, before anything is
 /// touched, maps a newer ABI wrote: this agent cannot know what they mean.
 pub fn check(pin_dir: &Path, max_nodes: u32) -> anyhow::Result<Pins> {
-    let config = crate::loader::map_pin_path(pin_dir, map_names::CONFIG);
+    let config = crate::kernel::loader::map_pin_path(pin_dir, map_names::CONFIG);
     if !config.exists() {
         return Ok(Pins::Fresh);
     }
@@ -121,12 +121,12 @@ pub fn check(pin_dir: &Path, max_nodes: u32) -> anyhow::Result<Pins> {
         anyhow::bail!(
             "the datapath pinned under {} was written with map ABI {abi}, by a newer agent; this agent {} speaks map ABI {ABI_VERSION} and cannot read it: run the newer agent, or `datapath detach` first (an outage)",
             pin_dir.display(),
-            crate::status::VERSION
+            crate::VERSION
         );
     }
     let mut why = Vec::new();
     for (name, key, value, entries) in map_layouts(max_nodes) {
-        let path = crate::loader::map_pin_path(pin_dir, name);
+        let path = crate::kernel::loader::map_pin_path(pin_dir, name);
         let Ok(info) = MapData::from_pin(&path).and_then(|m| m.info()) else {
             why.push(format!("{name} missing"));
             continue;
@@ -148,10 +148,16 @@ pub fn check(pin_dir: &Path, max_nodes: u32) -> anyhow::Result<Pins> {
     })
 }
 
+/// Kills this process when `DATAPATH_FAULT` names `step`: the upgrade tests' crash points,
+/// only in the tests' build (feature `fault-injection`); a node's binary has none.
+#[cfg(not(feature = "fault-injection"))]
+pub fn fault(_step: &str) {}
+
 /// Kills this process when `DATAPATH_FAULT` names `step`: the upgrade tests' crash points.
+#[cfg(feature = "fault-injection")]
 pub fn fault(step: &str) {
     if std::env::var("DATAPATH_FAULT").as_deref() == Ok(step) {
-        warn!(step, "DATAPATH_FAULT: killing this agent here");
+        tracing::warn!(step, "DATAPATH_FAULT: killing this agent here");
         // SAFETY: a signal to this very process.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
@@ -195,7 +201,7 @@ unsafe impl aya::Pod for PeerStatsV1 {}
 unsafe impl aya::Pod for NodeEntryV1 {}
 
 fn open_old<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Option<T> {
-    let md = MapData::from_pin(crate::loader::map_pin_path(pin_dir, name)).ok()?;
+    let md = MapData::from_pin(crate::kernel::loader::map_pin_path(pin_dir, name)).ok()?;
     Map::from_map_data(md).ok()?.try_into().ok()
 }
 

@@ -13,7 +13,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::agent::Update;
+use super::{Reason, Update, document};
 
 /// Whether an inotify event can mean new content: a completed write, a rename or creation in
 /// the directory, a removal (a replaced file). Writes still in progress are not.
@@ -30,6 +30,22 @@ fn may_change(kind: &EventKind) -> bool {
 fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path)
         .with_context(|| format!("reading cluster file {}", path.display()))
+}
+
+/// The file's text, read as a raw state only when it differs from the last text sent (or
+/// when SIGHUP asks again).
+fn changed(path: &Path, last: &mut Option<String>, reason: Reason) -> Option<Update> {
+    let text = read(path);
+    let same = matches!((&text, &*last), (Ok(t), Some(l)) if t == l);
+    if same && reason != Reason::Sighup {
+        return None;
+    }
+    *last = text.as_ref().ok().cloned();
+    Some(Update::Full {
+        state: text.map(|t| document::read(&t)),
+        reason,
+        revision: 0,
+    })
 }
 
 /// Sends the file's state now, then on every change and SIGHUP, until the agent goes away.
@@ -49,25 +65,17 @@ pub async fn file_source(path: PathBuf, tx: mpsc::Sender<Update>) -> anyhow::Res
         .watch(&dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
     let mut last: Option<String> = None;
-    let mut reason = "start";
+    let mut reason = Reason::Start;
     loop {
-        let text = read(&path);
-        let same = matches!((&text, &last), (Ok(t), Some(l)) if t == l);
-        if !same || reason == "SIGHUP" {
-            last = text.as_ref().ok().cloned();
-            let update = Update::Full {
-                text,
-                reason,
-                revision: 0,
-            };
-            if tx.send(update).await.is_err() {
-                return Ok(());
-            }
+        if let Some(update) = changed(&path, &mut last, reason)
+            && tx.send(update).await.is_err()
+        {
+            return Ok(());
         }
         reason = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
+            _ = hup.recv() => Reason::Sighup,
             ev = ev_rx.recv() => match ev {
-                Some(()) => "file changed",
+                Some(()) => Reason::FileChanged,
                 None => anyhow::bail!("file watcher stopped"),
             },
         };

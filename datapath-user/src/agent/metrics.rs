@@ -1,0 +1,80 @@
+//! The agent's Prometheus metrics: the datapath's counters from the maps, and the agent's
+//! own (reloads, etcd, the pod MTU, ruleset changes).
+use std::sync::Mutex;
+
+use crate::{
+    observe::stats::{
+        Extra::{Counter, Gauge},
+        Snapshot,
+    },
+    reconcile::state::{SharedRef, lock},
+    source::etcd::EtcdStatus,
+};
+
+/// The metrics page.
+pub fn body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String {
+    let s = lock(shared);
+    let r = &s.reload;
+    let mut extra = vec![
+        Gauge(
+            "datapath_last_reload_timestamp_seconds",
+            "Unix time of the last reload",
+            r.last_reload_unix,
+        ),
+        Gauge(
+            "datapath_last_reload_success",
+            "1 when the last reload applied, 0 when it was rejected",
+            f64::from(u8::from(r.last_reload_ok)),
+        ),
+        Counter("datapath_reloads", "Cluster states received", r.reloads),
+        Counter(
+            "datapath_reload_failures",
+            "Cluster states rejected (the last good state stayed)",
+            r.failures,
+        ),
+        Gauge(
+            "datapath_pod_mtu",
+            "MTU pods on this node should use",
+            f64::from(s.dp.pod_mtu()),
+        ),
+        Gauge(
+            "datapath_nodes_skipped",
+            "Nodes of the last state left out as incomplete or unreadable",
+            r.skipped as f64,
+        ),
+        Counter(
+            "datapath_ruleset_changes",
+            "Changes of the host's netfilter ruleset seen; each one has accepted flows judged again",
+            s.ruleset_changes,
+        ),
+    ];
+    if let Some(etcd) = etcd {
+        let e = etcd.lock().expect("lock").clone();
+        extra.extend([
+            Gauge(
+                "datapath_etcd_connected",
+                "1 while the etcd watch is connected",
+                f64::from(u8::from(e.connected)),
+            ),
+            Counter(
+                "datapath_etcd_resyncs",
+                "Full reads of etcd after a lost connection",
+                e.resyncs,
+            ),
+            Gauge(
+                "datapath_etcd_revision",
+                "etcd revision last seen",
+                e.revision as f64,
+            ),
+            Gauge(
+                "datapath_etcd_applied_revision",
+                "etcd revision of the state applied",
+                r.revision as f64,
+            ),
+        ]);
+    }
+    match Snapshot::read(&s.dp.maps) {
+        Ok(snap) => snap.render_openmetrics(&extra),
+        Err(e) => format!("# error reading maps: {e}\n# EOF\n"),
+    }
+}

@@ -1,0 +1,279 @@
+//! Validation of every class of bad state, each with its message and path.
+use super::*;
+
+fn parse(text: &str, defaults: &Defaults, limits: &Limits) -> Result<Cluster, Invalid> {
+    validate(crate::source::document::read(text), defaults, limits)
+}
+
+fn limits(own: Option<&str>) -> Limits {
+    Limits {
+        max_nodes: 5000,
+        own_node: own.map(String::from),
+        own_addrs: Vec::new(),
+    }
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text, &Defaults::default(), &limits(Some("node1")))
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const GOOD: &str = "encapsulation: vxlan
+crossSubnet: false
+vxlan: { vni: 4096, port: 4789 }
+nodes:
+  - name: node1
+    address: 192.168.1.10
+    podCIDR: 10.244.0.0/24
+    vtepMAC: \"66:00:00:00:00:01\"
+  - name: node2
+    address: 192.168.1.11
+    podCIDR: 10.244.1.0/24
+";
+
+#[test]
+fn parses_the_documented_example() {
+    let c = parse(GOOD, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert_eq!(c.encap, Encap::Vxlan);
+    assert_eq!((c.vni, c.port), (4096, 4789));
+    assert_eq!(c.nodes[0].vtep_mac, [0x66, 0, 0, 0, 0, 1]);
+    assert_eq!(c.nodes[1].vtep_mac, [0x0e, 0, 192, 168, 1, 11]);
+    assert_eq!(c.nodes[1].pod_cidr.to_string(), "10.244.1.0/24");
+}
+
+#[test]
+fn each_class_of_bad_file_is_rejected_with_its_message() {
+    assert!(errors("nodes: [")[0].starts_with("(file): not parsable as YAML or JSON"));
+    // (replace this in GOOD, by this, the one message expected)
+    let cases = [
+        (
+            "encapsulation: vxlan",
+            "encapsulation: gre",
+            "encapsulation: unknown mode \"gre\" (expected ipip or vxlan)",
+        ),
+        (
+            "10.244.1.0/24",
+            "10.244.1.0/33",
+            "nodes[1].podCIDR: \"10.244.1.0/33\" is not a CIDR (prefix length must be 0-32)",
+        ),
+        (
+            "10.244.1.0/24",
+            "10.244.1.1/24",
+            "nodes[1].podCIDR: \"10.244.1.1/24\" has host bits set",
+        ),
+        (
+            "10.244.1.0/24",
+            "10.244.1.0",
+            "nodes[1].podCIDR: \"10.244.1.0\" is not a CIDR (expected a.b.c.d/len)",
+        ),
+        (
+            "66:00:00:00:00:01",
+            "66:00:00:00:01",
+            "nodes[0].vtepMAC: \"66:00:00:00:01\" is not a MAC address (expected six hex bytes aa:bb:cc:dd:ee:ff)",
+        ),
+        (
+            "66:00:00:00:00:01",
+            "67:00:00:00:00:01",
+            "nodes[0].vtepMAC: \"67:00:00:00:00:01\" is a multicast MAC address",
+        ),
+        (
+            "name: node2",
+            "name: node1",
+            "nodes[1].name: duplicate node \"node1\" (also nodes[0])",
+        ),
+        (
+            "10.244.1.0/24",
+            "10.244.0.0/16",
+            "nodes[1].podCIDR: 10.244.0.0/16 overlaps 10.244.0.0/24 of node \"node1\"",
+        ),
+        (
+            "name: node1",
+            "name: node9",
+            "nodes: this node \"node1\" is not in the cluster state",
+        ),
+        (
+            "address: 192.168.1.11",
+            "address: 192.168.1.300",
+            "nodes[1].address: \"192.168.1.300\" is not an IPv4 address",
+        ),
+        (
+            "address: 192.168.1.11",
+            "address: 192.168.1.10",
+            "nodes[1].address: duplicate address 192.168.1.10 (also node \"node1\")",
+        ),
+        (
+            "address: 192.168.1.11",
+            "address: 224.0.0.1",
+            "nodes[1].address: 224.0.0.1 cannot be a node address",
+        ),
+        (
+            "    address: 192.168.1.11\n",
+            "",
+            "nodes[1].address: missing",
+        ),
+        (
+            "    podCIDR: 10.244.1.0/24\n",
+            "",
+            "nodes[1].podCIDR: missing",
+        ),
+        (
+            "vni: 4096",
+            "vni: 16777216",
+            "vxlan.vni: 16777216 is outside 1-16777215",
+        ),
+        ("vni: 4096", "vni: 0", "vxlan.vni: 0 is outside 1-16777215"),
+        (
+            "port: 4789",
+            "port: 0",
+            "vxlan.port: port 0 is not a valid UDP port",
+        ),
+    ];
+    for (from, to, want) in cases {
+        assert_eq!(
+            errors(&GOOD.replace(from, to)),
+            [want],
+            "{from:?} -> {to:?}"
+        );
+    }
+    let no_nodes = GOOD.split("nodes:").next().unwrap().to_string() + "nodes: []\n";
+    assert_eq!(
+        parse(&no_nodes, &Defaults::default(), &limits(None))
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["nodes: no nodes"]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let bad = GOOD
+        .replace("10.244.1.0/24", "10.244.1.0/33")
+        .replace("66:00:00:00:00:01", "zz");
+    assert_eq!(errors(&bad).len(), 2);
+}
+
+#[test]
+fn too_many_nodes_for_the_maps() {
+    let l = Limits {
+        max_nodes: 1,
+        own_node: None,
+        own_addrs: Vec::new(),
+    };
+    let e = parse(GOOD, &Defaults::default(), &l).unwrap_err();
+    assert_eq!(
+        e.0[0].to_string(),
+        "nodes: 2 nodes do not fit in maps sized for 1 (raise --max-nodes)"
+    );
+}
+
+#[test]
+fn every_problem_of_a_file_at_once_with_its_path() {
+    let bad = GOOD
+        .replace("    podCIDR: 10.244.1.0/24", "    podCidr: 10.244.1.0/24")
+        .replace("vni: 4096", "vnii: 4096")
+        .replace("crossSubnet: false", "crossSubnet: maybe");
+    let e = errors(&bad);
+    for want in [
+        "crossSubnet: expected true or false",
+        "vxlan.vnii: unknown field, did you mean vni",
+        "nodes[1].podCidr: unknown field, did you mean podCIDR",
+        "nodes[1].podCIDR: missing",
+    ] {
+        assert!(e.contains(&want.to_string()), "{want:?} not in {e:#?}");
+    }
+}
+
+#[test]
+fn a_single_node_and_a_cidr_holding_node_addresses_are_explained() {
+    let node = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node1"}}"#;
+    assert!(errors(node)[0].contains("a single Node object"));
+    let e = errors(&GOOD.replace("10.244.1.0/24", "192.168.0.0/16"));
+    assert!(
+        e.iter()
+            .any(|p| p.starts_with("nodes[1].podCIDR: 192.168.0.0/16 holds the underlay address")),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn flags_the_state_overrides_are_named() {
+    let d = Defaults {
+        vni: Some(7),
+        ..Defaults::default()
+    };
+    let c = parse(GOOD, &d, &limits(Some("node1"))).unwrap();
+    assert_eq!(c.vni, 4096);
+    assert_eq!(
+        c.warnings,
+        ["--vni 7 is overridden by the cluster state's vxlan.vni 4096"]
+    );
+}
+
+fn nodelist(nodes: &[(&str, &str, Option<&str>)], flannel: bool) -> String {
+    let items: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|(name, addr, cidr)| {
+                let mut n = serde_json::json!({
+                    "metadata": {"name": name, "annotations": {}},
+                    "spec": {},
+                    "status": {"addresses": [{"type": "InternalIP", "address": addr}]},
+                });
+                if let Some(c) = cidr {
+                    n["spec"]["podCIDR"] = serde_json::json!(c);
+                }
+                if flannel {
+                    n["metadata"]["annotations"] = serde_json::json!({
+                        "flannel.alpha.coreos.com/backend-type": "vxlan",
+                        "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"66:00:00:00:00:01"}"#,
+                    });
+                }
+                n
+            })
+            .collect();
+    serde_json::json!({"apiVersion": "v1", "kind": "NodeList", "items": items}).to_string()
+}
+
+#[test]
+fn a_nodelist_skips_a_joining_node_but_not_this_one() {
+    let text = nodelist(
+        &[
+            ("node1", "192.168.1.10", Some("10.244.0.0/24")),
+            ("node2", "192.168.1.11", None),
+        ],
+        true,
+    );
+    let c = parse(&text, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert_eq!(c.nodes.len(), 1);
+    assert_eq!(
+        (c.vni, c.port),
+        (1, 8472),
+        "Flannel's defaults for Flannel's data"
+    );
+    assert_eq!(c.skipped[0].to_string(), "items[1].spec.podCIDR: missing");
+    let e = parse(&text, &Defaults::default(), &limits(Some("node2"))).unwrap_err();
+    assert_eq!(e.0[0].to_string(), "items[1].spec.podCIDR: missing");
+    let plain = nodelist(&[("node1", "192.168.1.10", Some("10.244.0.0/24"))], false);
+    let c = parse(&plain, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert_eq!((c.vni, c.port), (4096, 4789));
+}
+
+#[test]
+fn an_unnamed_node_is_found_by_address() {
+    let l = Limits {
+        max_nodes: 10,
+        own_node: Some("host-a".into()),
+        own_addrs: vec!["192.168.1.11".parse().unwrap()],
+    };
+    let unnamed = GOOD.replace("name: node2", "name: 192.168.1.11");
+    let c = parse(&unnamed, &Defaults::default(), &l).unwrap();
+    assert_eq!(c.own.as_deref(), Some("192.168.1.11"));
+    // A node with a name of its own is this node only by that name.
+    assert!(parse(GOOD, &Defaults::default(), &l).is_err());
+}

@@ -1,0 +1,265 @@
+//! Bringing the node to a checked cluster state: one reconciler owns the desired and the
+//! installed state together, the maps (`dataplane`), the kernel routes (`routes`) and the
+//! checksum device (`csum`), and hands the node's outputs what they are written from.
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::{
+    cluster::{self, Cluster, Defaults, Limits, Settings, raw::RawState},
+    outputs::{Outputs, Wanted},
+    source::{Update, etcd},
+};
+
+pub mod csum;
+pub mod dataplane;
+pub mod routes;
+pub mod state;
+
+use dataplane::{ApplyError, Changes};
+use routes::Routes;
+use state::{SharedRef, lock, now};
+
+/// Validates what the sources send and applies it: whole states, or etcd's lease events as
+/// deltas when they stand alone.
+pub struct Reconciler {
+    pub shared: SharedRef,
+    pub routes: Routes,
+    pub outputs: Outputs,
+    pub defaults: Defaults,
+    pub limits: Limits,
+    /// etcd's keys, for the whole state when a delta cannot stand alone.
+    pub etcd: Option<etcd::Snapshot>,
+    /// Woken when peers were added or the configuration changed: reachability is checked.
+    pub health: Arc<Notify>,
+    /// The last change was rejected: deltas cannot be trusted until a whole state applies.
+    dirty: bool,
+    /// Warnings and skipped nodes of the last state, logged again only when they change.
+    notes: (Vec<String>, Vec<cluster::Problem>),
+}
+
+impl Reconciler {
+    pub fn new(
+        shared: SharedRef,
+        routes: Routes,
+        outputs: Outputs,
+        (defaults, limits): (Defaults, Limits),
+        etcd: Option<etcd::Snapshot>,
+    ) -> Self {
+        Self {
+            shared,
+            routes,
+            outputs,
+            defaults,
+            limits,
+            etcd,
+            health: Arc::new(Notify::new()),
+            dirty: false,
+            notes: Default::default(),
+        }
+    }
+
+    /// The one validation step, with this agent's flags and limits.
+    pub fn validate(&self, raw: anyhow::Result<RawState>) -> anyhow::Result<Cluster> {
+        Ok(cluster::validate(raw?, &self.defaults, &self.limits)?)
+    }
+
+    /// Applies a whole state: checksum device, maps, routes, then the outputs.
+    pub async fn apply_full(&mut self, cluster: &Cluster) -> anyhow::Result<Changes> {
+        self.note(cluster);
+        let csum = csum::with_csum_device(&self.shared, &self.routes.nl, cluster).await?;
+        let before = {
+            let s = lock(&self.shared);
+            (s.dp.settings().map(mode_text), s.dp.pod_mtu())
+        };
+        let (mut ch, want, ifindex) = {
+            let mut s = lock(&self.shared);
+            if let Some(own) = &cluster.own {
+                s.dp.local.node.clone_from(own);
+            }
+            s.reload.skipped = cluster.skipped.len();
+            s.dp.local.csum_ifindex = csum;
+            let ch = s.dp.apply_full(cluster)?;
+            (ch, s.dp.routes(), s.dp.local.iface.ifindex)
+        };
+        self.routes.sync(&want, ifindex, &mut ch).await?;
+        csum::drop_csum_device(&self.shared, &self.routes.nl).await?;
+        log_mode_change(&self.shared, before);
+        let wanted = self.wanted();
+        self.outputs.apply(wanted);
+        Ok(ch)
+    }
+
+    /// What the outputs are written from, as the maps hold it now.
+    fn wanted(&self) -> Wanted {
+        let s = lock(&self.shared);
+        Wanted {
+            pod_cidr: s.dp.own_pod_cidr(),
+            mtu: s.dp.pod_mtu(),
+            networks: s.dp.cluster_networks(),
+        }
+    }
+
+    /// Logs a state's warnings and skipped nodes when they differ from the last state's.
+    fn note(&mut self, cluster: &Cluster) {
+        let notes = (cluster.warnings.clone(), cluster.skipped.clone());
+        if notes == self.notes {
+            return;
+        }
+        for w in &cluster.warnings {
+            warn!("{w}");
+        }
+        for p in &cluster.skipped {
+            warn!("skipping node {p}; every other node is applied");
+        }
+        self.notes = notes;
+    }
+
+    /// The whole state etcd holds now, validated.
+    fn etcd_state(&self) -> anyhow::Result<Cluster> {
+        let etcd = self.etcd.as_ref().context("no etcd source")?;
+        self.validate(etcd.whole())
+    }
+
+    /// Applies etcd lease events as a delta; falls back to the whole state etcd holds when the
+    /// delta cannot stand alone (a bad lease, a conflict, a change of this node).
+    async fn apply_leases(
+        &mut self,
+        events: &[(String, Option<String>)],
+    ) -> anyhow::Result<Changes> {
+        if !self.dirty
+            && let Some(ch) = self.try_delta(events).await?
+        {
+            return Ok(ch);
+        }
+        let cluster = self.etcd_state()?;
+        self.apply_full(&cluster).await
+    }
+
+    /// The lease events applied alone, or `None` when they cannot stand alone.
+    async fn try_delta(
+        &mut self,
+        events: &[(String, Option<String>)],
+    ) -> anyhow::Result<Option<Changes>> {
+        let prefix = &self
+            .etcd
+            .as_ref()
+            .context("lease events without etcd")?
+            .prefix;
+        let applied = {
+            let mut s = lock(&self.shared);
+            let Ok((upserts, removes)) = etcd::delta(prefix, events, |c| s.dp.owner_of(c)) else {
+                return Ok(None);
+            };
+            s.dp.apply_delta(upserts, removes)
+        };
+        let mut ch = match applied {
+            Ok(ch) => ch,
+            Err(ApplyError::Maps(e)) => return Err(e.into()),
+            Err(_) => return Ok(None),
+        };
+        let (want, ifindex) = {
+            let s = lock(&self.shared);
+            (s.dp.routes(), s.dp.local.iface.ifindex)
+        };
+        self.routes.sync(&want, ifindex, &mut ch).await?;
+        Ok(Some(ch))
+    }
+
+    /// Applies one update from the source and records the outcome.
+    pub async fn handle(&mut self, update: Update) {
+        let (reason, revision, result) = match update {
+            Update::Full {
+                state,
+                reason,
+                revision,
+            } => {
+                let result = match self.validate(state) {
+                    Ok(c) => self.apply_full(&c).await,
+                    Err(e) => Err(e),
+                };
+                (reason.name(), revision, result)
+            }
+            Update::Leases { events, revision } => {
+                ("etcd change", revision, self.apply_leases(&events).await)
+            }
+        };
+        self.record(reason, revision, result);
+    }
+
+    /// Records a reload's outcome for status and metrics, and logs it.
+    fn record(&mut self, reason: &str, revision: i64, result: anyhow::Result<Changes>) {
+        let mut s = lock(&self.shared);
+        s.reload.reloads += 1;
+        s.reload.last_reload_unix = now();
+        match result {
+            Ok(changes) => {
+                s.reload.last_reload_ok = true;
+                s.reload.revision = revision;
+                self.dirty = false;
+                info!(reason, revision, ?changes, "cluster state applied");
+                if changes.nodes_upserted > 0 || changes.config {
+                    self.health.notify_one();
+                }
+            }
+            Err(e) => {
+                s.reload.last_reload_ok = false;
+                s.reload.failures += 1;
+                s.reload.rejected = Some(format!("{reason}: {e:#}"));
+                self.dirty = true;
+                error!(
+                    reason,
+                    "cluster state rejected, last good state stays: {e:#}"
+                );
+            }
+        }
+        if s.reload.last_reload_ok && s.reload.rejected.take().is_some() {
+            s.note_rejection("");
+        } else if let Some(why) = s.reload.rejected.clone() {
+            s.note_rejection(&why);
+        }
+        s.record();
+    }
+
+    /// Reads the kernel's routes again (someone may have flushed them) and repairs them.
+    pub async fn repair_routes(&mut self) {
+        let (want, ifindex) = {
+            let s = lock(&self.shared);
+            (s.dp.routes(), s.dp.local.iface.ifindex)
+        };
+        self.routes.reconcile(&want, ifindex).await;
+    }
+}
+
+/// How a cluster's encapsulation reads in the log.
+fn mode_text(s: &Settings) -> String {
+    let mode = match s.encap {
+        cluster::Encap::Vxlan => format!("vxlan (vni {}, port {})", s.vni, s.port),
+        cluster::Encap::Ipip => "ipip".to_string(),
+    };
+    format!("{mode}, crossSubnet {}", s.cross_subnet)
+}
+
+/// Says so when a state changed the encapsulation (given what it was and the pod MTU then),
+/// and warns when pods made before run at an MTU that is no longer the pod MTU.
+fn log_mode_change(shared: &SharedRef, (mode_before, mtu_before): (Option<String>, u32)) {
+    let s = lock(shared);
+    let (Some(from), Some(to)) = (mode_before, s.dp.settings().map(mode_text)) else {
+        return;
+    };
+    if from != to {
+        info!(from = %from, to = %to, "encapsulation changed");
+    }
+    let mtu = s.dp.pod_mtu();
+    let pods = s.dp.maps.endpoints.keys().count();
+    if mtu != mtu_before && pods > 0 {
+        warn!(
+            pods,
+            old_mtu = mtu_before,
+            new_mtu = mtu,
+            "the pod MTU changed: the CNI configuration has the new one, but the pods made before keep their MTU until they are recreated (larger packets from them are refused with ICMP by the tunnel's route MTU)"
+        );
+    }
+}

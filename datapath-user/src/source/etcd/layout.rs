@@ -1,0 +1,320 @@
+//! Flannel's layout in etcd, read and written: the network configuration, the lease keys and
+//! values, a whole prefix as a raw cluster state, lease events as a change of nodes, and the
+//! subnets flanneld hands out.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{
+    self, Cidr, Node, Problem,
+    raw::{NodeAt, Origin, RawNode, RawSettings, RawState},
+};
+
+/// `<prefix>/config`, Flannel's network configuration.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetConfig {
+    /// The cluster's pod network, e.g. `10.244.0.0/16`.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Prefix length of each node's subnet, and the first and last subnet to hand out.
+    #[serde(default)]
+    subnet_len: Option<u8>,
+    #[serde(default)]
+    subnet_min: Option<String>,
+    #[serde(default)]
+    subnet_max: Option<String>,
+    #[serde(default)]
+    pub(super) backend: Backend,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct Backend {
+    #[serde(rename = "Type")]
+    pub(super) kind: Option<String>,
+    #[serde(rename = "VNI")]
+    vni: Option<u32>,
+    port: Option<u16>,
+    /// Flannel's name for what Calico calls CrossSubnet.
+    direct_routing: Option<bool>,
+}
+
+/// `<prefix>/subnets/<a.b.c.d-len>`, one node's lease. `NodeName` is this agent's addition;
+/// Flannel ignores it, and leases without it are named by their public IP.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct Lease {
+    #[serde(rename = "PublicIP")]
+    pub(super) public_ip: String,
+    #[serde(default)]
+    pub(super) backend_type: Option<String>,
+    #[serde(default)]
+    pub(super) backend_data: Option<LeaseBackendData>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) node_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub(super) struct LeaseBackendData {
+    #[serde(rename = "VtepMAC", default, skip_serializing_if = "Option::is_none")]
+    pub(super) vtep_mac: Option<String>,
+}
+
+pub(super) fn subnets_prefix(prefix: &str) -> String {
+    format!("{}/subnets/", prefix.trim_end_matches('/'))
+}
+
+fn config_key(prefix: &str) -> String {
+    format!("{}/config", prefix.trim_end_matches('/'))
+}
+
+/// The key of a lease: `10.244.1.0/24` -> `<prefix>/subnets/10.244.1.0-24`.
+pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
+    format!("{}{}-{}", subnets_prefix(prefix), cidr.addr, cidr.len)
+}
+
+/// The keys under the prefix as a raw cluster state, in Flannel's terms: the config's backend
+/// and network for the settings, one node per lease. A lease that cannot be read at all is
+/// left out and named by its key. Fails only without a readable config.
+pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<RawState> {
+    let config = net_config(prefix, kvs)?;
+    let sp = subnets_prefix(prefix);
+    let (mut nodes, mut skipped) = (Vec::new(), Vec::new());
+    for (key, value) in kvs.range(sp.clone()..) {
+        if !key.starts_with(&sp) {
+            break;
+        }
+        match lease_raw(prefix, nodes.len(), key, value) {
+            Ok(n) => nodes.push(n),
+            Err(p) => skipped.push(p),
+        }
+    }
+    let b = &config.backend;
+    Ok(RawState {
+        origin: Origin::Etcd,
+        settings: RawSettings {
+            encap: Some(b.kind.as_deref().unwrap_or("vxlan").to_lowercase()),
+            cross_subnet: Some(b.direct_routing.unwrap_or(false)),
+            cluster_cidr: config.network.clone(),
+            vni: Some(b.vni.unwrap_or(1)),
+            port: Some(b.port.unwrap_or(maps_common::VXLAN_PORT_LINUX)),
+            udp_checksum: None,
+        },
+        nodes,
+        problems: Vec::new(),
+        skipped,
+    })
+}
+
+pub(super) fn net_config(
+    prefix: &str,
+    kvs: &BTreeMap<String, String>,
+) -> anyhow::Result<NetConfig> {
+    let ck = config_key(prefix);
+    serde_json::from_str(
+        kvs.get(&ck)
+            .with_context(|| format!("{ck}: missing (Flannel's network configuration)"))?,
+    )
+    .with_context(|| format!("{ck}: not Flannel's network configuration"))
+}
+
+/// The pod CIDR a lease key names: `<prefix>/subnets/10.244.1.0-24` -> 10.244.1.0/24.
+pub(super) fn key_cidr(prefix: &str, key: &str) -> Result<Cidr, String> {
+    key.strip_prefix(&subnets_prefix(prefix))
+        .ok_or_else(|| "not a subnet lease key".to_string())?
+        .replacen('-', "/", 1)
+        .parse()
+}
+
+/// One lease as a raw node: named by its `NodeName`, else its `PublicIP`; its pod CIDR from
+/// the key; VTEP MAC from its backend data (else derived from the address, in validation).
+fn lease_raw(prefix: &str, index: usize, key: &str, value: &str) -> Result<RawNode, Problem> {
+    let problem = |reason: String| Problem {
+        path: key.to_string(),
+        reason,
+    };
+    let lease: Lease = serde_json::from_str(value)
+        .map_err(|e| problem(format!("not a Flannel subnet lease: {e}")))?;
+    let cidr = key_cidr(prefix, key).map_err(problem)?;
+    Ok(RawNode {
+        index,
+        at: NodeAt::Lease(key.to_string()),
+        name: Some(lease.node_name.unwrap_or_else(|| lease.public_ip.clone())),
+        address: Some(lease.public_ip),
+        pod_cidr: Some(cidr.to_string()),
+        vtep_mac: lease.backend_data.and_then(|d| d.vtep_mac),
+    })
+}
+
+/// One lease as a node, checked as validation checks any node.
+pub fn lease_node(prefix: &str, key: &str, value: &str) -> anyhow::Result<Node> {
+    let raw = lease_raw(prefix, 0, key, value).map_err(|p| anyhow::anyhow!("{p}"))?;
+    cluster::validate_node(&raw).map_err(|problems| {
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}", text.join("; "))
+    })
+}
+
+/// Lease events as a change of nodes: a put replaces the node named in it (and whichever other
+/// node held that CIDR), a delete removes the CIDR's owner (`owner_of`). Fails on anything
+/// that is not a lease event (the config key) or not a lease: the caller then reads the
+/// whole state instead.
+pub fn delta(
+    prefix: &str,
+    events: &[(String, Option<String>)],
+    owner_of: impl Fn(&Cidr) -> Option<String>,
+) -> anyhow::Result<(Vec<Node>, Vec<String>)> {
+    let (mut upserts, mut removes) = (Vec::<Node>::new(), Vec::new());
+    for (key, value) in events {
+        let cidr = key_cidr(prefix, key).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        match value {
+            Some(v) => {
+                let n = lease_node(prefix, key, v)?;
+                if let Some(o) = owner_of(&cidr).filter(|o| *o != n.name) {
+                    removes.push(o);
+                }
+                upserts.retain(|u| u.name != n.name);
+                upserts.push(n);
+            }
+            None => {
+                upserts.retain(|u| u.pod_cidr != cidr);
+                removes.extend(owner_of(&cidr));
+            }
+        }
+    }
+    removes.retain(|r| !upserts.iter().any(|u| u.name == *r));
+    Ok((upserts, removes))
+}
+
+/// The subnets flanneld hands out: `SubnetLen` (24, or the network's length + 2 for networks
+/// smaller than a /22) from `SubnetMin` (the second subnet) to `SubnetMax` (the last).
+pub fn subnet_range(config: &NetConfig) -> anyhow::Result<impl Iterator<Item = Cidr> + use<>> {
+    let network: Cidr = config
+        .network
+        .as_deref()
+        .context("the config has no Network to claim a subnet from")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the config's Network: {e}"))?;
+    let len = config.subnet_len.unwrap_or(if network.len > 22 {
+        network.len + 2
+    } else {
+        24
+    });
+    anyhow::ensure!(
+        len >= network.len && len <= 30,
+        "SubnetLen {len} does not fit in Network {network}"
+    );
+    let bound = |s: &Option<String>| -> anyhow::Result<Option<Ipv4Addr>> {
+        s.as_deref()
+            .map(|a| {
+                a.parse::<Ipv4Addr>().map_err(|_| {
+                    anyhow::anyhow!("SubnetMin/SubnetMax {a:?} is not an IPv4 address")
+                })
+            })
+            .transpose()
+    };
+    let (min, max) = (bound(&config.subnet_min)?, bound(&config.subnet_max)?);
+    let all: Vec<Cidr> = network.subnets(len).collect();
+    let (first, last) = (all.get(1).map(|c| c.addr), all.last().map(|c| c.addr));
+    let (min, max) = (min.or(first), max.or(last));
+    Ok(all
+        .into_iter()
+        .filter(move |c| Some(c.addr) >= min && Some(c.addr) <= max))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn flannel_layout_becomes_cluster_text() {
+        let p = "/coreos.com/network";
+        let raw = compose(
+            p,
+            &kvs(&[
+                (
+                    "/coreos.com/network/config",
+                    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1,"Port":8472}}"#,
+                ),
+                (
+                    "/coreos.com/network/subnets/10.244.1.0-24",
+                    r#"{"PublicIP":"192.168.1.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"66:00:00:00:00:0b"}}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let c = cluster::validate(
+            raw,
+            &cluster::Defaults::default(),
+            &cluster::Limits {
+                max_nodes: 10,
+                own_node: Some("192.168.1.11".into()),
+                own_addrs: Vec::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!((c.encap, c.vni, c.port), (cluster::Encap::Vxlan, 1, 8472));
+        assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(c.nodes[0].vtep_mac, [0x66, 0, 0, 0, 0, 0x0b]);
+    }
+
+    #[test]
+    fn a_bad_lease_is_skipped_and_named() {
+        let raw = compose(
+            "/p",
+            &kvs(&[
+                ("/p/config", r#"{"Backend":{"Type":"ipip"}}"#),
+                ("/p/subnets/10.244.1.0-24", "{"),
+                (
+                    "/p/subnets/10.244.2.0-24",
+                    r#"{"PublicIP":"192.168.1.12","BackendType":"ipip"}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let (skipped, cidrs): (Vec<_>, Vec<_>) = (
+            raw.skipped.clone(),
+            raw.nodes
+                .iter()
+                .filter_map(|n| n.pod_cidr.clone())
+                .collect(),
+        );
+        let text = cidrs.join(",");
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].path, "/p/subnets/10.244.1.0-24");
+        assert!(skipped[0].reason.starts_with("not a Flannel subnet lease"));
+        assert!(text.contains("10.244.2.0/24") && !text.contains("10.244.1.0/24"));
+        let e = compose("/p", &kvs(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/p/config: missing (Flannel's network configuration)"
+        );
+    }
+
+    #[test]
+    fn subnets_are_handed_out_as_flanneld_does() {
+        let config = |json: &str| serde_json::from_str::<NetConfig>(json).unwrap();
+        let all: Vec<String> = subnet_range(&config(r#"{"Network":"10.244.0.0/16"}"#))
+            .unwrap()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(all.first().unwrap(), "10.244.1.0/24");
+        assert_eq!(all.last().unwrap(), "10.244.255.0/24");
+        assert_eq!(all.len(), 255);
+        let small: Vec<String> = subnet_range(&config(
+            r#"{"Network":"10.10.0.0/24","SubnetMin":"10.10.0.128"}"#,
+        ))
+        .unwrap()
+        .map(|c| c.to_string())
+        .collect();
+        assert_eq!(small, ["10.10.0.128/26", "10.10.0.192/26"]);
+    }
+}

@@ -1,0 +1,4 @@
+//! The node's own network: netlink (interfaces, routes, neighbours, their change events) and
+//! the netfilter ruleset the accepted-flows fast path defers to.
+pub mod netlink;
+pub mod ruleset;
