@@ -2,13 +2,12 @@
 //! allowed in, then strips the tunnel headers at XDP or at TC.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_action::XDP_PASS,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action::XDP_PASS,
     },
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use maps_common::{CounterId, DropReason, NodeConfig, config_flags};
+use maps_common::{CounterId, DropReason, NodeConfig, NodeEntry, config_flags};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -19,7 +18,6 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer},
-    hostroute,
     lookup::in_cidr,
     parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
 };
@@ -45,7 +43,24 @@ pub enum Verdict {
     },
 }
 
-/// Classifies a received frame.
+/// A tunnel packet addressed to this node, as parsed: its outer IPv4 header and whether it is
+/// VXLAN (else IPIP).
+struct Outer {
+    ip: Ipv4Hdr,
+    vxlan: bool,
+}
+
+/// What the outer headers hold once admitted: the sending node, and the outer length to
+/// check the rest against.
+struct Admitted {
+    node: NodeEntry,
+    outer_len: usize,
+    gso: bool,
+}
+
+/// Classifies a received frame: parsing (is it a tunnel packet for this node?), admission
+/// (from a known node, no options or fragments, lengths that agree), then the tunnel and
+/// inner headers.
 ///
 /// Returns `Pass` for anything that is not a tunnel packet for a local pod: not IPv4, not IPIP
 /// or UDP, a non-first fragment. Returns `Decap` for IPIP, or VXLAN on the configured port,
@@ -57,37 +72,58 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Ok(Verdict::Pass);
     };
-    if cfg.node_addr == [0; 4] {
+    let Some(outer) = parse_outer(ctx, cfg)? else {
         return Ok(Verdict::Pass);
+    };
+    let adm = admit(ctx, &outer)?;
+    let (strip, counter) = if outer.vxlan {
+        (vxlan_header(ctx, cfg, &adm)?, CounterId::DecapVxlan)
+    } else {
+        (maps_common::IPIP_OVERHEAD, CounterId::DecapIpip)
+    };
+    check_inner(ctx, cfg, &outer, &adm, strip)?;
+    Ok(Verdict::Decap {
+        strip,
+        counter,
+        peer_idx: adm.node.peer_idx,
+        host_routing: (cfg.flags & config_flags::HOST_ROUTING_BPF != 0).then_some(cfg),
+    })
+}
+
+/// Parses the outer headers: `None` for what is not a tunnel packet addressed to this node
+/// (passed on), a drop for tunnel packets aimed at a local pod the wrong way (another port,
+/// another node's address).
+#[inline(always)]
+fn parse_outer<P: Packet>(ctx: &P, cfg: &NodeConfig) -> Result<Option<Outer>, DropReason> {
+    if cfg.node_addr == [0; 4] {
+        return Ok(None);
     }
     let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
-        return Ok(Verdict::Pass);
+        return Ok(None);
     };
     // SAFETY: ptr_at checked the bounds.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
-        return Ok(Verdict::Pass);
+        return Ok(None);
     }
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
-        return Ok(Verdict::Pass);
+        return Ok(None);
     };
     // SAFETY: ptr_at checked the bounds.
-    let outer = unsafe { *ip };
-    let ihl = ((outer.vihl & 0x0f) as usize) * 4;
-    if outer.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
-        return Ok(Verdict::Pass);
+    let ip = unsafe { *ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Ok(None);
     }
-    let frags = u16::from_be_bytes(outer.frags);
-    let for_us = outer.dst_addr == cfg.node_addr;
-
-    let vxlan = match outer.proto {
+    let for_us = ip.dst_addr == cfg.node_addr;
+    let vxlan = match ip.proto {
         IPPROTO_IPIP => false,
         IPPROTO_UDP => {
             // A non-first fragment carries no UDP header: not recognisably a tunnel packet.
-            if frags & IP_OFFSET != 0 {
-                return Ok(Verdict::Pass);
+            if u16::from_be_bytes(ip.frags) & IP_OFFSET != 0 {
+                return Ok(None);
             }
             let Some(udp) = ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + ihl) else {
-                return Ok(Verdict::Pass);
+                return Ok(None);
             };
             // SAFETY: ptr_at checked the bounds.
             if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.vxlan_port {
@@ -96,11 +132,11 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
                 if for_us && ihl == IPV4_MIN_HLEN && vxlan_for_local_pod(ctx, cfg) {
                     return Err(DropReason::WrongPort);
                 }
-                return Ok(Verdict::Pass);
+                return Ok(None);
             }
             true
         }
-        _ => return Ok(Verdict::Pass),
+        _ => return Ok(None),
     };
     if !for_us {
         let for_local_pod = ihl == IPV4_MIN_HLEN
@@ -112,22 +148,26 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         if for_local_pod {
             return Err(DropReason::NotForThisNode);
         }
-        return Ok(Verdict::Pass);
+        return Ok(None);
     }
-
-    // From here on the packet is a tunnel packet addressed to us: admit it or drop it.
     if ihl != IPV4_MIN_HLEN {
         return Err(DropReason::OuterIpOptions);
     }
-    if frags & IP_MF_OFFSET != 0 {
+    Ok(Some(Outer { ip, vxlan }))
+}
+
+/// Admission of a tunnel packet addressed to this node: whole (no fragment), from a known
+/// node, no longer than the frame.
+#[inline(always)]
+fn admit<P: Packet>(ctx: &P, outer: &Outer) -> Result<Admitted, DropReason> {
+    if u16::from_be_bytes(outer.ip.frags) & IP_MF_OFFSET != 0 {
         return Err(DropReason::OuterFragment);
     }
     let node = DP_NODES
-        .get_ptr(outer.src_addr)
+        .get_ptr(outer.ip.src_addr)
         .ok_or(DropReason::UnknownPeer)?;
     // SAFETY: a value pointer from the map, read once, right away.
     let node = unsafe { *node };
-    let peer_idx = node.peer_idx;
     // Lengths are checked on packets as they came off the wire; a GSO packet's are the
     // kernel's (segmentation rewrites them), so it is measured by its length instead.
     let gso = ctx.is_gso();
@@ -135,70 +175,83 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let outer_len = if gso {
         frame_ip_len
     } else {
-        u16::from_be_bytes(outer.tot_len) as usize
+        u16::from_be_bytes(outer.ip.tot_len) as usize
     };
     if outer_len > frame_ip_len {
         return Err(DropReason::Truncated);
     }
+    Ok(Admitted {
+        node,
+        outer_len,
+        gso,
+    })
+}
 
-    let (strip, counter) = if vxlan {
-        let udp =
-            ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + IPV4_MIN_HLEN).ok_or(DropReason::Truncated)?;
-        // SAFETY: ptr_at checked the bounds.
-        if !gso && u16::from_be_bytes(unsafe { (*udp).len }) as usize != outer_len - IPV4_MIN_HLEN {
-            return Err(DropReason::BadOuterLength);
-        }
-        let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
-        let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
-        // SAFETY: ptr_at checked the bounds.
-        let vx = unsafe { *vx };
-        if !vxlan_flags_ok(&vx) {
-            return Err(DropReason::BadVxlanFlags);
-        }
-        let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
-        if vni != cfg.vni {
-            return Err(DropReason::WrongVni);
-        }
-        let inner_eth =
-            ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
-        // SAFETY: ptr_at checked the bounds.
-        if unsafe { (*inner_eth).ether_type } != EtherType::Ipv4 as u16 {
-            return Err(DropReason::InnerNotIpv4);
-        }
-        (maps_common::VXLAN_OVERHEAD, CounterId::DecapVxlan)
-    } else {
-        (maps_common::IPIP_OVERHEAD, CounterId::DecapIpip)
-    };
-
-    if outer_len < strip as usize + IPV4_MIN_HLEN {
+/// The UDP length, VXLAN flags and VNI, and inner Ethernet type of an admitted VXLAN packet;
+/// the bytes to strip.
+#[inline(always)]
+fn vxlan_header<P: Packet>(ctx: &P, cfg: &NodeConfig, adm: &Admitted) -> Result<u32, DropReason> {
+    let udp = ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + IPV4_MIN_HLEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    let udp_len = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+    if !adm.gso && udp_len != adm.outer_len - IPV4_MIN_HLEN {
         return Err(DropReason::BadOuterLength);
     }
-    let inner =
-        ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN + strip as usize).ok_or(DropReason::Truncated)?;
+    let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
+    let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    let vx = unsafe { *vx };
+    if !vxlan_flags_ok(&vx) {
+        return Err(DropReason::BadVxlanFlags);
+    }
+    let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
+    if vni != cfg.vni {
+        return Err(DropReason::WrongVni);
+    }
+    let inner_eth =
+        ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*inner_eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Err(DropReason::InnerNotIpv4);
+    }
+    Ok(maps_common::VXLAN_OVERHEAD)
+}
+
+/// The inner IPv4 header behind `strip` bytes: whole, with lengths that fit the outer, and
+/// (when the check is on) a source in the sender's pod CIDR.
+#[inline(always)]
+fn check_inner<P: Packet>(
+    ctx: &P,
+    cfg: &NodeConfig,
+    outer: &Outer,
+    adm: &Admitted,
+    strip: u32,
+) -> Result<(), DropReason> {
+    let strip = strip as usize;
+    if adm.outer_len < strip + IPV4_MIN_HLEN {
+        return Err(DropReason::BadOuterLength);
+    }
+    let inner = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN + strip).ok_or(DropReason::Truncated)?;
     // SAFETY: ptr_at checked the bounds.
     let inner = unsafe { *inner };
     let inner_len = u16::from_be_bytes(inner.tot_len) as usize;
     let inner_ihl = ((inner.vihl & 0x0f) as usize) * 4;
     if inner.vihl >> 4 != 4
         || inner_ihl < IPV4_MIN_HLEN
-        || (!gso && (inner_len < inner_ihl || inner_len > outer_len - strip as usize))
+        || (!adm.gso && (inner_len < inner_ihl || inner_len > adm.outer_len - strip))
     {
         return Err(DropReason::BadInnerHeader);
     }
     // The sender's pod CIDR came with its DP_NODES entry: no second lookup. The sending node
     // itself is a legitimate source too (its own traffic to a pod, kubelet's probes).
+    let node = &adm.node;
     if cfg.flags & config_flags::INNER_SRC_CHECK != 0
         && !in_cidr(inner.src_addr, node.pod_cidr, node.pod_prefix_len)
-        && inner.src_addr != outer.src_addr
+        && inner.src_addr != outer.ip.src_addr
     {
         return Err(DropReason::InnerSrcSpoofed);
     }
-    Ok(Verdict::Decap {
-        strip,
-        counter,
-        peer_idx,
-        host_routing: (cfg.flags & config_flags::HOST_ROUTING_BPF != 0).then_some(cfg),
-    })
+    Ok(())
 }
 
 /// As the Linux VXLAN device: I flag set, every reserved bit clear.
@@ -274,41 +327,44 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     Ok(XDP_PASS)
 }
 
+/// Where a packet goes once the TC decapsulation is done with it.
+pub enum Delivery {
+    /// The host's stack: passed untouched, or decapsulated for the stack to route.
+    Stack,
+    /// Decapsulated with BPF host routing on: straight into its local pod if it may go
+    /// (`hostroute::deliver`), else the stack.
+    Pod(&'static NodeConfig),
+}
+
 /// TC ingress: classifies, then removes the tunnel headers behind the outer Ethernet header,
-/// which stays (its type is already IPv4). Returns `TC_ACT_OK` for passed and decapsulated
-/// packets.
+/// which stays (its type is already IPv4).
 #[inline(always)]
-pub fn try_decap_tc(ctx: &TcContext) -> Result<i32, DropReason> {
+pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
     let len = ctx.len();
-    match classify(ctx)? {
+    let (strip, counter, peer_idx, host_routing) = match classify(ctx)? {
         Verdict::Pass => {
             count(CounterId::Pass, len);
-            Ok(TC_ACT_OK)
+            return Ok(Delivery::Stack);
         }
         Verdict::Decap {
             strip,
             counter,
             peer_idx,
             host_routing,
-        } => {
-            // The inner header is IPv4 like the outer one, so nothing changes version
-            // (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3). GSO size
-            // fixed: a GRO-merged or GSO packet's segment size is already the inner payload's;
-            // growing it by the stripped headers would make the host's forwarding refuse it
-            // as larger than the pod's MTU.
-            ctx.adjust_room(
-                -(strip as i32),
-                BPF_ADJ_ROOM_MAC,
-                BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-            )
-            .map_err(|_| DropReason::AdjustFailed)?;
-            count(counter, len);
-            count_peer(peer_idx, false, len);
-            // Revalidated inside: the head moved.
-            let Some(cfg) = host_routing else {
-                return Ok(TC_ACT_OK);
-            };
-            Ok(hostroute::deliver(ctx, cfg).unwrap_or(TC_ACT_OK))
-        }
-    }
+        } => (strip, counter, peer_idx, host_routing),
+    };
+    // The inner header is IPv4 like the outer one, so nothing changes version
+    // (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3). GSO size fixed:
+    // a GRO-merged or GSO packet's segment size is already the inner payload's; growing it
+    // by the stripped headers would make the host's forwarding refuse it as larger than the
+    // pod's MTU.
+    ctx.adjust_room(
+        -(strip as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+    )
+    .map_err(|_| DropReason::AdjustFailed)?;
+    count(counter, len);
+    count_peer(peer_idx, false, len);
+    Ok(host_routing.map_or(Delivery::Stack, Delivery::Pod))
 }

@@ -28,7 +28,7 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NEXTHOPS, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
-    csum, hostroute, lookup,
+    csum, flows, lookup,
     parse::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, l4_ports, ptr_at, ptr_at_mut},
 };
 
@@ -104,7 +104,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     match route.mode {
         route_mode::IPIP | route_mode::VXLAN => {
-            hostroute::stack_forwarded(ctx, cfg, &inner);
+            flows::stack_forwarded(ctx, cfg, &inner);
             send(ctx, cfg, &route, &inner)
         }
         // A same-subnet peer's own route normally carries these; through the aggregate route
@@ -277,22 +277,13 @@ fn encap(
     // The frame's length, not the inner header's claim: trailing padding stays inside. A GSO
     // packet's outer lengths are rewritten per segment.
     let ip_len = (len - EthHdr::LEN as u32) as u16;
-    let mut outer = Ipv4Hdr {
-        vihl: 0x45,
-        // RFC 6040 normal mode: DSCP and ECN copied from the inner header.
-        tos: inner.tos,
-        tot_len: ip_len.wrapping_add(overhead as u16).to_be_bytes(),
-        id: inner.id,
-        // RFC 2003: DF copied from the inner header.
-        frags: [inner.frags[0] & IP_DF, 0],
-        ttl: OUTER_TTL,
-        proto: if vxlan { IPPROTO_UDP } else { IPPROTO_IPIP },
-        check: [0; 2],
-        src_addr: cfg.node_addr,
-        dst_addr: route.node_addr,
-    };
-    outer.check = csum::ipv4_header(&outer);
-
+    let outer = outer_ipv4(
+        cfg,
+        route,
+        inner,
+        ip_len.wrapping_add(overhead as u16),
+        vxlan,
+    );
     let gso = gso_flag(ctx, gso_size, cfg, inner, overhead);
     if !vxlan {
         ctx.adjust_room(
@@ -307,31 +298,7 @@ fn encap(
         unsafe { *p = outer };
         return Ok(CounterId::EncapIpip);
     }
-
-    let hash = flow_hash(ctx, inner);
-    let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
-        + VXLAN_SPORT_MIN;
-    let mut hdrs = VxlanHeaders {
-        ip: outer,
-        udp: UdpHdr {
-            src: (sport as u16).to_be_bytes(),
-            dst: cfg.vxlan_port.to_be_bytes(),
-            len: ip_len.wrapping_add(30).to_be_bytes(),
-            // Zero: allowed for UDP over IPv4 and what Calico and Cilium send.
-            check: [0; 2],
-        },
-        vxlan: VxlanHdr {
-            flags: network_types::vxlan::VXLAN_I_FLAG_MASK,
-            _reserved1: [0; 3],
-            vni: [(cfg.vni >> 16) as u8, (cfg.vni >> 8) as u8, cfg.vni as u8],
-            _reserved2: 0,
-        },
-        inner_eth: EthHdr {
-            dst_addr: route.vtep_mac,
-            src_addr: cfg.vtep_mac,
-            ether_type: EtherType::Ipv4 as u16,
-        },
-    };
+    let mut hdrs = vxlan_headers(ctx, cfg, route, inner, outer, ip_len);
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
@@ -359,6 +326,70 @@ fn encap(
     // SAFETY: bounds checked just above.
     unsafe { *p = hdrs };
     Ok(CounterId::EncapVxlan)
+}
+
+/// The outer IPv4 header toward `route`'s node, `tot_len` long.
+#[inline(always)]
+fn outer_ipv4(
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+    tot_len: u16,
+    vxlan: bool,
+) -> Ipv4Hdr {
+    let mut outer = Ipv4Hdr {
+        vihl: 0x45,
+        // RFC 6040 normal mode: DSCP and ECN copied from the inner header.
+        tos: inner.tos,
+        tot_len: tot_len.to_be_bytes(),
+        id: inner.id,
+        // RFC 2003: DF copied from the inner header.
+        frags: [inner.frags[0] & IP_DF, 0],
+        ttl: OUTER_TTL,
+        proto: if vxlan { IPPROTO_UDP } else { IPPROTO_IPIP },
+        check: [0; 2],
+        src_addr: cfg.node_addr,
+        dst_addr: route.node_addr,
+    };
+    outer.check = csum::ipv4_header(&outer);
+    outer
+}
+
+/// Everything VXLAN puts in front of the inner IPv4 header (`ip_len` long): the source port
+/// from the inner flow's hash, the UDP checksum zero (filled in later when asked for).
+#[inline(always)]
+fn vxlan_headers(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    route: &PodRoute,
+    inner: &Ipv4Hdr,
+    outer: Ipv4Hdr,
+    ip_len: u16,
+) -> VxlanHeaders {
+    let hash = flow_hash(ctx, inner);
+    let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
+        + VXLAN_SPORT_MIN;
+    VxlanHeaders {
+        ip: outer,
+        udp: UdpHdr {
+            src: (sport as u16).to_be_bytes(),
+            dst: cfg.vxlan_port.to_be_bytes(),
+            len: ip_len.wrapping_add(30).to_be_bytes(),
+            // Zero: allowed for UDP over IPv4 and what Calico and Cilium send.
+            check: [0; 2],
+        },
+        vxlan: VxlanHdr {
+            flags: network_types::vxlan::VXLAN_I_FLAG_MASK,
+            _reserved1: [0; 3],
+            vni: [(cfg.vni >> 16) as u8, (cfg.vni >> 8) as u8, cfg.vni as u8],
+            _reserved2: 0,
+        },
+        inner_eth: EthHdr {
+            dst_addr: route.vtep_mac,
+            src_addr: cfg.vtep_mac,
+            ether_type: EtherType::Ipv4 as u16,
+        },
+    }
 }
 
 /// The inner flow's hash, which picks the VXLAN source port as the Linux VXLAN device does:

@@ -6,13 +6,14 @@
 //! shape: the stack decides, the fast path follows.
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use maps_common::{
-    CounterId, FastFlow, FlowKey, NodeConfig, REVERIFY_NS, config_flags, flow_state,
+    CounterId, FastFlow, FlowKey, NodeConfig, REVERIFY_NS, config_flags, flow_dir, flow_state,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    DP_FAST_FLOWS,
+    DP_FAST_FLOWS, DP_STACK_FLOWS,
     counters::count,
+    lookup,
     parse::{IPPROTO_TCP, l4_ports, ptr_at},
 };
 
@@ -112,4 +113,27 @@ pub fn forwarded(cfg: &NodeConfig, key: &FlowKey, accepted: CounterId, len: u32)
         }
     }
     true
+}
+
+/// At the underlay's egress, for a packet a local pod sent through the host's stack (the
+/// encap program's path). A flow that came by the pod's veth unchanged is netfilter's verdict
+/// for `flows` (accepted when pending). Any other (rewritten by NAT on the way) is recorded,
+/// once, so its replies take the stack too.
+#[inline(always)]
+pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
+    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0
+        || !lookup::in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len)
+    {
+        return;
+    }
+    let mut key = seen(ctx, ip, flow_dir::OUT).key;
+    if enforced(cfg) && forwarded(cfg, &key, CounterId::FlowAcceptedOut, ctx.len()) {
+        return;
+    }
+    key.dir = 0;
+    // The lookup also marks the entry recently used, keeping a live flow from eviction.
+    if DP_STACK_FLOWS.get_ptr(key).is_none() {
+        // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
+        let _ = DP_STACK_FLOWS.insert(key, 1, 0);
+    }
 }

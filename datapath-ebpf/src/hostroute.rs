@@ -81,29 +81,6 @@ fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
     (ip.vihl >> 4 == 4 && ip.vihl & 0x0f >= 5).then_some(ip)
 }
 
-/// At the underlay's egress, for a packet a local pod sent through the host's stack (the
-/// encap program's path). A flow that came by the pod's veth unchanged is netfilter's verdict
-/// for `flows` (accepted when pending). Any other (rewritten by NAT on the way) is recorded,
-/// once, so its replies take the stack too.
-#[inline(always)]
-pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
-    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0
-        || !lookup::in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len)
-    {
-        return;
-    }
-    let mut key = flows::seen(ctx, ip, flow_dir::OUT).key;
-    if flows::enforced(cfg) && flows::forwarded(cfg, &key, CounterId::FlowAcceptedOut, ctx.len()) {
-        return;
-    }
-    key.dir = 0;
-    // The lookup also marks the entry recently used, keeping a live flow from eviction.
-    if DP_STACK_FLOWS.get_ptr(key).is_none() {
-        // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
-        let _ = DP_STACK_FLOWS.insert(key, 1, 0);
-    }
-}
-
 /// After decapsulation at TC: delivers the inner packet straight into its local pod, unless
 /// the flow's other direction left through the host's stack (where a Service's NAT may have
 /// rewritten it, to be undone by the stack) or, with `flows` enforced, netfilter has yet to

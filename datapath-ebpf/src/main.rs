@@ -14,7 +14,7 @@ mod lookup;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_DROP},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -96,7 +96,7 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     hostroute::pod_ingress_seen(&ctx);
-    aya_ebpf::bindings::TC_ACT_OK
+    TC_ACT_OK
 }
 
 /// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.
@@ -122,11 +122,13 @@ pub fn xdp_decap_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
-/// TC ingress on the underlay: the same decapsulation where XDP costs more.
+/// TC ingress on the underlay: the same decapsulation where XDP costs more; then the host's
+/// stack, or with BPF host routing straight into the local pod.
 #[classifier]
 pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
     match decap::try_decap_tc(&ctx) {
-        Ok(action) => action,
+        Ok(decap::Delivery::Stack) => TC_ACT_OK,
+        Ok(decap::Delivery::Pod(cfg)) => hostroute::deliver(&ctx, cfg).unwrap_or(TC_ACT_OK),
         Err(reason) => drop_tc(&ctx, reason),
     }
 }
