@@ -5,12 +5,10 @@
 //! permanent neighbour entry (`cargo xtask bench` makes it).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::{Context as _, Result};
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
-};
+use anyhow::Result;
+use aya::Ebpf;
 use maps_common::prog_names;
+use testkit::{cluster::ClusterNode, packet, progrun};
 
 use datapath_user::{
     cluster::{self, Defaults, Limits},
@@ -20,23 +18,19 @@ use datapath_user::{
     underlay::netlink,
 };
 
-/// The same cluster as JSON (what a generated or `kubectl`-made file of this size would be),
-/// with node `k`'s VTEP MAC set to `mac` when given.
+/// A generated cluster of `nodes` nodes as JSON, with node `k`'s VTEP MAC set to `mac` when
+/// given.
 pub fn cluster_json(encap: &str, nodes: u32, changed: Option<(u32, [u8; 6])>) -> String {
-    let list: Vec<serde_json::Value> = (0..nodes)
+    let list: Vec<ClusterNode> = (0..nodes)
         .map(|k| {
-            let mut n = serde_json::json!({
-                "name": format!("node{}", k + 1),
-                "address": node_addr(k).to_string(),
-                "podCIDR": pod_cidr(k).to_string(),
-            });
+            let mut n = testkit::cluster::generated(k);
             if let Some((_, mac)) = changed.filter(|(c, _)| *c == k) {
-                n["vtepMAC"] = serde_json::json!(cluster::format_mac(&mac));
+                n.vtep_mac = Some(cluster::format_mac(&mac));
             }
             n
         })
         .collect();
-    serde_json::json!({ "encapsulation": encap, "nodes": list }).to_string()
+    testkit::cluster::json(encap, &list)
 }
 
 /// Changes one node's VTEP MAC in the cluster file `path` `samples` times, each written beside
@@ -85,36 +79,23 @@ fn wait_for_mac(
     }
 }
 
-/// A cluster file of `nodes` nodes: node1 192.168.1.10, node2 192.168.1.11, the rest 250 to a
-/// /24 from 192.168.2.0 on (10,000 nodes fill 40 subnets), pod CIDRs 10.(k/256).(k%256).0/24.
+/// A cluster file of `nodes` nodes (`testkit::cluster::generated`): node1 192.168.1.10, node2
+/// 192.168.1.11, the rest 250 to a /24 from 192.168.2.0 on (10,000 nodes fill 40 subnets),
+/// pod CIDRs 10.(k/256).(k%256).0/24.
 pub fn cluster_text(encap: &str, nodes: u32) -> String {
-    let mut s = format!("encapsulation: {encap}\nnodes:\n");
-    for k in 0..nodes {
-        s += &format!(
-            "  - name: node{}\n    address: {}\n    podCIDR: {}\n",
-            k + 1,
-            node_addr(k),
-            pod_cidr(k)
-        );
-    }
-    s
+    let list: Vec<ClusterNode> = (0..nodes).map(testkit::cluster::generated).collect();
+    testkit::cluster::yaml(encap, "", &list)
 }
 
 /// Underlay address of generated node `k` (0-based).
 fn node_addr(k: u32) -> Ipv4Addr {
-    match k {
-        0 => Ipv4Addr::new(192, 168, 1, 10),
-        1 => Ipv4Addr::new(192, 168, 1, 11),
-        _ => Ipv4Addr::new(192, 168, 2 + (k / 250) as u8, (k % 250 + 1) as u8),
-    }
+    testkit::cluster::generated_addr(k)
 }
 
 /// Pod CIDR of generated node `k`.
 fn pod_cidr(k: u32) -> cluster::Cidr {
-    cluster::Cidr {
-        addr: Ipv4Addr::new(10, (k / 256) as u8, (k % 256) as u8, 0),
-        len: 24,
-    }
+    let (addr, len) = testkit::cluster::generated_pod_cidr(k);
+    cluster::Cidr { addr, len }
 }
 
 fn flannel_lease(k: u32, mac: [u8; 6]) -> String {
@@ -216,19 +197,14 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
     };
     let mut dp = Dataplane::new(maps, local)?;
     dp.apply_full(&c)?;
-    for name in [
+    let tc = [
         prog_names::TC_ENCAP_EGRESS,
         prog_names::TC_DECAP_INGRESS,
         prog_names::TC_POD_INGRESS,
         prog_names::TC_FLOOR,
-    ] {
-        let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
-        p.load()?;
-    }
-    for name in [prog_names::XDP_DECAP_INGRESS, prog_names::XDP_FLOOR] {
-        let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
-        p.load()?;
-    }
+    ];
+    let xdp = [prog_names::XDP_DECAP_INGRESS, prog_names::XDP_FLOOR];
+    progrun::load_programs(&mut ebpf, &tc, &xdp).map_err(anyhow::Error::msg)?;
     Ok(View {
         ebpf,
         _dp: dp,
@@ -239,66 +215,37 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
 impl View {
     /// Runs a program once; returns (output, kernel-reported ns).
     fn run(&self, prog: &str, input: &[u8]) -> Result<(Vec<u8>, u64)> {
-        let mut out = vec![0u8; input.len() + 128];
-        let program = self.ebpf.program(prog).context("program")?;
-        let r = if prog.starts_with("xdp") {
-            let p: &Xdp = program.try_into()?;
-            p.test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })?
-        } else {
-            let p: &SchedClassifier = program.try_into()?;
-            let mut ctx = [0u8; 192];
-            ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
-            p.test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })?
-        };
-        out.truncate(r.data_size_out as usize);
-        Ok((out, r.duration.as_nanos() as u64))
+        let r = progrun::run(&self.ebpf, prog, self.ifindex, input).map_err(anyhow::Error::msg)?;
+        Ok((r.out, r.ns))
     }
 
-    /// The mean of `iterations` single runs' kernel-reported durations with the slowest and
-    /// fastest tenth left out: robust against the interrupts and preemptions that inflate a
-    /// plain mean on a busy 2-CPU machine, and finer than a median of the kernel's durations,
-    /// which come in steps of 10 ns here.
+    /// `testkit::progrun::trimmed_ns` of `prog` on `input`.
     fn trimmed_ns(&self, prog: &str, input: &[u8], iterations: u32) -> Result<f64> {
-        let mut runs = Vec::with_capacity(iterations as usize);
-        for _ in 0..iterations {
-            runs.push(self.run(prog, input)?.1);
-        }
-        runs.sort_unstable();
-        let cut = runs.len() / 10;
-        let middle = &runs[cut..runs.len() - cut];
-        Ok(middle.iter().sum::<u64>() as f64 / middle.len().max(1) as f64)
+        progrun::trimmed_ns(&self.ebpf, prog, self.ifindex, input, iterations)
+            .map_err(anyhow::Error::msg)
     }
 }
 
-/// A TCP segment pod1 (10.0.0.2) → pod2 (10.0.1.2) with 64 bytes of payload, in Ethernet.
+/// A TCP segment (ACK) pod1 (10.0.0.2) → pod2 (10.0.1.2) with 64 bytes of payload, in
+/// Ethernet, as generated node1's pod sends it to generated node2's.
 fn pod_packet() -> Vec<u8> {
-    let mut ip = vec![
-        0x45, 0, 0, 104, 0x12, 0x34, 0x40, 0, 63, 6, 0, 0, 10, 0, 0, 2, 10, 0, 1, 2,
-    ];
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-        .sum();
-    sum = (sum & 0xffff) + (sum >> 16);
-    let c = !((sum & 0xffff) + (sum >> 16)) as u16;
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let tcp = [
-        0x9c, 0x40, 0, 80, 0, 0, 3, 0xe8, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0,
-    ];
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x0a, 0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x00];
-    f.extend(ip);
-    f.extend(tcp);
-    f.extend([0x61u8; 64]);
-    f
+    let mut tcp = packet::tcp(40000, 80, &[0x61; 64]);
+    tcp[13] = 0x10; // ACK, not SYN: a segment of an established flow
+    let ip = packet::Ip {
+        tos: 0,
+        id: 0x1234,
+        df: true,
+        ttl: 63,
+        proto: 6,
+        src: [10, 0, 0, 2],
+        dst: [10, 0, 1, 2],
+    };
+    packet::eth(
+        packet::NODE_MAC,
+        packet::NODE_MAC,
+        0x0800,
+        &packet::ipv4(&ip, &tcp),
+    )
 }
 
 /// Mean per-packet cost in ns of each program, and of the floors, at `nodes` nodes.

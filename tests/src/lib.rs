@@ -1,52 +1,21 @@
-//! Helpers shared by the namespace and BPF_PROG_TEST_RUN tests: network namespaces, emulated
-//! nodes and pods, a bpffs per test, agent processes and captures. Everything made here is
-//! removed on drop, so a failing test cleans up too.
+//! Helpers of the namespace and BPF_PROG_TEST_RUN tests on top of the test kit (`testkit`:
+//! namespaces, the topology builder, cluster files, packets): the agent under test, its
+//! processes, CNI pods, captures and etcd. Everything made here is removed on drop, so a
+//! failing test cleans up too.
 pub mod progtest;
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Child, Output},
     thread,
     time::{Duration, Instant},
 };
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A short prefix unique to this process and call, for names of namespaces and mounts.
-pub fn unique(tag: &str) -> String {
-    format!(
-        "dpt{}{}-{tag}",
-        std::process::id() % 100000,
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Runs a command, panicking with its output when it fails.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("spawn sh");
-    assert!(
-        out.status.success(),
-        "command failed: {cmd}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command and returns its output whatever the status.
-pub fn sh_out(cmd: &str) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("spawn sh")
-}
+use testkit::cluster::ClusterNode;
+pub use testkit::net::{
+    Bpffs, BuiltNode as Node, Netns, NodeSpec, sh, sh_out, spawn_in, try_sh, unique,
+};
 
 /// The `datapath` binary under test: `$DATAPATH_BIN`, or the one next to the test binary's
 /// directory (`target/<profile>/datapath`).
@@ -68,101 +37,6 @@ pub fn datapath_bin() -> PathBuf {
     bin
 }
 
-/// A network namespace, deleted (with every interface in it) on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(name: &str) -> Self {
-        sh(&format!("ip netns add {name}"));
-        let ns = Self {
-            name: name.to_string(),
-        };
-        ns.exec("ip link set lo up");
-        ns
-    }
-
-    /// Runs `cmd` inside the namespace, panicking on failure.
-    pub fn exec(&self, cmd: &str) -> String {
-        sh(&format!(
-            "ip netns exec {} sh -c '{}'",
-            self.name,
-            cmd.replace('\'', "'\\''")
-        ))
-    }
-
-    /// Runs `cmd` inside the namespace, returning its output whatever the status.
-    pub fn exec_out(&self, cmd: &str) -> Output {
-        sh_out(&format!(
-            "ip netns exec {} sh -c '{}'",
-            self.name,
-            cmd.replace('\'', "'\\''")
-        ))
-    }
-
-    /// Starts `cmd` inside the namespace in the background.
-    pub fn spawn(&self, cmd: &str, log: &Path) -> Child {
-        spawn_in(&self.name, cmd, log)
-    }
-}
-
-/// Starts `cmd` inside namespace `ns` in the background, output to `log`.
-pub fn spawn_in(ns: &str, cmd: &str, log: &Path) -> Child {
-    let f = fs::File::create(log).expect("log file");
-    Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", &format!("exec {cmd}")])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("dup"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn")
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Kill what still runs inside, then delete.
-        let _ = sh_out(&format!("ip netns pids {} | xargs -r kill -9", self.name));
-        let _ = sh_out(&format!("ip netns del {}", self.name));
-    }
-}
-
-/// A bpffs mounted outside /sys (so pins survive across `ip netns exec`), unmounted on drop.
-pub struct Bpffs {
-    pub dir: PathBuf,
-}
-
-impl Bpffs {
-    pub fn new(tag: &str) -> Self {
-        let dir = PathBuf::from("/run/datapath-tests").join(tag);
-        fs::create_dir_all(&dir).expect("mkdir");
-        sh(&format!("mount -t bpf bpf {}", dir.display()));
-        Self { dir }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = sh_out(&format!("umount {}", self.dir.display()));
-        let _ = fs::remove_dir(&self.dir);
-        // Empty once the last test's mount is gone; otherwise this fails and it stays.
-        if let Some(parent) = self.dir.parent() {
-            let _ = fs::remove_dir(parent);
-        }
-    }
-}
-
-/// An emulated Kubernetes node: a namespace with an underlay interface `eth0` and one pod
-/// (its own namespace) behind a veth `pod0`, routed as a CNI would.
-pub struct Node {
-    pub name: String,
-    pub addr: String,
-    pub pod_cidr: String,
-    pub pod_ip: String,
-    pub pod: Netns,
-    pub ns: Netns,
-}
-
 /// Two or three nodes on an underlay; the underlay namespace holds bridges and a router.
 pub struct Topology {
     pub prefix: String,
@@ -171,13 +45,6 @@ pub struct Topology {
     pub bpffs: Bpffs,
     pub agents: Vec<Agent>,
     pub workdir: PathBuf,
-}
-
-/// Where a node sits: subnet 0 is 192.168.1.0/24 on bridge br0; subnet 1 is 192.168.2.0/24 on
-/// br1, reached from subnet 0 through the underlay namespace acting as router.
-pub struct NodeSpec {
-    pub subnet: u8,
-    pub host: u8,
 }
 
 impl Topology {
@@ -196,66 +63,13 @@ impl Topology {
         let prefix = unique(tag);
         let workdir = std::env::temp_dir().join(&prefix);
         fs::create_dir_all(&workdir).expect("workdir");
-        let underlay = Netns::new(&format!("{prefix}-ul"));
-        underlay.exec("sysctl -qw net.ipv4.ip_forward=1");
-        for (br, gw) in [("br0", "192.168.1.1/24"), ("br1", "192.168.2.1/24")] {
-            underlay.exec(&format!(
-                "ip link add {br} type bridge && ip addr add {gw} dev {br} && ip link set {br} up"
-            ));
-        }
         let bpffs = Bpffs::new(&prefix);
-        let mut nodes = Vec::new();
-        for (i, spec) in specs.iter().enumerate() {
-            let name = format!("node{}", i + 1);
-            let ns = Netns::new(&format!("{prefix}-n{}", i + 1));
-            let pod = Netns::new(&format!("{prefix}-p{}", i + 1));
-            let addr = format!("192.168.{}.{}", spec.subnet + 1, spec.host);
-            let gw = format!("192.168.{}.1", spec.subnet + 1);
-            let port = format!("u{i}");
-            sh(&format!(
-                "ip link add eth0 netns {} type veth peer name {port} netns {}",
-                ns.name, underlay.name
-            ));
-            underlay.exec(&format!("ip link set {port} master br{} up", spec.subnet));
-            ns.exec(&format!(
-                "ip addr add {addr}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw} && sysctl -qw net.ipv4.ip_forward=1"
-            ));
-            let pod_cidr = format!("10.244.{i}.0/24");
-            if !hand_made_pods {
-                nodes.push(Node {
-                    name,
-                    addr,
-                    pod_cidr,
-                    pod_ip: String::new(),
-                    pod,
-                    ns,
-                });
-                continue;
-            }
-            let pod_ip = format!("10.244.{i}.2");
-            sh(&format!(
-                "ip link add eth0 netns {} type veth peer name pod0 netns {}",
-                pod.name, ns.name
-            ));
-            ns.exec(&format!("ip addr add 10.244.{i}.1/32 dev pod0 && ip link set pod0 up && ip route add {pod_ip}/32 dev pod0"));
-            pod.exec(&format!(
-                "ip addr add {pod_ip}/24 dev eth0 && ip link set eth0 up && ip route add 10.244.{i}.1/32 dev eth0 && ip route replace default via 10.244.{i}.1 src {pod_ip}"
-            ));
-            // The pod reaches other pods through its node, like Calico's /32 pod routes.
-            pod.exec(&format!("ip route replace 10.244.0.0/16 via 10.244.{i}.1"));
-            nodes.push(Node {
-                name,
-                addr,
-                pod_cidr,
-                pod_ip,
-                pod,
-                ns,
-            });
-        }
+        let built = testkit::net::build(&prefix, specs, hand_made_pods)
+            .unwrap_or_else(|e| panic!("building the topology: {e}"));
         Self {
             prefix,
-            nodes,
-            underlay,
+            nodes: built.nodes,
+            underlay: built.underlay,
             bpffs,
             agents: Vec::new(),
             workdir,
@@ -299,14 +113,12 @@ impl Topology {
 
     /// A cluster file for these nodes.
     pub fn cluster_yaml(&self, encap: &str, extra: &str) -> String {
-        let mut s = format!("encapsulation: {encap}\n{extra}nodes:\n");
-        for n in &self.nodes {
-            s += &format!(
-                "  - name: {}\n    address: {}\n    podCIDR: {}\n",
-                n.name, n.addr, n.pod_cidr
-            );
-        }
-        s
+        let nodes: Vec<ClusterNode> = self
+            .nodes
+            .iter()
+            .map(|n| ClusterNode::new(&n.name, &n.addr, &n.pod_cidr))
+            .collect();
+        testkit::cluster::yaml(encap, extra, &nodes)
     }
 
     pub fn write_cluster(&self, text: &str) -> PathBuf {

@@ -1,6 +1,7 @@
-//! The two-node lab the demo and the benchmark build: namespaces `<prefix>-ul` (bridge),
-//! `<prefix>-n1/-n2` (nodes 192.168.1.10/.11) and `<prefix>-p1/-p2` (pods 10.244.0.2/1.2),
-//! a bpffs for the agents' pins, and a teardown that removes all of it.
+//! The two-node lab the demo and the benchmark build with the test kit's topology builder:
+//! namespaces `<prefix>-ul` (bridges, router), `<prefix>-n1/-n2` (nodes 192.168.1.10/.11)
+//! and `<prefix>-p1/-p2` (pods 10.244.0.2/1.2), a bpffs for the agents' pins, and a teardown
+//! that removes all of it.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -9,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use testkit::net::NodeSpec;
 
 pub fn sh(cmd: &str) -> Result<String> {
     let out = Command::new("sh").arg("-c").arg(cmd).output()?;
@@ -60,39 +62,15 @@ impl Lab {
         sh(&format!("ip netns exec {} {cmd}", self.ns(ns)))
     }
 
+    /// Builds two nodes on one subnet with a pod each (the test kit's topology builder) and
+    /// the agents' bpffs; `teardown` removes them by name.
     pub fn build(&self) -> Result<()> {
-        for ns in ["ul", "n1", "n2", "p1", "p2"] {
-            let ns = self.ns(ns);
-            sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up"))?;
-        }
-        let ul = self.ns("ul");
-        sh(&format!(
-            "ip -n {ul} link add br0 type bridge && ip -n {ul} link set br0 up"
-        ))?;
-        for i in 0..2 {
-            let (n, p) = (
-                self.ns(&format!("n{}", i + 1)),
-                self.ns(&format!("p{}", i + 1)),
-            );
-            sh(&format!(
-                "ip link add eth0 netns {n} type veth peer name u{i} netns {ul}"
-            ))?;
-            sh(&format!("ip -n {ul} link set u{i} master br0 up"))?;
-            sh(&format!(
-                "ip -n {n} addr add 192.168.1.1{i}/24 dev eth0 && ip -n {n} link set eth0 up"
-            ))?;
-            sh(&format!(
-                "ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1"
-            ))?;
-            sh(&format!(
-                "ip link add eth0 netns {p} type veth peer name pod0 netns {n}"
-            ))?;
-            sh(&format!(
-                "ip -n {n} addr add 10.244.{i}.1/32 dev pod0 && ip -n {n} link set pod0 up && ip -n {n} route add 10.244.{i}.2/32 dev pod0"
-            ))?;
-            sh(&format!(
-                "ip -n {p} addr add 10.244.{i}.2/24 dev eth0 && ip -n {p} link set eth0 up && ip -n {p} route add 10.244.{i}.1/32 dev eth0 && ip -n {p} route add 10.244.0.0/16 via 10.244.{i}.1"
-            ))?;
+        let specs = [10, 11].map(|host| NodeSpec { subnet: 0, host });
+        let built = testkit::net::build(self.prefix, &specs, true).map_err(anyhow::Error::msg)?;
+        built.underlay.keep();
+        for n in built.nodes {
+            n.ns.keep();
+            n.pod.keep();
         }
         sh(&format!(
             "mkdir -p {0} && mount -t bpf bpf {0}",
@@ -198,8 +176,10 @@ impl Lab {
     }
 
     pub fn write_cluster(&self, encap: &str, vni: u32, port: u16) -> Result<()> {
-        let text = format!(
-            "encapsulation: {encap}\nvxlan: {{ vni: {vni}, port: {port} }}\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n"
+        let text = testkit::cluster::yaml(
+            encap,
+            &format!("vxlan: {{ vni: {vni}, port: {port} }}\n"),
+            &testkit::cluster::two_nodes(),
         );
         let tmp = format!("{}.tmp", self.cluster_path());
         std::fs::write(&tmp, text)?;
