@@ -180,7 +180,7 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
         max_nodes: max,
         log_level: 0,
         pin_dir: None,
-        maps_dir: "maps",
+        maps_dir: datapath_user::kernel::pin_tree::MAPS,
     })?;
     let maps = DatapathMaps::take(&mut ebpf)?;
     let iface = netlink::blocking(|nl| async move { Ok(nl.iface("ul0").await?) })?;

@@ -10,6 +10,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
 use maps_common::{Endpoint, map_names};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
@@ -45,6 +46,43 @@ pub fn plugin_main() -> std::process::ExitCode {
     }
 }
 
+/// The network configuration the runtime passes on stdin: this plugin's own keys (the agent
+/// writes them into the list) and the previous plugin's result.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    cni_version: Option<String>,
+    pin_dir: Option<PathBuf>,
+    tc_attach: Option<String>,
+    /// Echoed back on ADD as it came, with this configuration's version.
+    prev_result: Option<Value>,
+}
+
+/// The parts of a CNI result this plugin reads.
+#[derive(Default, Deserialize)]
+struct PrevResult {
+    #[serde(default)]
+    interfaces: Vec<Interface>,
+    #[serde(default)]
+    ips: Vec<IpConfig>,
+}
+
+#[derive(Deserialize)]
+struct Interface {
+    name: String,
+    #[serde(default)]
+    mac: String,
+    /// Set for the container's interface, absent for the host's.
+    #[serde(default)]
+    sandbox: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IpConfig {
+    address: String,
+    interface: Option<usize>,
+}
+
 fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
     if command == "VERSION" {
         let v = json!({
@@ -53,30 +91,34 @@ fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
         });
         return Ok(Some(v.to_string()));
     }
-    let conf: Value = serde_json::from_str(input).context("the configuration is not JSON")?;
-    let pin_dir = conf["pinDir"]
-        .as_str()
-        .map_or_else(|| PathBuf::from(loader::DEFAULT_PIN_DIR), PathBuf::from);
-    let prev = &conf["prevResult"];
-    let tc_mode = match conf["tcAttach"].as_str() {
+    let conf: NetConf = serde_json::from_str(input).context("the configuration is not JSON")?;
+    let pin_dir = conf
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(loader::DEFAULT_PIN_DIR));
+    let tc_mode = match conf.tc_attach.as_deref() {
         Some("netlink") => loader::TcAttach::Netlink,
         _ => loader::TcAttach::Tcx,
     };
+    // Lenient, as DEL must be: what cannot be read names no pod.
+    let prev: PrevResult = conf
+        .prev_result
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
     match command {
         "ADD" => {
-            anyhow::ensure!(
-                prev.is_object(),
-                "{PLUGIN} must be chained after ptp: no prevResult"
-            );
-            for pod in pods(prev) {
+            let Some(mut out) = conf.prev_result.clone().filter(Value::is_object) else {
+                anyhow::bail!("{PLUGIN} must be chained after ptp: no prevResult");
+            };
+            for pod in pods(&prev) {
                 add(&pin_dir, &pod, tc_mode)?;
             }
-            let mut out = prev.clone();
-            out["cniVersion"] = conf["cniVersion"].clone();
+            out["cniVersion"] = json!(conf.cni_version);
             Ok(Some(out.to_string()))
         }
         "DEL" => {
-            for pod in pods(prev) {
+            for pod in pods(&prev) {
                 del(&pin_dir, &pod);
             }
             Ok(None)
@@ -96,28 +138,26 @@ struct PodIf {
 
 /// The IPv4 addresses of `prev` with the interfaces ptp made: the container's (the one the
 /// address names) and the host's (the one without a sandbox).
-fn pods(prev: &Value) -> Vec<PodIf> {
-    let ifs = prev["interfaces"].as_array().cloned().unwrap_or_default();
-    let mac = |v: &Value| crate::cluster::parse_mac(v["mac"].as_str().unwrap_or_default()).ok();
-    let Some(host) = ifs
+fn pods(prev: &PrevResult) -> Vec<PodIf> {
+    let mac = |i: &Interface| crate::cluster::parse_mac(&i.mac).ok();
+    let Some(host) = prev
+        .interfaces
         .iter()
-        .find(|i| i["sandbox"].as_str().unwrap_or("").is_empty())
+        .find(|i| i.sandbox.as_deref().unwrap_or("").is_empty())
     else {
         return Vec::new();
     };
-    let (Some(host_if), Some(host_mac)) = (host["name"].as_str(), mac(host)) else {
+    let Some(host_mac) = mac(host) else {
         return Vec::new();
     };
-    prev["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    prev.ips
+        .iter()
         .filter_map(|ip| {
-            let addr: Ipv4Addr = ip["address"].as_str()?.split('/').next()?.parse().ok()?;
-            let pod_if = ifs.get(usize::try_from(ip["interface"].as_u64()?).ok()?)?;
+            let addr: Ipv4Addr = ip.address.split('/').next()?.parse().ok()?;
+            let pod_if = prev.interfaces.get(ip.interface?)?;
             Some(PodIf {
                 ip: addr,
-                host_if: host_if.to_string(),
+                host_if: host.name.clone(),
                 host_mac,
                 pod_mac: mac(pod_if)?,
             })

@@ -21,7 +21,7 @@ use crate::{
         host,
         loader::{self, DecapHook, LoadOptions},
         maps::DatapathMaps,
-        pods, upgrade,
+        pin_tree, pods, upgrade,
     },
     observe::http,
     outputs::{Outputs, cni::CniOptions, flannel},
@@ -337,7 +337,11 @@ fn load(opts: &AgentOptions) -> anyhow::Result<(upgrade::Pins, aya::Ebpf)> {
         max_nodes: opts.max_nodes,
         log_level: opts.kernel_log_level(),
         pin_dir: Some(opts.pin_dir.clone()),
-        maps_dir: if migrating { upgrade::PENDING } else { "maps" },
+        maps_dir: if migrating {
+            pin_tree::MAPS_PENDING
+        } else {
+            pin_tree::MAPS
+        },
     })?;
     if opts.kernel_log_level() > 0 {
         start_kernel_logs(&mut ebpf);

@@ -17,6 +17,8 @@ use aya::{
 };
 use maps_common::{map_names, prog_names};
 
+use super::pin_tree;
+
 /// The kernel object, built by build.rs from `datapath-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
 
@@ -167,11 +169,11 @@ pub struct LoadOptions {
 }
 
 pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
-    pin_dir.join("maps").join(map)
+    pin_dir.join(pin_tree::MAPS).join(map)
 }
 
 pub fn link_pin_path(pin_dir: &Path, prog: &str) -> PathBuf {
-    pin_dir.join("links").join(prog)
+    pin_dir.join(pin_tree::LINKS).join(prog)
 }
 
 /// Where bpffs is conventionally mounted; the default pin directory lies under it.
@@ -473,11 +475,11 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     for sub in [
         "links/pods",
         "links/pods-egress",
-        "links",
-        "progs",
-        "maps",
-        "maps-pending",
-        "maps-old",
+        pin_tree::LINKS,
+        pin_tree::PROGS,
+        pin_tree::MAPS,
+        pin_tree::MAPS_PENDING,
+        pin_tree::MAPS_OLD,
     ] {
         let dir = pin_dir.join(sub);
         let entries = match std::fs::read_dir(&dir) {

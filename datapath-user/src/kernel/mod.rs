@@ -5,3 +5,17 @@ pub mod loader;
 pub mod maps;
 pub mod pods;
 pub mod upgrade;
+
+/// The pin tree's folders under `--pin-dir`, named once for every reader and writer.
+pub mod pin_tree {
+    /// The maps the programs use.
+    pub const MAPS: &str = "maps";
+    /// New maps being filled beside the old ones during a migration.
+    pub const MAPS_PENDING: &str = "maps-pending";
+    /// The old maps, between the swap and their removal.
+    pub const MAPS_OLD: &str = "maps-old";
+    /// Links (attachments), by program, and per pod veth below.
+    pub const LINKS: &str = "links";
+    /// Programs pinned for the CNI plugin to attach to pod veths.
+    pub const PROGS: &str = "progs";
+}

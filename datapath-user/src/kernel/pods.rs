@@ -11,6 +11,7 @@ use maps_common::prog_names;
 use aya::programs::tc;
 
 use super::loader::{LoadError, TcAttach, attach_classifier, create_parent, program};
+use super::pin_tree;
 
 /// The two hooks on a pod's host-side veth: what the pod sends (ingress) and what the host
 /// sends into the pod (egress).
@@ -50,12 +51,15 @@ impl PodHook {
 
 /// Where a pod program is pinned for the CNI plugin to attach.
 pub fn pod_prog_pin_path(pin_dir: &Path, hook: PodHook) -> PathBuf {
-    pin_dir.join("progs").join(hook.program())
+    pin_dir.join(pin_tree::PROGS).join(hook.program())
 }
 
 /// Where the link of a pod program on host-side interface `ifname` is pinned.
 pub fn pod_link_pin_path(pin_dir: &Path, hook: PodHook, ifname: &str) -> PathBuf {
-    pin_dir.join("links").join(hook.links_dir()).join(ifname)
+    pin_dir
+        .join(pin_tree::LINKS)
+        .join(hook.links_dir())
+        .join(ifname)
 }
 
 /// Loads the pod programs and pins them, replacing what an earlier agent pinned, so the CNI
@@ -108,13 +112,17 @@ pub fn reattach_pods(
     let ifaces: Vec<String> = if tc_mode.resolve() == TcAttach::Netlink {
         netlink_ifaces.to_vec()
     } else {
-        std::fs::read_dir(pin_dir.join("links").join(PodHook::Ingress.links_dir()))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        std::fs::read_dir(
+            pin_dir
+                .join(pin_tree::LINKS)
+                .join(PodHook::Ingress.links_dir()),
+        )
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
     };
     for hook in PodHook::ALL {
         let name = hook.program();

@@ -24,8 +24,8 @@ use tracing::info;
 use crate::kernel::maps::DatapathMaps;
 
 /// The directories under the pin directory a migration goes through.
-pub const PENDING: &str = "maps-pending";
-pub const OLD: &str = "maps-old";
+pub const PENDING: &str = super::pin_tree::MAPS_PENDING;
+pub const OLD: &str = super::pin_tree::MAPS_OLD;
 
 /// What the pins under a pin directory are, against this build.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,7 +69,7 @@ fn pinned(pin_dir: &Path, sub: &str) -> PathBuf {
 /// (crashed before the swap) is removed, and the migration starts over.
 pub fn recover(pin_dir: &Path) -> anyhow::Result<()> {
     let (maps, pending, old) = (
-        pinned(pin_dir, "maps"),
+        pinned(pin_dir, super::pin_tree::MAPS),
         pinned(pin_dir, PENDING),
         pinned(pin_dir, OLD),
     );
@@ -167,7 +167,7 @@ pub fn fault(step: &str) {
 /// `maps-old` goes. Called once the programs use the new maps.
 pub fn finish(pin_dir: &Path) -> anyhow::Result<()> {
     let (maps, pending, old) = (
-        pinned(pin_dir, "maps"),
+        pinned(pin_dir, super::pin_tree::MAPS),
         pinned(pin_dir, PENDING),
         pinned(pin_dir, OLD),
     );
