@@ -378,6 +378,12 @@ fn test(filter: Option<&str>) -> Result<()> {
             Command::new(std::env::current_exe()?).args(["image", "--tag", TEST_IMAGE]),
             &mut tests,
         );
+    // The binary the image ships, searched as `strings` would: no test or benchmark code.
+    let shipped_clean = image_built.then(|| {
+        let shipped = std::fs::read(workspace().join(STATIC_BIN)).unwrap_or_default();
+        let has = |needle: &[u8]| shipped.windows(needle.len()).any(|w| w == needle);
+        !shipped.is_empty() && !has(b"DATAPATH_FAULT") && !has(b"tc_floor")
+    });
     if built {
         // Namespace tests share the machine's two cores: one at a time.
         let mut cmd = cargo();
@@ -405,6 +411,13 @@ fn test(filter: Option<&str>) -> Result<()> {
             .filter(|l| l.starts_with("dpt"))
             .count();
     summary.push(("no namespaces left behind".into(), leftovers == 0, 0.0));
+    if let Some(clean) = shipped_clean {
+        summary.push((
+            "the shipped binary holds neither DATAPATH_FAULT nor tc_floor".into(),
+            clean,
+            0.0,
+        ));
+    }
     // The tests pin only on bpffs mounts of their own under /run/datapath-tests.
     let mounts = std::fs::read_to_string("/proc/mounts")?
         .lines()

@@ -90,7 +90,8 @@ pub fn recover(pin_dir: &Path) -> anyhow::Result<()> {
 
 /// Removes every pin in `dir`, then `dir`.
 fn remove_dir_pins(dir: &Path) -> anyhow::Result<()> {
-    for entry in std::fs::read_dir(dir)?.flatten() {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
         std::fs::remove_file(entry.path())
             .with_context(|| format!("removing {}", entry.path().display()))?;
     }
