@@ -1,11 +1,11 @@
 //! Packet sizes against the MTU.
 //!
-//! Path MTU over VXLAN: pods keep MTU 1500, the agent's route to the peer's pod CIDR carries
-//! MTU 1450, so the kernel answers oversized DF packets with ICMP "fragmentation needed" (MTU
+//! Path MTU over VXLAN: pods keep MTU 1500, the agent's aggregate route toward the pod CIDRs
+//! carries MTU 1450, so the kernel answers oversized DF packets with ICMP "fragmentation needed" (MTU
 //! 1450) and TCP adapts instead of black-holing.
 //!
 //! ```text
-//!   pod1 (mtu 1500) ── node1: route 10.244.1.0/24 via 192.168.1.11 mtu 1450 ── VXLAN ── node2 ── pod2
+//!   pod1 (mtu 1500) ── node1: route 10.244.0.0/23 via 169.254.0.1 onlink mtu 1450 ── VXLAN ── node2 ── pod2
 //!        ◄── ICMP 3/4 "fragmentation needed, next-hop MTU 1450" (captured on pod1's eth0)
 //! ```
 //!

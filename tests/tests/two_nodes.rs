@@ -7,9 +7,9 @@
 //!   node1 ── TC egress: encap ──► eth0 192.168.1.10 ─┐   ┌─ eth0 192.168.1.11 ── XDP: decap ──► node2
 //!                                             u0 ── br0 ── u1   (underlay netns; tcpdump on u0)
 //! ```
-//! A packet from pod1 is routed by node1 (agent route `10.244.1.0/24 via 192.168.1.11 proto
-//! 199`) to eth0, encapsulated at TC egress, decapsulated by node2's XDP program, routed to
-//! pod2. Replies take the mirror path. The capture on br0 is checked by scapy
+//! A packet from pod1 is routed by node1 (the agent's aggregate route `10.244.0.0/23 via
+//! 169.254.0.1 onlink proto 199`) to eth0, encapsulated at TC egress, decapsulated by node2's
+//! XDP or TC program, routed to pod2. Replies take the mirror path. The capture on br0 is checked by scapy
 //! (`tests/wire_check.py`) against the pod's own capture.
 use integration_tests::{Capture, Topology, script, sh, wire_captures, wire_check};
 
