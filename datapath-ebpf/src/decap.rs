@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use maps_common::{CounterId, DropReason, NodeConfig, NodeEntry, config_flags};
+use maps_common::{CounterId, DropReason, NodeConfig, NodeEntry, config_flags, event_hook};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -19,6 +19,7 @@ use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer},
     lookup::in_cidr,
+    monitor,
     parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
 };
 
@@ -307,6 +308,7 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             ..
         } => (strip, counter, peer_idx),
     };
+    monitor::forwarded(ctx, event_hook::XDP_DECAP);
     let eth = ptr_at::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
     // SAFETY: ptr_at checked the bounds.
     let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
@@ -353,6 +355,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
             host_routing,
         } => (strip, counter, peer_idx, host_routing),
     };
+    monitor::forwarded(ctx, event_hook::TC_DECAP);
     // The inner header is IPv4 like the outer one, so nothing changes version
     // (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3). GSO size fixed:
     // a GRO-merged or GSO packet's segment size is already the inner payload's; growing it

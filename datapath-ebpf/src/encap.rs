@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use maps_common::{
     CounterId, DropReason, NextHop, NodeConfig, PodRoute, ROUTE_NEXTHOP_MAC, config_flags,
-    route_mode,
+    event_hook, route_mode,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -28,7 +28,7 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NEXTHOPS, DP_NODES,
     counters::{count, count_peer, count_peer_unreachable},
-    csum, flows, lookup,
+    csum, flows, lookup, monitor,
     parse::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, l4_ports, ptr_at, ptr_at_mut},
 };
 
@@ -128,7 +128,11 @@ pub fn send(
     inner: &Ipv4Hdr,
 ) -> Result<i32, DropReason> {
     let len = ctx.len();
-    counted(encap_and_forward(ctx, len, cfg, route, inner), route, len)
+    let outcome = counted(encap_and_forward(ctx, len, cfg, route, inner), route, len);
+    if outcome.is_ok() {
+        monitor::forwarded(ctx, event_hook::TC_ENCAP);
+    }
+    outcome
 }
 
 /// Counts an outcome: the counter and the peer's tx on success, the peer's unreachable count

@@ -11,18 +11,20 @@ mod encap;
 mod flows;
 mod hostroute;
 mod lookup;
+mod monitor;
 mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_DROP},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use maps_common::{
-    AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, Endpoint, FastFlow, FlowKey,
-    MAX_FLOWS, NextHop, NodeConfig, NodeEntry, PeerStats, PodKey, PodRoute,
+    AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, EVENTS_BYTES, Endpoint, Event,
+    FastFlow, FlowKey, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig, NodeEntry,
+    PeerStats, PodKey, PodRoute, event_hook,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -80,6 +82,18 @@ pub static DP_AGENT_NOTE: Array<[u8; maps_common::AGENT_NOTE_LEN], 1> = Array::n
 #[btf_map]
 pub static DP_AGENT: Array<AgentInfo, 1> = Array::new();
 
+/// Dropped (and sampled forwarded) packets for `datapath monitor` (`monitor`).
+#[btf_map]
+pub static DP_EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Each CPU's event token bucket and event counts.
+#[btf_map]
+pub static DP_MONITOR: PerCpuArray<MonitorState, 1> = PerCpuArray::new();
+
+/// The event rate limit and trace sampling, written by the agent and `datapath monitor`.
+#[btf_map]
+pub static DP_MONITOR_CONF: Array<MonitorConf, 1> = Array::new();
+
 const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 
 /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
@@ -87,7 +101,7 @@ const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
     match hostroute::try_pod_egress(&ctx) {
         Ok(action) => action,
-        Err(reason) => drop_tc(&ctx, reason),
+        Err(reason) => drop_tc(&ctx, event_hook::TC_POD_INGRESS, reason),
     }
 }
 
@@ -104,7 +118,7 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 pub fn tc_encap_egress(ctx: TcContext) -> i32 {
     match encap::try_encap(&ctx) {
         Ok(action) => action,
-        Err(reason) => drop_tc(&ctx, reason),
+        Err(reason) => drop_tc(&ctx, event_hook::TC_ENCAP, reason),
     }
 }
 
@@ -116,6 +130,7 @@ pub fn xdp_decap_ingress(ctx: XdpContext) -> u32 {
         Err(reason) => {
             let len = (ctx.data_end() - ctx.data()) as u32;
             counters::count_drop(reason, len);
+            monitor::dropped(&ctx, event_hook::XDP_DECAP, reason);
             debug!(&ctx, "xdp drop reason={}", reason as u32);
             XDP_DROP
         }
@@ -129,7 +144,7 @@ pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
     match decap::try_decap_tc(&ctx) {
         Ok(decap::Delivery::Stack) => TC_ACT_OK,
         Ok(decap::Delivery::Pod(cfg)) => hostroute::deliver(&ctx, cfg).unwrap_or(TC_ACT_OK),
-        Err(reason) => drop_tc(&ctx, reason),
+        Err(reason) => drop_tc(&ctx, event_hook::TC_DECAP, reason),
     }
 }
 
@@ -137,7 +152,7 @@ pub fn tc_decap_ingress(ctx: TcContext) -> i32 {
 /// traffic, so anything that device decapsulated on its own is dropped and counted.
 #[classifier]
 pub fn tc_csum_dev_ingress(ctx: TcContext) -> i32 {
-    drop_tc(&ctx, DropReason::KernelTunnelRx)
+    drop_tc(&ctx, event_hook::TC_CSUM_DEV, DropReason::KernelTunnelRx)
 }
 
 /// Returns at once: the floor the benchmark subtracts from the TC programs' cost (only in
@@ -157,8 +172,9 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn drop_tc(ctx: &TcContext, reason: DropReason) -> i32 {
+fn drop_tc(ctx: &TcContext, hook: u8, reason: DropReason) -> i32 {
     counters::count_drop(reason, ctx.len());
+    monitor::dropped(ctx, hook, reason);
     debug!(ctx, "tc drop reason={}", reason as u32);
     TC_ACT_SHOT
 }

@@ -31,6 +31,8 @@ pub trait Packet {
     fn is_gso(&self) -> bool;
     /// The whole packet's length, also what lies beyond `data_end()` in paged buffers.
     fn packet_len(&self) -> usize;
+    /// The interface the packet is on.
+    fn ifindex(&self) -> u32;
 }
 
 impl Packet for TcContext {
@@ -51,6 +53,11 @@ impl Packet for TcContext {
     fn packet_len(&self) -> usize {
         self.len() as usize
     }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: skb.skb is the program's __sk_buff.
+        unsafe { (*self.skb.skb).ifindex }
+    }
 }
 
 impl Packet for XdpContext {
@@ -69,6 +76,11 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn packet_len(&self) -> usize {
         XdpContext::data_end(self) - XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: ctx is the program's xdp_md.
+        unsafe { (*self.ctx).ingress_ifindex }
     }
 }
 

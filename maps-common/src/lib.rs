@@ -36,6 +36,14 @@ pub mod map_names {
     /// `Array<[u8; AGENT_NOTE_LEN], 1>`: why the last rejected cluster state was rejected
     /// (UTF-8, NUL-padded), for `datapath status`; no program reads it.
     pub const AGENT_NOTE: &str = "DP_AGENT_NOTE";
+    /// `RingBuf<Event>`: dropped (and, when asked, sampled forwarded) packets for
+    /// `datapath monitor`.
+    pub const EVENTS: &str = "DP_EVENTS";
+    /// `PerCpuArray<MonitorState, 1>`: each CPU's event token bucket and what it sent,
+    /// limited and lost.
+    pub const MONITOR: &str = "DP_MONITOR";
+    /// `Array<MonitorConf, 1>`: the event rate limit and trace sampling.
+    pub const MONITOR_CONF: &str = "DP_MONITOR_CONF";
     /// `LruHashMap<FlowKey, FastFlow>`: pod flows on their way to the host's netfilter for a
     /// verdict, and those it accepted, which BPF host routing then carries (default mode).
     pub const FAST_FLOWS: &str = "DP_FAST_FLOWS";
@@ -43,7 +51,7 @@ pub mod map_names {
     /// kernel's FIB last gave it, valid while `NodeConfig::underlay_gen` is unchanged.
     pub const NEXTHOPS: &str = "DP_NEXTHOPS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -57,6 +65,9 @@ pub mod map_names {
         FAST_FLOWS,
         NEXTHOPS,
         AGENT_NOTE,
+        EVENTS,
+        MONITOR,
+        MONITOR_CONF,
     ];
 }
 
@@ -85,7 +96,7 @@ pub mod prog_names {
 /// flows, the agent map and per-peer unreachable counts; 3 the accepted flows (`DP_FAST_FLOWS`),
 /// the next-hop cache (`DP_NEXTHOPS`), the ruleset and underlay generations in `NodeConfig` and
 /// four flow counters. The README keeps the history.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -222,7 +233,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 13] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 16] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -289,8 +300,120 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 13] 
             max_nodes,
         ),
         (map_names::AGENT_NOTE, 4, AGENT_NOTE_LEN as u32, 1),
+        (map_names::EVENTS, 0, 0, EVENTS_BYTES),
+        (map_names::MONITOR, 4, size_of::<MonitorState>() as u32, 1),
+        (
+            map_names::MONITOR_CONF,
+            4,
+            size_of::<MonitorConf>() as u32,
+            1,
+        ),
     ]
 }
+
+/// Size of the `DP_EVENTS` ring buffer: 4,096 events of 64 bytes (plus headers).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `Event::kind`.
+pub mod event_kind {
+    /// A packet a program dropped.
+    pub const DROP: u8 = 1;
+    /// A packet a program forwarded (sampled, only while a monitor asks).
+    pub const TRACE: u8 = 2;
+}
+
+/// `Event::hook`: the program and hook that saw the packet.
+pub mod event_hook {
+    pub const XDP_DECAP: u8 = 1;
+    pub const TC_DECAP: u8 = 2;
+    pub const TC_ENCAP: u8 = 3;
+    pub const TC_POD_INGRESS: u8 = 4;
+    pub const TC_CSUM_DEV: u8 = 5;
+
+    /// The program and hook's name, as `datapath monitor` prints it.
+    pub const fn name(hook: u8) -> &'static str {
+        match hook {
+            XDP_DECAP => "xdp_decap_ingress (xdp)",
+            TC_DECAP => "tc_decap_ingress (tc ingress)",
+            TC_ENCAP => "tc_encap_egress (tc egress)",
+            TC_POD_INGRESS => "tc_pod_ingress (tc ingress, pod veth)",
+            TC_CSUM_DEV => "tc_csum_dev_ingress (tc ingress, checksum device)",
+            _ => "unknown",
+        }
+    }
+}
+
+/// One packet for `datapath monitor`, headers decoded in the program: the packet's first
+/// IPv4 header (outer, for a tunnel packet) and, for IPIP and VXLAN, the inner one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns`: nanoseconds since boot (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `event_kind`.
+    pub kind: u8,
+    /// `event_hook`.
+    pub hook: u8,
+    /// `DropReason` for drops; 0 for traces.
+    pub reason: u8,
+    /// IPv4 protocol of the first header; 0 when the frame is not IPv4.
+    pub proto: u8,
+    pub ifindex: u32,
+    /// The frame's length.
+    pub len: u32,
+    /// VXLAN's VNI; 0 for anything else.
+    pub vni: u32,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// TCP/UDP ports of the first header (wire order); 0 otherwise.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub inner_src: [u8; 4],
+    pub inner_dst: [u8; 4],
+    pub inner_sport: [u8; 2],
+    pub inner_dport: [u8; 2],
+    /// IPv4 protocol of the inner header; 0 without one.
+    pub inner_proto: u8,
+    pub _pad: [u8; 15],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// Each CPU's event token bucket, and what it did with events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorState {
+    /// Tokens, in millitokens (so a refill of a fraction of one still counts).
+    pub millitokens: u64,
+    pub last_ns: u64,
+    /// Events written to `DP_EVENTS`.
+    pub sent: u64,
+    /// Events the token bucket refused.
+    pub limited: u64,
+    /// Events lost to a full ring buffer.
+    pub lost: u64,
+    /// Forwarded packets seen while tracing, for sampling one in `trace_every`.
+    pub trace_seen: u64,
+}
+const _: () = assert!(core::mem::size_of::<MonitorState>() == 48);
+
+/// The event rate limit and trace sampling; all zero means the defaults.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorConf {
+    /// Events per second per CPU (0: `DEFAULT_EVENT_RATE`).
+    pub rate: u32,
+    /// Burst, in events (0: `DEFAULT_EVENT_BURST`).
+    pub burst: u32,
+    /// Trace one forwarded packet in this many; 0: no traces (the default).
+    pub trace_every: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<MonitorConf>() == 16);
+
+/// Default event rate limit per CPU: a flood of bad packets costs the node a few hundred
+/// events a second, not one per packet.
+pub const DEFAULT_EVENT_RATE: u32 = 200;
+pub const DEFAULT_EVENT_BURST: u32 = 100;
 
 /// Flows in `DP_STACK_FLOWS`: every Service connection a busy node's pods keep open; each packet
 /// such a flow sends re-inserts it, so only a flow idle while 65,536 newer ones pass is forgotten.
@@ -718,5 +841,8 @@ mod pod {
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::MonitorState {}
+    unsafe impl aya::Pod for super::MonitorConf {}
     unsafe impl aya::Pod for super::PeerStats {}
 }

@@ -102,6 +102,14 @@ pub struct AgentOptions {
     /// Do not require a decapsulated packet's inner source to lie in the sender's pod CIDR.
     #[arg(long)]
     pub no_inner_src_check: bool,
+    /// Events for `datapath monitor` each CPU may send a second (a token bucket in the
+    /// programs; a flood of bad packets costs this many events, the rest are counted as
+    /// limited).
+    #[arg(long, default_value_t = maps_common::DEFAULT_EVENT_RATE)]
+    pub monitor_rate: u32,
+    /// Events each CPU may send at once before the rate applies.
+    #[arg(long, default_value_t = maps_common::DEFAULT_EVENT_BURST)]
+    pub monitor_burst: u32,
     /// Ignored: the cluster file is watched with inotify (kept so older command lines run).
     #[arg(long, hide = true)]
     pub watch_ms: Option<u64>,
@@ -277,6 +285,8 @@ async fn first_apply(
             "cluster state applied"
         );
         attach(&mut s, opts)?;
+        s.dp.maps
+            .write_monitor_limit(opts.monitor_rate, opts.monitor_burst)?;
     }
     if migrating {
         // The old programs stopped counting at the swap: what they counted is added now.

@@ -130,3 +130,13 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+pub fn monitor(args: &crate::observe::monitor::MonitorArgs) -> anyhow::Result<ExitCode> {
+    let shown = crate::observe::monitor::run(args)?;
+    let events = Snapshot::read(&DatapathMaps::open_pinned(&args.pin_dir)?)?.events;
+    eprintln!(
+        "{shown} events shown; the programs sent {}, the rate limit refused {}, a full ring lost {}",
+        events.sent, events.limited, events.lost
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -94,6 +94,12 @@ enum Cmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Show packets as the programs drop them (and, with --type trace, a sample of those they
+    /// forward): time, program and hook, interface, reason, outer and inner headers, peer.
+    #[command(
+        after_help = "Example:\n  datapath monitor --json --reason wrong_vni\n  datapath monitor --type all --pod 10.244.1.2"
+    )]
+    Monitor(crate::observe::monitor::MonitorArgs),
     /// Remove the programs, links, pins and routes the agent made.
     #[command(after_help = "Example:\n  datapath detach --pin-dir /sys/fs/bpf/datapath")]
     Detach {
@@ -146,6 +152,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Status { read } => commands::status(read),
         Cmd::Endpoints { read } => commands::endpoints(read),
         Cmd::MountBpffs { path } => commands::mount_bpffs(&path),
+        Cmd::Monitor(args) => commands::monitor(&args),
         Cmd::Detach { pin_dir } => commands::detach(&pin_dir),
     }
 }

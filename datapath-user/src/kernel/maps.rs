@@ -11,8 +11,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use maps_common::{
-    AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, NodeConfig, NodeEntry, PeerStats,
-    PodKey, PodRoute, map_names,
+    AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, MonitorConf, MonitorState, NodeConfig,
+    NodeEntry, PeerStats, PodKey, PodRoute, map_names,
 };
 
 use crate::cluster::Cidr;
@@ -62,6 +62,11 @@ pub struct DatapathMaps {
     pub stack_flows: HashMap<MapData, FlowKey, u32>,
     pub agent: Array<MapData, AgentInfo>,
     pub agent_note: Array<MapData, [u8; AGENT_NOTE_LEN]>,
+    /// The monitor's per-CPU token buckets and event counts; `None` in pins an agent before
+    /// map ABI 4 made.
+    pub monitor: Option<PerCpuArray<MapData, MonitorState>>,
+    /// The monitor's rate limit and trace sampling; `None` as `monitor`.
+    pub monitor_conf: Option<Array<MapData, MonitorConf>>,
 }
 
 impl DatapathMaps {
@@ -111,6 +116,8 @@ impl DatapathMaps {
             stack_flows: typed(&mut get, map_names::STACK_FLOWS)?,
             agent: typed(&mut get, map_names::AGENT)?,
             agent_note: typed(&mut get, map_names::AGENT_NOTE)?,
+            monitor: typed(&mut get, map_names::MONITOR).ok(),
+            monitor_conf: typed(&mut get, map_names::MONITOR_CONF).ok(),
         })
     }
 
@@ -165,6 +172,19 @@ impl DatapathMaps {
         self.agent_note
             .set(0, note, 0)
             .map_err(map_err(map_names::AGENT_NOTE))
+    }
+
+    /// Sets the event rate limit (per CPU, 0 for the default), keeping trace sampling.
+    pub fn write_monitor_limit(&mut self, rate: u32, burst: u32) -> Result<(), MapsError> {
+        let Some(conf_map) = &mut self.monitor_conf else {
+            return Ok(());
+        };
+        let mut conf = conf_map.get(&0, 0).unwrap_or_default();
+        conf.rate = rate;
+        conf.burst = burst;
+        conf_map
+            .set(0, conf, 0)
+            .map_err(map_err(map_names::MONITOR_CONF))
     }
 
     pub fn write_agent(&mut self, info: &AgentInfo) -> Result<(), MapsError> {

@@ -85,6 +85,32 @@ pub struct Snapshot {
     pub counters: Vec<CounterRow>,
     pub drops: Vec<DropRow>,
     pub routes: Vec<RouteRow>,
+    /// What the programs did with events for `datapath monitor`, summed over CPUs.
+    pub events: EventCounts,
+}
+
+/// Events written to `DP_EVENTS`, refused by the token bucket, lost to a full ring.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EventCounts {
+    pub sent: u64,
+    pub limited: u64,
+    pub lost: u64,
+}
+
+impl EventCounts {
+    fn read(maps: &DatapathMaps) -> Self {
+        let Some(m) = &maps.monitor else {
+            return Self::default();
+        };
+        let Ok(per_cpu) = m.get(&0, 0) else {
+            return Self::default();
+        };
+        per_cpu.iter().fold(Self::default(), |a, s| Self {
+            sent: a.sent + s.sent,
+            limited: a.limited + s.limited,
+            lost: a.lost + s.lost,
+        })
+    }
 }
 
 /// Which bytes each counter counts: each program counts the frame as it has it.
@@ -159,6 +185,7 @@ impl Snapshot {
                 })
                 .collect(),
             routes,
+            events: EventCounts::read(maps),
         })
     }
 
@@ -192,6 +219,12 @@ impl Snapshot {
             let _ = writeln!(s, "  {:<20} {:>14} {:>16}", d.reason, d.packets, d.bytes);
         }
         let _ = writeln!(s, "{BYTES_LEGEND}");
+        let e = &self.events;
+        let _ = writeln!(
+            s,
+            "monitor events: {} sent, {} limited (rate limit), {} lost (ring full)",
+            e.sent, e.limited, e.lost
+        );
         let _ = writeln!(s, "peers:");
         for r in self.routes.iter().filter(|r| r.state != PeerState::Local) {
             let _ = writeln!(
@@ -311,6 +344,23 @@ impl Snapshot {
         let mut reg = Registry::default();
         self.register_traffic(&mut reg);
         self.register_peers(&mut reg);
+        let events = Family::<Outcome, Counter>::default();
+        for (outcome, n) in [
+            ("sent", self.events.sent),
+            ("limited", self.events.limited),
+            ("lost", self.events.lost),
+        ] {
+            events
+                .get_or_create(&Outcome {
+                    outcome: outcome.into(),
+                })
+                .inc_by(n);
+        }
+        reg.register(
+            "datapath_monitor_events",
+            "Events for datapath monitor: sent, refused by the rate limit, lost to a full ring",
+            events,
+        );
         let known = Gauge::<i64>::default();
         known.set(self.nodes_known as i64);
         reg.register("datapath_nodes_known", "Peer nodes in the maps", known);
@@ -362,4 +412,9 @@ struct PeerDir {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Peer {
     peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: String,
 }
