@@ -24,7 +24,7 @@ use aya_log_ebpf::debug;
 use maps_common::{
     AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, EVENTS_BYTES, Endpoint, Event,
     FastFlow, FlowKey, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig, NodeEntry,
-    PeerStats, PodKey, PodRoute, event_hook,
+    PeerHealth, PeerStats, PodKey, PodRoute, event_hook,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -89,6 +89,11 @@ pub static DP_EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new()
 /// Each CPU's event token bucket and event counts.
 #[btf_map]
 pub static DP_MONITOR: PerCpuArray<MonitorState, 1> = PerCpuArray::new();
+
+/// Each peer's last health probe, written by the agent for `datapath status`; no program
+/// reads it.
+#[btf_map]
+pub static DP_HEALTH: HashMap<[u8; 4], PeerHealth, MAX_NODES> = HashMap::new();
 
 /// The event rate limit and trace sampling, written by the agent and `datapath monitor`.
 #[btf_map]

@@ -44,6 +44,9 @@ pub mod map_names {
     pub const MONITOR: &str = "DP_MONITOR";
     /// `Array<MonitorConf, 1>`: the event rate limit and trace sampling.
     pub const MONITOR_CONF: &str = "DP_MONITOR_CONF";
+    /// `HashMap<[u8; 4], PeerHealth>`: each peer's last probe through the tunnel and over the
+    /// underlay, written by the agent; no program reads it.
+    pub const HEALTH: &str = "DP_HEALTH";
     /// `LruHashMap<FlowKey, FastFlow>`: pod flows on their way to the host's netfilter for a
     /// verdict, and those it accepted, which BPF host routing then carries (default mode).
     pub const FAST_FLOWS: &str = "DP_FAST_FLOWS";
@@ -51,7 +54,7 @@ pub mod map_names {
     /// kernel's FIB last gave it, valid while `NodeConfig::underlay_gen` is unchanged.
     pub const NEXTHOPS: &str = "DP_NEXTHOPS";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -68,6 +71,7 @@ pub mod map_names {
         EVENTS,
         MONITOR,
         MONITOR_CONF,
+        HEALTH,
     ];
 }
 
@@ -233,7 +237,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 16] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 17] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -308,8 +312,31 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 16] 
             size_of::<MonitorConf>() as u32,
             1,
         ),
+        (
+            map_names::HEALTH,
+            4,
+            size_of::<PeerHealth>() as u32,
+            max_nodes,
+        ),
     ]
 }
+
+/// A peer's health as the agent last probed it (`DP_HEALTH`): an ICMP echo to its probe
+/// address (the first address of its pod CIDR) through the tunnel, and one to its underlay
+/// address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerHealth {
+    /// Unix time of the last probe, in seconds.
+    pub checked_unix: u64,
+    /// Round trip through the tunnel in microseconds; 0 when it went unanswered.
+    pub tunnel_rtt_us: u32,
+    /// Round trip over the underlay in microseconds; 0 when it went unanswered.
+    pub underlay_rtt_us: u32,
+    /// Unix time since which the tunnel state (answered or not) holds.
+    pub since_unix: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerHealth>() == 24);
 
 /// Size of the `DP_EVENTS` ring buffer: 4,096 events of 64 bytes (plus headers).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -844,5 +871,6 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::MonitorState {}
     unsafe impl aya::Pod for super::MonitorConf {}
+    unsafe impl aya::Pod for super::PeerHealth {}
     unsafe impl aya::Pod for super::PeerStats {}
 }

@@ -205,3 +205,77 @@ fn a_flood_is_rate_limited_and_leaves_everything_running() {
     let text = String::from_utf8_lossy(&flood.stdout);
     println!("{text} limited {limited}, sent {shown_by_kernel}");
 }
+
+fn status(t: &Topology, i: usize) -> Value {
+    let out = t.datapath(
+        i,
+        &format!("status --json --pin-dir {}", t.pin_dir(i).display()),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_peer_whose_tunnel_is_broken_is_named_while_its_underlay_answers() {
+    let mut t = Topology::two_nodes("health");
+    let shared = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    // node2 reads a file of its own, the same for now.
+    let own = t.workdir.join("node2.yaml");
+    fs::copy(&shared, &own).unwrap();
+    t.start_agent(0, &shared, "");
+    t.start_agent(1, &own, "");
+    let healthy = wait_for(Duration::from_secs(25), || {
+        status(&t, 0)["health"]["ok"] == 1
+    });
+    assert!(
+        healthy,
+        "node2 never answered through the tunnel: {}",
+        status(&t, 0)
+    );
+    let routes = t.datapath(
+        0,
+        &format!("routes --json --pin-dir {}", t.pin_dir(0).display()),
+    );
+    let routes: Value = serde_json::from_slice(&routes.stdout).unwrap();
+    let peer = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "192.168.1.11")
+        .unwrap()
+        .clone();
+    assert_eq!(peer["health"]["state"], "ok", "{peer}");
+    assert!(
+        peer["health"]["tunnel_rtt_ms"].as_f64().unwrap() > 0.0,
+        "{peer}"
+    );
+
+    // node2 changes its VNI; node1's tunnel to it breaks, the underlay does not.
+    let text = t.cluster_yaml("vxlan", "vxlan: { vni: 4097 }\n");
+    let tmp = t.workdir.join("node2.yaml.tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, &own).unwrap();
+    let named = wait_for(Duration::from_secs(25), || {
+        status(&t, 0)["health"]["tunnel_down"] == serde_json::json!(["192.168.1.11"])
+    });
+    let st = status(&t, 0);
+    assert!(named, "the broken tunnel is not named: {st}");
+    let text = String::from_utf8_lossy(
+        &t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()))
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        text.contains("unreachable through the tunnel while the underlay answers")
+            && text.contains("192.168.1.11"),
+        "{text}"
+    );
+    // The peer's own datapath says why: the probes arrive with the old VNI.
+    assert!(t.drops(1, "wrong_vni") > 0);
+    // The same VNI again: healthy again.
+    fs::copy(&shared, &tmp).unwrap();
+    fs::rename(&tmp, &own).unwrap();
+    let back = wait_for(Duration::from_secs(25), || {
+        status(&t, 0)["health"]["ok"] == 1
+    });
+    assert!(back, "node2 did not come back: {}", status(&t, 0));
+}

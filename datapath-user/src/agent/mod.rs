@@ -41,6 +41,7 @@ use crate::{
     },
 };
 
+mod health;
 mod metrics;
 mod serve;
 mod underlay;
@@ -214,6 +215,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut reconciler = Reconciler::new(shared.clone(), routes, outputs, checks, snapshot);
     serve::check_cni_plugins(&shared, &cni, &probe);
     first_apply(&mut reconciler, &opts, &pins, (&cluster, revision)).await?;
+    tokio::spawn(health::watch(shared.clone(), nl.clone()));
     tokio::spawn(underlay::watch(
         shared.clone(),
         nl,

@@ -118,11 +118,12 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<ExitCode> {
         let n = nl.flush_routes().await?;
         nl.remove_nexthop_neigh().await?;
         nl.remove_csum_device().await?;
+        nl.remove_probe_addrs().await?;
         Ok(n)
     })?;
     flannel::remove_masq()?;
     println!(
-        "detached: removed {} pins under {}, {routes} routes of proto {}, the next-hop neighbour entry and {} if present",
+        "detached: removed {} pins under {}, {routes} routes of proto {}, the next-hop neighbour entry, the health probe address and {} if present",
         removed.len(),
         pin_dir.display(),
         netlink::ROUTE_PROTO,

@@ -187,6 +187,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         map_names::NODES,
         map_names::PEER_STATS,
         map_names::NEXTHOPS,
+        map_names::HEALTH,
     ] {
         loader.map_max_entries(map, opts.max_nodes);
     }

@@ -12,7 +12,7 @@ use aya::{
 };
 use maps_common::{
     AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, MonitorConf, MonitorState, NodeConfig,
-    NodeEntry, PeerStats, PodKey, PodRoute, map_names,
+    NodeEntry, PeerHealth, PeerStats, PodKey, PodRoute, map_names,
 };
 
 use crate::cluster::Cidr;
@@ -67,6 +67,8 @@ pub struct DatapathMaps {
     pub monitor: Option<PerCpuArray<MapData, MonitorState>>,
     /// The monitor's rate limit and trace sampling; `None` as `monitor`.
     pub monitor_conf: Option<Array<MapData, MonitorConf>>,
+    /// Each peer's last health probe; `None` as `monitor`.
+    pub health: Option<HashMap<MapData, [u8; 4], PeerHealth>>,
 }
 
 impl DatapathMaps {
@@ -118,6 +120,7 @@ impl DatapathMaps {
             agent_note: typed(&mut get, map_names::AGENT_NOTE)?,
             monitor: typed(&mut get, map_names::MONITOR).ok(),
             monitor_conf: typed(&mut get, map_names::MONITOR_CONF).ok(),
+            health: typed(&mut get, map_names::HEALTH).ok(),
         })
     }
 
@@ -172,6 +175,39 @@ impl DatapathMaps {
         self.agent_note
             .set(0, note, 0)
             .map_err(map_err(map_names::AGENT_NOTE))
+    }
+
+    /// Records a peer's last health probe (nothing in pins before map ABI 4).
+    pub fn write_health(&mut self, addr: Ipv4Addr, h: &PeerHealth) -> Result<(), MapsError> {
+        let Some(m) = &mut self.health else {
+            return Ok(());
+        };
+        m.insert(addr.octets(), h, 0)
+            .map_err(map_err(map_names::HEALTH))
+    }
+
+    /// Forgets the health of peers not in `keep`.
+    pub fn retain_health(&mut self, keep: &[Ipv4Addr]) {
+        let Some(m) = &mut self.health else {
+            return;
+        };
+        let gone: Vec<[u8; 4]> = m
+            .keys()
+            .flatten()
+            .filter(|k| !keep.contains(&Ipv4Addr::from(*k)))
+            .collect();
+        for k in gone {
+            let _ = m.remove(&k);
+        }
+    }
+
+    /// Each peer's last health probe.
+    pub fn read_health(&self) -> BTreeMap<Ipv4Addr, PeerHealth> {
+        self.health
+            .iter()
+            .flat_map(|m| m.iter().flatten())
+            .map(|(k, v)| (Ipv4Addr::from(k), v))
+            .collect()
     }
 
     /// Sets the event rate limit (per CPU, 0 for the default), keeping trace sampling.

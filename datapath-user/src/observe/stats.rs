@@ -72,6 +72,39 @@ pub struct RouteRow {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// The agent's last health probe of the node (`DP_HEALTH`); `None` before the first, for
+    /// this node and native peers.
+    pub health: Option<Health>,
+}
+
+/// A peer's last health probe: round trips in milliseconds, `None` when unanswered.
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    /// `ok`, `tunnel_down` (the underlay answers, the tunnel does not: a VNI or port mismatch,
+    /// a firewall), or `down` (neither answers).
+    pub state: &'static str,
+    pub tunnel_rtt_ms: Option<f64>,
+    pub underlay_rtt_ms: Option<f64>,
+    /// Unix time of the probe, and since when the tunnel's state holds.
+    pub checked_unix: u64,
+    pub since_unix: u64,
+}
+
+impl Health {
+    fn of(h: &maps_common::PeerHealth) -> Self {
+        let ms = |us: u32| (us != 0).then(|| f64::from(us) / 1000.0);
+        Self {
+            state: match (h.tunnel_rtt_us != 0, h.underlay_rtt_us != 0) {
+                (true, _) => "ok",
+                (false, true) => "tunnel_down",
+                (false, false) => "down",
+            },
+            tunnel_rtt_ms: ms(h.tunnel_rtt_us),
+            underlay_rtt_ms: ms(h.underlay_rtt_us),
+            checked_unix: h.checked_unix,
+            since_unix: h.since_unix,
+        }
+    }
 }
 
 /// Everything the maps say, at one moment.
@@ -122,6 +155,7 @@ impl Snapshot {
         let counters = DatapathMaps::sum_counters(&maps.counters);
         let drops = DatapathMaps::sum_counters(&maps.drops);
         let nodes = maps.read_nodes()?;
+        let health = maps.read_health();
         let routes = maps
             .read_pod_cidrs()?
             .into_iter()
@@ -151,6 +185,7 @@ impl Snapshot {
                     tx_bytes: s.tx_bytes,
                     rx_packets: s.rx_packets,
                     rx_bytes: s.rx_bytes,
+                    health: health.get(&node).map(Health::of),
                 }
             })
             .collect();
@@ -245,17 +280,75 @@ impl Snapshot {
     /// The pod CIDR map as a person reads it.
     pub fn render_routes(&self) -> String {
         let mut s = format!(
-            "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}\n",
-            "pod cidr", "node", "vtep mac", "mode", "state", "slot", "unreachable"
+            "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}  {:<11} {:>9} {:>9}\n",
+            "pod cidr",
+            "node",
+            "vtep mac",
+            "mode",
+            "state",
+            "slot",
+            "unreachable",
+            "health",
+            "tunnel ms",
+            "ul ms"
         );
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |m| format!("{m:.2}"));
         for r in &self.routes {
+            let h = r.health.as_ref();
             let _ = writeln!(
                 s,
-                "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}",
-                r.pod_cidr, r.node, r.vtep_mac, r.mode, r.state, r.peer_slot, r.unreachable_packets
+                "{:<18} {:<15} {:<17} {:<6} {:<11} {:>5} {:>12}  {:<11} {:>9} {:>9}",
+                r.pod_cidr,
+                r.node,
+                r.vtep_mac,
+                r.mode,
+                r.state,
+                r.peer_slot,
+                r.unreachable_packets,
+                h.map_or("-", |h| h.state),
+                ms(h.and_then(|h| h.tunnel_rtt_ms)),
+                ms(h.and_then(|h| h.underlay_rtt_ms)),
             );
         }
         s
+    }
+
+    /// Each probed peer's reachability through the tunnel and over the underlay, and the
+    /// tunnel's round trip.
+    fn register_health(&self, reg: &mut Registry) {
+        let tunnel = Family::<Peer, Gauge>::default();
+        let underlay = Family::<Peer, Gauge>::default();
+        let rtt = Family::<Peer, Gauge<f64, AtomicU64>>::default();
+        for r in &self.routes {
+            let Some(h) = &r.health else { continue };
+            let l = Peer {
+                peer: r.node.to_string(),
+            };
+            tunnel
+                .get_or_create(&l)
+                .set(i64::from(h.tunnel_rtt_ms.is_some()));
+            underlay
+                .get_or_create(&l)
+                .set(i64::from(h.underlay_rtt_ms.is_some()));
+            if let Some(ms) = h.tunnel_rtt_ms {
+                rtt.get_or_create(&l).set(ms / 1000.0);
+            }
+        }
+        reg.register(
+            "datapath_peer_tunnel_up",
+            "1 while the peer's probe address answers through the tunnel",
+            tunnel,
+        );
+        reg.register(
+            "datapath_peer_underlay_up",
+            "1 while the peer's underlay address answers",
+            underlay,
+        );
+        reg.register(
+            "datapath_peer_tunnel_rtt_seconds",
+            "Round trip of the last probe through the tunnel",
+            rtt,
+        );
     }
 
     /// Packets and bytes by direction and mode, and drops by reason.
@@ -331,6 +424,7 @@ impl Snapshot {
             "1 while the kernel has no route toward the peer node",
             unreachable,
         );
+        self.register_health(reg);
         reg.register(
             "datapath_peer_unreachable_drops",
             "Packets for the peer dropped as unreachable",

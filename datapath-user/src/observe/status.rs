@@ -53,6 +53,9 @@ pub struct Status {
     pub config: Option<Config>,
     pub nodes_known: usize,
     pub peers_unreachable: usize,
+    /// The agent's last health probes: peers answering through the tunnel, and those that do
+    /// not (by address, with whether the underlay answers).
+    pub health: HealthSummary,
     pub nodes_skipped: u32,
     pub pods: usize,
     pub pod_mtu: u32,
@@ -70,6 +73,60 @@ pub struct Status {
     /// This binary's version and map ABI.
     pub cli_version: &'static str,
     pub cli_map_abi: u32,
+}
+
+/// The peers' last health probes in a few numbers and names.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HealthSummary {
+    pub probed: usize,
+    pub ok: usize,
+    /// Unreachable through the tunnel while the underlay answers: a VNI or port mismatch, a
+    /// firewall.
+    pub tunnel_down: Vec<std::net::Ipv4Addr>,
+    /// Answering neither through the tunnel nor on the underlay.
+    pub down: Vec<std::net::Ipv4Addr>,
+}
+
+impl HealthSummary {
+    /// `  health    ...`, as `datapath status` prints it.
+    fn line(&self) -> String {
+        let names = |v: &[std::net::Ipv4Addr]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let tunnel_down = if self.tunnel_down.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; unreachable through the tunnel while the underlay answers (VNI or port mismatch, firewall): {}",
+                names(&self.tunnel_down)
+            )
+        };
+        let down = if self.down.is_empty() {
+            String::new()
+        } else {
+            format!("; down (neither answers): {}", names(&self.down))
+        };
+        format!(
+            "  health    {} of {} peers answer through the tunnel{tunnel_down}{down}",
+            self.ok, self.probed
+        )
+    }
+
+    fn read(maps: &DatapathMaps) -> Self {
+        let mut h = Self::default();
+        for (addr, p) in maps.read_health() {
+            h.probed += 1;
+            match (p.tunnel_rtt_us != 0, p.underlay_rtt_us != 0) {
+                (true, _) => h.ok += 1,
+                (false, true) => h.tunnel_down.push(addr),
+                (false, false) => h.down.push(addr),
+            }
+        }
+        h
+    }
 }
 
 fn nul_str(b: &[u8]) -> String {
@@ -133,6 +190,7 @@ impl Status {
             config: None,
             nodes_known: 0,
             peers_unreachable: 0,
+            health: HealthSummary::default(),
             nodes_skipped: 0,
             pods: 0,
             pod_mtu: 0,
@@ -164,6 +222,7 @@ impl Status {
             .filter(|e| e.flags & node_flags::UNREACHABLE != 0)
             .count();
         self.pods = maps.endpoints.keys().count();
+        self.health = HealthSummary::read(&maps);
         self.pod_mtu = info.pod_mtu;
         self.nodes_skipped = info.nodes_skipped;
         self.agent_version = nul_str(&info.version);
@@ -248,6 +307,7 @@ impl Status {
             "  nodes     {} known, {} unreachable, {} skipped; {} local pods; pod MTU {}",
             self.nodes_known, self.peers_unreachable, self.nodes_skipped, self.pods, self.pod_mtu
         );
+        let _ = writeln!(s, "{}", self.health.line());
         if let Some(r) = &self.last_reload {
             let _ = writeln!(
                 s,

@@ -40,7 +40,10 @@ pub const ROUTE_PROTO: u8 = 199;
 /// checksums are on (see `NodeConfig::csum_ifindex`).
 pub const CSUM_DEV: &str = "dp-vxcsum";
 
-use libc::{EHOSTUNREACH, ENETUNREACH, ENODEV, ENOENT, ESRCH};
+use libc::{EADDRNOTAVAIL, EHOSTUNREACH, ENETUNREACH, ENODEV, ENOENT, ESRCH};
+
+/// The label of the health probe address the agent puts on `lo`.
+pub const PROBE_LABEL: &str = "lo:dp-health";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -311,6 +314,61 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Puts `addr`/32 on `lo`, labelled `PROBE_LABEL`, as this node's health probe address
+    /// (as flanneld puts its subnet's first address on flannel.1); removes any other it left.
+    pub async fn ensure_probe_addr(&self, addr: Ipv4Addr) -> Result<(), NetError> {
+        let lo = self.iface("lo").await?;
+        for (msg, have) in self.probe_addrs().await? {
+            if have == addr {
+                return Ok(());
+            }
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl_err("removing an old probe address"))?;
+        }
+        let mut req = self.handle.address().add(lo.ifindex, IpAddr::V4(addr), 32);
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Label(PROBE_LABEL.into()));
+        req.replace()
+            .execute()
+            .await
+            .map_err(nl_err("adding the probe address on lo"))
+    }
+
+    /// Removes the probe addresses the agent put on `lo`.
+    pub async fn remove_probe_addrs(&self) -> Result<(), NetError> {
+        for (msg, _) in self.probe_addrs().await? {
+            match self.handle.address().del(msg).execute().await {
+                Err(e) if matches!(errno(&e), Some(ENOENT | EADDRNOTAVAIL)) => {}
+                r => r.map_err(nl_err("removing the probe address"))?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe_addrs(&self) -> Result<Vec<(AddressMessage, Ipv4Addr)>, NetError> {
+        let addrs = self.address_dump().await?;
+        Ok(addrs
+            .into_iter()
+            .filter(|a| {
+                a.attributes
+                    .iter()
+                    .any(|x| matches!(x, AddressAttribute::Label(l) if l == PROBE_LABEL))
+            })
+            .filter_map(|a| {
+                let ip = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
+                    _ => None,
+                })?;
+                Some((a, ip))
+            })
+            .collect())
     }
 
     /// What the kernel's FIB says of `dst`, as `bpf_fib_lookup` would see it.

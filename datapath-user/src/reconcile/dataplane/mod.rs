@@ -6,7 +6,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags};
+use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags, route_mode};
 
 mod delta;
 mod write;
@@ -221,6 +221,16 @@ impl Dataplane {
                 let down = p.entry.flags & node_flags::UNREACHABLE != 0;
                 (p.node.name.clone(), p.node.address, down)
             })
+            .collect()
+    }
+
+    /// Every peer reached through a tunnel (IPIP or VXLAN, not crossSubnet's native peers):
+    /// name, underlay address, pod CIDR.
+    pub fn tunnel_peers(&self) -> Vec<(String, Ipv4Addr, Cidr)> {
+        self.peers
+            .values()
+            .filter(|p| p.route.mode == route_mode::IPIP || p.route.mode == route_mode::VXLAN)
+            .map(|p| (p.node.name.clone(), p.node.address, p.node.pod_cidr))
             .collect()
     }
 

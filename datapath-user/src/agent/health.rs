@@ -1,0 +1,95 @@
+//! Node-to-node health, as cilium-health does it: every 10 s the agent pings each tunnel peer's
+//! probe address (the first address of its pod CIDR, which every agent puts on `lo`) from its
+//! own, so the request and the reply each cross a tunnel, both datapaths included; and pings
+//! the peer's underlay address. A peer the underlay reaches but the tunnel does not has a VNI
+//! or port mismatch, or a firewall dropping the tunnel's packets, and is named as such.
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use maps_common::PeerHealth;
+use tracing::{info, warn};
+
+use crate::{
+    reconcile::state::{SharedRef, lock, now},
+    underlay::{netlink::Netlink, probe},
+};
+
+/// How often every peer is probed.
+pub const PERIOD: Duration = Duration::from_secs(10);
+/// How long a probe's reply is waited for.
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Probes every tunnel peer every `PERIOD`, for ever.
+pub async fn watch(shared: SharedRef, nl: Netlink) {
+    let mut last: BTreeMap<Ipv4Addr, PeerHealth> = BTreeMap::new();
+    loop {
+        if let Err(e) = round(&shared, &nl, &mut last).await {
+            warn!("probing the peers' health: {e:#}");
+        }
+        tokio::time::sleep(PERIOD).await;
+    }
+}
+
+/// One round: the probe address in place, both pings, the results recorded and logged.
+async fn round(
+    shared: &SharedRef,
+    nl: &Netlink,
+    last: &mut BTreeMap<Ipv4Addr, PeerHealth>,
+) -> anyhow::Result<()> {
+    let (own, peers) = {
+        let s = lock(shared);
+        (s.dp.own_pod_cidr(), s.dp.tunnel_peers())
+    };
+    let Some(own) = own else { return Ok(()) };
+    nl.ensure_probe_addr(own.addr).await?;
+    let tunnel_targets: Vec<Ipv4Addr> = peers.iter().map(|(_, _, c)| c.addr).collect();
+    let underlay_targets: Vec<Ipv4Addr> = peers.iter().map(|(_, a, _)| *a).collect();
+    let id = (std::process::id() & 0x7fff) as u16;
+    let (tunnel, underlay) = tokio::task::spawn_blocking(move || {
+        let t = probe::echo_all(Some(own.addr), &tunnel_targets, id, TIMEOUT);
+        let u = probe::echo_all(None, &underlay_targets, id | 0x8000, TIMEOUT);
+        (t, u)
+    })
+    .await?;
+    let (tunnel, underlay) = (tunnel?, underlay?);
+    let at = now() as u64;
+    let mut s = lock(shared);
+    for (i, (name, addr, _)) in peers.iter().enumerate() {
+        let us = |d: Option<Duration>| d.map_or(0, |d| (d.as_micros() as u32).max(1));
+        let mut h = PeerHealth {
+            checked_unix: at,
+            tunnel_rtt_us: us(tunnel[i]),
+            underlay_rtt_us: us(underlay[i]),
+            since_unix: at,
+        };
+        let before = last.get(addr);
+        match before {
+            Some(b) if (b.tunnel_rtt_us != 0) == (h.tunnel_rtt_us != 0) => {
+                h.since_unix = b.since_unix
+            }
+            _ => log_change(name, *addr, &h, before.is_some()),
+        }
+        s.dp.maps.write_health(*addr, &h)?;
+        last.insert(*addr, h);
+    }
+    let keep: Vec<Ipv4Addr> = peers.iter().map(|(_, a, _)| *a).collect();
+    last.retain(|a, _| keep.contains(a));
+    s.dp.maps.retain_health(&keep);
+    Ok(())
+}
+
+fn log_change(name: &str, addr: Ipv4Addr, h: &PeerHealth, known: bool) {
+    match (h.tunnel_rtt_us != 0, h.underlay_rtt_us != 0) {
+        (true, _) if known => info!(peer = %name, %addr, "peer reachable through the tunnel again"),
+        (true, _) => {}
+        (false, true) => warn!(
+            peer = %name,
+            %addr,
+            "peer unreachable through the tunnel, though its underlay address answers: a VNI or UDP port that differs between the two nodes, or a firewall dropping the tunnel's packets (IP protocol 4, or UDP to the VXLAN port)"
+        ),
+        (false, false) => warn!(
+            peer = %name,
+            %addr,
+            "peer unreachable through the tunnel and on the underlay: the node is down or cut off"
+        ),
+    }
+}
