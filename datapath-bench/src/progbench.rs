@@ -5,7 +5,7 @@
 //! permanent neighbour entry (`cargo xtask bench` makes it).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use maps_common::prog_names;
 use testkit::{cluster::ClusterNode, packet, progrun};
@@ -219,6 +219,26 @@ impl View {
         Ok((r.out, r.ns))
     }
 
+    /// Lets every event through the monitor's token bucket.
+    fn lift_event_limit(&mut self) -> Result<()> {
+        let conf = self
+            ._dp
+            .maps
+            .monitor_conf
+            .as_mut()
+            .context("DP_MONITOR_CONF")?;
+        conf.set(
+            0,
+            maps_common::MonitorConf {
+                rate: u32::MAX,
+                burst: u32::MAX,
+                ..Default::default()
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
     /// `testkit::progrun::trimmed_ns` of `prog` on `input`.
     fn trimmed_ns(&self, prog: &str, input: &[u8], iterations: u32) -> Result<f64> {
         progrun::trimmed_ns(&self.ebpf, prog, self.ifindex, input, iterations)
@@ -272,6 +292,9 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
             format!("tc_decap_ingress {encap}"),
             receiver.trimmed_ns(prog_names::TC_DECAP_INGRESS, &encapsulated, iterations)?,
         );
+        if encap == "vxlan" {
+            out.extend(drop_costs(nodes, &encapsulated, iterations)?);
+        }
         for routing in [HostRouting::Bpf, HostRouting::AcceptedFlows] {
             out.insert(
                 format!("tc_pod_ingress {encap} {}", routing.name()),
@@ -289,6 +312,48 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
             );
         }
     }
+    Ok(out)
+}
+
+/// The cost of dropping a hostile packet (VXLAN with another VNI) at `tc_decap_ingress`: with
+/// the monitor's default rate limit (nearly every event refused by the token bucket), and
+/// with every drop an event written to the ring while a reader drains it (a monitor under a
+/// flood with the limit lifted).
+fn drop_costs(nodes: u32, vxlan: &[u8], iterations: u32) -> Result<BTreeMap<String, f64>> {
+    let mut hostile = vxlan.to_vec();
+    // VNI: the 3 bytes after the VXLAN flags (Ethernet 14 + IPv4 20 + UDP 8 + 4).
+    hostile[46] ^= 0x01;
+    let mut out = BTreeMap::new();
+    let mut limited = view("vxlan", nodes, "node2", HostRouting::Kernel)?;
+    out.insert(
+        "tc_decap_ingress vxlan drop (events limited)".to_string(),
+        limited.trimmed_ns(prog_names::TC_DECAP_INGRESS, &hostile, iterations)?,
+    );
+    limited.lift_event_limit()?;
+    let ring = limited.ebpf.take_map(maps_common::map_names::EVENTS).context("DP_EVENTS")?;
+    let mut ring = aya::maps::RingBuf::try_from(ring)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drained = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while ring.next().is_some() {
+                    n += 1;
+                }
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
+    let every = limited.trimmed_ns(prog_names::TC_DECAP_INGRESS, &hostile, iterations);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let events = drained.join().map_err(|_| anyhow::anyhow!("ring reader panicked"))?;
+    anyhow::ensure!(events > 0, "no event reached the ring with the limit lifted");
+    out.insert(
+        "tc_decap_ingress vxlan drop (every event, ring drained)".to_string(),
+        every?,
+    );
     Ok(out)
 }
 

@@ -86,9 +86,11 @@ fn take_token(st: &mut MonitorState, now: u64) -> bool {
         }
     }
     let cap = burst * 1000;
-    let elapsed = now.saturating_sub(st.last_ns).min(1_000_000_000_000);
-    // Millitokens: rate per second is rate per 10^9 ns, times 1000.
-    let refill = elapsed * rate / 1_000_000;
+    // At most 1000 s, so micros (10^9) times a u32 rate fits in 64 bits (no 128-bit multiply
+    // in BPF).
+    let micros = now.saturating_sub(st.last_ns).min(1_000_000_000_000) / 1000;
+    // Millitokens: `rate` a second is rate * 1000 millitokens per 10^6 us.
+    let refill = micros * rate / 1000;
     st.millitokens = (st.millitokens + refill).min(cap);
     st.last_ns = now;
     if st.millitokens < 1000 {
