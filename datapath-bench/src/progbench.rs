@@ -330,7 +330,10 @@ fn drop_costs(nodes: u32, vxlan: &[u8], iterations: u32) -> Result<BTreeMap<Stri
         limited.trimmed_ns(prog_names::TC_DECAP_INGRESS, &hostile, iterations)?,
     );
     limited.lift_event_limit()?;
-    let ring = limited.ebpf.take_map(maps_common::map_names::EVENTS).context("DP_EVENTS")?;
+    let ring = limited
+        .ebpf
+        .take_map(maps_common::map_names::EVENTS)
+        .context("DP_EVENTS")?;
     let mut ring = aya::maps::RingBuf::try_from(ring)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let drained = {
@@ -348,8 +351,13 @@ fn drop_costs(nodes: u32, vxlan: &[u8], iterations: u32) -> Result<BTreeMap<Stri
     };
     let every = limited.trimmed_ns(prog_names::TC_DECAP_INGRESS, &hostile, iterations);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let events = drained.join().map_err(|_| anyhow::anyhow!("ring reader panicked"))?;
-    anyhow::ensure!(events > 0, "no event reached the ring with the limit lifted");
+    let events = drained
+        .join()
+        .map_err(|_| anyhow::anyhow!("ring reader panicked"))?;
+    anyhow::ensure!(
+        events > 0,
+        "no event reached the ring with the limit lifted"
+    );
     out.insert(
         "tc_decap_ingress vxlan drop (every event, ring drained)".to_string(),
         every?,

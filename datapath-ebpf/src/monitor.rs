@@ -14,6 +14,8 @@ use crate::{
 };
 
 const IPV4: u16 = 0x0800u16.to_be();
+/// `bpf_ringbuf_output` flag: do not wake the reader.
+const BPF_RB_NO_WAKEUP: u64 = 1;
 const ETH_IP: usize = EthHdr::LEN;
 
 /// Reports a dropped packet.
@@ -67,7 +69,8 @@ fn emit<P: Packet>(ctx: &P, kind: u8, hook: u8, reason: u8) {
         ..Event::default()
     };
     decode(ctx, &mut ev);
-    match DP_EVENTS.output(ev, 0) {
+    // No wakeup per event (an irq_work each, microseconds under a flood): the monitor polls.
+    match DP_EVENTS.output(ev, BPF_RB_NO_WAKEUP) {
         Ok(()) => st.sent += 1,
         Err(_) => st.lost += 1,
     }

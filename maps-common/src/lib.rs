@@ -325,7 +325,7 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 17] 
 /// address (the first address of its pod CIDR) through the tunnel, and one to its underlay
 /// address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerHealth {
     /// Unix time of the last probe, in seconds.
     pub checked_unix: u64,
@@ -335,8 +335,14 @@ pub struct PeerHealth {
     pub underlay_rtt_us: u32,
     /// Unix time since which the tunnel state (answered or not) holds.
     pub since_unix: u64,
+    /// The peer's name in the cluster state (UTF-8, NUL-padded, cut to fit): what
+    /// `datapath monitor` shows beside its address.
+    pub name: [u8; PEER_NAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<PeerHealth>() == 24);
+const _: () = assert!(core::mem::size_of::<PeerHealth>() == 24 + PEER_NAME_LEN);
+
+/// Bytes of a peer's name in `PeerHealth`.
+pub const PEER_NAME_LEN: usize = 64;
 
 /// Size of the `DP_EVENTS` ring buffer: 4,096 events of 64 bytes (plus headers).
 pub const EVENTS_BYTES: u32 = 256 * 1024;

@@ -59,7 +59,7 @@ fn find<'a>(evs: &'a [Value], reason: &str) -> Vec<&'a Value> {
 
 #[test]
 fn hostile_packets_appear_with_their_reason_and_addresses() {
-    let (t, _) = Topology::two_nodes_running("mon", "vxlan", "", "");
+    let (mut t, _) = Topology::two_nodes_running("mon", "vxlan", "", "");
     let att = attacker(&t);
     let out = t.workdir.join("monitor.jsonl");
     let monitor = start_monitor(&t, 1, "--json", &out);
@@ -150,6 +150,24 @@ fn hostile_packets_appear_with_their_reason_and_addresses() {
                 && e["outer"]["dport"] == 4789
                 && e["inner"]["src"] == "10.244.0.2")),
         "legitimate traffic shown as dropped:\n{text}"
+    );
+
+    // With the agent stopped, the pinned programs still drop, and a monitor still shows it.
+    t.stop_agents(1);
+    let out2 = t.workdir.join("monitor-no-agent.jsonl");
+    let mut monitor = start_monitor(&t, 1, "--json --count 1 --duration 20", &out2);
+    thread::sleep(Duration::from_millis(500));
+    let again = att.exec_out(&format!(
+        "/usr/bin/python3 {} send eth0 {} 192.168.1.11 192.168.1.10 10.244.1.2 10.244.0.2 4096 4789 1",
+        script("attack.py").display(),
+        node_mac.trim()
+    ));
+    assert!(again.status.success(), "attacker failed: {again:?}");
+    let _ = monitor.wait();
+    let evs = events(&out2);
+    assert!(
+        evs.len() == 1 && evs[0]["type"] == "drop",
+        "no event without the agent: {evs:?}"
     );
 }
 

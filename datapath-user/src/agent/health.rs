@@ -60,6 +60,7 @@ async fn round(
             tunnel_rtt_us: us(tunnel[i]),
             underlay_rtt_us: us(underlay[i]),
             since_unix: at,
+            name: name_bytes(name),
         };
         let before = last.get(addr);
         match before {
@@ -75,6 +76,17 @@ async fn round(
     last.retain(|a, _| keep.contains(a));
     s.dp.maps.retain_health(&keep);
     Ok(())
+}
+
+/// `name` NUL-padded into `PEER_NAME_LEN` bytes, cut on a character boundary to fit.
+fn name_bytes(name: &str) -> [u8; maps_common::PEER_NAME_LEN] {
+    let mut out = [0u8; maps_common::PEER_NAME_LEN];
+    let mut end = name.len().min(out.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&name.as_bytes()[..end]);
+    out
 }
 
 fn log_change(name: &str, addr: Ipv4Addr, h: &PeerHealth, known: bool) {

@@ -268,6 +268,7 @@ async fn first_apply(
     let shared = reconciler.shared.clone();
     let migrating = matches!(pins, upgrade::Pins::Migrate { .. });
     let changes = reconciler.apply_full(cluster).await?;
+    let ifaces = reconciler.routes.nl.ifaces().await?;
     if migrating {
         upgrade::carry_state(&opts.pin_dir, &mut lock(&shared).dp.maps)?;
         upgrade::fault("after-fill");
@@ -286,7 +287,7 @@ async fn first_apply(
             ?changes,
             "cluster state applied"
         );
-        attach(&mut s, opts)?;
+        attach(&mut s, opts, &ifaces)?;
         s.dp.maps
             .write_monitor_limit(opts.monitor_rate, opts.monitor_burst)?;
     }
@@ -393,7 +394,7 @@ async fn first_state(
 
 /// Pins the pod program, moves pods' hooks to it, attaches the underlay's programs and
 /// records what runs.
-fn attach(s: &mut Shared, opts: &AgentOptions) -> anyhow::Result<()> {
+fn attach(s: &mut Shared, opts: &AgentOptions, ifaces: &[netlink::Iface]) -> anyhow::Result<()> {
     let iface = s.dp.local.iface.clone();
     pods::pin_pod_programs(&mut s.ebpf, &opts.pin_dir)?;
     let tc_mode = s.tc_mode;
@@ -402,7 +403,8 @@ fn attach(s: &mut Shared, opts: &AgentOptions) -> anyhow::Result<()> {
             .endpoints
             .iter()
             .flatten()
-            .filter_map(|(_, e)| netlink::if_name(e.ifindex))
+            .filter_map(|(_, e)| ifaces.iter().find(|i| i.ifindex == e.ifindex))
+            .map(|i| i.name.clone())
             .collect();
     pods::reattach_pods(&mut s.ebpf, &opts.pin_dir, tc_mode, &pod_ifaces)?;
     let (hook, why) = loader::attach(

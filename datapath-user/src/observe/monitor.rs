@@ -81,6 +81,8 @@ pub struct Shown {
     pub inner: Option<Headers>,
     /// The node at the other end of the underlay, when the maps know the address.
     pub peer: Option<Ipv4Addr>,
+    /// That node's name, once the agent has probed it (`DP_HEALTH`).
+    pub peer_name: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,7 +130,9 @@ pub fn run(args: &MonitorArgs) -> anyhow::Result<u64> {
         {
             break;
         }
-        wait_readable(&ring, 200);
+        // The programs write without waking the reader (a wakeup per event costs them
+        // microseconds under a flood): poll every 50 ms.
+        wait_readable(&ring, 50);
         while let Some(item) = ring.next() {
             let Some(ev) = parse(&item) else { continue };
             if let Some(s) = show(&ev, args, &maps) {
@@ -188,6 +192,11 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
     let peer = outer
         .as_ref()
         .and_then(|o| [o.src, o.dst].into_iter().find(|a| known(*a)));
+    let peer_name = peer.and_then(|p| {
+        let h = maps.health.as_ref()?.get(&p.octets(), 0).ok()?;
+        let end = h.name.iter().position(|c| *c == 0).unwrap_or(h.name.len());
+        (end > 0).then(|| String::from_utf8_lossy(&h.name[..end]).into_owned())
+    });
     let (program, hook) = event_hook::name(ev.hook)
         .split_once(" (")
         .map_or(("unknown", "unknown"), |(p, h)| {
@@ -206,6 +215,7 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
         vni: (ev.vni != 0 || (inner.is_some() && ev.proto == 17)).then_some(ev.vni),
         inner,
         peer,
+        peer_name,
     })
 }
 
@@ -306,9 +316,10 @@ fn text(s: &Shown) -> String {
     if let Some(i) = &s.inner {
         line += &format!(" | {}", hdr(i));
     }
-    line += &match s.peer {
-        Some(p) => format!("  peer {p}"),
-        None => "  peer unknown".to_string(),
+    line += &match (s.peer, &s.peer_name) {
+        (Some(p), Some(n)) => format!("  peer {n} ({p})"),
+        (Some(p), None) => format!("  peer {p}"),
+        (None, _) => "  peer unknown".to_string(),
     };
     line
 }
