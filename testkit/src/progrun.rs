@@ -87,24 +87,29 @@ pub fn trimmed_ns(
 /// Loads every program of `ebpf` named in `tc` and `xdp` (the verifier's verdict).
 pub fn load_programs(ebpf: &mut Ebpf, tc: &[&str], xdp: &[&str]) -> Result<(), String> {
     for name in tc {
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("no program {name}"))?
-            .try_into()
-            .map_err(|e| format!("{name}: {e:?}"))?;
-        p.load()
-            .map_err(|e| format!("verifier refused {name}: {e:?}"))?;
+        let loaded = program::<SchedClassifier>(ebpf, name)?.load();
+        loaded.map_err(|e| refused(name, &e))?;
     }
     for name in xdp {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("no program {name}"))?
-            .try_into()
-            .map_err(|e| format!("{name}: {e:?}"))?;
-        p.load()
-            .map_err(|e| format!("verifier refused {name}: {e:?}"))?;
+        let loaded = program::<Xdp>(ebpf, name)?.load();
+        loaded.map_err(|e| refused(name, &e))?;
     }
     Ok(())
+}
+
+fn refused(name: &str, e: &aya::programs::ProgramError) -> String {
+    format!("verifier refused {name}: {e:?}")
+}
+
+/// Program `name` of `ebpf` as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e:?}"))
 }
 
 /// A namespace the calling thread lives in until drop, then returns to its own.

@@ -297,3 +297,50 @@ fn a_peer_whose_tunnel_is_broken_is_named_while_its_underlay_answers() {
     });
     assert!(back, "node2 did not come back: {}", status(&t, 0));
 }
+
+#[test]
+fn forwarded_packets_are_traced_only_while_a_monitor_asks() {
+    let (t, _) = Topology::two_nodes_running("montr", "vxlan", "", "");
+    let sent = |t: &Topology| t.stats(1)["events"]["sent"].as_u64().unwrap();
+    // Nobody asks: pod traffic writes no event.
+    let before = sent(&t);
+    assert_eq!(t.ping(0, 1, 5), 5);
+    assert_eq!(
+        sent(&t),
+        before,
+        "events written with no monitor asking for traces"
+    );
+
+    let out = t.workdir.join("trace.jsonl");
+    let mut monitor = start_monitor(
+        &t,
+        1,
+        "--json --type trace --trace-every 1 --pod 10.244.1.2 --count 4 --duration 20",
+        &out,
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(t.ping(0, 1, 5), 5);
+    let _ = monitor.wait();
+    let evs = events(&out);
+    assert_eq!(evs.len(), 4, "{evs:#?}");
+    assert!(
+        evs.iter().all(|e| e["type"] == "trace"
+            && ["tc_decap_ingress", "tc_encap_egress"].contains(&e["program"].as_str().unwrap())),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter().any(|e| e["program"] == "tc_decap_ingress"
+            && e["vni"] == 4096
+            && e["inner"]["src"] == "10.244.0.2"
+            && e["inner"]["dst"] == "10.244.1.2"),
+        "the decapsulated request with its headers: {evs:#?}"
+    );
+    // The monitor is gone: sampling is off again.
+    let after = sent(&t);
+    assert_eq!(t.ping(0, 1, 5), 5);
+    assert_eq!(
+        sent(&t),
+        after,
+        "traces still written after the monitor left"
+    );
+}

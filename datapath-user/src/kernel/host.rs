@@ -5,15 +5,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::PathIo;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIo),
     #[error(
         "{0} holds no bpffs, and one mounted there by this process would be private to its mount namespace: the pins, and the one-agent-per-node lock with them, would vanish when it exits. Mount bpffs on the host first (`mount -t bpf bpf /sys/fs/bpf`; in a DaemonSet, the `datapath mount-bpffs` init container with mountPropagation: Bidirectional, as deploy/daemonset.yaml does), then give the agent that mount (mountPropagation: HostToContainer)"
     )]
@@ -29,11 +26,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), HostError> {
     if dir.starts_with(root) && !is_bpffs(root)? {
         mount_lasting_bpffs(root)?;
     }
-    std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
-        what: "creating",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    create_dir(dir)?;
     if !is_bpffs(dir)? {
         mount_lasting_bpffs(dir)?;
     }
@@ -78,14 +71,18 @@ pub fn check_privileges() -> anyhow::Result<()> {
     )
 }
 
-/// Mounts bpffs on `dir` unless one is there already (`datapath mount-bpffs`, the DaemonSet's
-/// init container). Returns whether it mounted one.
-pub fn mount_bpffs_once(dir: &Path) -> Result<bool, HostError> {
-    std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
+fn create_dir(dir: &Path) -> Result<(), PathIo> {
+    std::fs::create_dir_all(dir).map_err(|source| PathIo {
         what: "creating",
         path: dir.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Mounts bpffs on `dir` unless one is there already (`datapath mount-bpffs`, the DaemonSet's
+/// init container). Returns whether it mounted one.
+pub fn mount_bpffs_once(dir: &Path) -> Result<bool, HostError> {
+    create_dir(dir)?;
     if is_bpffs(dir)? {
         return Ok(false);
     }
@@ -136,10 +133,12 @@ fn mount_is_shared(dir: &Path) -> bool {
 }
 
 fn c_path(dir: &Path) -> Result<std::ffi::CString, HostError> {
-    std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| HostError::Io {
-        what: "path",
-        path: dir.to_path_buf(),
-        source: io::Error::other(e),
+    std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| {
+        HostError::Io(PathIo {
+            what: "path",
+            path: dir.to_path_buf(),
+            source: io::Error::other(e),
+        })
     })
 }
 
@@ -148,11 +147,11 @@ fn is_bpffs(dir: &Path) -> Result<bool, HostError> {
     // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(HostError::Io {
+        return Err(HostError::Io(PathIo {
             what: "statfs",
             path: dir.to_path_buf(),
             source: io::Error::last_os_error(),
-        });
+        }));
     }
     Ok(st.f_type == libc::BPF_FS_MAGIC)
 }
@@ -171,11 +170,11 @@ fn mount_bpffs(dir: &Path) -> Result<(), HostError> {
         )
     } != 0
     {
-        return Err(HostError::Io {
+        return Err(HostError::Io(PathIo {
             what: "mounting bpffs on",
             path: dir.to_path_buf(),
             source: io::Error::last_os_error(),
-        });
+        }));
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use aya::{
 };
 use maps_common::{map_names, prog_names};
 
-use super::pin_tree;
+use super::{PathIo, pin_tree};
 
 /// The kernel object, built by build.rs from `datapath-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
@@ -45,13 +45,8 @@ pub enum LoadError {
         #[source]
         source: aya::pin::PinError,
     },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIo),
 }
 
 /// Where the decapsulation program runs.
@@ -195,10 +190,12 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
             let maps_dir = dir.join(opts.maps_dir);
-            std::fs::create_dir_all(&maps_dir).map_err(|source| LoadError::Io {
-                what: "creating",
-                path: maps_dir.clone(),
-                source,
+            std::fs::create_dir_all(&maps_dir).map_err(|source| {
+                LoadError::Io(PathIo {
+                    what: "creating",
+                    path: maps_dir.clone(),
+                    source,
+                })
             })?;
             map_names::ALL
                 .iter()
@@ -242,10 +239,12 @@ pub(super) fn pinned_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
 /// Creates the directory `path` is to be pinned in.
 pub(super) fn create_parent(path: &Path) -> Result<(), LoadError> {
     match path.parent() {
-        Some(parent) => std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {
-            what: "creating",
-            path: parent.to_path_buf(),
-            source,
+        Some(parent) => std::fs::create_dir_all(parent).map_err(|source| {
+            LoadError::Io(PathIo {
+                what: "creating",
+                path: parent.to_path_buf(),
+                source,
+            })
         }),
         None => Ok(()),
     }
@@ -258,11 +257,11 @@ pub(super) fn repin(link: FdLink, path: &Path) -> Result<(), LoadError> {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => {
-            return Err(LoadError::Io {
+            return Err(LoadError::Io(PathIo {
                 what: "removing",
                 path: path.to_path_buf(),
                 source,
-            });
+            }));
         }
     }
     link.pin(path).map(drop).map_err(|source| LoadError::Pin {
@@ -487,11 +486,11 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => {
-                return Err(LoadError::Io {
+                return Err(LoadError::Io(PathIo {
                     what: "reading",
                     path: dir,
                     source,
-                });
+                }));
             }
         };
         for entry in entries.flatten() {
@@ -499,10 +498,12 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             if path.is_dir() {
                 continue;
             }
-            std::fs::remove_file(&path).map_err(|source| LoadError::Io {
-                what: "removing",
-                path: path.clone(),
-                source,
+            std::fs::remove_file(&path).map_err(|source| {
+                LoadError::Io(PathIo {
+                    what: "removing",
+                    path: path.clone(),
+                    source,
+                })
             })?;
             removed.push(path);
         }

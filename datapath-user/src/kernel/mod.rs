@@ -1,5 +1,7 @@
 //! The kernel side of the node: loading and attaching the programs, the host's bpffs and
 //! privileges, the pinned maps, and carrying them across upgrades.
+use std::{io, path::PathBuf};
+
 pub mod host;
 pub mod loader;
 pub mod maps;
@@ -18,4 +20,14 @@ pub mod pin_tree {
     pub const LINKS: &str = "links";
     /// Programs pinned for the CNI plugin to attach to pod veths.
     pub const PROGS: &str = "progs";
+}
+
+/// An I/O error and the path it happened on, for the kernel side's error types.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct PathIo {
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
 }
