@@ -13,14 +13,44 @@
 //! so the listener is shown working; a 20 MiB TCP transfer pod1 -> pod2 meanwhile is intact.
 use std::{thread, time::Duration};
 
-use integration_tests::{Netns, Topology, script, sh};
+use integration_tests::{Netns, NodeSpec, Topology, script, sh};
 
 const COUNT: u64 = 20;
 
 #[test]
 fn crafted_tunnel_packets_never_reach_the_pod_and_are_counted() {
     let (t, _) = Topology::two_nodes_running("hostile", "vxlan", "", "");
+    attack_and_check(&t);
+}
 
+/// The same with the defaults a cluster runs: pods made through the agent's CNI
+/// configuration list (endpoints, BPF host routing of accepted flows), so that the delivery
+/// branch (`bpf_redirect_peer` into the pod) is what the attack meets.
+#[test]
+fn crafted_tunnel_packets_never_reach_a_cni_pod_with_default_settings() {
+    let mut t = Topology::with_cni(
+        "hostcni",
+        &[10, 11].map(|host| NodeSpec { subnet: 0, host }),
+    );
+    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    for i in 0..2 {
+        t.cni_add(i);
+    }
+    attack_and_check(&t);
+    // The legitimate traffic took the fast path: the default is in effect.
+    assert!(
+        t.counter(1, "host_route_in", "bpf") > 0,
+        "nothing was delivered by BPF host routing: {}",
+        t.stats(1)
+    );
+}
+
+/// Crafted packets at node2's pod while pod1 sends it 20 MiB: none reaches the pod, each is
+/// counted under its reason once, the control packets arrive.
+fn attack_and_check(t: &Topology) {
     let attacker = Netns::new(&format!("{}-att", t.prefix));
     sh(&format!(
         "ip link add eth0 netns {} type veth peer name u9 netns {}",
@@ -49,9 +79,11 @@ fn crafted_tunnel_packets_never_reach_the_pod_and_are_counted() {
     let attack_log = t.workdir.join("attack.log");
     let mut attack = attacker.spawn(
         &format!(
-            "/usr/bin/python3 {} send eth0 {} 192.168.1.11 192.168.1.10 10.244.1.2 10.244.0.2 4096 4789 {COUNT}",
+            "/usr/bin/python3 {} send eth0 {} 192.168.1.11 192.168.1.10 {} {} 4096 4789 {COUNT}",
             script("attack.py").display(),
-            node_mac.trim()
+            node_mac.trim(),
+            t.nodes[1].pod_ip,
+            t.nodes[0].pod_ip
         ),
         &attack_log,
     );
