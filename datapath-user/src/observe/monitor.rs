@@ -139,6 +139,9 @@ pub fn run(args: &MonitorArgs) -> anyhow::Result<u64> {
                 print(&s, args.json)?;
                 shown += 1;
             }
+            if args.count.is_some_and(|c| shown >= c) {
+                break;
+            }
         }
     }
     Ok(shown)
