@@ -1,11 +1,13 @@
 //! Generated input: random frames and mutations of valid IPIP, VXLAN and plain frames through
-//! each program with BPF_PROG_TEST_RUN, every outcome checked against the reference model below
+//! each program (the underlay's three and the pod veth's, with BPF host routing) with
+//! BPF_PROG_TEST_RUN, every outcome checked against the reference model below
 //! (written from the README's table of packet classes, not from the kernel code): passed
 //! unchanged, encapsulated or decapsulated to the exact bytes the model builds, or dropped with
 //! the reason the model names, as counted in DP_DROPS.
 //!
 //! `DP_FUZZ_SEED=<n>` replays a run; `DP_FUZZ_PACKETS=<n>` sets the packets per mode (default
 //! 50,000 per mode, two modes: 100,000 through each of the three programs).
+use datapath_user::reconcile::dataplane::HostRouting;
 use integration_tests::progtest::*;
 use maps_common::{DropReason, prog_names};
 
@@ -71,6 +73,42 @@ fn model_encap(f: &[u8], vxlan: bool) -> Outcome {
         ip.to_vec()
     };
     Outcome::Rewrite(eth(PEER_MAC, NODE_MAC, 0x0800, &ipv4(&outer, &payload)))
+}
+
+/// TC ingress on a local pod's host-side veth of node1 with `--host-routing bpf`: a local
+/// pod's packet for a remote pod is encapsulated there (its TTL decremented first, the
+/// header checksum updated incrementally as a router does, RFC 1624) and redirected to the
+/// underlay; everything else, and what the stack must answer (TTL about to expire, too big
+/// for the tunnel), is passed to the host's stack unchanged.
+fn model_pod_ingress(f: &[u8], vxlan: bool) -> Outcome {
+    if f.len() < 34 || be16(f, 12) != 0x0800 {
+        return Outcome::Pass;
+    }
+    let ip = &f[14..];
+    if ip[0] >> 4 != 4 || ip[0] & 15 < 5 {
+        return Outcome::Pass;
+    }
+    let (ttl, overhead) = (ip[8], if vxlan { 50 } else { 20 });
+    if !in_net(&ip[12..16], LOCAL_NET) || ttl <= 1 || !in_net(&ip[16..20], PEER_NET) {
+        return Outcome::Pass;
+    }
+    if f.len() - 14 + overhead > MTU {
+        return Outcome::Pass; // the stack's route MTU answers with ICMP
+    }
+    let mut routed = f.to_vec();
+    routed[14 + 8] = ttl - 1;
+    let old = u16::from_be_bytes([ttl, ip[9]]);
+    let new = u16::from_be_bytes([ttl - 1, ip[9]]);
+    let hc = u16::from_be_bytes([ip[10], ip[11]]);
+    let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    routed[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    match model_encap(&routed, vxlan) {
+        Outcome::Pass => Outcome::Pass,
+        other => other,
+    }
 }
 
 /// Whether the IPv4 header at `off` is addressed to a local pod.
@@ -377,7 +415,8 @@ fn check(env: &Env, prog: &str, f: &[u8], want: Outcome, seed: u64, n: usize) ->
                 "want rewrite, action {action}: {}",
                 ctx()
             );
-            if prog == prog_names::TC_ENCAP_EGRESS && expect.len() > 36 && expect[23] == 17 {
+            let encaps = [prog_names::TC_ENCAP_EGRESS, prog_names::TC_POD_INGRESS];
+            if encaps.contains(&prog) && expect.len() > 36 && expect[23] == 17 {
                 let sport = be16(&out, 34);
                 assert!((32768..61000).contains(&sport), "sport {sport}: {}", ctx());
                 expect[34..36].copy_from_slice(&out[34..36]);
@@ -394,7 +433,9 @@ fn check(env: &Env, prog: &str, f: &[u8], want: Outcome, seed: u64, n: usize) ->
 }
 
 fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
-    let env = Env::new(mode);
+    // BPF host routing on, so that the pod veth's program acts (no endpoints are recorded:
+    // decapsulated packets still go to the stack).
+    let env = Env::routed(mode, "", HostRouting::Bpf);
     let vxlan = mode == "vxlan";
     let seeds = seeds();
     let mut rng = Rng(seed);
@@ -407,6 +448,7 @@ fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
             (prog_names::TC_ENCAP_EGRESS, model_encap(&f, vxlan)),
             (prog_names::XDP_DECAP_INGRESS, model_decap(&f, true)),
             (prog_names::TC_DECAP_INGRESS, model_decap(&f, false)),
+            (prog_names::TC_POD_INGRESS, model_pod_ingress(&f, vxlan)),
         ];
         for (prog, want) in cases {
             if prog != prog_names::XDP_DECAP_INGRESS && tc_refuses(&f) {
@@ -447,7 +489,7 @@ fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
         );
     }
     println!(
-        "{mode}: {packets} packets x 3 programs: {} passed, {} rewritten, {} dropped, {refused} TC runs refused by the kernel (short L3); drops by reason: {}",
+        "{mode}: {packets} packets x 4 programs: {} passed, {} rewritten, {} dropped, {refused} TC runs refused by the kernel (short L3); drops by reason: {}",
         tally[0],
         tally[1],
         tally[2],
