@@ -362,9 +362,34 @@ impl Topology {
     pub fn flood_ping(&self, from: usize, to: usize, secs: u32) -> Child {
         let log = self.workdir.join(format!("ping-{from}-{to}.log"));
         self.nodes[from].pod.spawn(
-            &format!("ping -i 0.005 -w {secs} -W 1 {}", self.nodes[to].pod_ip),
+            &format!("ping -D -i 0.005 -w {secs} -W 1 {}", self.nodes[to].pod_ip),
             &log,
         )
+    }
+
+    /// Whether a `flood_ping` from `from` to `to` (finished or running) got replies both
+    /// before `start` and after `end`: the traffic spanned the event between them.
+    pub fn ping_spanned(
+        &self,
+        from: usize,
+        to: usize,
+        start: std::time::SystemTime,
+        end: std::time::SystemTime,
+    ) -> bool {
+        let text = fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log")))
+            .unwrap_or_default();
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        // `ping -D`: "[1764763000.123456] 64 bytes from ...".
+        let replies: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        replies.iter().any(|t| *t < secs(start)) && replies.iter().any(|t| *t > secs(end))
     }
 
     /// Waits for a `flood_ping` and returns (sent, received) from ping's summary.

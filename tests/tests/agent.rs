@@ -65,6 +65,7 @@ fn restarting_the_agent_under_traffic_loses_nothing() {
     let (mut t, cluster) = Topology::two_nodes_running("restart", "ipip", "", "");
     let ping = flood_ping(&t, 5);
     thread::sleep(Duration::from_millis(500));
+    let stopped = std::time::SystemTime::now();
     t.stop_agents(0);
     thread::sleep(Duration::from_millis(1000));
     // Stopped agent: the pinned datapath keeps forwarding.
@@ -80,9 +81,14 @@ fn restarting_the_agent_under_traffic_loses_nothing() {
         log.contains("adopted=true"),
         "restart did not adopt the pins:\n{log}"
     );
+    let restarted = std::time::SystemTime::now();
     let (sent, received) = ping_result(&t, ping);
     assert!(sent >= 200, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost across the restart");
+    assert!(
+        t.ping_spanned(0, 1, stopped, restarted),
+        "the ping did not run from before the stop to after the restart"
+    );
 }
 
 #[test]

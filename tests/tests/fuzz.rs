@@ -105,10 +105,7 @@ fn model_pod_ingress(f: &[u8], vxlan: bool) -> Outcome {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     routed[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    match model_encap(&routed, vxlan) {
-        Outcome::Pass => Outcome::Pass,
-        other => other,
-    }
+    model_encap(&routed, vxlan)
 }
 
 /// Whether the IPv4 header at `off` is addressed to a local pod.

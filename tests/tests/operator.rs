@@ -186,12 +186,18 @@ fn the_two_node_core_with_netlink_tc_attachment() {
         // Restart under a 200 pps ping: the filter is replaced in place, nothing lost.
         let ping = flood(&t, 5);
         thread::sleep(Duration::from_millis(500));
+        let stopped = std::time::SystemTime::now();
         t.stop_agents(0);
         thread::sleep(Duration::from_millis(800));
         t.start_agent(0, &cluster, "--tc-attach netlink --decap tc");
+        let restarted = std::time::SystemTime::now();
         let (sent, received) = t.flood_ping_result(0, 1, ping);
         assert!(sent >= 200, "ping sent only {sent}");
         assert_eq!(sent, received, "{encap}: packets lost across the restart");
+        assert!(
+            t.ping_spanned(0, 1, stopped, restarted),
+            "{encap}: the ping did not span the restart"
+        );
         let filters = t.nodes[0].ns.exec("tc filter show dev eth0 egress");
         assert_eq!(
             filters

@@ -80,12 +80,18 @@ fn a_daemonset_rollout_with_the_manifests_arguments_loses_nothing() {
     let ping = t.flood_ping(0, 1, 4);
     thread::sleep(Duration::from_millis(500));
     let tx_before = tx_to_node2(&t);
+    let stopped = std::time::SystemTime::now();
     t.stop_agents(0);
     t.start_agent_with(0, &source);
     assert!(wait_for(Duration::from_secs(10), || readyz(&t, port) == "200"));
+    let ready = std::time::SystemTime::now();
     let (sent, received) = t.flood_ping_result(0, 1, ping);
     assert!(sent >= 600, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost while no agent ran");
+    assert!(
+        t.ping_spanned(0, 1, stopped, ready),
+        "the ping did not run from before the stop to after the new agent was ready"
+    );
     let tx_after = tx_to_node2(&t);
     assert!(
         tx_after > tx_before,
