@@ -8,7 +8,12 @@
 //!   pod1 ── node1 (b0238e2 agent → this build) ── u0 ─ br0 ─ u1 ── node2 (b0238e2 agent) ── pod2
 //!   flow under test: ping pod1 → pod2 every 5 ms, losses counted by ping itself
 //! ```
-use std::{fs, path::Path, thread, time::Duration};
+use std::{
+    fs,
+    path::Path,
+    thread,
+    time::{Duration, SystemTime},
+};
 
 use integration_tests::{NodeSpec, Topology, release_bin, wait_for, wait_for_text};
 
@@ -80,17 +85,23 @@ fn upgrading_from_the_previous_release_under_ping_loses_nothing() {
         let (mut t, cluster) = previous_cluster(&format!("up{encap}{decap}"), encap, decap);
         let ping = t.flood_ping(0, 1, 5);
         thread::sleep(Duration::from_millis(500));
+        let stopped = SystemTime::now();
         t.stop_agents(0);
         t.start_agent(
             0,
             &cluster,
             &format!("--decap {decap} --metrics 127.0.0.1:9464"),
         );
+        let upgraded = SystemTime::now();
         let (sent, received) = t.flood_ping_result(0, 1, ping);
         assert!(sent >= 500, "ping sent only {sent}");
         assert_eq!(
             sent, received,
             "{encap}/{decap}: packets lost in the upgrade"
+        );
+        assert!(
+            t.ping_spanned(0, 1, stopped, upgraded),
+            "{encap}/{decap}: the ping did not span the upgrade"
         );
         let log = fs::read_to_string(&t.agents.last().unwrap().log).unwrap();
         assert!(log.contains("migration complete"), "{log}");
@@ -135,11 +146,17 @@ fn raising_max_nodes_under_ping_loses_nothing() {
     let (mut t, cluster) = Topology::two_nodes_running("upmax", "vxlan", "", "--max-nodes 64");
     let ping = t.flood_ping(0, 1, 5);
     thread::sleep(Duration::from_millis(500));
+    let stopped = SystemTime::now();
     t.stop_agents(0);
     t.start_agent(0, &cluster, "--max-nodes 128");
+    let migrated = SystemTime::now();
     let (sent, received) = t.flood_ping_result(0, 1, ping);
     assert!(sent >= 500, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost raising --max-nodes");
+    assert!(
+        t.ping_spanned(0, 1, stopped, migrated),
+        "the ping did not span the migration"
+    );
     let info = t.nodes[0].ns.exec(&format!(
         "bpftool -j map show pinned {}/maps/DP_NODES",
         t.pin_dir(0).display()
@@ -169,11 +186,17 @@ fn a_second_agent_waits_for_the_first_and_takes_over() {
         .exec("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9465/readyz");
     assert_eq!(ready, "503", "the waiting agent said it was ready");
     thread::sleep(Duration::from_millis(500));
+    let stopped = SystemTime::now();
     t.stop_agent(0);
     t.wait_agent(0, &second);
+    let took_over = SystemTime::now();
     let (sent, received) = t.flood_ping_result(0, 1, ping);
     assert!(sent >= 500, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost in the hand-over");
+    assert!(
+        t.ping_spanned(0, 1, stopped, took_over),
+        "the ping did not span the hand-over"
+    );
     let log = fs::read_to_string(&second).unwrap();
     let took = log
         .find("this one holds the node now")
