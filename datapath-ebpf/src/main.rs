@@ -12,6 +12,7 @@ mod flows;
 mod hostroute;
 mod lookup;
 mod monitor;
+mod nexthop;
 mod parse;
 
 use aya_ebpf::{

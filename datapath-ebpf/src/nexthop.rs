@@ -1,0 +1,130 @@
+//! The outer next hop of an encapsulated packet: the kernel's FIB and neighbour table asked
+//! for the peer's underlay address, the answer cached per peer in `DP_NEXTHOPS` while the
+//! underlay generation holds; then the MACs written and the packet sent or redirected.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use maps_common::{DropReason, NextHop, NodeConfig};
+use network_types::eth::EthHdr;
+
+use crate::{DP_NEXTHOPS, parse::ptr_at_mut};
+
+const AF_INET: u8 = 2;
+/// A VLAN tag, which `is_skb_forwardable` allows beyond the MTU.
+const VLAN_HLEN: u32 = 4;
+
+/// Sends the encapsulated packet to the outer next hop that the kernel's FIB and neighbour
+/// table give for the peer, looked up from the underlay interface (a pod's veth sends there).
+/// `slot` is the peer's `peer_idx`: its next hop is cached in `DP_NEXTHOPS` for as long as the
+/// underlay generation holds (the agent bumps it on every route, link or neighbour change).
+///
+/// Returns `TC_ACT_OK` when the next hop is on this interface (MACs rewritten), the redirect
+/// verdict when it is on another interface or its neighbour entry must first be resolved;
+/// `TooBig` when the packet exceeds the outgoing interface's MTU, `PeerUnreachable` when no
+/// route (or an unreachable, blackhole or prohibit route) leads to the peer, `FibLookupFailed`
+/// otherwise.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    peer: [u8; 4],
+    slot: Option<u32>,
+) -> Result<i32, DropReason> {
+    let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
+    if let Some(nh) = cached {
+        // SAFETY: a value pointer into this CPU's copy of the map, copied right away.
+        let nh = unsafe { *nh };
+        if nh.underlay_gen != 0 && nh.underlay_gen == cfg.underlay_gen {
+            return send_to(ctx, &nh);
+        }
+    }
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = if cfg.underlay_ifindex != 0 {
+        cfg.underlay_ifindex
+    } else {
+        // SAFETY: ctx.skb.skb is the program's __sk_buff.
+        unsafe { (*ctx.skb.skb).ifindex }
+    };
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
+    // SAFETY: params lives on the stack for the call.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let nh = NextHop {
+                underlay_gen: cfg.underlay_gen,
+                ifindex: params.ifindex,
+                dmac: params.dmac,
+                smac: params.smac,
+                // SAFETY: on success, with tot_len left 0, the FIB writes the device's MTU here.
+                mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
+            };
+            if let Some(slot) = cached {
+                // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
+                unsafe { *slot = nh };
+            }
+            send_to(ctx, &nh)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: all-zero is a valid bpf_redir_neigh.
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = AF_INET as u32;
+            // SAFETY: the FIB wrote the next hop's IPv4 address into ipv4_dst.
+            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+            // SAFETY: nh lives on the stack for the call.
+            Ok(unsafe {
+                bpf_redirect_neigh(
+                    params.ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            } as i32)
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::TooBig),
+        BPF_FIB_LKUP_RET_NOT_FWDED
+        | BPF_FIB_LKUP_RET_UNREACHABLE
+        | BPF_FIB_LKUP_RET_BLACKHOLE
+        | BPF_FIB_LKUP_RET_PROHIBIT => Err(DropReason::PeerUnreachable),
+        _ => Err(DropReason::FibLookupFailed),
+    }
+}
+
+/// Addresses the packet to a resolved next hop and sends it there: on the interface it is on
+/// (`TC_ACT_OK`) or redirected to another. Refuses what the FIB would: a packet other than GSO
+/// longer than the interface's MTU plus its Ethernet and VLAN headers (`is_skb_forwardable`).
+#[inline(always)]
+fn send_to(ctx: &TcContext, nh: &NextHop) -> Result<i32, DropReason> {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let (gso_size, ifindex) = unsafe { ((*ctx.skb.skb).gso_size, (*ctx.skb.skb).ifindex) };
+    if gso_size == 0 && ctx.len() > nh.mtu + EthHdr::LEN as u32 + VLAN_HLEN {
+        return Err(DropReason::TooBig);
+    }
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        (*eth).dst_addr = nh.dmac;
+        (*eth).src_addr = nh.smac;
+    }
+    if nh.ifindex == ifindex {
+        Ok(TC_ACT_OK)
+    } else {
+        // SAFETY: plain helper call.
+        Ok(unsafe { bpf_redirect(nh.ifindex, 0) } as i32)
+    }
+}
