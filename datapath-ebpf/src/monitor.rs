@@ -4,7 +4,8 @@
 //! a second, not one per packet. What the bucket refuses or the full ring loses is counted.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use maps_common::{
-    DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, DropReason, Event, MonitorState, event_kind,
+    DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, DropReason, Event, MonitorConf, MonitorState,
+    event_kind,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 
@@ -21,7 +22,11 @@ const ETH_IP: usize = EthHdr::LEN;
 /// Reports a dropped packet.
 #[inline(always)]
 pub fn dropped<P: Packet>(ctx: &P, hook: u8, reason: DropReason) {
-    emit(ctx, event_kind::DROP, hook, reason as u8);
+    emit(
+        ctx,
+        DP_MONITOR_CONF.get(0),
+        (event_kind::DROP, hook, reason as u8),
+    );
 }
 
 /// Reports a forwarded packet, one in `trace_every` while a monitor asks for traces.
@@ -42,12 +47,14 @@ pub fn forwarded<P: Packet>(ctx: &P, hook: u8) {
         (*st).trace_seen
     };
     if seen % conf.trace_every as u64 == 0 {
-        emit(ctx, event_kind::TRACE, hook, 0);
+        emit(ctx, Some(conf), (event_kind::TRACE, hook, 0));
     }
 }
 
 #[inline(always)]
-fn emit<P: Packet>(ctx: &P, kind: u8, hook: u8, reason: u8) {
+/// Writes one event (kind, hook, reason) if this CPU's bucket has a token; `conf`, read once
+/// by the caller, sets the bucket.
+fn emit<P: Packet>(ctx: &P, conf: Option<&MonitorConf>, (kind, hook, reason): (u8, u8, u8)) {
     let Some(st) = DP_MONITOR.get_ptr_mut(0) else {
         return;
     };
@@ -55,7 +62,7 @@ fn emit<P: Packet>(ctx: &P, kind: u8, hook: u8, reason: u8) {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: this CPU's slot, written only by this CPU while the program runs.
     let st = unsafe { &mut *st };
-    if !take_token(st, now) {
+    if !take_token(st, conf, now) {
         st.limited += 1;
         return;
     }
@@ -78,9 +85,9 @@ fn emit<P: Packet>(ctx: &P, kind: u8, hook: u8, reason: u8) {
 
 /// One token from this CPU's bucket, refilled at `rate` a second up to `burst`.
 #[inline(always)]
-fn take_token(st: &mut MonitorState, now: u64) -> bool {
+fn take_token(st: &mut MonitorState, conf: Option<&MonitorConf>, now: u64) -> bool {
     let (mut rate, mut burst) = (DEFAULT_EVENT_RATE as u64, DEFAULT_EVENT_BURST as u64);
-    if let Some(c) = DP_MONITOR_CONF.get(0) {
+    if let Some(c) = conf {
         if c.rate != 0 {
             rate = c.rate as u64;
         }

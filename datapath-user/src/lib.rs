@@ -19,9 +19,5 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// This build's version, NUL-padded, as `AgentInfo::version` holds it.
 pub fn version_bytes() -> [u8; 16] {
-    let mut version = [0u8; 16];
-    for (d, b) in version.iter_mut().zip(VERSION.bytes()) {
-        *d = b;
-    }
-    version
+    kernel::maps::fixed(VERSION)
 }

@@ -341,6 +341,37 @@ pub struct PeerHealth {
 }
 const _: () = assert!(core::mem::size_of::<PeerHealth>() == 24 + PEER_NAME_LEN);
 
+/// What a peer's last probes say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthState {
+    /// The tunnel answers.
+    Ok,
+    /// Only the underlay answers: a VNI or port mismatch, a firewall dropping the tunnel.
+    TunnelDown,
+    /// Neither answers.
+    Down,
+}
+
+impl HealthState {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::TunnelDown => "tunnel_down",
+            Self::Down => "down",
+        }
+    }
+}
+
+impl PeerHealth {
+    pub const fn state(&self) -> HealthState {
+        match (self.tunnel_rtt_us != 0, self.underlay_rtt_us != 0) {
+            (true, _) => HealthState::Ok,
+            (false, true) => HealthState::TunnelDown,
+            (false, false) => HealthState::Down,
+        }
+    }
+}
+
 /// Bytes of a peer's name in `PeerHealth`.
 pub const PEER_NAME_LEN: usize = 64;
 

@@ -5,7 +5,7 @@
 //! or port mismatch, or a firewall dropping the tunnel's packets, and is named as such.
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use maps_common::PeerHealth;
+use maps_common::{HealthState, PeerHealth};
 use tracing::{info, warn};
 
 use crate::{
@@ -60,7 +60,7 @@ async fn round(
             tunnel_rtt_us: us(tunnel[i]),
             underlay_rtt_us: us(underlay[i]),
             since_unix: at,
-            name: name_bytes(name),
+            name: crate::kernel::maps::fixed(name),
         };
         let before = last.get(addr);
         match before {
@@ -78,27 +78,18 @@ async fn round(
     Ok(())
 }
 
-/// `name` NUL-padded into `PEER_NAME_LEN` bytes, cut on a character boundary to fit.
-fn name_bytes(name: &str) -> [u8; maps_common::PEER_NAME_LEN] {
-    let mut out = [0u8; maps_common::PEER_NAME_LEN];
-    let mut end = name.len().min(out.len());
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    out[..end].copy_from_slice(&name.as_bytes()[..end]);
-    out
-}
-
 fn log_change(name: &str, addr: Ipv4Addr, h: &PeerHealth, known: bool) {
-    match (h.tunnel_rtt_us != 0, h.underlay_rtt_us != 0) {
-        (true, _) if known => info!(peer = %name, %addr, "peer reachable through the tunnel again"),
-        (true, _) => {}
-        (false, true) => warn!(
+    match h.state() {
+        HealthState::Ok if known => {
+            info!(peer = %name, %addr, "peer reachable through the tunnel again")
+        }
+        HealthState::Ok => {}
+        HealthState::TunnelDown => warn!(
             peer = %name,
             %addr,
             "peer unreachable through the tunnel, though its underlay address answers: a VNI or UDP port that differs between the two nodes, or a firewall dropping the tunnel's packets (IP protocol 4, or UDP to the VXLAN port)"
         ),
-        (false, false) => warn!(
+        HealthState::Down => warn!(
             peer = %name,
             %addr,
             "peer unreachable through the tunnel and on the underlay: the node is down or cut off"

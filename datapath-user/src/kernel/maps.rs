@@ -160,20 +160,13 @@ impl DatapathMaps {
             .agent_note
             .get(&0, 0)
             .map_err(map_err(map_names::AGENT_NOTE))?;
-        let end = note.iter().position(|b| *b == 0).unwrap_or(note.len());
-        Ok(String::from_utf8_lossy(&note[..end]).into_owned())
+        Ok(from_fixed(&note))
     }
 
     /// Records `why` (cut on a character boundary to fit), or clears it with "".
     pub fn write_agent_note(&mut self, why: &str) -> Result<(), MapsError> {
-        let mut note = [0u8; AGENT_NOTE_LEN];
-        let mut end = why.len().min(AGENT_NOTE_LEN);
-        while !why.is_char_boundary(end) {
-            end -= 1;
-        }
-        note[..end].copy_from_slice(&why.as_bytes()[..end]);
         self.agent_note
-            .set(0, note, 0)
+            .set(0, fixed::<AGENT_NOTE_LEN>(why), 0)
             .map_err(map_err(map_names::AGENT_NOTE))
     }
 
@@ -212,15 +205,24 @@ impl DatapathMaps {
 
     /// Sets the event rate limit (per CPU, 0 for the default), keeping trace sampling.
     pub fn write_monitor_limit(&mut self, rate: u32, burst: u32) -> Result<(), MapsError> {
+        self.update_monitor_conf(|c| (c.rate, c.burst) = (rate, burst))
+            .map(drop)
+    }
+
+    /// Changes `DP_MONITOR_CONF` with `f`; false when the pins have none (before map ABI 4).
+    pub fn update_monitor_conf(
+        &mut self,
+        f: impl FnOnce(&mut MonitorConf),
+    ) -> Result<bool, MapsError> {
         let Some(conf_map) = &mut self.monitor_conf else {
-            return Ok(());
+            return Ok(false);
         };
         let mut conf = conf_map.get(&0, 0).unwrap_or_default();
-        conf.rate = rate;
-        conf.burst = burst;
+        f(&mut conf);
         conf_map
             .set(0, conf, 0)
-            .map_err(map_err(map_names::MONITOR_CONF))
+            .map_err(map_err(map_names::MONITOR_CONF))?;
+        Ok(true)
     }
 
     pub fn write_agent(&mut self, info: &AgentInfo) -> Result<(), MapsError> {
@@ -267,4 +269,22 @@ impl DatapathMaps {
             .set(idx, zeros, 0)
             .map_err(map_err(map_names::PEER_STATS))
     }
+}
+
+/// `s` NUL-padded into `N` bytes, cut on a character boundary to fit: the maps' fixed-width
+/// text fields (the agent's note and version, a peer's name).
+pub fn fixed<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// The text of a NUL-padded fixed-width field.
+pub fn from_fixed(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }

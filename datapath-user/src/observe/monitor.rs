@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
-use maps_common::{DropReason, Event, MonitorConf, event_hook, event_kind, map_names};
+use maps_common::{DropReason, Event, event_hook, event_kind, map_names};
 use serde::Serialize;
 
 use crate::kernel::{loader, maps::DatapathMaps};
@@ -197,8 +197,7 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
         .and_then(|o| [o.src, o.dst].into_iter().find(|a| known(*a)));
     let peer_name = peer.and_then(|p| {
         let h = maps.health.as_ref()?.get(&p.octets(), 0).ok()?;
-        let end = h.name.iter().position(|c| *c == 0).unwrap_or(h.name.len());
-        (end > 0).then(|| String::from_utf8_lossy(&h.name[..end]).into_owned())
+        Some(crate::kernel::maps::from_fixed(&h.name)).filter(|n| !n.is_empty())
     });
     let (program, hook) = event_hook::name(ev.hook)
         .split_once(" (")
@@ -374,23 +373,13 @@ impl Drop for TraceSampling {
 
 /// Writes `trace_every` into the pinned `DP_MONITOR_CONF`, keeping the rate limit.
 pub fn set_trace_every(pin_dir: &Path, every: u32) -> anyhow::Result<()> {
-    update_conf(pin_dir, |c| c.trace_every = every)
-}
-
-/// Changes the pinned `DP_MONITOR_CONF` with `f`.
-pub fn update_conf(pin_dir: &Path, f: impl FnOnce(&mut MonitorConf)) -> anyhow::Result<()> {
-    let path = loader::map_pin_path(pin_dir, map_names::MONITOR_CONF);
-    let md = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "no {} pinned at {} (an agent before map ABI 4)",
-            map_names::MONITOR_CONF,
-            path.display()
-        )
-    })?;
-    let mut conf_map: aya::maps::Array<MapData, MonitorConf> =
-        aya::maps::Array::try_from(Map::Array(md))?;
-    let mut conf = conf_map.get(&0, 0).unwrap_or_default();
-    f(&mut conf);
-    conf_map.set(0, conf, 0)?;
+    let mut maps = DatapathMaps::open_pinned(pin_dir)?;
+    let present = maps.update_monitor_conf(|c| c.trace_every = every)?;
+    anyhow::ensure!(
+        present,
+        "no {} pinned under {} (an agent before map ABI 4)",
+        map_names::MONITOR_CONF,
+        pin_dir.display()
+    );
     Ok(())
 }

@@ -94,11 +94,7 @@ impl Health {
     fn of(h: &maps_common::PeerHealth) -> Self {
         let ms = |us: u32| (us != 0).then(|| f64::from(us) / 1000.0);
         Self {
-            state: match (h.tunnel_rtt_us != 0, h.underlay_rtt_us != 0) {
-                (true, _) => "ok",
-                (false, true) => "tunnel_down",
-                (false, false) => "down",
-            },
+            state: h.state().name(),
             tunnel_rtt_ms: ms(h.tunnel_rtt_us),
             underlay_rtt_ms: ms(h.underlay_rtt_us),
             checked_unix: h.checked_unix,

@@ -2,7 +2,7 @@
 //! and what the agent last did, read from the pins alone: it answers with no agent running.
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use maps_common::{ABI_VERSION, AgentInfo, node_flags, prog_names, route_mode};
+use maps_common::{ABI_VERSION, AgentInfo, HealthState, node_flags, prog_names, route_mode};
 use serde::Serialize;
 
 use crate::{
@@ -119,19 +119,14 @@ impl HealthSummary {
         let mut h = Self::default();
         for (addr, p) in maps.read_health() {
             h.probed += 1;
-            match (p.tunnel_rtt_us != 0, p.underlay_rtt_us != 0) {
-                (true, _) => h.ok += 1,
-                (false, true) => h.tunnel_down.push(addr),
-                (false, false) => h.down.push(addr),
+            match p.state() {
+                HealthState::Ok => h.ok += 1,
+                HealthState::TunnelDown => h.tunnel_down.push(addr),
+                HealthState::Down => h.down.push(addr),
             }
         }
         h
     }
-}
-
-fn nul_str(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 /// The hooks the pins (or, for netlink TC, the agent's record) say are in use.
@@ -225,7 +220,7 @@ impl Status {
         self.health = HealthSummary::read(&maps);
         self.pod_mtu = info.pod_mtu;
         self.nodes_skipped = info.nodes_skipped;
-        self.agent_version = nul_str(&info.version);
+        self.agent_version = crate::kernel::maps::from_fixed(&info.version);
         self.agent_pid = info.pid;
         // SAFETY: kill with signal 0 only checks that the process exists.
         self.agent_running = info.pid != 0 && unsafe { libc::kill(info.pid as i32, 0) } == 0;
