@@ -104,13 +104,18 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // they still reach the peer, unencapsulated.
-        route_mode::NATIVE if via_aggregate => {
-            let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx));
-            counted(action.map(|a| (CounterId::NativeForward, a)), &route, len)
-        }
+        route_mode::NATIVE if via_aggregate => send_native(ctx, cfg, &route),
         route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
         _ => Err(DropReason::NoPodRoute),
     }
+}
+
+/// Sends the packet as it is toward `route`'s node, its next hop (native routing: the
+/// fabric routes the pod CIDR from there); counts it.
+#[inline(always)]
+pub fn send_native(ctx: &TcContext, cfg: &NodeConfig, route: &PodRoute) -> Result<i32, DropReason> {
+    let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx));
+    counted(action.map(|a| (CounterId::NativeForward, a)), route, ctx.len())
 }
 
 /// Encapsulates toward `route`'s node and sends; counts it (and a peer it could not reach).
@@ -419,10 +424,10 @@ fn flow_hash(ctx: &TcContext, inner: &Ipv4Hdr) -> u32 {
 /// Bytes the tunnel of `mode` (IPIP or VXLAN) puts in front of the inner IPv4 header.
 #[inline(always)]
 fn overhead(mode: u8) -> u32 {
-    if mode == route_mode::VXLAN {
-        maps_common::VXLAN_OVERHEAD
-    } else {
-        maps_common::IPIP_OVERHEAD
+    match mode {
+        route_mode::VXLAN => maps_common::VXLAN_OVERHEAD,
+        route_mode::IPIP => maps_common::IPIP_OVERHEAD,
+        _ => 0,
     }
 }
 

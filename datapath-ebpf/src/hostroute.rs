@@ -18,8 +18,9 @@ use crate::{
     parse::{ptr_at, ptr_at_mut},
 };
 
-/// At the pod's veth: encapsulates and sends toward the peer node when host routing is BPF,
-/// the source is a local pod and the destination a remote encapsulated pod CIDR.
+/// At the pod's veth: encapsulates (or, for a peer reached natively, only addresses) and sends
+/// toward the peer node when host routing is BPF, the source is a local pod and the
+/// destination a remote pod CIDR.
 ///
 /// Returns `TC_ACT_OK` (the host's stack takes it: host routing off, not pod-to-remote-pod, TTL
 /// about to expire, too big for the tunnel, where the stack's route MTU answers with ICMP, or a
@@ -40,7 +41,7 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK);
     }
     let route = match lookup::pod_route(cfg, inner.dst_addr) {
-        Some(r) if r.mode == route_mode::IPIP || r.mode == route_mode::VXLAN => r,
+        Some(r) if r.mode != route_mode::LOCAL => r,
         _ => return Ok(TC_ACT_OK),
     };
     // SAFETY: ctx.skb.skb is the program's __sk_buff.
@@ -60,7 +61,11 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         csum::decrement_ttl(&mut *ip);
         *ip
     };
-    let action = encap::send(ctx, cfg, &route, &inner)?;
+    let action = if route.mode == route_mode::NATIVE {
+        encap::send_native(ctx, cfg, &route)?
+    } else {
+        encap::send(ctx, cfg, &route, &inner)?
+    };
     // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark.
     unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
     count(CounterId::HostRouteOut, ctx.len());

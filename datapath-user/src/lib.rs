@@ -4,6 +4,7 @@
 //! routes and rules (`underlay`), what operators read (`observe`), the agent's loop (`agent`)
 //! and the command line (`cli`).
 pub mod agent;
+pub mod bgp;
 pub mod cli;
 pub mod cluster;
 pub mod kernel;

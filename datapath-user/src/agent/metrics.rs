@@ -1,10 +1,11 @@
 //! The agent's Prometheus metrics: the datapath's counters from the maps, and the agent's
-//! own (reloads, etcd, the pod MTU, ruleset changes).
+//! own (reloads, etcd, the pod MTU, ruleset changes, the BGP speaker and its sessions).
 use std::sync::Mutex;
 
 use crate::{
+    bgp,
     observe::stats::{
-        Extra::{Counter, Gauge},
+        Extra::{self, Counter, Gauge},
         Snapshot,
     },
     reconcile::state::{SharedRef, lock},
@@ -12,7 +13,11 @@ use crate::{
 };
 
 /// The metrics page.
-pub fn body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String {
+pub fn body(
+    shared: &SharedRef,
+    etcd: Option<&Mutex<EtcdStatus>>,
+    speaker: &bgp::SpeakerRef,
+) -> String {
     let s = lock(shared);
     let r = &s.reload;
     let mut extra = vec![
@@ -73,8 +78,54 @@ pub fn body(shared: &SharedRef, etcd: Option<&Mutex<EtcdStatus>>) -> String {
             ),
         ]);
     }
+    extra.extend(bgp_metrics(&bgp::snapshot(speaker)));
     match Snapshot::read(&s.dp.maps) {
         Ok(snap) => snap.render_openmetrics(&extra),
         Err(e) => format!("# error reading maps: {e}\n# EOF\n"),
     }
+}
+
+/// The BGP speaker and its sessions, when the state asks for BGP.
+fn bgp_metrics(b: &bgp::SpeakerStatus) -> Vec<Extra> {
+    if !b.wanted {
+        return Vec::new();
+    }
+    let per = |f: &dyn Fn(&bgp::sessions::Session) -> f64| {
+        b.sessions.iter().map(|x| (x.peer.clone(), f(x))).collect::<Vec<_>>()
+    };
+    vec![
+        Gauge(
+            "datapath_bgp_speaker_running",
+            "1 while the node's BGP speaker (BIRD) answers on its control socket",
+            f64::from(u8::from(b.running)),
+        ),
+        Counter(
+            "datapath_bgp_speaker_starts",
+            "Times the agent started the BGP speaker (the first start included)",
+            b.starts,
+        ),
+        Extra::PeerGauges(
+            "datapath_bgp_session_established",
+            "1 while the BGP session with the peer is Established",
+            per(&|x| f64::from(u8::from(x.established()))),
+        ),
+        Extra::PeerGauges(
+            "datapath_bgp_prefixes_received",
+            "Routes the peer advertised that BIRD imported",
+            per(&|x| f64::from(x.received)),
+        ),
+        Extra::PeerGauges(
+            "datapath_bgp_prefixes_advertised",
+            "Routes advertised to the peer",
+            per(&|x| f64::from(x.advertised)),
+        ),
+        Extra::PeerCounters(
+            "datapath_bgp_session_flaps",
+            "Times the session with the peer left Established",
+            b.sessions
+                .iter()
+                .map(|x| (x.peer.clone(), b.flaps.get(&x.peer).copied().unwrap_or(0)))
+                .collect(),
+        ),
+    ]
 }

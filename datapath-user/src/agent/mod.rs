@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    bgp,
     cluster::{Cluster, Defaults, Limits},
     kernel::{
         host,
@@ -93,6 +94,8 @@ pub struct AgentOptions {
     pub tc_attach: loader::TcAttach,
     #[command(flatten)]
     pub cni: CniOptions,
+    #[command(flatten)]
+    pub bgp: bgp::BgpOptions,
     /// Agent log level (error, warn, info, debug, trace); debug and trace also turn on the
     /// kernel programs' logs.
     #[arg(long, default_value = "info")]
@@ -214,7 +217,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let routes = Routes::read(nl.clone()).await?;
     let mut reconciler = Reconciler::new(shared.clone(), routes, outputs, checks, snapshot);
     serve::check_cni_plugins(&shared, &cni, &probe);
+    let bird = opts.bgp.bird(&opts.pin_dir);
+    adopt_fabric(&shared, &bird);
     first_apply(&mut reconciler, &opts, &pins, (&cluster, revision)).await?;
+    let speaker = bgp::SpeakerRef::default();
+    let (fabric_tx, fabric_rx) = mpsc::channel(4);
+    tokio::spawn(bgp::supervise(
+        shared.clone(),
+        opts.bgp.clone(),
+        bird,
+        reconciler.speaker.clone(),
+        fabric_tx,
+        speaker.clone(),
+    ));
+    reconciler.speaker.notify_one();
     tokio::spawn(health::watch(shared.clone(), nl.clone()));
     tokio::spawn(underlay::watch(
         shared.clone(),
@@ -225,14 +241,32 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     {
         let etcd = opts.source.is_etcd().then(|| etcd_status.clone());
         let shared = shared.clone();
-        probe.set_metrics(move || metrics::body(&shared, etcd.as_deref()));
+        probe.set_metrics(move || metrics::body(&shared, etcd.as_deref(), &speaker));
         probe.set_ready();
     }
     let rulesets = (opts.host_routing == HostRouting::AcceptedFlows).then(|| {
         ruleset::keep_tcp_tracking_liberal();
         ruleset::watch()
     });
-    serve::serve(reconciler, rx, rulesets, probe).await
+    serve::serve(reconciler, rx, rulesets, fabric_rx, probe).await
+}
+
+/// A BIRD an earlier agent started may be running with the fabric's routes: peers it says the
+/// fabric routes stay native from the first state on (no detour through a tunnel).
+fn adopt_fabric(shared: &SharedRef, bird: &bgp::bird::Bird) {
+    if !bird.alive() {
+        return;
+    }
+    match bgp::sessions::read(&bird.socket()) {
+        Ok(r) => {
+            let routes = r.fabric_routes();
+            info!(fabric_routes = routes.len(), dir = %bird.dir.display(), "BGP speaker already running: adopted");
+            if let Err(e) = lock(shared).dp.set_fabric(routes) {
+                warn!("recording the fabric's routes: {e}");
+            }
+        }
+        Err(e) => warn!("reading the running BGP speaker: {e:#}"),
+    }
 }
 
 /// Loads (or adopts, or migrates beside) the programs and opens their maps.

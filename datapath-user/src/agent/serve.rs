@@ -1,7 +1,7 @@
 //! The agent's loop once the node is up: updates from the source to the reconciler, route
 //! repair, output retries, netfilter ruleset changes, the CNI plugin check, and the signals
 //! that end it.
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -10,6 +10,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    cluster::Cidr,
     observe::http,
     outputs::cni::{self, CniOptions},
     reconcile::{
@@ -36,6 +37,7 @@ pub async fn serve(
     mut rec: Reconciler,
     mut rx: mpsc::Receiver<Update>,
     mut rulesets: Option<mpsc::Receiver<ruleset::Change>>,
+    mut fabric: mpsc::Receiver<BTreeSet<Cidr>>,
     probe: Arc<http::Probe>,
 ) -> anyhow::Result<()> {
     let shared = rec.shared.clone();
@@ -50,6 +52,7 @@ pub async fn serve(
                 Some(u) => rec.handle(u).await,
                 None => break,
             },
+            Some(routes) = fabric.recv() => rec.apply_fabric(routes).await,
             _ = repair.tick() => rec.repair_routes().await,
             Some(change) = async { rulesets.as_mut()?.recv().await }, if rulesets.is_some() => {
                 ruleset_changed(&shared, change, rulesets.as_mut().expect("watched"));

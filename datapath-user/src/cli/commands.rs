@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use super::{CheckArgs, ReadArgs};
 use crate::{
     agent::{self, AgentOptions},
+    bgp,
     cluster::Limits,
     kernel::{host, loader, maps::DatapathMaps},
     observe::{check::Report, stats::Snapshot, status::Status},
@@ -59,7 +60,13 @@ pub fn routes(read: ReadArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn status(read: ReadArgs) -> anyhow::Result<ExitCode> {
-    let st = Status::read(&read.pin_dir);
+    let mut st = Status::read(&read.pin_dir);
+    let dir = (read.bgp_dir.clone()).unwrap_or_else(|| bgp::bird::default_dir(&read.pin_dir));
+    let bird = bgp::bird::Bird {
+        bin: "bird".into(),
+        dir,
+    };
+    st.bgp = bgp::sessions::Summary::read(&bird.socket());
     if read.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {

@@ -29,6 +29,10 @@ struct ReadArgs {
     /// Where the agent pinned its maps and links (its --pin-dir).
     #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Directory of the node's BGP speaker (the agent's --bgp-dir) [default: derived from
+    /// --pin-dir, as the agent derives it].
+    #[arg(long)]
+    bgp_dir: Option<PathBuf>,
 }
 
 /// `datapath check`'s flags.

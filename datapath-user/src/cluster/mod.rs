@@ -2,10 +2,12 @@
 //! problems that reject or skip parts of a state (every one with its path and reason).
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
+pub mod bgp;
 mod cidr;
 pub mod raw;
 mod validate;
 
+pub use bgp::{Bgp, BgpPeer};
 pub use cidr::{Cidr, aggregate, covering, parse_cidr_list};
 pub use validate::{validate, validate_node};
 
@@ -14,6 +16,9 @@ pub use validate::{validate, validate_node};
 pub enum Encap {
     Ipip,
     Vxlan,
+    /// Not at all: pod packets leave as they are, toward the owning node's address as next
+    /// hop; the fabric routes pod CIDRs (BGP, or one L2 segment: Flannel's host-gw).
+    None,
 }
 
 impl Encap {
@@ -21,6 +26,7 @@ impl Encap {
         match self {
             Self::Ipip => "ipip",
             Self::Vxlan => "vxlan",
+            Self::None => "none",
         }
     }
     /// Bytes the mode adds to each packet.
@@ -28,6 +34,7 @@ impl Encap {
         match self {
             Self::Ipip => maps_common::IPIP_OVERHEAD,
             Self::Vxlan => maps_common::VXLAN_OVERHEAD,
+            Self::None => 0,
         }
     }
 }
@@ -44,7 +51,11 @@ impl FromStr for Encap {
         match s {
             "ipip" | "IPIP" => Ok(Self::Ipip),
             "vxlan" | "VXLAN" => Ok(Self::Vxlan),
-            other => Err(format!("unknown mode {other:?} (expected ipip or vxlan)")),
+            // Flannel's host-gw: native routing between nodes of one L2 segment.
+            "none" | "None" | "host-gw" => Ok(Self::None),
+            other => Err(format!(
+                "unknown mode {other:?} (expected ipip, vxlan or none)"
+            )),
         }
     }
 }
@@ -94,6 +105,8 @@ pub struct Node {
     pub prefix_len: Option<u8>,
     pub pod_cidr: Cidr,
     pub vtep_mac: [u8; 6],
+    /// The AS this node speaks BGP as, when it overrides the cluster's (`bgp.asNumber`).
+    pub as_number: Option<u32>,
 }
 
 /// Validated cluster state: its settings (also reached through `Deref`, as `cluster.vni`) and
@@ -124,6 +137,8 @@ pub struct Settings {
     /// The cluster's pod networks (Kubernetes' `--cluster-cidr`, Flannel's `Network`): the
     /// agent routes each toward the datapath with one route. Empty: the pod CIDRs, merged.
     pub cluster_cidrs: Vec<Cidr>,
+    /// BGP: this node's pod CIDR advertised to the mesh and the peers (`bgp` block).
+    pub bgp: Option<Bgp>,
 }
 
 impl std::ops::Deref for Cluster {
@@ -163,7 +178,8 @@ pub struct Invalid(pub Vec<Problem>);
 /// for Flannel's data, Calico's 4096 and 4789 otherwise.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Defaults {
-    /// Encapsulation: ipip or vxlan [default: vxlan].
+    /// Encapsulation: ipip, vxlan or none (native routing; the fabric routes pod CIDRs,
+    /// e.g. from BGP) [default: vxlan].
     #[arg(long = "encapsulation")]
     pub encap: Option<Encap>,
     /// Reach same-subnet peers natively (Calico CrossSubnet, Flannel DirectRouting).

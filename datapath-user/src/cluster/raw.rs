@@ -1,12 +1,14 @@
 //! Cluster state as a source states it, before validation: strings and numbers with where
 //! each came from. Every source (the cluster file, a NodeList, etcd's leases) produces this;
 //! `validate` is the one step that turns it into a `Cluster`.
-use super::Problem;
+use super::{Problem, bgp::RawBgp};
 
 /// Flannel's annotations on a Node.
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+/// Calico's annotation of a node's own AS number.
+pub const CALICO_AS_NUMBER: &str = "projectcalico.org/ASNumber";
 
 /// Where a state came from, as far as defaults and strictness go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +39,7 @@ pub struct RawSettings {
     pub vni: Option<u32>,
     pub port: Option<u16>,
     pub udp_checksum: Option<bool>,
+    pub bgp: Option<RawBgp>,
 }
 
 /// Where a node is in its source, for messages.
@@ -61,6 +64,7 @@ pub struct RawNode {
     pub address: Option<String>,
     pub pod_cidr: Option<String>,
     pub vtep_mac: Option<String>,
+    pub as_number: Option<u32>,
 }
 
 /// A node's fields, for messages.
@@ -70,6 +74,7 @@ pub enum NodeField {
     Address,
     PodCidr,
     VtepMac,
+    AsNumber,
 }
 
 impl NodeField {
@@ -79,6 +84,7 @@ impl NodeField {
             Self::Address => "address",
             Self::PodCidr => "podCIDR",
             Self::VtepMac => "vtepMAC",
+            Self::AsNumber => "asNumber",
         }
     }
 }
@@ -94,10 +100,14 @@ pub fn node_path(index: usize, at: &NodeAt, field: NodeField) -> String {
         (NodeAt::Item, NodeField::VtepMac) => {
             format!("items[{index}].metadata.annotations[{FLANNEL_BACKEND_DATA}]")
         }
+        (NodeAt::Item, NodeField::AsNumber) => {
+            format!("items[{index}].metadata.annotations[{CALICO_AS_NUMBER}]")
+        }
         (NodeAt::Lease(key), NodeField::Name) => format!("{key} NodeName"),
         (NodeAt::Lease(key), NodeField::Address) => format!("{key} PublicIP"),
         (NodeAt::Lease(key), NodeField::PodCidr) => key.clone(),
         (NodeAt::Lease(key), NodeField::VtepMac) => format!("{key} BackendData.VtepMAC"),
+        (NodeAt::Lease(key), NodeField::AsNumber) => format!("{key} asNumber"),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, fmt, net::Ipv4Addr};
 
 use super::{
-    Cidr, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, derived_vtep_mac,
+    Cidr, Cluster, bgp, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, derived_vtep_mac,
     parse_cidr_list, parse_mac,
     raw::{NodeField, Origin, RawNode, RawState, node_path},
 };
@@ -108,6 +108,7 @@ fn resolve_settings(
             warnings,
         ),
         cluster_cidrs,
+        bgp: None,
     }
 }
 
@@ -118,9 +119,17 @@ fn resolve_settings(
 pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<Cluster, Invalid> {
     let mut problems = raw.problems.clone();
     let mut warnings = Vec::new();
-    let set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
+    let mut set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
     problems.extend(vxlan_problems(&set));
     let (nodes, skipped) = read_nodes(&raw, limits, &mut problems);
+    set.bgp = (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems));
+    if set.encap == Encap::None && set.bgp.is_none() {
+        warnings.push(
+            "encapsulation none without a bgp block: nothing advertises the pod CIDRs, so pods \
+             reach only the nodes of this node's own subnet unless the fabric routes them"
+                .into(),
+        );
+    }
     if raw.nodes.is_empty() && raw.problems.is_empty() && raw.skipped.is_empty() {
         problems.push(problem("nodes", "no nodes".into()));
     }
@@ -287,6 +296,13 @@ fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
         (None, Some((a, _))) => Some(derived_vtep_mac(a)),
         (None, None) => None,
     };
+    let as_number = rn.as_number.filter(|n| match bgp::as_number_problem(*n) {
+        Some(reason) => {
+            problem(NodeField::AsNumber, reason);
+            false
+        }
+        None => true,
+    });
     let node = match (name, address, pod_cidr, vtep_mac) {
         (Some(name), Some((address, prefix_len)), Some(pod_cidr), Some(vtep_mac)) => Some(Node {
             index: rn.index,
@@ -295,6 +311,7 @@ fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
             prefix_len,
             pod_cidr,
             vtep_mac,
+            as_number,
         }),
         _ => None,
     };

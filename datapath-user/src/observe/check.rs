@@ -38,6 +38,15 @@ pub struct Report {
     pub vni: Option<u32>,
     pub port: Option<u16>,
     pub cross_subnet: Option<bool>,
+    /// The `bgp` block: AS, mesh, explicit peers.
+    pub bgp: Option<BgpReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BgpReport {
+    pub as_number: u32,
+    pub node_to_node_mesh: bool,
+    pub peers: usize,
 }
 
 /// A problem at a place in the state.
@@ -76,6 +85,11 @@ impl Report {
                     vni: vxlan.then_some(c.vni),
                     port: vxlan.then_some(c.port),
                     cross_subnet: Some(c.cross_subnet),
+                    bgp: c.bgp.as_ref().map(|b| BgpReport {
+                        as_number: b.as_number,
+                        node_to_node_mesh: b.node_to_node_mesh,
+                        peers: b.peers.len(),
+                    }),
                 }
             }
             Err(invalid) => Self {
@@ -88,6 +102,7 @@ impl Report {
                 vni: None,
                 port: None,
                 cross_subnet: None,
+                bgp: None,
             },
         }
     }
@@ -107,7 +122,16 @@ impl Report {
             (Some(e), ..) => e.to_string(),
             (None, ..) => String::new(),
         };
-        let cross = self.cross_subnet.unwrap_or(false);
+        let cross = match &self.bgp {
+            Some(b) => format!(
+                "{}, BGP AS {} (mesh {}, {} peers)",
+                self.cross_subnet.unwrap_or(false),
+                b.as_number,
+                if b.node_to_node_mesh { "on" } else { "off" },
+                b.peers
+            ),
+            None => self.cross_subnet.unwrap_or(false).to_string(),
+        };
         let mut out = match self.verdict {
             Verdict::Ok => format!("ok: {} nodes, {mode}, crossSubnet {cross}\n", self.nodes),
             Verdict::Warnings => format!(

@@ -466,6 +466,20 @@ impl Snapshot {
                     c.inc_by(v);
                     reg.register(name, help, c);
                 }
+                Extra::PeerGauges(name, help, ref values) => {
+                    let f = Family::<Peer, Gauge<f64, AtomicU64>>::default();
+                    for (peer, v) in values {
+                        f.get_or_create(&Peer { peer: peer.clone() }).set(*v);
+                    }
+                    reg.register(name, help, f);
+                }
+                Extra::PeerCounters(name, help, ref values) => {
+                    let f = Family::<Peer, Counter>::default();
+                    for (peer, v) in values {
+                        f.get_or_create(&Peer { peer: peer.clone() }).inc_by(*v);
+                    }
+                    reg.register(name, help, f);
+                }
             }
         }
         let mut out = String::new();
@@ -480,6 +494,9 @@ impl Snapshot {
 pub enum Extra {
     Gauge(&'static str, &'static str, f64),
     Counter(&'static str, &'static str, u64),
+    /// One value per peer (label `peer`).
+    PeerGauges(&'static str, &'static str, Vec<(String, f64)>),
+    PeerCounters(&'static str, &'static str, Vec<(String, u64)>),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -73,6 +73,8 @@ pub struct Status {
     /// This binary's version and map ABI.
     pub cli_version: &'static str,
     pub cli_map_abi: u32,
+    /// The node's BGP speaker and its sessions, when it runs one (`bgp` in the cluster state).
+    pub bgp: Option<crate::bgp::sessions::Summary>,
 }
 
 /// The peers' last health probes in a few numbers and names.
@@ -198,6 +200,7 @@ impl Status {
             map_abi: 0,
             cli_version: VERSION,
             cli_map_abi: ABI_VERSION,
+            bgp: None,
         };
         if let Err(e) = st.fill(pin_dir) {
             st.reason = Some(e.to_string());
@@ -303,6 +306,9 @@ impl Status {
             self.nodes_known, self.peers_unreachable, self.nodes_skipped, self.pods, self.pod_mtu
         );
         let _ = writeln!(s, "{}", self.health.line());
+        if let Some(b) = &self.bgp {
+            s.push_str(&b.render());
+        }
         if let Some(r) = &self.last_reload {
             let _ = writeln!(
                 s,

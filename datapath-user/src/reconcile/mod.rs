@@ -1,14 +1,14 @@
 //! Bringing the node to a checked cluster state: one reconciler owns the desired and the
 //! installed state together, the maps (`dataplane`), the kernel routes (`routes`) and the
 //! checksum device (`csum`), and hands the node's outputs what they are written from.
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::{
-    cluster::{self, Cluster, Defaults, Limits, Settings, raw::RawState},
+    cluster::{self, Cidr, Cluster, Defaults, Limits, Settings, raw::RawState},
     outputs::{Outputs, Wanted},
     source::{Update, etcd},
 };
@@ -34,6 +34,8 @@ pub struct Reconciler {
     pub etcd: Option<etcd::Snapshot>,
     /// Woken when peers were added or the configuration changed: reachability is checked.
     pub health: Arc<Notify>,
+    /// Woken after every state applied: the BGP speaker's configuration follows it.
+    pub speaker: Arc<Notify>,
     /// The last change was rejected: deltas cannot be trusted until a whole state applies.
     dirty: bool,
     /// Warnings and skipped nodes of the last state, logged again only when they change.
@@ -56,6 +58,7 @@ impl Reconciler {
             limits,
             etcd,
             health: Arc::new(Notify::new()),
+            speaker: Arc::new(Notify::new()),
             dirty: false,
             notes: Default::default(),
         }
@@ -187,6 +190,30 @@ impl Reconciler {
             }
         };
         self.record(reason, revision, result);
+        self.speaker.notify_one();
+    }
+
+    /// Records the pod CIDRs the fabric can route now (the BGP speaker's reading): under
+    /// `encapsulation: none` the peers they belong to go natively from here on.
+    pub async fn apply_fabric(&mut self, routes: BTreeSet<Cidr>) {
+        let count = routes.len();
+        let result = lock(&self.shared).dp.set_fabric(routes);
+        let mut ch = match result {
+            Ok(ch) if ch == Changes::default() => return,
+            Ok(ch) => ch,
+            Err(e) => {
+                error!("recording the fabric's routes: {e}");
+                return;
+            }
+        };
+        let (want, ifindex) = {
+            let s = lock(&self.shared);
+            (s.dp.routes(), s.dp.local.iface.ifindex)
+        };
+        if let Err(e) = self.routes.sync(&want, ifindex, &mut ch).await {
+            error!("routes after the fabric's routes changed: {e:#}");
+        }
+        info!(fabric_routes = count, ?ch, "the fabric's routes changed: peers moved between native and encapsulated");
     }
 
     /// Records a reload's outcome for status and metrics, and logs it.
@@ -238,8 +265,13 @@ fn mode_text(s: &Settings) -> String {
     let mode = match s.encap {
         cluster::Encap::Vxlan => format!("vxlan (vni {}, port {})", s.vni, s.port),
         cluster::Encap::Ipip => "ipip".to_string(),
+        cluster::Encap::None => "none (native routing)".to_string(),
     };
-    format!("{mode}, crossSubnet {}", s.cross_subnet)
+    let bgp = match &s.bgp {
+        Some(b) => format!(", BGP AS {}", b.as_number),
+        None => String::new(),
+    };
+    format!("{mode}, crossSubnet {}{bgp}", s.cross_subnet)
 }
 
 /// Says so when a state changed the encapsulation (given what it was and the pod MTU then),

@@ -66,6 +66,7 @@ impl Shared {
     pub fn record(&mut self) {
         let mode = match self.dp.settings().map(|s| s.encap) {
             Some(cluster::Encap::Ipip) => maps_common::route_mode::IPIP,
+            Some(cluster::Encap::None) => maps_common::route_mode::NATIVE,
             _ => maps_common::route_mode::VXLAN,
         };
         let r = &self.reload;

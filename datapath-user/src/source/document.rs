@@ -8,9 +8,10 @@ use crate::cluster::{
     Problem,
     raw::{
         FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP, NodeAt, NodeField, Origin,
-        RawNode, RawSettings, RawState, node_path,
+        CALICO_AS_NUMBER, RawNode, RawSettings, RawState, node_path,
     },
 };
+use crate::cluster::bgp::RawBgp;
 
 fn problem(path: impl Into<String>, reason: impl Into<String>) -> Problem {
     Problem {
@@ -28,6 +29,7 @@ struct FileDoc {
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<String>,
     vxlan: Option<FileVxlan>,
+    bgp: Option<RawBgp>,
     nodes: Option<Vec<FileNode>>,
 }
 
@@ -48,6 +50,8 @@ struct FileNode {
     pod_cidr: Option<String>,
     #[serde(rename = "vtepMAC")]
     vtep_mac: Option<String>,
+    #[serde(rename = "asNumber")]
+    as_number: Option<u32>,
 }
 
 const TOP_FIELDS: &[&str] = &[
@@ -55,10 +59,11 @@ const TOP_FIELDS: &[&str] = &[
     "crossSubnet",
     "clusterCIDR",
     "vxlan",
+    "bgp",
     "nodes",
 ];
 const VXLAN_FIELDS: &[&str] = &["vni", "port", "udpChecksum"];
-const NODE_FIELDS: &[&str] = &["name", "address", "podCIDR", "vtepMAC"];
+const NODE_FIELDS: &[&str] = &["name", "address", "podCIDR", "vtepMAC", "asNumber"];
 
 /// Reads a cluster text. Problems of shape (unknown fields, wrong types, not a cluster at all)
 /// are all collected, not only the first.
@@ -116,6 +121,7 @@ fn from_file_doc(doc: FileDoc) -> RawState {
             address: n.address,
             pod_cidr: n.pod_cidr,
             vtep_mac: n.vtep_mac,
+            as_number: n.as_number,
             at: NodeAt::File,
         })
         .collect();
@@ -128,6 +134,7 @@ fn from_file_doc(doc: FileDoc) -> RawState {
             vni: vx.vni,
             port: vx.port,
             udp_checksum: vx.udp_checksum,
+            bgp: doc.bgp,
         },
         nodes,
         problems: Vec::new(),
@@ -203,6 +210,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         encap: field(top, "encapsulation", "", "a string", &mut problems),
         cross_subnet: field(top, "crossSubnet", "", "true or false", &mut problems),
         cluster_cidr: field(top, "clusterCIDR", "", "a CIDR string", &mut problems),
+        bgp: bgp_block(top, &mut problems),
         ..RawSettings::default()
     };
     match top.get("vxlan").map(|v| (v, v.as_mapping())) {
@@ -237,6 +245,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
                         address: field(m, "address", &path, "a string", &mut problems),
                         pod_cidr: field(m, "podCIDR", &path, "a string", &mut problems),
                         vtep_mac: field(m, "vtepMAC", &path, "a string", &mut problems),
+                        as_number: field(m, "asNumber", &path, "an AS number", &mut problems),
                         at: NodeAt::File,
                     });
                 }
@@ -249,6 +258,19 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         nodes,
         problems,
         skipped: Vec::new(),
+    }
+}
+
+/// The `bgp` block, read whole by serde: its error names the field (an unknown one with the
+/// fields it could be, a wrong type with what was expected).
+fn bgp_block(top: &serde_yaml::Mapping, problems: &mut Vec<Problem>) -> Option<RawBgp> {
+    let v = top.get("bgp").filter(|v| !v.is_null())?;
+    match serde_yaml::from_value::<RawBgp>(v.clone()) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            problems.push(problem("bgp", e.to_string()));
+            None
+        }
     }
 }
 
@@ -290,6 +312,15 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
             ..RawNode::default()
         };
         raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item));
+        if let Some(asn) = note(CALICO_AS_NUMBER) {
+            match asn.parse::<u32>() {
+                Ok(n) => raw.as_number = Some(n),
+                Err(_) => state.problems.push(problem(
+                    node_path(i, &NodeAt::Item, NodeField::AsNumber),
+                    format!("{asn:?} is not an AS number"),
+                )),
+            }
+        }
         if let Some(kind) = note(FLANNEL_BACKEND_TYPE) {
             state.origin = Origin::FlannelNodeList;
             state.settings.encap.get_or_insert(kind);

@@ -53,7 +53,7 @@ fn each_class_of_bad_file_is_rejected_with_its_message() {
         (
             "encapsulation: vxlan",
             "encapsulation: gre",
-            "encapsulation: unknown mode \"gre\" (expected ipip or vxlan)",
+            "encapsulation: unknown mode \"gre\" (expected ipip, vxlan or none)",
         ),
         (
             "10.244.1.0/24",
@@ -130,6 +130,41 @@ fn each_class_of_bad_file_is_rejected_with_its_message() {
             "port: 4789",
             "port: 0",
             "vxlan.port: port 0 is not a valid UDP port",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { asNumber: 0 }",
+            "bgp.asNumber: AS 0 is reserved (RFC 7607)",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { peers: [ { address: 10.0.0.1 } ] }",
+            "bgp.peers[0].asNumber: missing",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { peers: [ { address: 10.0.0.300, asNumber: 65001 } ] }",
+            "bgp.peers[0].address: \"10.0.0.300\" is not an IPv4 address",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { peers: [ { address: 10.0.0.1, asNumber: 65001, node: node9 } ] }",
+            "bgp.peers[0].node: no node \"node9\" in the cluster state",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { peers: [ { address: 192.168.1.11, asNumber: 64512 } ] }",
+            "bgp.peers[0].address: 192.168.1.11 is node \"node2\", which the node-to-node mesh already peers with",
+        ),
+        (
+            "crossSubnet: false",
+            "bgp: { peers: [ { address: 10.0.0.1, asNumber: 65001 }, { address: 10.0.0.1, asNumber: 65002 } ] }",
+            "bgp.peers[1].address: peer 10.0.0.1 is listed twice",
+        ),
+        (
+            "    podCIDR: 10.244.1.0/24\n",
+            "    podCIDR: 10.244.1.0/24\n    asNumber: 23456\n",
+            "nodes[1].asNumber: AS 23456 is AS_TRANS (RFC 6793), not a real AS",
         ),
     ];
     for (from, to, want) in cases {
@@ -276,4 +311,27 @@ fn an_unnamed_node_is_found_by_address() {
     assert_eq!(c.own.as_deref(), Some("192.168.1.11"));
     // A node with a name of its own is this node only by that name.
     assert!(parse(GOOD, &Defaults::default(), &l).is_err());
+}
+
+#[test]
+fn bgp_block_is_read_with_calicos_defaults() {
+    let text = GOOD.replace(
+        "encapsulation: vxlan\ncrossSubnet: false",
+        "encapsulation: none\nbgp:\n  peers:\n    - { address: 10.0.0.1, asNumber: 65001, node: node2 }",
+    ).replace("    podCIDR: 10.244.1.0/24\n", "    podCIDR: 10.244.1.0/24\n    asNumber: 64600\n");
+    let c = parse(&text, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert_eq!(c.encap, Encap::None);
+    let b = c.bgp.as_ref().unwrap();
+    assert_eq!((b.as_number, b.node_to_node_mesh), (64512, true));
+    assert_eq!(b.peers_of("node1").count(), 0);
+    assert_eq!(b.peers_of("node2").count(), 1);
+    assert_eq!(b.as_of(&c.nodes[1]), 64600);
+    // An unknown field of the block is named, with the fields there are.
+    let bad = GOOD.replace("crossSubnet: false", "bgp: { asNumbr: 1 }");
+    let e = errors(&bad);
+    assert!(e[0].starts_with("bgp: unknown field `asNumbr`, expected one of `asNumber`"), "{e:?}");
+    // Native routing without BGP is allowed, with a word.
+    let c = parse(&GOOD.replace("encapsulation: vxlan", "encapsulation: host-gw"), &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert_eq!(c.encap, Encap::None);
+    assert!(c.warnings.iter().any(|w| w.contains("without a bgp block")), "{:?}", c.warnings);
 }

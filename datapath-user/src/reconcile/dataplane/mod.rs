@@ -9,12 +9,13 @@ use std::{
 use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags, route_mode};
 
 mod delta;
+mod fabric;
 mod write;
 
 use write::{next_gen, same_node};
 
 use crate::{
-    cluster::{Cidr, Cluster, Invalid, Node, Settings},
+    cluster::{Cidr, Cluster, Encap, Invalid, Node, Settings},
     kernel::maps::{DatapathMaps, MapsError, map_err},
     underlay::netlink::{Iface, RouteSpec},
 };
@@ -122,6 +123,11 @@ pub struct Dataplane {
     free: BTreeSet<u32>,
     aggregates: BTreeMap<Cidr, RouteSpec>,
     native: BTreeMap<Cidr, RouteSpec>,
+    /// Pod CIDRs this node's BGP speaker holds routes for: under `encapsulation: none` a peer
+    /// in another subnet is reached natively only once the fabric can route its pod CIDR.
+    fabric: BTreeSet<Cidr>,
+    /// What carries such a peer meanwhile: the encapsulation in use before (VXLAN at first).
+    carrier: Encap,
     /// What an earlier agent left in the maps, cleared after the first full state.
     stale_nodes: HashMap<Ipv4Addr, NodeEntry>,
     stale_cidrs: BTreeSet<Cidr>,
@@ -160,6 +166,8 @@ impl Dataplane {
             free,
             aggregates: BTreeMap::new(),
             native: BTreeMap::new(),
+            fabric: BTreeSet::new(),
+            carrier: Encap::Vxlan,
             stale_nodes,
             stale_cidrs,
             retired: HashMap::new(),

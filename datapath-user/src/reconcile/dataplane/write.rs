@@ -38,6 +38,9 @@ impl Dataplane {
                     .get(&n.name)
                     .is_none_or(|p| p.node.pod_cidr != n.pod_cidr)
             });
+        if settings.encap != Encap::None {
+            self.carrier = settings.encap;
+        }
         self.settings = Some(settings);
         for name in &removes {
             if let Some(p) = self.peers.remove(name) {
@@ -134,7 +137,9 @@ impl Dataplane {
         if old.as_ref().map(|p| p.route) != Some(route) {
             self.write_cidr(&n.pod_cidr, &route, ch)?;
         }
-        if mode == route_mode::NATIVE {
+        // A peer in another subnet (`encapsulation: none`) is no next hop of this node's: the
+        // aggregate route brings its packets to the programs, which send them toward it.
+        if mode == route_mode::NATIVE && self.same_subnet(n.address) {
             let spec = RouteSpec {
                 cidr: n.pod_cidr,
                 via: n.address,
@@ -226,18 +231,32 @@ impl Dataplane {
         Ok(slot)
     }
 
-    fn mode_for(&self, n: &Node) -> u8 {
+    /// How this node reaches peer `n`: natively when crossSubnet finds it in this subnet, or
+    /// under `encapsulation: none` when it is in this subnet or the fabric can route its pod
+    /// CIDR (no `bgp` block: the fabric is trusted to); else encapsulated.
+    pub(super) fn mode_for(&self, n: &Node) -> u8 {
         let s = self.settings.as_ref().expect("settings set before nodes");
-        let encap = match s.encap {
-            Encap::Ipip => route_mode::IPIP,
-            Encap::Vxlan => route_mode::VXLAN,
+        let same_subnet = self.same_subnet(n.address);
+        let native = match s.encap {
+            Encap::None => {
+                same_subnet || s.bgp.is_none() || self.fabric.contains(&n.pod_cidr)
+            }
+            _ => s.cross_subnet && same_subnet,
         };
-        let same_subnet = self.my_subnet().is_some_and(|c| c.contains(n.address));
-        if s.cross_subnet && same_subnet {
-            route_mode::NATIVE
+        let encap = if s.encap == Encap::None {
+            self.carrier
         } else {
-            encap
+            s.encap
+        };
+        match encap {
+            _ if native => route_mode::NATIVE,
+            Encap::Ipip => route_mode::IPIP,
+            _ => route_mode::VXLAN,
         }
+    }
+
+    fn same_subnet(&self, addr: Ipv4Addr) -> bool {
+        self.my_subnet().is_some_and(|c| c.contains(addr))
     }
 
     fn my_subnet(&self) -> Option<Cidr> {

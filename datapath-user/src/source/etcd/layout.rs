@@ -101,6 +101,7 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<R
             vni: Some(b.vni.unwrap_or(1)),
             port: Some(b.port.unwrap_or(maps_common::VXLAN_PORT_LINUX)),
             udp_checksum: None,
+            bgp: None,
         },
         nodes,
         problems: Vec::new(),
@@ -139,6 +140,7 @@ fn lease_raw(prefix: &str, index: usize, key: &str, value: &str) -> Result<RawNo
         .map_err(|e| problem(format!("not a Flannel subnet lease: {e}")))?;
     let cidr = key_cidr(prefix, key).map_err(problem)?;
     Ok(RawNode {
+        as_number: None,
         index,
         at: NodeAt::Lease(key.to_string()),
         name: Some(lease.node_name.unwrap_or_else(|| lease.public_ip.clone())),

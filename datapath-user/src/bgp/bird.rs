@@ -1,0 +1,128 @@
+//! The node's BIRD daemon: started (it daemonizes, so it outlives an agent restart and the
+//! sessions stay up), reconfigured in place (`configure`: unchanged sessions are kept), found
+//! again by its control socket, and stopped when the state no longer asks for BGP.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use birdc::{Client, Message};
+
+use crate::outputs::write_atomic;
+
+/// Where one node's BIRD keeps its files.
+#[derive(Clone, Debug)]
+pub struct Bird {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Bird {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("bird.conf")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("bird.log")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("bird.pid")
+    }
+
+    /// Whether a BIRD answers on the control socket.
+    pub fn alive(&self) -> bool {
+        Client::for_unix_socket(self.socket()).connect_sync().is_ok()
+    }
+
+    /// Writes `text` as the configuration: checked by BIRD's parser first, so a bad one never
+    /// replaces the running one. True when it changed.
+    pub fn write_config(&self, text: &str) -> anyhow::Result<bool> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let path = self.config();
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+            return Ok(false);
+        }
+        let candidate = self.dir.join("bird.conf.new");
+        std::fs::write(&candidate, text)
+            .with_context(|| format!("writing {}", candidate.display()))?;
+        let parsed = Command::new(&self.bin)
+            .args(["-p", "-c"])
+            .arg(&candidate)
+            .output()
+            .with_context(|| format!("running {} -p", self.bin.display()))?;
+        if !parsed.status.success() {
+            bail!(
+                "BIRD rejects the configuration written to {}: {}",
+                candidate.display(),
+                String::from_utf8_lossy(&parsed.stderr).trim()
+            );
+        }
+        let _ = std::fs::remove_file(&candidate);
+        write_atomic(&path, text.as_bytes(), 0o644)
+    }
+
+    /// Starts BIRD on the written configuration; it daemonizes once the configuration is read.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let err_file = self.dir.join("bird.stderr");
+        let stderr = std::fs::File::create(&err_file)
+            .with_context(|| format!("creating {}", err_file.display()))?;
+        let status = Command::new(&self.bin)
+            .arg("-c")
+            .arg(self.config())
+            .arg("-s")
+            .arg(self.socket())
+            .arg("-P")
+            .arg(self.pid_file())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .status()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        if !status.success() {
+            let why = std::fs::read_to_string(&err_file).unwrap_or_default();
+            bail!("{} exited {status}: {}", self.bin.display(), why.trim());
+        }
+        Ok(())
+    }
+
+    /// Has the running BIRD read its configuration again.
+    pub fn configure(&self) -> anyhow::Result<()> {
+        let mut conn = Client::for_unix_socket(self.socket()).connect_sync()?;
+        let replies = conn
+            .send_request("configure")
+            .context("BIRD's configure")?;
+        match replies.iter().find(|m| {
+            matches!(
+                m,
+                Message::ConfigurationFileError(_) | Message::RuntimeError(..) | Message::ReloadFailed(_)
+            )
+        }) {
+            Some(m) => bail!("BIRD's configure failed: {m:?}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops BIRD: its sessions close, so its peers withdraw this node's routes.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let mut conn = Client::for_unix_socket(self.socket()).connect_sync()?;
+        // BIRD closes the socket as it goes: no reply to wait for.
+        let _ = conn.send_request("down");
+        Ok(())
+    }
+}
+
+/// The directory of a node's BIRD unless `--bgp-dir` says: one per pin directory, so two
+/// agents on one host (two emulated nodes) never share one.
+pub fn default_dir(pin_dir: &Path) -> PathBuf {
+    let escaped: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Path::new("/run/datapath/bgp").join(escaped)
+}
