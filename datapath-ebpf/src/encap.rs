@@ -115,7 +115,11 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
 #[inline(always)]
 pub fn send_native(ctx: &TcContext, cfg: &NodeConfig, route: &PodRoute) -> Result<i32, DropReason> {
     let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx));
-    counted(action.map(|a| (CounterId::NativeForward, a)), route, ctx.len())
+    counted(
+        action.map(|a| (CounterId::NativeForward, a)),
+        route,
+        ctx.len(),
+    )
 }
 
 /// Encapsulates toward `route`'s node and sends; counts it (and a peer it could not reach).

@@ -91,7 +91,10 @@ fn bgp_metrics(b: &bgp::SpeakerStatus) -> Vec<Extra> {
         return Vec::new();
     }
     let per = |f: &dyn Fn(&bgp::sessions::Session) -> f64| {
-        b.sessions.iter().map(|x| (x.peer.clone(), f(x))).collect::<Vec<_>>()
+        b.sessions
+            .iter()
+            .map(|x| (x.peer.clone(), f(x)))
+            .collect::<Vec<_>>()
     };
     vec![
         Gauge(

@@ -34,7 +34,9 @@ impl Bird {
 
     /// Whether a BIRD answers on the control socket.
     pub fn alive(&self) -> bool {
-        Client::for_unix_socket(self.socket()).connect_sync().is_ok()
+        Client::for_unix_socket(self.socket())
+            .connect_sync()
+            .is_ok()
     }
 
     /// Writes `text` as the configuration: checked by BIRD's parser first, so a bad one never
@@ -66,11 +68,19 @@ impl Bird {
     }
 
     /// Starts BIRD on the written configuration; it daemonizes once the configuration is read.
+    /// Where a BIRD ran before (its pid file is there: it crashed, or was stopped for an
+    /// upgrade), the routes it put in the kernel are still forwarding: it starts in graceful
+    /// restart recovery (`-R`), telling its peers so (RFC 4724's forwarding-state bit), and
+    /// they keep this node's routes until it has advertised them again.
     pub fn start(&self) -> anyhow::Result<()> {
         let err_file = self.dir.join("bird.stderr");
         let stderr = std::fs::File::create(&err_file)
             .with_context(|| format!("creating {}", err_file.display()))?;
-        let status = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if self.pid_file().exists() {
+            cmd.arg("-R");
+        }
+        let status = cmd
             .arg("-c")
             .arg(self.config())
             .arg("-s")
@@ -92,13 +102,13 @@ impl Bird {
     /// Has the running BIRD read its configuration again.
     pub fn configure(&self) -> anyhow::Result<()> {
         let mut conn = Client::for_unix_socket(self.socket()).connect_sync()?;
-        let replies = conn
-            .send_request("configure")
-            .context("BIRD's configure")?;
+        let replies = conn.send_request("configure").context("BIRD's configure")?;
         match replies.iter().find(|m| {
             matches!(
                 m,
-                Message::ConfigurationFileError(_) | Message::RuntimeError(..) | Message::ReloadFailed(_)
+                Message::ConfigurationFileError(_)
+                    | Message::RuntimeError(..)
+                    | Message::ReloadFailed(_)
             )
         }) {
             Some(m) => bail!("BIRD's configure failed: {m:?}"),

@@ -20,6 +20,8 @@ pub struct View {
     pub local: Ipv4Addr,
     /// The underlay interface: its subnet resolves the next hops of learned routes.
     pub iface: String,
+    /// Whether this node's pod CIDR is advertised: not once the state no longer names it.
+    pub advertise: bool,
 }
 
 /// Names of the BGP protocols for the mesh's nodes and the explicit peers, as BIRD shows them.
@@ -56,11 +58,15 @@ pub fn render(v: &View, log: &Path) -> String {
          protocol direct dp_underlay {{\n  ipv4;\n  interface \"{}\";\n}}\n",
         v.iface
     );
+    let route = if v.advertise {
+        format!("  route {} blackhole;\n", v.me.pod_cidr)
+    } else {
+        "  # withdrawn: the cluster state no longer names this node\n".into()
+    };
     let _ = writeln!(
         out,
         "# This node's pod CIDR: the one route the sessions advertise.\n\
-         protocol static {PODS} {{\n  ipv4;\n  route {} blackhole;\n}}\n",
-        v.me.pod_cidr
+         protocol static {PODS} {{\n  ipv4;\n{route}}}\n"
     );
     out.push_str(&kernel(&v.networks));
     let _ = writeln!(
@@ -86,9 +92,16 @@ pub fn render(v: &View, log: &Path) -> String {
     }
     for p in v.bgp.peers_of(&v.me.name) {
         let name = unique(symbol(PEER_PREFIX, &p.address.to_string()), &mut used);
+        // Over an eBGP router, the other nodes' routes carry this node's own AS: accepted, as
+        // the nodes of one AS behind top-of-rack routers need.
+        let local_as = if p.as_number == asn {
+            ""
+        } else {
+            "  allow local as;\n"
+        };
         let _ = writeln!(
             out,
-            "protocol bgp {name} from dp_peer {{\n  description \"peer\";\n  neighbor {} as {};\n}}\n",
+            "protocol bgp {name} from dp_peer {{\n  description \"peer\";\n  neighbor {} as {};\n{local_as}}}\n",
             p.address, p.as_number
         );
     }
@@ -168,12 +181,22 @@ mod tests {
             router_id: [10, 0, 1, 10].into(),
             local: [10, 0, 1, 10].into(),
             iface: "eth0".into(),
+            advertise: true,
         };
         let text = render(&v, Path::new("/run/x/bird.log"));
         assert!(text.contains("route 10.244.1.0/24 blackhole;"), "{text}");
-        assert!(text.contains("if net ~ [ 10.244.0.0/16+ ] then reject;"), "{text}");
-        assert!(text.contains("protocol bgp node_b_x from dp_peer"), "{text}");
-        assert!(text.contains("protocol bgp node_b_x_2 from dp_peer"), "{text}");
+        assert!(
+            text.contains("if net ~ [ 10.244.0.0/16+ ] then reject;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("protocol bgp node_b_x from dp_peer"),
+            "{text}"
+        );
+        assert!(
+            text.contains("protocol bgp node_b_x_2 from dp_peer"),
+            "{text}"
+        );
         assert!(text.contains("neighbor 10.0.1.1 as 65001;"), "{text}");
         // Another node's peer is not this node's.
         assert!(!text.contains("10.0.2.1 as"), "{text}");

@@ -96,8 +96,16 @@ pub async fn supervise(
             .await
             .ok()
             .flatten();
-        let routes = reading.map(|r| r.fabric_routes()).unwrap_or_default();
-        if sent.as_ref() != Some(&routes) && fabric.send(routes.clone()).await.is_ok() {
+        let Some(reading) = reading else { continue };
+        let routes = reading.fabric_routes();
+        // A session coming back (BIRD restarted, a peer restarting) has not relearned what
+        // graceful restart keeps in the fabric: no peer goes back into a tunnel for that.
+        let settled = reading.sessions.iter().all(Session::established);
+        let grows = sent.as_ref().is_none_or(|s| s.is_subset(&routes));
+        if sent.as_ref() != Some(&routes)
+            && (settled || grows)
+            && fabric.send(routes.clone()).await.is_ok()
+        {
             sent = Some(routes);
         }
     }
@@ -115,6 +123,7 @@ fn view(shared: &SharedRef, opts: &BgpOptions) -> Option<View> {
         peers: s.dp.peer_nodes().cloned().collect(),
         networks: s.dp.cluster_networks(),
         iface: s.dp.local.iface.name.clone(),
+        advertise: !s.reload.left_cluster,
         me,
     })
 }

@@ -162,7 +162,11 @@ impl Summary {
         use std::fmt::Write as _;
         let mut s = String::new();
         if let Some(e) = &self.error {
-            let _ = writeln!(s, "  bgp       speaker at {} not answering: {e}", self.socket);
+            let _ = writeln!(
+                s,
+                "  bgp       speaker at {} not answering: {e}",
+                self.socket
+            );
             return s;
         }
         let up = self.sessions.iter().filter(|x| x.established()).count();

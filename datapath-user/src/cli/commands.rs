@@ -129,6 +129,22 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<ExitCode> {
         Ok(n)
     })?;
     flannel::remove_masq()?;
+    let bird = bgp::bird::Bird {
+        bin: "bird".into(),
+        dir: bgp::bird::default_dir(pin_dir),
+    };
+    if bird.alive() {
+        bird.down()?;
+        println!("stopped the BGP speaker (BIRD) at {}", bird.dir.display());
+    }
+    if bird.dir.exists() {
+        std::fs::remove_dir_all(&bird.dir)
+            .with_context(|| format!("removing {}", bird.dir.display()))?;
+    }
+    // The directory of every node's speaker, once the last is gone.
+    if let Some(parent) = bird.dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     println!(
         "detached: removed {} pins under {}, {routes} routes of proto {}, the next-hop neighbour entry, the health probe address and {} if present",
         removed.len(),

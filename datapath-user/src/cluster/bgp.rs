@@ -74,11 +74,18 @@ pub fn as_number_problem(asn: u32) -> Option<String> {
 }
 
 /// The block checked against the nodes: every problem at its path.
-pub fn validate(raw: &RawBgp, nodes: &[Node], problems: &mut Vec<Problem>) -> Bgp {
-    let mut report = |path: String, reason: String| problems.push(Problem { path, reason });
+pub fn validate(
+    raw: &RawBgp,
+    nodes: &[Node],
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<String>,
+) -> Bgp {
     let as_number = raw.as_number.unwrap_or(DEFAULT_AS);
     if let Some(r) = as_number_problem(as_number) {
-        report("bgp.asNumber".into(), r);
+        problems.push(Problem {
+            path: "bgp.asNumber".into(),
+            reason: r,
+        });
     }
     let mesh = raw.node_to_node_mesh.unwrap_or(true);
     let names: HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
@@ -86,60 +93,76 @@ pub fn validate(raw: &RawBgp, nodes: &[Node], problems: &mut Vec<Problem>) -> Bg
     let mut peers = Vec::new();
     for (i, p) in raw.peers.iter().enumerate() {
         let at = |f: &str| format!("bgp.peers[{i}].{f}");
-        let address = match p.address.as_deref().map(str::parse::<Ipv4Addr>) {
-            None => {
-                report(at("address"), "missing".into());
-                None
-            }
-            Some(Err(_)) => {
-                report(at("address"), format!("{:?} is not an IPv4 address", p.address.as_deref().unwrap_or("")));
-                None
-            }
-            Some(Ok(a)) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
-                report(at("address"), format!("{a} cannot be a BGP peer"));
-                None
-            }
-            Some(Ok(a)) => Some(a),
-        };
-        let asn = match p.as_number {
-            None => {
-                report(at("asNumber"), "missing".into());
-                None
-            }
-            Some(n) => match as_number_problem(n) {
-                Some(r) => {
-                    report(at("asNumber"), r);
-                    None
-                }
-                None => Some(n),
-            },
-        };
+        // As Calico's BGPPeer for a node that is gone: inert, worth a word.
         if let Some(n) = &p.node
             && !names.contains(n.as_str())
         {
-            report(at("node"), format!("no node {n:?} in the cluster state"));
+            warnings.push(format!(
+                "{}: no node {n:?} in the cluster state; the peer applies to no node",
+                at("node")
+            ));
         }
-        let (Some(address), Some(as_number)) = (address, asn) else {
+        let Some(peer) = read_peer(p, &at, problems) else {
             continue;
         };
-        if !seen.insert((address, p.node.clone())) {
-            report(at("address"), format!("peer {address} is listed twice"));
+        let clash = if !seen.insert((peer.address, p.node.clone())) {
+            Some(format!("peer {} is listed twice", peer.address))
+        } else {
+            let node = nodes.iter().find(|n| n.address == peer.address);
+            node.filter(|_| mesh).map(|n| {
+                format!(
+                    "{} is node {:?}, which the node-to-node mesh already peers with",
+                    peer.address, n.name
+                )
+            })
+        };
+        if let Some(reason) = clash {
+            problems.push(Problem {
+                path: at("address"),
+                reason,
+            });
         }
-        if let Some(n) = nodes.iter().find(|n| n.address == address).filter(|_| mesh) {
-            report(
-                at("address"),
-                format!("{address} is node {:?}, which the node-to-node mesh already peers with", n.name),
-            );
-        }
-        peers.push(BgpPeer {
-            address,
-            as_number,
-            node: p.node.clone(),
-        });
+        peers.push(peer);
     }
     Bgp {
         as_number,
         node_to_node_mesh: mesh,
         peers,
     }
+}
+
+/// One peer's address and AS checked; the peer when both are good.
+fn read_peer(
+    p: &RawPeer,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) -> Option<BgpPeer> {
+    let mut report = |f: &str, reason: String| {
+        problems.push(Problem {
+            path: at(f),
+            reason,
+        })
+    };
+    let address = match p.address.as_deref().map(str::parse::<Ipv4Addr>) {
+        None => Err("missing".to_string()),
+        Some(Err(_)) => Err(format!(
+            "{:?} is not an IPv4 address",
+            p.address.as_deref().unwrap_or("")
+        )),
+        Some(Ok(a)) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
+            Err(format!("{a} cannot be a BGP peer"))
+        }
+        Some(Ok(a)) => Ok(a),
+    };
+    let asn = match p.as_number {
+        None => Err("missing".to_string()),
+        Some(n) => as_number_problem(n).map_or(Ok(n), Err),
+    };
+    let address = address.map_err(|r| report("address", r)).ok();
+    let as_number = asn.map_err(|r| report("asNumber", r)).ok()?;
+    Some(BgpPeer {
+        address: address?,
+        as_number,
+        node: p.node.clone(),
+    })
 }

@@ -172,6 +172,15 @@ impl fmt::Display for Problem {
 #[error("invalid cluster state ({} problem(s)):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
 pub struct Invalid(pub Vec<Problem>);
 
+impl Invalid {
+    /// Whether the state was rejected for not naming this node (it left the cluster).
+    pub fn lacks_own_node(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| p.path == "nodes" && p.reason.starts_with(validate::NOT_IN_STATE))
+    }
+}
+
 /// Settings from the command line (`datapath run` and `check`) for cluster states that do
 /// not carry them. A state's own value wins (with a warning when a flag says otherwise); a
 /// flag wins over the defaults of where the state came from: Flannel's VNI 1 and port 8472

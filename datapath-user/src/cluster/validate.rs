@@ -4,8 +4,8 @@
 use std::{collections::HashMap, fmt, net::Ipv4Addr};
 
 use super::{
-    Cidr, Cluster, bgp, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, derived_vtep_mac,
-    parse_cidr_list, parse_mac,
+    Cidr, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, bgp,
+    derived_vtep_mac, parse_cidr_list, parse_mac,
     raw::{NodeField, Origin, RawNode, RawState, node_path},
 };
 
@@ -122,7 +122,8 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     let mut set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
     problems.extend(vxlan_problems(&set));
     let (nodes, skipped) = read_nodes(&raw, limits, &mut problems);
-    set.bgp = (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems));
+    set.bgp =
+        (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems, &mut warnings));
     if set.encap == Encap::None && set.bgp.is_none() {
         warnings.push(
             "encapsulation none without a bgp block: nothing advertises the pod CIDRs, so pods \
@@ -204,6 +205,9 @@ fn read_nodes(
     (nodes, skipped)
 }
 
+/// How the problem of a state without this node begins.
+pub(super) const NOT_IN_STATE: &str = "this node";
+
 /// Why this node is not in the state, and what to do about it.
 fn missing_own_node(nodes: &[Node], limits: &Limits) -> Option<Problem> {
     let name = limits.own_node.as_ref()?;
@@ -228,7 +232,7 @@ fn missing_own_node(nodes: &[Node], limits: &Limits) -> Option<Problem> {
     };
     Some(problem(
         "nodes",
-        format!("this node {name:?} is not in the cluster state{also}"),
+        format!("{NOT_IN_STATE} {name:?} is not in the cluster state{also}"),
     ))
 }
 

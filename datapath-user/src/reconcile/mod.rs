@@ -213,7 +213,11 @@ impl Reconciler {
         if let Err(e) = self.routes.sync(&want, ifindex, &mut ch).await {
             error!("routes after the fabric's routes changed: {e:#}");
         }
-        info!(fabric_routes = count, ?ch, "the fabric's routes changed: peers moved between native and encapsulated");
+        info!(
+            fabric_routes = count,
+            ?ch,
+            "the fabric's routes changed: peers moved between native and encapsulated"
+        );
     }
 
     /// Records a reload's outcome for status and metrics, and logs it.
@@ -223,6 +227,7 @@ impl Reconciler {
         s.reload.last_reload_unix = now();
         match result {
             Ok(changes) => {
+                s.reload.left_cluster = false;
                 s.reload.last_reload_ok = true;
                 s.reload.revision = revision;
                 self.dirty = false;
@@ -232,6 +237,9 @@ impl Reconciler {
                 }
             }
             Err(e) => {
+                s.reload.left_cluster = e
+                    .downcast_ref::<cluster::Invalid>()
+                    .is_some_and(cluster::Invalid::lacks_own_node);
                 s.reload.last_reload_ok = false;
                 s.reload.failures += 1;
                 s.reload.rejected = Some(format!("{reason}: {e:#}"));

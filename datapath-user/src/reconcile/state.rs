@@ -27,6 +27,9 @@ pub struct ReloadState {
     pub skipped: usize,
     /// Why the last state was rejected, while the last reload is a rejection (`DP_AGENT_NOTE`).
     pub rejected: Option<String>,
+    /// The last state has no entry for this node: its pod CIDR is no longer its to advertise
+    /// over BGP (the datapath keeps the last good state meanwhile).
+    pub left_cluster: bool,
 }
 
 pub struct Shared {

@@ -4,14 +4,14 @@
 //! result is raw strings and numbers with the path each came from.
 use serde::Deserialize;
 
+use crate::cluster::bgp::RawBgp;
 use crate::cluster::{
     Problem,
     raw::{
-        FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP, NodeAt, NodeField, Origin,
-        CALICO_AS_NUMBER, RawNode, RawSettings, RawState, node_path,
+        CALICO_AS_NUMBER, FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP, NodeAt,
+        NodeField, Origin, RawNode, RawSettings, RawState, node_path,
     },
 };
-use crate::cluster::bgp::RawBgp;
 
 fn problem(path: impl Into<String>, reason: impl Into<String>) -> Problem {
     Problem {

@@ -148,11 +148,6 @@ fn each_class_of_bad_file_is_rejected_with_its_message() {
         ),
         (
             "crossSubnet: false",
-            "bgp: { peers: [ { address: 10.0.0.1, asNumber: 65001, node: node9 } ] }",
-            "bgp.peers[0].node: no node \"node9\" in the cluster state",
-        ),
-        (
-            "crossSubnet: false",
             "bgp: { peers: [ { address: 192.168.1.11, asNumber: 64512 } ] }",
             "bgp.peers[0].address: 192.168.1.11 is node \"node2\", which the node-to-node mesh already peers with",
         ),
@@ -329,9 +324,34 @@ fn bgp_block_is_read_with_calicos_defaults() {
     // An unknown field of the block is named, with the fields there are.
     let bad = GOOD.replace("crossSubnet: false", "bgp: { asNumbr: 1 }");
     let e = errors(&bad);
-    assert!(e[0].starts_with("bgp: unknown field `asNumbr`, expected one of `asNumber`"), "{e:?}");
+    assert!(
+        e[0].starts_with("bgp: unknown field `asNumbr`, expected one of `asNumber`"),
+        "{e:?}"
+    );
+    // A peer for a node that is not there applies to none, with a word.
+    let gone = GOOD.replace(
+        "crossSubnet: false",
+        "bgp: { peers: [ { address: 10.0.0.1, asNumber: 65001, node: node9 } ] }",
+    );
+    let c = parse(&gone, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("bgp.peers[0].node: no node \"node9\"")),
+        "{:?}",
+        c.warnings
+    );
     // Native routing without BGP is allowed, with a word.
-    let c = parse(&GOOD.replace("encapsulation: vxlan", "encapsulation: host-gw"), &Defaults::default(), &limits(Some("node1"))).unwrap();
+    let c = parse(
+        &GOOD.replace("encapsulation: vxlan", "encapsulation: host-gw"),
+        &Defaults::default(),
+        &limits(Some("node1")),
+    )
+    .unwrap();
     assert_eq!(c.encap, Encap::None);
-    assert!(c.warnings.iter().any(|w| w.contains("without a bgp block")), "{:?}", c.warnings);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("without a bgp block")),
+        "{:?}",
+        c.warnings
+    );
 }

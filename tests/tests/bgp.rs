@@ -1,0 +1,424 @@
+//! BGP native routing (issue 23) against FRR as the fabric, another implementation than the
+//! agents' BIRD: two nodes in two subnets behind a router that is their route reflector (or,
+//! in eBGP, a top-of-rack router of another AS), a host behind the router, and a mesh of two
+//! nodes with no router.
+//!
+//! ```text
+//!   pod1 ─ node1 192.168.1.10 ─ u0 ─ br0 192.168.1.1 ┐
+//!                                                     [router: FRR, AS 64512 or 65000]── uh 192.168.3.1 ─ host 192.168.3.10
+//!   pod2 ─ node2 192.168.2.10 ─ u1 ─ br1 192.168.2.1 ┘
+//! ```
+use std::{
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use integration_tests::{
+    Capture, Topology,
+    fabric::{Frr, frr_config, host_behind},
+    tshark_fields, wait_for,
+};
+use testkit::net::{Netns, NodeSpec};
+
+const NODE1: &str = "192.168.1.10";
+const NODE2: &str = "192.168.2.10";
+
+fn two_subnets(tag: &str) -> Topology {
+    Topology::new(
+        tag,
+        &[
+            NodeSpec {
+                subnet: 0,
+                host: 10,
+            },
+            NodeSpec {
+                subnet: 1,
+                host: 10,
+            },
+        ],
+    )
+}
+
+/// The router as each node's peer (node-specific BGPPeers), the mesh off: Calico's
+/// route-reflector layout.
+fn peers_block(router_as: u32) -> String {
+    format!(
+        "bgp:\n  asNumber: 64512\n  nodeToNodeMesh: false\n  peers:\n    - {{ address: 192.168.1.1, asNumber: {router_as}, node: node1 }}\n    - {{ address: 192.168.2.1, asNumber: {router_as}, node: node2 }}\n"
+    )
+}
+
+fn bgp_dir(t: &Topology, i: usize) -> PathBuf {
+    t.workdir.join(format!("bird-{}", t.nodes[i].name))
+}
+
+/// Starts node `i`'s agent on `cluster` with its BIRD files in the test's directory.
+fn start(t: &mut Topology, i: usize, cluster: &std::path::Path) {
+    let args = format!("--bgp-dir {}", bgp_dir(t, i).display());
+    t.start_agent(i, cluster, &args);
+}
+
+/// The router for these tests, advertising the host's subnet.
+fn router(t: &Topology, asn: u32) -> Frr {
+    let cfg = frr_config(
+        asn,
+        "192.168.1.1",
+        &[(NODE1, 64512), (NODE2, 64512)],
+        &["192.168.3.0/24"],
+    );
+    Frr::start(&t.underlay, &t.workdir.join("frr"), &cfg)
+}
+
+fn status_json(t: &Topology, i: usize) -> serde_json::Value {
+    let out = t.datapath(
+        i,
+        &format!(
+            "status --json --pin-dir {} --bgp-dir {}",
+            t.pin_dir(i).display(),
+            bgp_dir(t, i).display()
+        ),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status: {e}: {out:?}"))
+}
+
+/// The mode `datapath routes` shows for `cidr` on node `i`.
+fn route_mode(t: &Topology, i: usize, cidr: &str) -> String {
+    let out = t.datapath(
+        i,
+        &format!("routes --json --pin-dir {}", t.pin_dir(i).display()),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["pod_cidr"] == cidr)
+        .map(|r| r["mode"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Waits until both nodes reach each other's pods natively (the fabric has the routes).
+fn wait_native(t: &Topology) {
+    let ok = wait_for(Duration::from_secs(30), || {
+        route_mode(t, 0, "10.244.1.0/24") == "native"
+            && route_mode(t, 1, "10.244.0.0/24") == "native"
+    });
+    assert!(
+        ok,
+        "peers did not go native: node1 {:?}, node2 {:?}\n{}",
+        route_mode(t, 0, "10.244.1.0/24"),
+        route_mode(t, 1, "10.244.0.0/24"),
+        fs::read_to_string(&t.agents[0].log).unwrap_or_default()
+    );
+}
+
+/// Pings pod 10.244.`to`.2 from the host, every 10 ms for `secs` seconds, into `log`.
+fn host_ping(h: &Netns, to: usize, secs: u32, log: &std::path::Path) -> std::process::Child {
+    h.spawn(
+        &format!("ping -D -i 0.01 -w {secs} -W 1 10.244.{to}.2"),
+        log,
+    )
+}
+
+/// (sent, received) from ping's summary in `log`, and whether replies came before `a` and after `b`.
+fn ping_result(log: &std::path::Path, a: SystemTime, b: SystemTime) -> (u32, u32, bool) {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    let n: Vec<u32> = line
+        .split(", ")
+        .take(2)
+        .map(|p| p.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let times: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let spanned = times.iter().any(|t| *t < secs(a)) && times.iter().any(|t| *t > secs(b));
+    (n[0], n[1], spanned)
+}
+
+/// Pod traffic between the nodes crosses the router's link as plain IPv4 between pod
+/// addresses: no IPIP, no VXLAN.
+fn assert_native_on_wire(t: &Topology) {
+    let cap = Capture::start(
+        &t.underlay,
+        "u0",
+        "icmp or ip proto 4 or udp port 4789 or tcp port 5001",
+        &t.workdir.join("u0.pcap"),
+    );
+    assert_eq!(t.ping(0, 1, 5), 5, "pod1 -> pod2");
+    assert_eq!(t.ping(1, 0, 5), 5, "pod2 -> pod1");
+    let (sent, got) = t.tcp_transfer(0, 1, 8);
+    assert_eq!(sent, got, "hashed TCP transfer pod1 -> pod2");
+    let pcap = cap.stop();
+    let frames = tshark_fields(&pcap, "", &["ip.proto", "ip.src", "ip.dst"]);
+    assert!(
+        frames.len() >= 20,
+        "traffic seen on the router's link: {frames:?}"
+    );
+    for f in &frames {
+        assert!(
+            !f[0].contains(',') && f[0] != "4" && f[0] != "17",
+            "a tunnel header on the router's link: {f:?}"
+        );
+        assert!(
+            f[1].starts_with("10.244.") && f[2].starts_with("10.244."),
+            "pod addresses, no outer header: {f:?}"
+        );
+    }
+}
+
+#[test]
+fn route_reflector_fabric_routes_pods_natively() {
+    let mut t = two_subnets("bgprr");
+    let h = host_behind(&t.underlay, &t.prefix);
+    let frr = router(&t, 64512);
+    let cluster = t.write_cluster(&t.cluster_yaml("none", &peers_block(64512)));
+    start(&mut t, 0, &cluster);
+    start(&mut t, 1, &cluster);
+
+    // The router's own RIB has each pod CIDR via its node.
+    for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
+        assert!(
+            frr.wait_route(cidr, via, Duration::from_secs(30)),
+            "router has no {cidr} via {via}:\n{}\n{}",
+            frr.vtysh("show bgp ipv4 unicast"),
+            frr.logs()
+        );
+    }
+    // What the fabric advertises beyond the cluster reaches the node's kernel.
+    let learned = wait_for(Duration::from_secs(20), || {
+        t.nodes[0]
+            .ns
+            .exec("ip route show 192.168.3.0/24 proto bird")
+            .contains("via 192.168.1.1")
+    });
+    assert!(learned, "node1 did not install the fabric's 192.168.3.0/24");
+    wait_native(&t);
+    assert_native_on_wire(&t);
+
+    // A host outside the cluster reaches the pods directly.
+    for to in [0, 1] {
+        let out = h.exec_out(&format!("ping -c 3 -i 0.2 -W 1 10.244.{to}.2"));
+        assert!(out.status.success(), "host -> pod{}: {out:?}", to + 1);
+    }
+
+    // status lists the session as calicoctl node status does.
+    let st = status_json(&t, 0);
+    let s = &st["bgp"]["sessions"][0];
+    assert_eq!(s["peer"], "192.168.1.1", "{st}");
+    assert_eq!(s["state"], "Established", "{st}");
+    assert_eq!(s["peer_as"], 64512, "{st}");
+    assert_eq!(s["advertised"], 1, "{st}");
+    assert!(
+        s["received"].as_u64().unwrap() >= 2,
+        "the host subnet and node2's pods: {st}"
+    );
+
+    // The agent restarted under a 100 pps ping from the host: nothing lost.
+    let log = t.workdir.join("host-ping-restart.log");
+    let ping = host_ping(&h, 1, 8, &log);
+    thread::sleep(Duration::from_secs(2));
+    let stopped = SystemTime::now();
+    t.stop_agents(1);
+    start(&mut t, 1, &cluster);
+    let restarted = SystemTime::now();
+    let _ = { ping }.wait();
+    let (sent, got, spanned) = ping_result(&log, stopped, restarted);
+    assert!(spanned, "the ping spanned the restart");
+    assert_eq!(got, sent, "packets lost across the agent's restart");
+
+    // The speaker itself killed: the agent starts it again, graceful restart keeps the
+    // router's route meanwhile.
+    let log = t.workdir.join("host-ping-speaker.log");
+    let ping = host_ping(&h, 1, 10, &log);
+    thread::sleep(Duration::from_secs(2));
+    let killed = SystemTime::now();
+    let pid = fs::read_to_string(bgp_dir(&t, 1).join("bird.pid")).unwrap();
+    t.nodes[1].ns.exec(&format!("kill -9 {}", pid.trim()));
+    let back = wait_for(Duration::from_secs(20), || {
+        status_json(&t, 1)["bgp"]["sessions"][0]["state"] == "Established"
+    });
+    assert!(back, "the speaker came back: {}", status_json(&t, 1));
+    let _ = { ping }.wait();
+    let (sent, got, spanned) = ping_result(&log, killed, killed);
+    assert!(spanned, "the ping spanned the speaker's restart");
+    assert_eq!(got, sent, "packets lost across the speaker's restart");
+
+    // A node removed from the cluster state is withdrawn.
+    let one = t.cluster_yaml("none", &peers_block(64512));
+    let without = one.split("  - name: node2").next().unwrap().to_string();
+    t.write_cluster(&without);
+    assert!(
+        frr.wait_route("10.244.1.0/24", "", Duration::from_secs(30)),
+        "node2's pod CIDR still routed: {}",
+        frr.kernel_routes()
+    );
+    assert!(frr.kernel_routes().contains("10.244.0.0/24"), "node1 stays");
+}
+
+#[test]
+fn ebgp_to_top_of_rack_router() {
+    let mut t = two_subnets("bgptor");
+    let h = host_behind(&t.underlay, &t.prefix);
+    let frr = router(&t, 65000);
+    let cluster = t.write_cluster(&t.cluster_yaml("none", &peers_block(65000)));
+    start(&mut t, 0, &cluster);
+    start(&mut t, 1, &cluster);
+    for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
+        assert!(
+            frr.wait_route(cidr, via, Duration::from_secs(30)),
+            "ToR has no {cidr} via {via}:\n{}",
+            frr.vtysh("show bgp ipv4 unicast")
+        );
+    }
+    let st = status_json(&t, 1);
+    assert_eq!(st["bgp"]["sessions"][0]["peer_as"], 65000, "{st}");
+    assert_eq!(st["bgp"]["sessions"][0]["state"], "Established", "{st}");
+    wait_native(&t);
+    assert_native_on_wire(&t);
+    let out = h.exec_out("ping -c 3 -i 0.2 -W 1 10.244.1.2");
+    assert!(
+        out.status.success(),
+        "host -> pod2 through the ToR: {out:?}"
+    );
+}
+
+#[test]
+fn node_to_node_mesh_without_router() {
+    let (t, _cluster) =
+        Topology::two_nodes_running("bgpmesh", "none", "bgp:\n  asNumber: 64512\n", "");
+    // The default --bgp-dir: derived from the pin directory, one per node.
+    let ok = wait_for(Duration::from_secs(30), || {
+        let st = status_json_default(&t, 0);
+        st["bgp"]["sessions"][0]["state"] == "Established"
+            && st["bgp"]["sessions"][0]["received"] == 1
+    });
+    assert!(ok, "mesh session: {}", status_json_default(&t, 0));
+    let st = status_json_default(&t, 1);
+    assert_eq!(
+        st["bgp"]["sessions"][0]["kind"], "node-to-node mesh",
+        "{st}"
+    );
+    assert_eq!(st["bgp"]["sessions"][0]["peer"], "192.168.1.10", "{st}");
+    let text = String::from_utf8_lossy(
+        &t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()))
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("node-to-node mesh") && text.contains("Established"),
+        "{text}"
+    );
+    assert_eq!(route_mode(&t, 0, "10.244.1.0/24"), "native");
+    let cap = Capture::start(
+        &t.underlay,
+        "u0",
+        "icmp or ip proto 4 or udp",
+        &t.workdir.join("m.pcap"),
+    );
+    assert_eq!(t.ping(0, 1, 5), 5);
+    let frames = tshark_fields(&cap.stop(), "", &["ip.proto"]);
+    assert!(frames.iter().all(|f| f[0] == "1"), "plain ICMP: {frames:?}");
+}
+
+fn status_json_default(t: &Topology, i: usize) -> serde_json::Value {
+    let out = t.datapath(
+        i,
+        &format!("status --json --pin-dir {}", t.pin_dir(i).display()),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Writes node `i`'s own copy of the cluster file (each node sees a change when its copy
+/// changes: the nodes a second apart).
+fn write_node_cluster(t: &Topology, i: usize, text: &str) -> PathBuf {
+    let p = t.workdir.join(format!("cluster-{i}.yaml"));
+    let tmp = t.workdir.join(format!("cluster-{i}.yaml.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, &p).unwrap();
+    p
+}
+
+#[test]
+fn vxlan_to_none_to_ipip_live_loses_nothing() {
+    let mut t = two_subnets("bgpswitch");
+    let frr = router(&t, 64512);
+    let vxlan = t.cluster_yaml("vxlan", &peers_block(64512));
+    let state =
+        |encap: &str| vxlan.replace("encapsulation: vxlan", &format!("encapsulation: {encap}"));
+    let files: Vec<PathBuf> = (0..2)
+        .map(|i| write_node_cluster(&t, i, &state("vxlan")))
+        .collect();
+    start(&mut t, 0, &files[0]);
+    start(&mut t, 1, &files[1]);
+    // In overlay mode the pod CIDRs are advertised too: the fabric has them before the switch.
+    for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
+        assert!(
+            frr.wait_route(cidr, via, Duration::from_secs(30)),
+            "{cidr} via {via}"
+        );
+    }
+    assert_eq!(t.ping(0, 1, 3), 3, "vxlan before the switch");
+    let secs = 16;
+    let ping = t.flood_ping(0, 1, secs);
+    let iperf_log = t.workdir.join("iperf.json");
+    let mut server = t.nodes[1]
+        .pod
+        .spawn("iperf3 -s -1 -p 5201", &t.workdir.join("iperf-s.log"));
+    thread::sleep(Duration::from_millis(300));
+    let mut client = t.nodes[0].pod.spawn(
+        &format!("iperf3 -c 10.244.1.2 -p 5201 -t {} -i 1 -J", secs - 2),
+        &iperf_log,
+    );
+    thread::sleep(Duration::from_secs(2));
+    let first = SystemTime::now();
+    for encap in ["none", "ipip"] {
+        write_node_cluster(&t, 0, &state(encap));
+        thread::sleep(Duration::from_secs(1));
+        write_node_cluster(&t, 1, &state(encap));
+        if encap == "none" {
+            wait_native(&t);
+            thread::sleep(Duration::from_secs(2));
+            assert!(
+                t.counter(0, "native", "none") > 0,
+                "pod1's packets went natively"
+            );
+        }
+        thread::sleep(Duration::from_secs(3));
+    }
+    let last = SystemTime::now();
+    assert_eq!(route_mode(&t, 0, "10.244.1.0/24"), "ipip");
+    let _ = client.wait();
+    let _ = server.wait();
+    let (sent, got) = t.flood_ping_result(0, 1, ping);
+    assert!(
+        t.ping_spanned(0, 1, first, last),
+        "the ping spanned both switches"
+    );
+    assert_eq!(got, sent, "ping lost packets across vxlan -> none -> ipip");
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&iperf_log).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("iperf3's report: {e}"));
+    let seconds: Vec<f64> = report["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["bytes"].as_f64().unwrap_or(0.0))
+        .collect();
+    assert!(seconds.len() >= (secs - 3) as usize, "{report}");
+    assert!(
+        seconds.iter().all(|b| *b > 0.0),
+        "a second without TCP progress: {seconds:?}"
+    );
+}
