@@ -272,9 +272,17 @@ fn ebgp_to_top_of_rack_router() {
     let mut t = two_subnets("bgptor");
     let h = host_behind(&t.underlay, &t.prefix);
     let frr = router(&t, 65000);
-    let cluster = t.write_cluster(&t.cluster_yaml("none", &peers_block(65000)));
-    start(&mut t, 0, &cluster);
-    start(&mut t, 1, &cluster);
+    // Besides the ToR, a peer every node has that refuses the session (nothing listens on the
+    // host's port 179): its problem alone.
+    let block = peers_block(65000) + "    - { address: 192.168.3.10, asNumber: 65099 }\n";
+    let cluster = t.write_cluster(&t.cluster_yaml("none", &block));
+    for i in 0..2 {
+        let args = format!(
+            "--bgp-dir {} --metrics 127.0.0.1:9464",
+            bgp_dir(&t, i).display()
+        );
+        t.start_agent(i, &cluster, &args);
+    }
     for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
         assert!(
             frr.wait_route(cidr, via, Duration::from_secs(30)),
@@ -283,8 +291,12 @@ fn ebgp_to_top_of_rack_router() {
         );
     }
     let st = status_json(&t, 1);
-    assert_eq!(st["bgp"]["sessions"][0]["peer_as"], 65000, "{st}");
-    assert_eq!(st["bgp"]["sessions"][0]["state"], "Established", "{st}");
+    let sessions = st["bgp"]["sessions"].as_array().expect("sessions").clone();
+    let by_peer = |p: &str| sessions.iter().find(|s| s["peer"] == p).cloned().unwrap();
+    assert_eq!(sessions.len(), 2, "{st}");
+    assert_eq!(by_peer("192.168.2.1")["peer_as"], 65000, "{st}");
+    assert_eq!(by_peer("192.168.2.1")["state"], "Established", "{st}");
+    assert_ne!(by_peer("192.168.3.10")["state"], "Established", "{st}");
     wait_native(&t);
     assert_native_on_wire(&t);
     let out = h.exec_out("ping -c 3 -i 0.2 -W 1 10.244.1.2");
@@ -292,6 +304,21 @@ fn ebgp_to_top_of_rack_router() {
         out.status.success(),
         "host -> pod2 through the ToR: {out:?}"
     );
+    // A pod reaches what the ToR advertised.
+    let out = t.nodes[0]
+        .pod
+        .exec_out("ping -c 2 -i 0.2 -W 1 192.168.3.10");
+    assert!(out.status.success(), "pod1 -> host: {out:?}");
+    // Per-peer metrics: the ToR's session up, the refusing peer's down.
+    let metrics = t.nodes[0].ns.exec("curl -s http://127.0.0.1:9464/metrics");
+    for line in [
+        "datapath_bgp_session_established{peer=\"192.168.1.1\"} 1",
+        "datapath_bgp_session_established{peer=\"192.168.3.10\"} 0",
+        "datapath_bgp_prefixes_advertised{peer=\"192.168.1.1\"} 1",
+        "datapath_bgp_speaker_running 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
 }
 
 #[test]

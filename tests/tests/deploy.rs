@@ -46,6 +46,9 @@ fn manifests_are_valid_kubernetes_objects() {
         "path: /sys/fs/bpf",
         "path: /etc/cni/net.d",
         "path: /run/flannel",
+        // BGP mode: BIRD's files on the host, its port.
+        "path: /run/datapath",
+        "NET_BIND_SERVICE",
         "secretName: datapath-etcd-tls",
         "drop: [\"ALL\"]",
         // bpffs on the host from the init container, etcd by address from a ConfigMap.
@@ -71,11 +74,18 @@ fn the_image_holds_a_self_contained_agent() {
     let listing = sh(&format!("ls -A {root}"));
     let version = run("--version");
     let status = run("status --json --pin-dir /nonexistent");
+    // The BGP speaker runs from the image's own libraries.
+    let bird = sh_out(&format!("chroot {root} /usr/sbin/bird --version"));
     let _ = sh_out(&format!("podman image unmount {image}"));
+    let top: Vec<&str> = listing.split_whitespace().collect();
     assert_eq!(
-        listing.trim(),
-        "datapath",
-        "the image holds more than the agent"
+        top,
+        ["datapath", "lib", "lib64", "usr"],
+        "the image holds the agent and BIRD with its libraries, nothing else"
+    );
+    assert!(
+        String::from_utf8_lossy(&bird.stderr).starts_with("BIRD version 2"),
+        "{bird:?}"
     );
     assert!(
         String::from_utf8_lossy(&version.stdout).starts_with("datapath "),

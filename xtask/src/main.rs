@@ -68,6 +68,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     "podman",
     "buildah",
+    // The agents' BGP speaker (BIRD 2, as Calico's), and FRR: the BGP tests' fabric, another
+    // implementation than the agents'.
+    "bird2",
+    "frr",
 ];
 
 /// Where `bpf-linker` is built against the nightly toolchain's own LLVM.
@@ -220,6 +224,17 @@ fn setup() -> Result<()> {
         did.push("bpf-linker");
     }
 
+    // FRR's daemons run as root in the BGP tests, and refuse to unless root is in its vty group.
+    let groups = Command::new("id").args(["-nG", "root"]).output()?.stdout;
+    if !String::from_utf8_lossy(&groups)
+        .split_whitespace()
+        .any(|g| g == "frrvty")
+    {
+        println!("setup: adding root to FRR's frrvty group (the BGP tests run FRR as root)");
+        run(Command::new("usermod").args(["-aG", "frrvty", "root"]))?;
+        did.push("frrvty group");
+    }
+
     if !quiet_ok(Command::new("kubernetes-validate").arg("--version")) {
         println!("setup: installing kubernetes-validate (PyPI) to check deploy/ offline");
         run(Command::new("python3").args([
@@ -267,6 +282,7 @@ fn image(tag: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&context);
     std::fs::create_dir_all(&context)?;
     std::fs::copy(workspace().join(STATIC_BIN), context.join("datapath"))?;
+    stage_with_libraries(Path::new(BIRD), &context.join("rootfs"))?;
     let built = run(Command::new("buildah")
         .args(["build", "--quiet", "-f"])
         .arg(workspace().join("deploy/Containerfile"))
@@ -276,6 +292,34 @@ fn image(tag: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&context);
     built?;
     println!("image: built {tag} (deploy/Containerfile, static datapath)");
+    Ok(())
+}
+
+/// The BGP speaker the image carries (Debian's bird2).
+const BIRD: &str = "/usr/sbin/bird";
+
+/// Copies `bin` and the shared libraries `ldd` names for it (the loader included) under
+/// `root`, at their own paths: a dynamically linked program that runs in a scratch image.
+fn stage_with_libraries(bin: &Path, root: &Path) -> Result<()> {
+    let out = Command::new("ldd").arg(bin).output()?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let libs = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from)
+        .collect::<Vec<_>>();
+    for file in std::iter::once(bin.to_path_buf()).chain(libs) {
+        let dest = root.join(file.strip_prefix("/")?);
+        std::fs::create_dir_all(dest.parent().context("no parent")?)?;
+        // The content, not a symlink: the image has no /usr/lib for it to point into.
+        std::fs::copy(&file, &dest).with_context(|| format!("copying {}", file.display()))?;
+    }
     Ok(())
 }
 

@@ -27,6 +27,10 @@ pub struct NetConfig {
     subnet_max: Option<String>,
     #[serde(default)]
     pub(super) backend: Backend,
+    /// This datapath's addition, which flanneld ignores: the cluster file's `bgp` block
+    /// (`asNumber`, `nodeToNodeMesh`, `peers`), for Backend `host-gw` or any other.
+    #[serde(default, rename = "BGP")]
+    pub bgp: Option<cluster::bgp::RawBgp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,7 +105,7 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<R
             vni: Some(b.vni.unwrap_or(1)),
             port: Some(b.port.unwrap_or(maps_common::VXLAN_PORT_LINUX)),
             udp_checksum: None,
-            bgp: None,
+            bgp: config.bgp.clone(),
         },
         nodes,
         problems: Vec::new(),
@@ -266,6 +270,33 @@ mod tests {
         assert_eq!((c.encap, c.vni, c.port), (cluster::Encap::Vxlan, 1, 8472));
         assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
         assert_eq!(c.nodes[0].vtep_mac, [0x66, 0, 0, 0, 0, 0x0b]);
+    }
+
+    #[test]
+    fn host_gw_with_a_bgp_block_in_the_network_config() {
+        let raw = compose(
+            "/p",
+            &kvs(&[
+                (
+                    "/p/config",
+                    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"},"BGP":{"asNumber":64600,"peers":[{"address":"192.168.1.1","asNumber":65000}]}}"#,
+                ),
+                (
+                    "/p/subnets/10.244.1.0-24",
+                    r#"{"PublicIP":"192.168.1.11","BackendType":"host-gw"}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = cluster::Limits {
+            max_nodes: 10,
+            own_node: Some("192.168.1.11".into()),
+            own_addrs: Vec::new(),
+        };
+        let c = cluster::validate(raw, &cluster::Defaults::default(), &limits).unwrap();
+        assert_eq!(c.encap, cluster::Encap::None);
+        let b = c.bgp.as_ref().expect("bgp");
+        assert_eq!((b.as_number, b.peers[0].as_number), (64600, 65000));
     }
 
     #[test]
