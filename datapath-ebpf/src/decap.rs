@@ -7,7 +7,9 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use maps_common::{CounterId, DropReason, NodeConfig, NodeEntry, config_flags, event_hook};
+use maps_common::{
+    CounterId, DropReason, NodeConfig, NodeEntry, config_flags, event_hook, route_mode,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -18,7 +20,7 @@ use network_types::{
 use crate::{
     DP_CONFIG, DP_NODES,
     counters::{count, count_peer},
-    lookup::in_cidr,
+    lookup::{in_cidr, pod_route},
     monitor,
     parse::{IP_OFFSET, IPPROTO_IPIP, IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
 };
@@ -338,6 +340,42 @@ pub enum Delivery {
     Pod(&'static NodeConfig),
 }
 
+/// Where a packet that is no tunnel packet goes: straight into its local pod when BPF host
+/// routing is on and it comes from a pod CIDR this node reaches natively (crossSubnet's
+/// same-subnet peers, `encapsulation: none`), as decapsulated packets do; else the stack.
+/// Anything from outside the cluster's pods takes the stack.
+#[inline(always)]
+fn native_delivery(ctx: &TcContext) -> Delivery {
+    let Some(cfg) = DP_CONFIG.get(0) else {
+        return Delivery::Stack;
+    };
+    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 {
+        return Delivery::Stack;
+    }
+    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
+        return Delivery::Stack;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Delivery::Stack;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
+        return Delivery::Stack;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
+    if !in_cidr(dst, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return Delivery::Stack;
+    }
+    match pod_route(cfg, src) {
+        Some(r) if r.mode == route_mode::NATIVE => {
+            count_peer(r.peer_idx, false, ctx.len());
+            Delivery::Pod(cfg)
+        }
+        _ => Delivery::Stack,
+    }
+}
+
 /// TC ingress: classifies, then removes the tunnel headers behind the outer Ethernet header,
 /// which stays (its type is already IPv4).
 #[inline(always)]
@@ -346,7 +384,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
     let (strip, counter, peer_idx, host_routing) = match classify(ctx)? {
         Verdict::Pass => {
             count(CounterId::Pass, len);
-            return Ok(Delivery::Stack);
+            return Ok(native_delivery(ctx));
         }
         Verdict::Decap {
             strip,

@@ -104,8 +104,15 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // they still reach the peer, unencapsulated.
-        route_mode::NATIVE if via_aggregate => send_native(ctx, cfg, &route),
-        route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
+        // Natively too, a pod's flow that crossed the host's stack is netfilter's verdict.
+        route_mode::NATIVE if via_aggregate => {
+            flows::stack_forwarded(ctx, cfg, &inner);
+            send_native(ctx, cfg, &route)
+        }
+        route_mode::NATIVE => {
+            flows::stack_forwarded(ctx, cfg, &inner);
+            counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len)
+        }
         _ => Err(DropReason::NoPodRoute),
     }
 }

@@ -25,8 +25,10 @@ use testkit::net::{Netns, NodeSpec};
 const NODE1: &str = "192.168.1.10";
 const NODE2: &str = "192.168.2.10";
 
+/// Two nodes in two subnets behind the router; their pods come through CNI once the agents
+/// run (`plug`), so BPF host routing has its programs on the pods' veths.
 fn two_subnets(tag: &str) -> Topology {
-    Topology::new(
+    Topology::with_cni(
         tag,
         &[
             NodeSpec {
@@ -57,6 +59,13 @@ fn bgp_dir(t: &Topology, i: usize) -> PathBuf {
 fn start(t: &mut Topology, i: usize, cluster: &std::path::Path) {
     let args = format!("--bgp-dir {}", bgp_dir(t, i).display());
     t.start_agent(i, cluster, &args);
+}
+
+/// Makes each node's pod through the CNI plugins of its agent's list.
+fn plug(t: &mut Topology) {
+    for i in 0..t.nodes.len() {
+        t.cni_add(i);
+    }
 }
 
 /// The router for these tests, advertising the host's subnet.
@@ -113,12 +122,9 @@ fn wait_native(t: &Topology) {
     );
 }
 
-/// Pings pod 10.244.`to`.2 from the host, every 10 ms for `secs` seconds, into `log`.
-fn host_ping(h: &Netns, to: usize, secs: u32, log: &std::path::Path) -> std::process::Child {
-    h.spawn(
-        &format!("ping -D -i 0.01 -w {secs} -W 1 10.244.{to}.2"),
-        log,
-    )
+/// Pings `pod` from the host, every 10 ms for `secs` seconds, into `log`.
+fn host_ping(h: &Netns, pod: &str, secs: u32, log: &std::path::Path) -> std::process::Child {
+    h.spawn(&format!("ping -D -i 0.01 -w {secs} -W 1 {pod}"), log)
 }
 
 /// (sent, received) from ping's summary in `log`, and whether replies came before `a` and after `b`.
@@ -158,8 +164,25 @@ fn assert_native_on_wire(t: &Topology) {
     );
     assert_eq!(t.ping(0, 1, 5), 5, "pod1 -> pod2");
     assert_eq!(t.ping(1, 0, 5), 5, "pod2 -> pod1");
+    let (out0, in1) = (
+        direction(t, 0, "host_route_out", "bytes"),
+        direction(t, 1, "host_route_in", "bytes"),
+    );
     let (sent, got) = t.tcp_transfer(0, 1, 8);
     assert_eq!(sent, got, "hashed TCP transfer pod1 -> pod2");
+    // BPF host routing carried the accepted flow natively both ways: pod1's veth straight to
+    // the underlay, the underlay straight into pod2 (bytes: GSO packets carry up to 64 KiB).
+    let carried = |i, d: &str, before| direction(t, i, d, "bytes") - before;
+    assert!(
+        carried(0, "host_route_out", out0) > 4 << 20,
+        "node1 sent past its stack: {}",
+        t.stats(0)
+    );
+    assert!(
+        carried(1, "host_route_in", in1) > 4 << 20,
+        "node2 delivered past its stack: {}",
+        t.stats(1)
+    );
     let pcap = cap.stop();
     let frames = tshark_fields(&pcap, "", &["ip.proto", "ip.src", "ip.dst"]);
     assert!(
@@ -178,6 +201,17 @@ fn assert_native_on_wire(t: &Topology) {
     }
 }
 
+/// Node `i`'s counter for `direction` in `unit` (packets or bytes), whatever the mode.
+fn direction(t: &Topology, i: usize, direction: &str, unit: &str) -> u64 {
+    t.stats(i)["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["direction"] == direction)
+        .filter_map(|c| c[unit].as_u64())
+        .sum()
+}
+
 #[test]
 fn route_reflector_fabric_routes_pods_natively() {
     let mut t = two_subnets("bgprr");
@@ -186,6 +220,7 @@ fn route_reflector_fabric_routes_pods_natively() {
     let cluster = t.write_cluster(&t.cluster_yaml("none", &peers_block(64512)));
     start(&mut t, 0, &cluster);
     start(&mut t, 1, &cluster);
+    plug(&mut t);
 
     // The router's own RIB has each pod CIDR via its node.
     for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
@@ -209,7 +244,8 @@ fn route_reflector_fabric_routes_pods_natively() {
 
     // A host outside the cluster reaches the pods directly.
     for to in [0, 1] {
-        let out = h.exec_out(&format!("ping -c 3 -i 0.2 -W 1 10.244.{to}.2"));
+        let pod = &t.nodes[to].pod_ip;
+        let out = h.exec_out(&format!("ping -c 3 -i 0.2 -W 1 {pod}"));
         assert!(out.status.success(), "host -> pod{}: {out:?}", to + 1);
     }
 
@@ -227,7 +263,7 @@ fn route_reflector_fabric_routes_pods_natively() {
 
     // The agent restarted under a 100 pps ping from the host: nothing lost.
     let log = t.workdir.join("host-ping-restart.log");
-    let ping = host_ping(&h, 1, 8, &log);
+    let ping = host_ping(&h, &t.nodes[1].pod_ip, 8, &log);
     thread::sleep(Duration::from_secs(2));
     let stopped = SystemTime::now();
     t.stop_agents(1);
@@ -241,7 +277,7 @@ fn route_reflector_fabric_routes_pods_natively() {
     // The speaker itself killed: the agent starts it again, graceful restart keeps the
     // router's route meanwhile.
     let log = t.workdir.join("host-ping-speaker.log");
-    let ping = host_ping(&h, 1, 10, &log);
+    let ping = host_ping(&h, &t.nodes[1].pod_ip, 10, &log);
     thread::sleep(Duration::from_secs(2));
     let killed = SystemTime::now();
     let pid = fs::read_to_string(bgp_dir(&t, 1).join("bird.pid")).unwrap();
@@ -283,6 +319,7 @@ fn ebgp_to_top_of_rack_router() {
         );
         t.start_agent(i, &cluster, &args);
     }
+    plug(&mut t);
     for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
         assert!(
             frr.wait_route(cidr, via, Duration::from_secs(30)),
@@ -299,7 +336,7 @@ fn ebgp_to_top_of_rack_router() {
     assert_ne!(by_peer("192.168.3.10")["state"], "Established", "{st}");
     wait_native(&t);
     assert_native_on_wire(&t);
-    let out = h.exec_out("ping -c 3 -i 0.2 -W 1 10.244.1.2");
+    let out = h.exec_out(&format!("ping -c 3 -i 0.2 -W 1 {}", t.nodes[1].pod_ip));
     assert!(
         out.status.success(),
         "host -> pod2 through the ToR: {out:?}"
@@ -389,6 +426,7 @@ fn vxlan_to_none_to_ipip_live_loses_nothing() {
         .collect();
     start(&mut t, 0, &files[0]);
     start(&mut t, 1, &files[1]);
+    plug(&mut t);
     // In overlay mode the pod CIDRs are advertised too: the fabric has them before the switch.
     for (cidr, via) in [("10.244.0.0/24", NODE1), ("10.244.1.0/24", NODE2)] {
         assert!(
@@ -405,7 +443,11 @@ fn vxlan_to_none_to_ipip_live_loses_nothing() {
         .spawn("iperf3 -s -1 -p 5201", &t.workdir.join("iperf-s.log"));
     thread::sleep(Duration::from_millis(300));
     let mut client = t.nodes[0].pod.spawn(
-        &format!("iperf3 -c 10.244.1.2 -p 5201 -t {} -i 1 -J", secs - 2),
+        &format!(
+            "iperf3 -c {} -p 5201 -t {} -i 1 -J",
+            t.nodes[1].pod_ip,
+            secs - 2
+        ),
         &iperf_log,
     );
     thread::sleep(Duration::from_secs(2));
