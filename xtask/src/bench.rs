@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: native routing, the Linux VXLAN device set up as Flannel does, and this
-//! datapath (IPIP and VXLAN; kernel, accepted-flows or bpf host routing) measured side
+//! datapath (IPIP and VXLAN; kernel, accepted-flows or bpf host routing; BGP native routing
+//! with BIRD's node-to-node mesh) measured side
 //! by side in one run, on bare nodes and on nodes carrying kube-proxy's iptables rules,
 //! configurations alternated round by round, medians reported with ratios to native and to the
 //! Linux VXLAN device; markdown tables and SVG charts in `bench-results/`.
@@ -27,10 +28,11 @@ enum Config {
     DpVxlanKernel,
     DpVxlanFlows,
     DpVxlanBpf,
+    DpBgpFlows,
 }
 
 impl Config {
-    const ALL: [Config; 8] = [
+    const ALL: [Config; 9] = [
         Self::Native,
         Self::LinuxVxlan,
         Self::DpIpipKernel,
@@ -39,6 +41,7 @@ impl Config {
         Self::DpVxlanKernel,
         Self::DpVxlanFlows,
         Self::DpVxlanBpf,
+        Self::DpBgpFlows,
     ];
     /// The configurations the agent runs with its default host routing (accepted flows).
     const DEFAULTS: [Config; 2] = [Self::DpIpipFlows, Self::DpVxlanFlows];
@@ -53,6 +56,7 @@ impl Config {
             Self::DpVxlanKernel => "datapath VXLAN, kernel host routing",
             Self::DpVxlanFlows => "datapath VXLAN, accepted-flows (default)",
             Self::DpVxlanBpf => "datapath VXLAN, bpf host routing",
+            Self::DpBgpFlows => "datapath BGP native (BIRD mesh), accepted-flows (default)",
         }
     }
 
@@ -66,6 +70,7 @@ impl Config {
             Self::DpVxlanKernel => Some(("vxlan", "kernel")),
             Self::DpVxlanFlows => Some(("vxlan", "accepted-flows")),
             Self::DpVxlanBpf => Some(("vxlan", "bpf")),
+            Self::DpBgpFlows => Some(("none", "accepted-flows")),
             Self::Native | Self::LinuxVxlan => None,
         }
     }
@@ -544,12 +549,41 @@ fn render_targets(nodes: Nodes, med: &Medians) -> String {
             verdict(btcp >= 0.95 && budp >= 0.95 && blat <= 1.05),
         );
     }
-    s
+    s + &render_bgp(nodes, med)
+}
+
+/// BGP native routing against plain native routing (its upper bound: the same path without
+/// a program) and the overlays, with the targets for the default.
+fn render_bgp(nodes: Nodes, med: &Medians) -> String {
+    let get = |c, m| med.get(&(c, m)).copied().unwrap_or(0.0);
+    let (tcp_min, udp_min, lat_max) = nodes.targets();
+    let ratio = |m, base| get(Config::DpBgpFlows, m) / get(base, m).max(f64::MIN_POSITIVE);
+    let line = |base: Config| {
+        format!(
+            "TCP 1 flow {:.2}×, UDP 64 B {:.2}×, latency p50 {:.2}× to {}",
+            ratio(Metric::Tcp1, base),
+            ratio(Metric::Udp64Pps, base),
+            ratio(Metric::LatP50, base),
+            base.name()
+        )
+    };
+    let met = ratio(Metric::Tcp1, Config::Native) >= tcp_min
+        && ratio(Metric::Udp64Pps, Config::Native) >= udp_min
+        && ratio(Metric::LatP50, Config::Native) <= lat_max;
+    format!(
+        "- {}: {} ({}); {}; {}\n",
+        Config::DpBgpFlows.name(),
+        line(Config::Native),
+        if met { "targets met" } else { "targets missed" },
+        line(Config::DpVxlanFlows),
+        line(Config::DpIpipFlows),
+    )
 }
 
 fn render_svg(nodes: Nodes, med: &Medians) -> String {
     let colors = [
         "#888888", "#d62728", "#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2",
+        "#8c564b",
     ];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
     let plot_h = h - top - bottom;

@@ -45,8 +45,13 @@ fn ping(lab: &Lab) -> Result<()> {
 }
 
 fn traffic(lab: &Lab, encap: &str, native: f64) -> Result<()> {
+    let how = if encap.starts_with("none") {
+        "sent as it is from pod1's veth toward node2"
+    } else {
+        "encapsulated at pod1's veth"
+    };
     step(&format!(
-        "{encap}: pod1 -> pod2 through the datapath (encapsulated at pod1's veth, delivered into pod2 by redirect_peer)"
+        "{encap}: pod1 -> pod2 through the datapath ({how}, delivered into pod2 by redirect_peer)"
     ));
     ping(lab)?;
     let gbits = tcp_gbits(lab)?;
@@ -124,6 +129,38 @@ fn spoofed_packet(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// The third mode: `encapsulation: none` with a `bgp` block. Each node's BIRD (started and
+/// configured by its agent) advertises its pod CIDR to the other over a node-to-node mesh.
+fn bgp(lab: &Lab, native: f64) -> Result<()> {
+    step(
+        "switching to BGP native routing: encapsulation none, bgp { asNumber: 64512 } (a node-to-node mesh of BIRDs)",
+    );
+    lab.write_cluster("none", 4096, 4789)?;
+    let established = |i: usize| -> bool {
+        lab.datapath(i, "status --json")
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["bgp"]["sessions"][0]["state"] == "Established")
+    };
+    for _ in 0..100 {
+        if established(1) && established(2) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("   node1's BGP sessions (`datapath status`):");
+    let status = lab.datapath(1, "status")?;
+    for l in status
+        .lines()
+        .skip_while(|l| !l.starts_with("  bgp"))
+        .take(3)
+    {
+        println!("{l}");
+    }
+    print!("{}", lab.datapath(1, "routes")?);
+    traffic(lab, "none (BGP)", native)
+}
+
 pub fn run(bin: &Path) -> Result<()> {
     let lab = Lab::new("dpdemo", bin);
     lab.teardown();
@@ -167,6 +204,7 @@ pub fn run(bin: &Path) -> Result<()> {
         thread::sleep(Duration::from_millis(600));
         print!("{}", lab.datapath(1, "routes")?);
         traffic(&lab, "vxlan", native)?;
+        bgp(&lab, native)?;
         Ok(())
     })();
     lab.teardown();

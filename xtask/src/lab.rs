@@ -176,9 +176,15 @@ impl Lab {
     }
 
     pub fn write_cluster(&self, encap: &str, vni: u32, port: u16) -> Result<()> {
+        // Native routing is BGP's: the nodes' BIRDs peer in a mesh and advertise their CIDRs.
+        let bgp = if encap == "none" {
+            "bgp: { asNumber: 64512 }\n"
+        } else {
+            ""
+        };
         let text = testkit::cluster::yaml(
             encap,
-            &format!("vxlan: {{ vni: {vni}, port: {port} }}\n"),
+            &format!("vxlan: {{ vni: {vni}, port: {port} }}\n{bgp}"),
             &testkit::cluster::two_nodes(),
         );
         let tmp = format!("{}.tmp", self.cluster_path());

@@ -46,10 +46,11 @@ pub fn render(v: &View, log: &Path) -> String {
     let _ = writeln!(
         out,
         "# Written by the datapath agent from the cluster state; rewritten on every change.\n\
-         log \"{}\" {{ info, remote, warning, error, auth, fatal, bug }};\n\
+         # The log is kept under 10 MB, the one before it beside it.\n\
+         log \"{log}\" 10000000 \"{log}.old\" {{ info, remote, warning, error, auth, fatal, bug }};\n\
          router id {};\n",
-        log.display(),
-        v.router_id
+        v.router_id,
+        log = log.display(),
     );
     out.push_str("protocol device {\n  scan time 10;\n}\n\n");
     let _ = writeln!(
