@@ -393,6 +393,15 @@ impl Topology {
         replies.iter().any(|t| *t < secs(start)) && replies.iter().any(|t| *t > secs(end))
     }
 
+    /// Replies a `flood_ping` from `from` to `to` has logged so far.
+    pub fn ping_replies(&self, from: usize, to: usize) -> usize {
+        fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .count()
+    }
+
     /// Waits for a `flood_ping` and returns (sent, received) from ping's summary.
     pub fn flood_ping_result(&self, from: usize, to: usize, mut child: Child) -> (u32, u32) {
         let _ = child.wait();

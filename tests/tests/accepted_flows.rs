@@ -177,3 +177,61 @@ fn delivery_into_the_pod_waits_for_netfilters_verdict_ipip() {
 fn delivery_into_the_pod_waits_for_netfilters_verdict_vxlan() {
     delivery_waits_for_the_verdict("vxlan");
 }
+
+/// A same-subnet peer under crossSubnet (or any natively reached peer: `encapsulation: none`):
+/// the flow takes the stack until netfilter forwarded one packet, then leaves pod1's veth with
+/// exactly the bytes the stack sent: no header, the peer's MAC, TTL lowered.
+#[test]
+fn native_peer_flow_bypasses_once_accepted() {
+    let env = Env::routed("vxlan", "crossSubnet: true\n", HostRouting::AcceptedFlows);
+    let (action, out) = env.run_tc(prog_names::TC_POD_INGRESS, &from_pod1(ACK));
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_OK, &from_pod1(ACK)),
+        "to the stack first"
+    );
+    assert_eq!(env.counter(CounterId::FlowVerifyOut), 1);
+    // The stack routed it by the peer's own route (next hop node2) to the underlay.
+    let forwarded = eth(PEER_MAC, NODE_MAC, 0x0800, &segment(POD1, POD2, ACK, 63));
+    let (action, out) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &forwarded);
+    assert_eq!((action, &out), (TC_ACT_OK, &forwarded), "sent on as it is");
+    assert_eq!(env.counter(CounterId::FlowAcceptedOut), 1);
+    // Then the veth's program sends it itself, the same bytes.
+    let (_, out) = env.run_tc(prog_names::TC_POD_INGRESS, &from_pod1(ACK));
+    assert_bytes("native bypass", &out, &forwarded);
+    assert_eq!(env.counter(CounterId::HostRouteOut), 1);
+    assert_eq!(env.counter(CounterId::NativeForward), 2);
+}
+
+/// Natively routed packets for a recorded pod: from a natively reached peer's pods straight
+/// into the pod (`bpf` host routing: no verdict to wait for); from anywhere else (a host
+/// outside the cluster, a peer reached through a tunnel) to the host's stack, untouched.
+#[test]
+fn native_packets_from_peer_pods_go_straight_in_others_take_the_stack() {
+    let mut env = Env::routed("vxlan", "crossSubnet: true\n", HostRouting::Bpf);
+    let ep = Endpoint {
+        ifindex: env.ifindex,
+        pod_mac: POD1_MAC,
+        host_mac: VETH1_MAC,
+    };
+    env.dp.maps.endpoints.insert(POD1, ep, 0).expect("pod1");
+    let native = eth(NODE_MAC, PEER_MAC, 0x0800, &segment(POD2, POD1, ACK, 63));
+    let (action, out) = env.run_tc(prog_names::TC_DECAP_INGRESS, &native);
+    assert_eq!(action, TC_ACT_REDIRECT, "bpf_redirect_peer into pod1");
+    let to_pod = eth(POD1_MAC, VETH1_MAC, 0x0800, &segment(POD2, POD1, ACK, 62));
+    assert_bytes("delivered", &out, &to_pod);
+    assert_eq!(env.counter(CounterId::HostRouteIn), 1);
+    let outsider = eth(
+        NODE_MAC,
+        PEER_MAC,
+        0x0800,
+        &segment([192, 168, 3, 10], POD1, ACK, 63),
+    );
+    let (action, out) = env.run_tc(prog_names::TC_DECAP_INGRESS, &outsider);
+    assert_eq!(
+        (action, &out),
+        (TC_ACT_OK, &outsider),
+        "outside the cluster: the stack"
+    );
+    assert_eq!(env.counter(CounterId::HostRouteIn), 1);
+}

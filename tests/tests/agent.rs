@@ -33,8 +33,10 @@ fn adding_and_removing_a_node_under_traffic_loses_nothing() {
     t.start_agent(0, &cluster, "");
     t.start_agent(1, &cluster, "");
     assert_eq!(t.ping(0, 2, 1), 0, "node3 is not in the cluster yet");
-    let ping = flood_ping(&t, 4);
-    thread::sleep(Duration::from_millis(500));
+    let ping = flood_ping(&t, 12);
+    let flowing = wait_for(Duration::from_secs(3), || t.ping_replies(0, 1) > 0);
+    assert!(flowing, "the ping never got a reply");
+    let added = std::time::SystemTime::now();
     t.write_cluster(&t.cluster_yaml("vxlan", ""));
     t.start_agent(2, &cluster, "");
     let node3_known = wait_for(Duration::from_secs(5), || {
@@ -47,7 +49,12 @@ fn adding_and_removing_a_node_under_traffic_loses_nothing() {
         routes_json(&t, 0).as_array().unwrap().len() == 2
     });
     assert!(node3_gone, "node1 did not forget node3");
+    let removed = std::time::SystemTime::now();
     let (sent, received) = ping_result(&t, ping);
+    assert!(
+        t.ping_spanned(0, 1, added, removed),
+        "the ping did not span the node's addition and removal"
+    );
     assert!(sent >= 200, "ping sent only {sent}");
     assert_eq!(
         sent, received,
@@ -84,6 +91,48 @@ fn restarting_the_agent_under_traffic_loses_nothing() {
     let restarted = std::time::SystemTime::now();
     let (sent, received) = ping_result(&t, ping);
     assert!(sent >= 200, "ping sent only {sent}");
+    assert_eq!(sent, received, "packets lost across the restart");
+    assert!(
+        t.ping_spanned(0, 1, stopped, restarted),
+        "the ping did not run from before the stop to after the restart"
+    );
+}
+
+/// The same with pods made through the CNI list (the default host routing): the pinned pod
+/// hooks carry the flow past the host's stack while the agent is down, and after the new agent
+/// adopted them.
+#[test]
+fn restarting_the_agent_with_cni_pods_keeps_bpf_host_routing() {
+    let mut t = Topology::with_cni(
+        "restartcni",
+        &[10, 11].map(|host| testkit::net::NodeSpec { subnet: 0, host }),
+    );
+    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    for i in 0..2 {
+        t.cni_add(i);
+    }
+    let routed = |t: &Topology| t.counter(0, "host_route_out", "bpf");
+    let ping = flood_ping(&t, 10);
+    let bypassing = wait_for(Duration::from_secs(4), || routed(&t) > 50);
+    assert!(
+        bypassing,
+        "BPF host routing never carried the ping: {}",
+        t.stats(0)
+    );
+    let stopped = std::time::SystemTime::now();
+    t.stop_agents(0);
+    let down = routed(&t);
+    let moved = wait_for(Duration::from_secs(3), || routed(&t) > down + 50);
+    assert!(moved, "no BPF host routing while the agent was down");
+    t.start_agent(0, &cluster, "");
+    let restarted = std::time::SystemTime::now();
+    let up = routed(&t);
+    let moved = wait_for(Duration::from_secs(3), || routed(&t) > up + 50);
+    assert!(moved, "no BPF host routing after the restart");
+    let (sent, received) = ping_result(&t, ping);
     assert_eq!(sent, received, "packets lost across the restart");
     assert!(
         t.ping_spanned(0, 1, stopped, restarted),

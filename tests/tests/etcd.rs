@@ -5,7 +5,10 @@
 //!   node1 agent ─┐                       ┌─ node2 agent
 //!                └── 192.168.1.1:2379 ───┘   etcd in the underlay netns; etcdctl on its loopback
 //! ```
-use std::{fs, time::Duration};
+use std::{
+    fs,
+    time::{Duration, SystemTime},
+};
 
 use integration_tests::{Etcd, Topology, wait_for, wait_for_text};
 
@@ -142,21 +145,26 @@ fn registered_agents_find_each_other_and_survive_an_etcd_restart() {
     let (sent, got) = t.tcp_transfer(0, 1, 10);
     assert_eq!(sent, got, "10 MiB over TCP between registered nodes");
 
-    // etcd crashes while UDP flows; the datapath keeps forwarding from its maps.
-    let udp = std::thread::scope(|s| {
-        let flow = s.spawn(|| t.udp_exchange(0, 1, 300));
-        std::thread::sleep(Duration::from_millis(300));
-        etcd.kill();
-        std::thread::sleep(Duration::from_secs(2));
-        // A node joins while the agents cannot see etcd: written once etcd is back.
-        etcd.restart();
-        etcd.put(
-            &subnet_key("10.244.2.0/24"),
-            &lease("192.168.1.12", "66:00:00:00:00:33", Some("node3")),
-        );
-        flow.join().expect("udp flow")
-    });
-    assert_eq!(udp, 300, "datagrams lost while etcd was down");
+    // etcd crashes while a ping flows every 5 ms; the datapath keeps forwarding from its maps.
+    let ping = t.flood_ping(0, 1, 6);
+    let flowing = wait_for(Duration::from_secs(3), || t.ping_replies(0, 1) > 0);
+    assert!(flowing, "the ping never got a reply");
+    let killed = SystemTime::now();
+    etcd.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    // A node joins while the agents cannot see etcd: written once etcd is back.
+    etcd.restart();
+    let restarted = SystemTime::now();
+    etcd.put(
+        &subnet_key("10.244.2.0/24"),
+        &lease("192.168.1.12", "66:00:00:00:00:33", Some("node3")),
+    );
+    let (sent, got) = t.flood_ping_result(0, 1, ping);
+    assert!(
+        t.ping_spanned(0, 1, killed, restarted),
+        "the ping did not span etcd's outage"
+    );
+    assert_eq!(got, sent, "packets lost while etcd was down");
     for i in 0..2 {
         let caught_up = wait_for(Duration::from_secs(20), || {
             route(&t, i, "10.244.2.0/24").is_some()

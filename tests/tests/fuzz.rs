@@ -1,5 +1,6 @@
 //! Generated input: random frames and mutations of valid IPIP, VXLAN and plain frames through
-//! each program (the underlay's three and the pod veth's, with BPF host routing) with
+//! each program (the underlay's three and the pod veth's, with BPF host routing and a pod
+//! recorded, so TC decapsulation's delivery into the pod is under test too) with
 //! BPF_PROG_TEST_RUN, every outcome checked against the reference model below
 //! (written from the README's table of packet classes, not from the kernel code): passed
 //! unchanged, encapsulated or decapsulated to the exact bytes the model builds, or dropped with
@@ -26,8 +27,14 @@ enum Outcome {
     /// Output bytes; for VXLAN encapsulation the UDP source port (bytes 34..36) is the
     /// kernel's flow hash and only checked for range.
     Rewrite(Vec<u8>),
+    /// Handed straight into pod1 (`bpf_redirect_peer`) with these bytes.
+    Deliver(Vec<u8>),
     Drop(DropReason),
 }
+
+/// MACs of pod1's interface and of its host-side veth, as its endpoint records them.
+const POD1_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 0, 2];
+const VETH1_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 0, 1];
 
 fn be16(b: &[u8], at: usize) -> usize {
     u16::from_be_bytes([b[at], b[at + 1]]) as usize
@@ -95,6 +102,14 @@ fn model_pod_ingress(f: &[u8], vxlan: bool) -> Outcome {
     if f.len() - 14 + overhead > MTU {
         return Outcome::Pass; // the stack's route MTU answers with ICMP
     }
+    model_encap(&ttl_decremented(f), vxlan)
+}
+
+/// `f` with its IPv4 TTL lowered by one and the header checksum updated incrementally
+/// (RFC 1624), as a router does.
+fn ttl_decremented(f: &[u8]) -> Vec<u8> {
+    let ip = &f[14..];
+    let ttl = ip[8];
     let mut routed = f.to_vec();
     routed[14 + 8] = ttl - 1;
     let old = u16::from_be_bytes([ttl, ip[9]]);
@@ -105,7 +120,21 @@ fn model_pod_ingress(f: &[u8], vxlan: bool) -> Outcome {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     routed[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    model_encap(&routed, vxlan)
+    routed
+}
+
+/// TC decapsulation with BPF host routing and pod1 recorded: a decapsulated IPv4 packet for
+/// pod1 with a TTL to spare goes straight into it, MACs rewritten as the host would; anything
+/// else to the stack as decapsulated.
+fn model_deliver(d: Vec<u8>) -> Outcome {
+    let ip = &d[14..];
+    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[0] & 15 < 5 || ip[16..20] != POD1 || ip[8] <= 1 {
+        return Outcome::Rewrite(d);
+    }
+    let mut out = ttl_decremented(&d);
+    out[0..6].copy_from_slice(&POD1_MAC);
+    out[6..12].copy_from_slice(&VETH1_MAC);
+    Outcome::Deliver(out)
 }
 
 /// Whether the IPv4 header at `off` is addressed to a local pod.
@@ -225,7 +254,12 @@ fn model_decap(f: &[u8], xdp: bool) -> Outcome {
             } else {
                 f[..14].to_vec()
             };
-            Outcome::Rewrite([head, f[14 + strip..].to_vec()].concat())
+            let d = [head, f[14 + strip..].to_vec()].concat();
+            if xdp {
+                Outcome::Rewrite(d)
+            } else {
+                model_deliver(d)
+            }
         }
     }
 }
@@ -422,6 +456,17 @@ fn check(env: &Env, prog: &str, f: &[u8], want: Outcome, seed: u64, n: usize) ->
                 assert_bytes(&ctx(), &out, &expect);
             }
         }
+        Outcome::Deliver(expect) => {
+            assert_eq!(
+                action,
+                TC_ACT_REDIRECT,
+                "want delivery into pod1: {}",
+                ctx()
+            );
+            if out != expect {
+                assert_bytes(&ctx(), &out, &expect);
+            }
+        }
         Outcome::Drop(reason) => {
             assert_eq!(action, drop, "want drop ({reason:?}): {}", ctx());
         }
@@ -429,14 +474,31 @@ fn check(env: &Env, prog: &str, f: &[u8], want: Outcome, seed: u64, n: usize) ->
     true
 }
 
-fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
-    // BPF host routing on, so that the pod veth's program acts (no endpoints are recorded:
-    // decapsulated packets still go to the stack).
-    let env = Env::routed(mode, "", HostRouting::Bpf);
+/// Empties `DP_STACK_FLOWS`, which the encapsulating programs fill as pod flows cross the
+/// host's stack: the model leaves that rule (a reply of such a flow takes the stack) to the
+/// exact-bytes tests in `accepted_flows.rs`.
+fn forget_stack_flows(env: &mut Env) {
+    let keys: Vec<_> = env.dp.maps.stack_flows.keys().flatten().collect();
+    for k in keys {
+        let _ = env.dp.maps.stack_flows.remove(&k);
+    }
+}
+
+fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 4] {
+    // BPF host routing on, so that the pod veth's program acts, and pod1 recorded as the CNI
+    // plugin records it, so that TC decapsulation delivers into it.
+    let mut env = Env::routed(mode, "", HostRouting::Bpf);
+    let ep = maps_common::Endpoint {
+        ifindex: env.ifindex,
+        pod_mac: POD1_MAC,
+        host_mac: VETH1_MAC,
+    };
+    env.dp.maps.endpoints.insert(POD1, ep, 0).expect("pod1");
     let vxlan = mode == "vxlan";
     let seeds = seeds();
     let mut rng = Rng(seed);
-    let mut tally = [0usize; 3];
+    // Passed, rewritten (delivered included), dropped, delivered into pod1.
+    let mut tally = [0usize; 4];
     let mut drops_want = vec![0u64; DropReason::COUNT as usize];
     let mut refused = 0;
     for n in 0..packets {
@@ -454,9 +516,16 @@ fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
                 refused += 1;
                 continue;
             }
+            if prog == prog_names::TC_DECAP_INGRESS {
+                forget_stack_flows(&mut env);
+            }
             match &want {
                 Outcome::Pass => tally[0] += 1,
                 Outcome::Rewrite(_) => tally[1] += 1,
+                Outcome::Deliver(_) => {
+                    tally[1] += 1;
+                    tally[3] += 1;
+                }
                 Outcome::Drop(r) => {
                     tally[2] += 1;
                     drops_want[*r as usize] += 1;
@@ -486,9 +555,10 @@ fn run_mode(mode: &str, seed: u64, packets: usize) -> [usize; 3] {
         );
     }
     println!(
-        "{mode}: {packets} packets x 4 programs: {} passed, {} rewritten, {} dropped, {refused} TC runs refused by the kernel (short L3); drops by reason: {}",
+        "{mode}: {packets} packets x 4 programs: {} passed, {} rewritten ({} delivered into pod1), {} dropped, {refused} TC runs refused by the kernel (short L3); drops by reason: {}",
         tally[0],
         tally[1],
+        tally[3],
         tally[2],
         DropReason::ALL
             .iter()
@@ -517,11 +587,11 @@ fn random_and_mutated_packets_match_the_reference_model() {
         .unwrap_or(50_000);
     println!("fuzz seed {seed} (replay: DP_FUZZ_SEED={seed})");
     for mode in ["ipip", "vxlan"] {
-        let [pass, rewrite, drop] = run_mode(mode, seed, packets);
+        let [pass, rewrite, drop, delivered] = run_mode(mode, seed, packets);
         // Every class must be exercised, or the generator has gone blind.
         assert!(
-            pass > 0 && rewrite > packets / 20 && drop > packets / 20,
-            "{mode}: {pass}/{rewrite}/{drop}"
+            pass > 0 && rewrite > packets / 20 && drop > packets / 20 && delivered > packets / 100,
+            "{mode}: {pass}/{rewrite}/{drop}, {delivered} delivered"
         );
     }
 }

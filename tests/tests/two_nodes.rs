@@ -12,23 +12,38 @@
 //! XDP or TC program, routed to pod2. Replies take the mirror path. The capture on br0 is checked by scapy
 //! (`tests/wire_check.py`) against the pod's own capture.
 use integration_tests::{Capture, Topology, script, sh, wire_captures, wire_check};
+use testkit::net::NodeSpec;
 
 fn two_nodes_carry_traffic(encap: &str, decap: &str) {
-    carry_traffic(encap, decap, false);
+    carry_traffic(encap, decap, false, false);
 }
 
-fn carry_traffic(encap: &str, decap: &str, udp_csum: bool) {
+/// Two nodes running the agent with `--decap decap`; with `cni`, their pods made through the
+/// agent's CNI list, so the default host routing (accepted flows) carries them.
+fn running(encap: &str, decap: &str, extra: &str, cni: bool) -> Topology {
+    let tag = format!("{encap}{decap}");
+    let args = format!("--decap {decap}");
+    if !cni {
+        return Topology::two_nodes_running(&tag, encap, extra, &args).0;
+    }
+    let mut t = Topology::with_cni(&tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
+    let cluster = t.write_cluster(&t.cluster_yaml(encap, extra));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, &args);
+    }
+    for i in 0..2 {
+        t.cni_add(i);
+    }
+    t
+}
+
+fn carry_traffic(encap: &str, decap: &str, udp_csum: bool, cni: bool) {
     let extra = if udp_csum {
         "vxlan: { udpChecksum: true }\n"
     } else {
         ""
     };
-    let (t, _) = Topology::two_nodes_running(
-        &format!("{encap}{decap}"),
-        encap,
-        extra,
-        &format!("--decap {decap}"),
-    );
+    let t = running(encap, decap, extra, cni);
 
     let (ul, pod) = wire_captures(&t, encap);
 
@@ -80,6 +95,14 @@ fn carry_traffic(encap: &str, decap: &str, udp_csum: bool) {
         .map(|d| d["packets"].as_u64().unwrap())
         .sum();
     assert_eq!(drops, 0, "node1 dropped packets: {stats}");
+    if cni {
+        // The transfers left pod1's veth straight for the underlay (BPF host routing).
+        let routed = t.counter_bytes(0, "host_route_out", "bpf");
+        assert!(
+            routed > 100 << 20,
+            "BPF host routing carried only {routed} bytes"
+        );
+    }
 }
 
 /// TCP from a pod leaves it as GSO packets, which the datapath hands to the kernel's
@@ -131,5 +154,12 @@ fn ipip_tc_decap() {
 /// Outer UDP checksums computed (for middleboxes that reject zero): scapy recomputes each one.
 #[test]
 fn vxlan_with_outer_udp_checksum() {
-    carry_traffic("vxlan", "xdp", true);
+    carry_traffic("vxlan", "xdp", true, false);
+}
+
+/// The same with pods made through the CNI list: the default host routing encapsulates at the
+/// pod's veth, checksums and GSO segments included.
+#[test]
+fn vxlan_with_outer_udp_checksum_through_cni_pods() {
+    carry_traffic("vxlan", "tc", true, true);
 }
