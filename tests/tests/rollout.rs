@@ -100,7 +100,8 @@ fn a_daemonset_rollout_with_the_manifests_arguments_loses_nothing() {
 
     // Overlapping: a surge pod, or a new pod while the old one still terminates.
     let mut ping = t.flood_ping(0, 1, 8);
-    thread::sleep(Duration::from_millis(300));
+    let flowing = wait_for(Duration::from_secs(3), || t.ping_replies(0, 1) > 0);
+    assert!(flowing, "the ping never got a reply");
     let old = t.agents.iter().rposition(|a| a.node == 0).unwrap();
     let new_log = t.spawn_agent(0, &source);
     for text in ["another agent holds this node", "port is in use"] {
@@ -118,17 +119,23 @@ fn a_daemonset_rollout_with_the_manifests_arguments_loses_nothing() {
         fs::read_to_string(&new_log).unwrap_or_default()
     );
     let tx_before = tx_to_node2(&t);
+    let handed = std::time::SystemTime::now();
     t.stop_agent(old);
     t.wait_agent(0, &new_log);
     assert!(
         wait_for(Duration::from_secs(10), || readyz(&t, port) == "200"),
         "the new agent is not ready on port {port} after the old one exited"
     );
+    let ready = std::time::SystemTime::now();
     assert!(
         ping.try_wait().unwrap().is_none(),
         "the ping ended before the new agent was ready: it did not span the hand-over"
     );
     let (sent, received) = t.flood_ping_result(0, 1, ping);
+    assert!(
+        t.ping_spanned(0, 1, handed, ready),
+        "no replies both before the old agent stopped and after the new one was ready"
+    );
     assert!(sent >= 1000, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost in the overlapping hand-over");
     assert!(tx_to_node2(&t) > tx_before, "per-peer counter not carried");
