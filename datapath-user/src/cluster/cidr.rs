@@ -53,6 +53,11 @@ impl FromStr for Cidr {
         let (addr, len) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not a CIDR (expected a.b.c.d/len)"))?;
+        if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(format!(
+                "{s:?} is an IPv6 CIDR: this datapath carries IPv4 only"
+            ));
+        }
         let addr: Ipv4Addr = addr
             .parse()
             .map_err(|_| format!("{s:?} is not a CIDR ({addr:?} is not an IPv4 address)"))?;

@@ -7,6 +7,8 @@ use super::{Problem, bgp::RawBgp};
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+/// A dual-stack node's IPv6 public address (with `backend-v6-data`): left out, and said so.
+pub const FLANNEL_PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 /// Calico's annotation of a node's own AS number.
 pub const CALICO_AS_NUMBER: &str = "projectcalico.org/ASNumber";
 
@@ -122,6 +124,9 @@ pub struct RawState {
     /// Entries of live data the source could not read as a node at all (an unreadable
     /// lease): left out and reported, every other node is applied.
     pub skipped: Vec<Problem>,
+    /// Where IPv6 data was met and left out (a dual-stack node's IPv6 pod CIDR or address):
+    /// this datapath carries IPv4 only, and says so instead of dropping it without a word.
+    pub ipv6_left_out: Vec<String>,
 }
 
 impl RawState {
@@ -136,6 +141,7 @@ impl RawState {
                 reason,
             }],
             skipped: Vec::new(),
+            ipv6_left_out: Vec::new(),
         }
     }
 

@@ -122,6 +122,15 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     let mut set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
     problems.extend(vxlan_problems(&set));
     let (nodes, skipped) = read_nodes(&raw, limits, &mut problems);
+    if let Some(first) = raw.ipv6_left_out.first() {
+        warnings.push(format!(
+            "IPv6 left out at {first}{}: this datapath carries IPv4 only; the IPv4 half is applied, IPv6 pods get no route from it",
+            match raw.ipv6_left_out.len() {
+                1 => String::new(),
+                n => format!(" and {} other place(s)", n - 1),
+            }
+        ));
+    }
     set.bgp =
         (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems, &mut warnings));
     if set.encap == Encap::None && set.bgp.is_none() {

@@ -8,8 +8,8 @@ use crate::cluster::bgp::RawBgp;
 use crate::cluster::{
     Problem,
     raw::{
-        CALICO_AS_NUMBER, FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP, NodeAt,
-        NodeField, Origin, RawNode, RawSettings, RawState, node_path,
+        CALICO_AS_NUMBER, FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP,
+        FLANNEL_PUBLIC_IPV6, NodeAt, NodeField, Origin, RawNode, RawSettings, RawState, node_path,
     },
 };
 
@@ -139,6 +139,7 @@ fn from_file_doc(doc: FileDoc) -> RawState {
         nodes,
         problems: Vec::new(),
         skipped: Vec::new(),
+        ipv6_left_out: Vec::new(),
     }
 }
 
@@ -258,6 +259,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         nodes,
         problems,
         skipped: Vec::new(),
+        ipv6_left_out: Vec::new(),
     }
 }
 
@@ -293,6 +295,7 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         nodes: Vec::new(),
         problems: Vec::new(),
         skipped: Vec::new(),
+        ipv6_left_out: Vec::new(),
     };
     let Some(items) = v.get("items").and_then(|i| i.as_sequence()) else {
         state
@@ -304,13 +307,19 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         let s = |v: Option<&serde_yaml::Value>| v.and_then(|x| x.as_str()).map(String::from);
         let annotations = item.get("metadata").and_then(|m| m.get("annotations"));
         let note = |key: &str| s(annotations.and_then(|a| a.get(key)));
+        let (pod_cidr, v6) = pod_cidrs(item, i);
+        state.ipv6_left_out.extend(v6);
         let mut raw = RawNode {
             index: i,
             name: s(item.get("metadata").and_then(|m| m.get("name"))),
-            pod_cidr: s(item.get("spec").and_then(|sp| sp.get("podCIDR"))),
+            pod_cidr,
             at: NodeAt::Item,
             ..RawNode::default()
         };
+        if note(FLANNEL_PUBLIC_IPV6).is_some() {
+            let path = format!("items[{i}].metadata.annotations[{FLANNEL_PUBLIC_IPV6}]");
+            state.ipv6_left_out.push(path);
+        }
         raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item));
         if let Some(asn) = note(CALICO_AS_NUMBER) {
             match asn.parse::<u32>() {
@@ -343,6 +352,32 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         state.nodes.push(raw);
     }
     state
+}
+
+/// A node's IPv4 pod CIDR (`spec.podCIDRs`, dual-stack, else `spec.podCIDR`) and the paths of
+/// the IPv6 ones, left out. A node with IPv6 ones only keeps its first, for validation to name.
+fn pod_cidrs(item: &serde_yaml::Value, i: usize) -> (Option<String>, Vec<String>) {
+    let spec = item.get("spec");
+    let list: Vec<String> = match spec.and_then(|sp| sp.get("podCIDRs")?.as_sequence()) {
+        Some(seq) => seq
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        None => spec
+            .and_then(|sp| sp.get("podCIDR")?.as_str())
+            .map(String::from)
+            .into_iter()
+            .collect(),
+    };
+    let v6 = |c: &String| c.contains(':');
+    let left_out = list
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| v6(c))
+        .map(|(j, _)| format!("items[{i}].spec.podCIDRs[{j}]"))
+        .collect();
+    let v4 = list.iter().find(|c| !v6(c)).or(list.first()).cloned();
+    (v4, left_out)
 }
 
 fn internal_ip(item: &serde_yaml::Value) -> Option<String> {

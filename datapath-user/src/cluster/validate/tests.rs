@@ -355,3 +355,34 @@ fn bgp_block_is_read_with_calicos_defaults() {
         c.warnings
     );
 }
+
+#[test]
+fn a_dual_stack_nodelist_applies_ipv4_and_names_what_it_left_out() {
+    let list = r#"{"kind":"NodeList","items":[
+      {"metadata":{"name":"node1","annotations":{"flannel.alpha.coreos.com/public-ipv6":"fd00::10"}},
+       "spec":{"podCIDR":"10.244.0.0/24","podCIDRs":["10.244.0.0/24","fd00:10:244::/64"]},
+       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.10"},{"type":"InternalIP","address":"fd00::10"}]}},
+      {"metadata":{"name":"node2"},
+       "spec":{"podCIDR":"fd00:10:244:1::/64","podCIDRs":["fd00:10:244:1::/64","10.244.1.0/24"]},
+       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.11"}]}}]}"#;
+    let c = parse(list, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    let cidrs: Vec<String> = c.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
+    assert_eq!(
+        cidrs,
+        ["10.244.0.0/24", "10.244.1.0/24"],
+        "IPv6 first or second, IPv4 taken"
+    );
+    let w = c.warnings.join("\n");
+    assert!(
+        w.contains("IPv6 left out at items[0].spec.podCIDRs[1] and 2 other place(s)"),
+        "{w}"
+    );
+    // An IPv6 pod CIDR in a cluster file is named for what it is.
+    let e = errors(&GOOD.replace("10.244.1.0/24", "fd00:10:244:1::/64"));
+    assert_eq!(
+        e,
+        [
+            "nodes[1].podCIDR: \"fd00:10:244:1::/64\" is an IPv6 CIDR: this datapath carries IPv4 only"
+        ]
+    );
+}

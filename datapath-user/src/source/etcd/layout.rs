@@ -85,10 +85,14 @@ pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
 pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<RawState> {
     let config = net_config(prefix, kvs)?;
     let sp = subnets_prefix(prefix);
-    let (mut nodes, mut skipped) = (Vec::new(), Vec::new());
+    let (mut nodes, mut skipped, mut ipv6_left_out) = (Vec::new(), Vec::new(), Vec::new());
     for (key, value) in kvs.range(sp.clone()..) {
         if !key.starts_with(&sp) {
             break;
+        }
+        // Flannel's dual-stack lease, `<v4>-<len>&<v6>-<len>`: its IPv4 half is a node here.
+        if key.contains('&') {
+            ipv6_left_out.push(key.clone());
         }
         match lease_raw(prefix, nodes.len(), key, value) {
             Ok(n) => nodes.push(n),
@@ -110,6 +114,7 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<R
         nodes,
         problems: Vec::new(),
         skipped,
+        ipv6_left_out,
     })
 }
 
@@ -127,10 +132,12 @@ pub(super) fn net_config(
 
 /// The pod CIDR a lease key names: `<prefix>/subnets/10.244.1.0-24` -> 10.244.1.0/24.
 pub(super) fn key_cidr(prefix: &str, key: &str) -> Result<Cidr, String> {
-    key.strip_prefix(&subnets_prefix(prefix))
-        .ok_or_else(|| "not a subnet lease key".to_string())?
-        .replacen('-', "/", 1)
-        .parse()
+    let subnets = key
+        .strip_prefix(&subnets_prefix(prefix))
+        .ok_or_else(|| "not a subnet lease key".to_string())?;
+    // A dual-stack lease names both subnets, IPv4 first: `10.244.1.0-24&fd00:10:244:1::-64`.
+    let v4 = subnets.split('&').next().unwrap_or(subnets);
+    v4.replacen('-', "/", 1).parse()
 }
 
 /// One lease as a raw node: named by its `NodeName`, else its `PublicIP`; its pod CIDR from
@@ -297,6 +304,52 @@ mod tests {
         assert_eq!(c.encap, cluster::Encap::None);
         let b = c.bgp.as_ref().expect("bgp");
         assert_eq!((b.as_number, b.peers[0].as_number), (64600, 65000));
+    }
+
+    #[test]
+    fn flannels_dual_stack_leases_apply_their_ipv4_half_and_say_so() {
+        let lease = r#"{"PublicIP":"192.168.1.11","PublicIPv6":"fd00::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"66:00:00:00:00:0b"},"BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:0c"}}"#;
+        let raw = compose(
+            "/p",
+            &kvs(&[
+                (
+                    "/p/config",
+                    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+                ),
+                ("/p/subnets/10.244.1.0-24&fd00:10:244:1::-64", lease),
+                (
+                    "/p/subnets/fd00:10:244:2::-64",
+                    r#"{"PublicIP":"192.168.1.12","BackendType":"vxlan"}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = cluster::Limits {
+            max_nodes: 10,
+            own_node: Some("192.168.1.11".into()),
+            own_addrs: Vec::new(),
+        };
+        let c = cluster::validate(raw, &cluster::Defaults::default(), &limits).unwrap();
+        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w
+                    .starts_with("IPv6 left out at /p/subnets/10.244.1.0-24&fd00:10:244:1::-64")),
+            "{:?}",
+            c.warnings
+        );
+        // An IPv6-only lease is skipped, with why.
+        assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+        assert!(c.skipped[0].reason.contains("IPv6 CIDR"), "{:?}", c.skipped);
+        // Its events are applied as the IPv4 node too.
+        let events = [(
+            "/p/subnets/10.244.1.0-24&fd00:10:244:1::-64".to_string(),
+            Some(lease.to_string()),
+        )];
+        let (up, _) = delta("/p", &events, |_| None).unwrap();
+        assert_eq!(up[0].pod_cidr.to_string(), "10.244.1.0/24");
     }
 
     #[test]
