@@ -283,6 +283,22 @@ fn image(tag: &str) -> Result<()> {
     std::fs::create_dir_all(&context)?;
     std::fs::copy(workspace().join(STATIC_BIN), context.join("datapath"))?;
     stage_with_libraries(Path::new(BIRD), &context.join("rootfs"))?;
+    for plugin in CNI_PLUGINS {
+        let libs = stage_with_libraries(
+            &Path::new(CNI_PLUGIN_DIR).join(plugin),
+            &context.join("rootfs"),
+        )?;
+        // `datapath install-cni-plugins` installs each with the loader and libc alone.
+        if let Some(other) = libs
+            .iter()
+            .find(|l| !l.ends_with("libc.so.6") && !l.ends_with("ld-linux-x86-64.so.2"))
+        {
+            bail!(
+                "{plugin} links {} besides libc: install-cni-plugins would miss it",
+                other.display()
+            );
+        }
+    }
     let built = run(Command::new("buildah")
         .args(["build", "--quiet", "-f"])
         .arg(workspace().join("deploy/Containerfile"))
@@ -298,9 +314,15 @@ fn image(tag: &str) -> Result<()> {
 /// The BGP speaker the image carries (Debian's bird2).
 const BIRD: &str = "/usr/sbin/bird";
 
+/// The reference CNI plugins the image carries for nodes without them (Debian's
+/// containernetworking-plugins), and where Debian keeps them.
+const CNI_PLUGINS: [&str; 3] = ["ptp", "host-local", "portmap"];
+const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
 /// Copies `bin` and the shared libraries `ldd` names for it (the loader included) under
 /// `root`, at their own paths: a dynamically linked program that runs in a scratch image.
-fn stage_with_libraries(bin: &Path, root: &Path) -> Result<()> {
+/// Returns the libraries.
+fn stage_with_libraries(bin: &Path, root: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(bin).output()?;
     if !out.status.success() {
         bail!(
@@ -314,13 +336,13 @@ fn stage_with_libraries(bin: &Path, root: &Path) -> Result<()> {
         .filter(|w| w.starts_with('/'))
         .map(PathBuf::from)
         .collect::<Vec<_>>();
-    for file in std::iter::once(bin.to_path_buf()).chain(libs) {
+    for file in std::iter::once(bin.to_path_buf()).chain(libs.iter().cloned()) {
         let dest = root.join(file.strip_prefix("/")?);
         std::fs::create_dir_all(dest.parent().context("no parent")?)?;
         // The content, not a symlink: the image has no /usr/lib for it to point into.
         std::fs::copy(&file, &dest).with_context(|| format!("copying {}", file.display()))?;
     }
-    Ok(())
+    Ok(libs)
 }
 
 /// Builds the agent, saying what and how long: a fresh checkout compiles for minutes.

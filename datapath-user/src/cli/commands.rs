@@ -106,6 +106,17 @@ pub fn mount_bpffs(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn install_cni_plugins(root: &Path, from: &Path, to: &Path) -> anyhow::Result<ExitCode> {
+    use crate::outputs::plugins::{Installed, install};
+    for done in install(root, from, to)? {
+        match done {
+            Installed::Written(p) => println!("installed {}", p.display()),
+            Installed::Present(p) => println!("{} is there already: left as it is", p.display()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn detach(pin_dir: &Path) -> anyhow::Result<ExitCode> {
     // Netlink TC filters have no pins: find their interfaces before the maps go.
     if let Ok(maps) = DatapathMaps::open_pinned(pin_dir) {

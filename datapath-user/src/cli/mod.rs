@@ -120,6 +120,20 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf")]
         path: PathBuf,
     },
+    /// Install the reference CNI plugins the image carries (ptp, host-local, portmap) where the
+    /// node has none, each with its own C library (the DaemonSet's init container).
+    #[command(after_help = "Example:\n  datapath install-cni-plugins --to /host/opt/cni/bin")]
+    InstallCniPlugins {
+        /// The node's CNI bin directory (mounted from the host).
+        #[arg(long)]
+        to: PathBuf,
+        /// Where the image keeps the plugins.
+        #[arg(long, default_value = "/usr/lib/cni")]
+        from: PathBuf,
+        /// The root of the image's files (its loader and C library are below it).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 /// The binary's entry: the CNI plugin when a container runtime runs it, else the command line.
@@ -156,6 +170,9 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Status { read } => commands::status(read),
         Cmd::Endpoints { read } => commands::endpoints(read),
         Cmd::MountBpffs { path } => commands::mount_bpffs(&path),
+        Cmd::InstallCniPlugins { to, from, root } => {
+            commands::install_cni_plugins(&root, &from, &to)
+        }
         Cmd::Monitor(args) => commands::monitor(&args),
         Cmd::Detach { pin_dir } => commands::detach(&pin_dir),
     }

@@ -14,6 +14,7 @@ use crate::cluster::{Cidr, covering};
 
 pub mod cni;
 pub mod flannel;
+pub mod plugins;
 
 /// What the outputs are written from: this node's pod CIDR, the pod MTU, the cluster's
 /// networks.
