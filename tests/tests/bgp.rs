@@ -334,6 +334,17 @@ fn ebgp_to_top_of_rack_router() {
     assert_eq!(by_peer("192.168.2.1")["peer_as"], 65000, "{st}");
     assert_eq!(by_peer("192.168.2.1")["state"], "Established", "{st}");
     assert_ne!(by_peer("192.168.3.10")["state"], "Established", "{st}");
+    let logged = wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&t.agents[1].log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("BGP session not established") && l.contains("192.168.3.10"))
+    });
+    assert!(
+        logged,
+        "the refusing peer was not logged with BIRD's reason: {}",
+        status_json(&t, 1)
+    );
     wait_native(&t);
     assert_native_on_wire(&t);
     let out = h.exec_out(&format!("ping -c 3 -i 0.2 -W 1 {}", t.nodes[1].pod_ip));

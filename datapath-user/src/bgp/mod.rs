@@ -66,6 +66,8 @@ pub struct SpeakerStatus {
     pub starts: u64,
     /// Times each session (by peer address) left Established.
     pub flaps: BTreeMap<String, u64>,
+    /// Readings in a row each session (by name) has not been Established.
+    pub waiting: BTreeMap<String, u32>,
     /// The last error configuring or reading BIRD, until one succeeds.
     pub error: Option<String>,
 }
@@ -181,21 +183,36 @@ fn ensure(bird: &Bird, view: &View, alive: bool, status: &SpeakerRef) -> anyhow:
 }
 
 /// Logs every session whose state changed and counts those that left Established.
+/// Readings (2 s apart) a session may spend coming up before it is logged as not coming up.
+const PATIENCE: u32 = 3;
+
+/// Logs every session that comes up or goes down, counts those that left Established, and
+/// logs once a session that does not come up (a peer refusing, unreachable, of another AS).
 fn note_sessions(st: &mut SpeakerStatus, now: &[Session]) {
     for s in now {
-        let before = st.sessions.iter().find(|o| o.name == s.name);
-        match before {
-            Some(b) if b.state == s.state => continue,
-            Some(b) if b.established() => {
-                *st.flaps.entry(s.peer.clone()).or_default() += 1;
-                warn!(peer = %s.peer, kind = s.kind, state = %s.state, info = %s.info, "BGP session down");
-            }
-            _ if s.established() => {
+        let was_up = st
+            .sessions
+            .iter()
+            .any(|o| o.name == s.name && o.established());
+        if s.established() {
+            st.waiting.remove(&s.name);
+            if !was_up {
                 info!(peer = %s.peer, kind = s.kind, peer_as = s.peer_as, "BGP session established");
             }
-            _ => {}
+            continue;
+        }
+        if was_up {
+            *st.flaps.entry(s.peer.clone()).or_default() += 1;
+            warn!(peer = %s.peer, kind = s.kind, state = %s.state, info = %s.info, "BGP session down");
+        }
+        let readings = st.waiting.entry(s.name.clone()).or_default();
+        *readings += 1;
+        if *readings == PATIENCE {
+            warn!(peer = %s.peer, kind = s.kind, peer_as = s.peer_as, state = %s.state, info = %s.info, "BGP session not established");
         }
     }
+    st.waiting
+        .retain(|name, _| now.iter().any(|s| &s.name == name));
     st.sessions = now.to_vec();
 }
 
@@ -206,4 +223,46 @@ fn lock_status(s: &SpeakerRef) -> std::sync::MutexGuard<'_, SpeakerStatus> {
 /// The metrics' view of the speaker.
 pub fn snapshot(s: &SpeakerRef) -> SpeakerStatus {
     lock_status(s).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(state: &str, info: &str) -> Session {
+        Session {
+            name: "peer_10_0_0_1".into(),
+            kind: "peer",
+            peer: "10.0.0.1".into(),
+            peer_as: 65000,
+            state: state.into(),
+            since: String::new(),
+            info: info.into(),
+            received: 0,
+            advertised: 0,
+        }
+    }
+
+    #[test]
+    fn a_session_leaving_established_is_a_flap_and_one_that_stays_down_is_noted() {
+        let mut st = SpeakerStatus::default();
+        for state in [
+            "Connect",
+            "Established",
+            "Active",
+            "Established",
+            "Established",
+            "Idle",
+        ] {
+            note_sessions(&mut st, &[session(state, state)]);
+        }
+        assert_eq!(st.flaps.get("10.0.0.1"), Some(&2));
+        assert_eq!(st.waiting.get("peer_10_0_0_1"), Some(&1));
+        for _ in 0..PATIENCE {
+            note_sessions(&mut st, &[session("Active", "Active")]);
+        }
+        assert_eq!(st.waiting.get("peer_10_0_0_1"), Some(&(PATIENCE + 1)));
+        note_sessions(&mut st, &[session("Established", "Established")]);
+        assert_eq!(st.waiting.get("peer_10_0_0_1"), None);
+    }
 }
