@@ -33,8 +33,9 @@ const VXLAN_TO_INNER_IP: usize = UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN;
 
 /// What the classifier decided for a packet that is not dropped.
 pub enum Verdict {
-    /// Not a tunnel packet for this node: hand it on untouched.
-    Pass,
+    /// Not a tunnel packet for this node: hand it on untouched. `cfg`: the configuration, once
+    /// there is one, so that delivery of a natively routed packet reads it no second time.
+    Pass { cfg: Option<&'static NodeConfig> },
     /// Ours and allowed: remove `strip` bytes after the outer Ethernet header; `host_routing`:
     /// the configuration, when BPF host routing is on (the inner packet may go straight into
     /// its pod), so that delivery reads it no second time.
@@ -73,10 +74,10 @@ struct Admitted {
 #[inline(always)]
 pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
-        return Ok(Verdict::Pass);
+        return Ok(Verdict::Pass { cfg: None });
     };
     let Some(outer) = parse_outer(ctx, cfg)? else {
-        return Ok(Verdict::Pass);
+        return Ok(Verdict::Pass { cfg: Some(cfg) });
     };
     let adm = admit(ctx, &outer)?;
     let (strip, counter) = if outer.vxlan {
@@ -299,7 +300,7 @@ fn ipv4_for_local_pod<P: Packet>(ctx: &P, cfg: &NodeConfig, off: usize) -> bool 
 pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let (strip, counter, peer_idx) = match classify(ctx)? {
-        Verdict::Pass => {
+        Verdict::Pass { .. } => {
             count(CounterId::Pass, len);
             return Ok(XDP_PASS);
         }
@@ -340,18 +341,12 @@ pub enum Delivery {
     Pod(&'static NodeConfig),
 }
 
-/// Where a packet that is no tunnel packet goes: straight into its local pod when BPF host
-/// routing is on and it comes from a pod CIDR this node reaches natively (crossSubnet's
+/// Where a packet that is no tunnel packet goes with BPF host routing on (`cfg`): straight
+/// into its local pod when it comes from a pod CIDR this node reaches natively (crossSubnet's
 /// same-subnet peers, `encapsulation: none`), as decapsulated packets do; else the stack.
 /// Anything from outside the cluster's pods takes the stack.
 #[inline(always)]
-fn native_delivery(ctx: &TcContext) -> Delivery {
-    let Some(cfg) = DP_CONFIG.get(0) else {
-        return Delivery::Stack;
-    };
-    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 {
-        return Delivery::Stack;
-    }
+fn native_delivery(ctx: &TcContext, cfg: &'static NodeConfig) -> Delivery {
     let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return Delivery::Stack;
     };
@@ -382,9 +377,14 @@ fn native_delivery(ctx: &TcContext) -> Delivery {
 pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
     let len = ctx.len();
     let (strip, counter, peer_idx, host_routing) = match classify(ctx)? {
-        Verdict::Pass => {
+        Verdict::Pass { cfg } => {
             count(CounterId::Pass, len);
-            return Ok(native_delivery(ctx));
+            return Ok(match cfg {
+                Some(cfg) if cfg.flags & config_flags::HOST_ROUTING_BPF != 0 => {
+                    native_delivery(ctx, cfg)
+                }
+                _ => Delivery::Stack,
+            });
         }
         Verdict::Decap {
             strip,

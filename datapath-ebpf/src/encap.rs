@@ -97,22 +97,15 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         _ if via_aggregate => return Err(DropReason::NoPodRoute),
         _ => return Ok(pass(len)),
     };
+    // A pod's flow that crossed the host's stack toward a remote pod, encapsulated or not, is
+    // netfilter's verdict.
+    flows::stack_forwarded(ctx, cfg, &inner);
     match route.mode {
-        route_mode::IPIP | route_mode::VXLAN => {
-            flows::stack_forwarded(ctx, cfg, &inner);
-            send(ctx, cfg, &route, &inner)
-        }
+        route_mode::IPIP | route_mode::VXLAN => send(ctx, cfg, &route, &inner),
         // A same-subnet peer's own route normally carries these; through the aggregate route
-        // they still reach the peer, unencapsulated.
-        // Natively too, a pod's flow that crossed the host's stack is netfilter's verdict.
-        route_mode::NATIVE if via_aggregate => {
-            flows::stack_forwarded(ctx, cfg, &inner);
-            send_native(ctx, cfg, &route)
-        }
-        route_mode::NATIVE => {
-            flows::stack_forwarded(ctx, cfg, &inner);
-            counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len)
-        }
+        // (a peer in another subnet under `encapsulation: none`) they reach it unencapsulated.
+        route_mode::NATIVE if via_aggregate => send_native(ctx, cfg, &route),
+        route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
         _ => Err(DropReason::NoPodRoute),
     }
 }
