@@ -1,6 +1,8 @@
 //! The node's BIRD daemon: started (it daemonizes, so it outlives an agent restart and the
-//! sessions stay up), reconfigured in place (`configure`: unchanged sessions are kept), found
-//! again by its control socket, and stopped when the state no longer asks for BGP.
+//! sessions stay up; starting the daemon is the one process the agent spawns for it),
+//! reconfigured in place through its control socket (`configure check`, then `configure`:
+//! unchanged sessions are kept), found again by that socket, and stopped when the state no
+//! longer asks for BGP.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -8,8 +10,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use birdc::{Client, Message};
-
-use crate::outputs::write_atomic;
 
 /// Where one node's BIRD keeps its files.
 #[derive(Clone, Debug)]
@@ -39,9 +39,10 @@ impl Bird {
             .is_ok()
     }
 
-    /// Writes `text` as the configuration: checked by BIRD's parser first, so a bad one never
-    /// replaces the running one. True when it changed.
-    pub fn write_config(&self, text: &str) -> anyhow::Result<bool> {
+    /// Writes `text` as the configuration. A running BIRD checks it first (`configure check`
+    /// on its control socket), so a bad one never replaces the one it runs; without one, the
+    /// start reads and reports it. True when it changed.
+    pub fn write_config(&self, text: &str, alive: bool) -> anyhow::Result<bool> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let path = self.config();
@@ -51,20 +52,13 @@ impl Bird {
         let candidate = self.dir.join("bird.conf.new");
         std::fs::write(&candidate, text)
             .with_context(|| format!("writing {}", candidate.display()))?;
-        let parsed = Command::new(&self.bin)
-            .args(["-p", "-c"])
-            .arg(&candidate)
-            .output()
-            .with_context(|| format!("running {} -p", self.bin.display()))?;
-        if !parsed.status.success() {
-            bail!(
-                "BIRD rejects the configuration written to {}: {}",
-                candidate.display(),
-                String::from_utf8_lossy(&parsed.stderr).trim()
-            );
+        if alive {
+            self.request(&format!("configure check \"{}\"", candidate.display()))
+                .with_context(|| format!("BIRD rejects {}", candidate.display()))?;
         }
-        let _ = std::fs::remove_file(&candidate);
-        write_atomic(&path, text.as_bytes(), 0o644)
+        std::fs::rename(&candidate, &path)
+            .with_context(|| format!("renaming {} to {}", candidate.display(), path.display()))?;
+        Ok(true)
     }
 
     /// Starts BIRD on the written configuration; it daemonizes once the configuration is read.
@@ -101,9 +95,16 @@ impl Bird {
 
     /// Has the running BIRD read its configuration again.
     pub fn configure(&self) -> anyhow::Result<()> {
+        self.request("configure").map(|_| ())
+    }
+
+    /// One command on the control socket; BIRD's error replies are errors.
+    fn request(&self, command: &str) -> anyhow::Result<Vec<Message>> {
         let mut conn = Client::for_unix_socket(self.socket()).connect_sync()?;
-        let replies = conn.send_request("configure").context("BIRD's configure")?;
-        match replies.iter().find(|m| {
+        let replies = conn
+            .send_request(command)
+            .map_err(|e| anyhow::anyhow!("BIRD's {command}: {e}"))?;
+        if let Some(m) = replies.iter().find(|m| {
             matches!(
                 m,
                 Message::ConfigurationFileError(_)
@@ -111,9 +112,9 @@ impl Bird {
                     | Message::ReloadFailed(_)
             )
         }) {
-            Some(m) => bail!("BIRD's configure failed: {m:?}"),
-            None => Ok(()),
+            bail!("BIRD's {command}: {m:?}");
         }
+        Ok(replies)
     }
 
     /// Stops BIRD: its sessions close, so its peers withdraw this node's routes.

@@ -169,7 +169,7 @@ fn step(bird: &Bird, view: Option<&View>, status: &SpeakerRef) -> Option<Reading
 /// Writes the configuration and has BIRD run it: started when it is not running, told to
 /// read it again when it changed.
 fn ensure(bird: &Bird, view: &View, alive: bool, status: &SpeakerRef) -> anyhow::Result<()> {
-    let changed = bird.write_config(&config::render(view, &bird.log()))?;
+    let changed = bird.write_config(&config::render(view, &bird.log()), alive)?;
     if !alive {
         bird.start()?;
         let mut st = lock_status(status);
