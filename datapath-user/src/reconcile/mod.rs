@@ -11,6 +11,7 @@ use crate::{
     cluster::{self, Cidr, Cluster, Defaults, Limits, Settings, raw::RawState},
     outputs::{Outputs, Wanted},
     source::{Update, etcd},
+    underlay::netlink::RouteSpec,
 };
 
 pub mod csum;
@@ -163,11 +164,7 @@ impl Reconciler {
             Err(ApplyError::Maps(e)) => return Err(e.into()),
             Err(_) => return Ok(None),
         };
-        let (want, ifindex) = {
-            let s = lock(&self.shared);
-            (s.dp.routes(), s.dp.local.iface.ifindex)
-        };
-        self.routes.sync(&want, ifindex, &mut ch).await?;
+        self.sync_routes(&mut ch).await?;
         Ok(Some(ch))
     }
 
@@ -206,11 +203,7 @@ impl Reconciler {
                 return;
             }
         };
-        let (want, ifindex) = {
-            let s = lock(&self.shared);
-            (s.dp.routes(), s.dp.local.iface.ifindex)
-        };
-        if let Err(e) = self.routes.sync(&want, ifindex, &mut ch).await {
+        if let Err(e) = self.sync_routes(&mut ch).await {
             error!("routes after the fabric's routes changed: {e:#}");
         }
         info!(
@@ -260,11 +253,20 @@ impl Reconciler {
 
     /// Reads the kernel's routes again (someone may have flushed them) and repairs them.
     pub async fn repair_routes(&mut self) {
-        let (want, ifindex) = {
-            let s = lock(&self.shared);
-            (s.dp.routes(), s.dp.local.iface.ifindex)
-        };
+        let (want, ifindex) = self.wanted_routes();
         self.routes.reconcile(&want, ifindex).await;
+    }
+
+    /// Brings the kernel routes to what the maps now ask for, counting the changes in `ch`.
+    async fn sync_routes(&mut self, ch: &mut Changes) -> anyhow::Result<()> {
+        let (want, ifindex) = self.wanted_routes();
+        self.routes.sync(&want, ifindex, ch).await
+    }
+
+    /// The routes the maps ask for, and the underlay's ifindex.
+    fn wanted_routes(&self) -> (std::collections::BTreeMap<Cidr, RouteSpec>, u32) {
+        let s = lock(&self.shared);
+        (s.dp.routes(), s.dp.local.iface.ifindex)
     }
 }
 

@@ -4,10 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::{Changes, Dataplane};
-use crate::{
-    cluster::{Cidr, Node},
-    kernel::maps::MapsError,
-};
+use crate::{cluster::Cidr, kernel::maps::MapsError};
 
 impl Dataplane {
     /// Records the pod CIDRs the fabric can route and moves the peers whose mode that changes.
@@ -29,15 +26,5 @@ impl Dataplane {
             return Ok(Changes::default());
         }
         self.commit(settings, me, moved, Vec::new(), false)
-    }
-
-    /// This node, once a state is applied.
-    pub fn me(&self) -> Option<&Node> {
-        self.me.as_ref()
-    }
-
-    /// Every other node of the applied state.
-    pub fn peer_nodes(&self) -> impl Iterator<Item = &Node> {
-        self.peers.values().map(|p| &p.node)
     }
 }

@@ -256,6 +256,16 @@ impl Dataplane {
         }
     }
 
+    /// This node, once a state is applied.
+    pub fn me(&self) -> Option<&Node> {
+        self.me.as_ref()
+    }
+
+    /// Every other node of the applied state.
+    pub fn peer_nodes(&self) -> impl Iterator<Item = &Node> {
+        self.peers.values().map(|p| &p.node)
+    }
+
     /// This node's own pod CIDR, once a state is applied.
     pub fn own_pod_cidr(&self) -> Option<Cidr> {
         self.me.as_ref().map(|m| m.pod_cidr)
