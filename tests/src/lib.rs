@@ -368,6 +368,10 @@ impl Topology {
         )
     }
 
+    fn ping_log(&self, from: usize, to: usize) -> PathBuf {
+        self.workdir.join(format!("ping-{from}-{to}.log"))
+    }
+
     /// Whether a `flood_ping` from `from` to `to` (finished or running) got replies both
     /// before `start` and after `end`: the traffic spanned the event between them.
     pub fn ping_spanned(
@@ -377,45 +381,18 @@ impl Topology {
         start: std::time::SystemTime,
         end: std::time::SystemTime,
     ) -> bool {
-        let text = fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log")))
-            .unwrap_or_default();
-        let secs = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs_f64()
-        };
-        // `ping -D`: "[1764763000.123456] 64 bytes from ...".
-        let replies: Vec<f64> = text
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect();
-        replies.iter().any(|t| *t < secs(start)) && replies.iter().any(|t| *t > secs(end))
+        ping_log_spanned(&self.ping_log(from, to), start, end)
     }
 
     /// Replies a `flood_ping` from `from` to `to` has logged so far.
     pub fn ping_replies(&self, from: usize, to: usize) -> usize {
-        fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log")))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .count()
+        ping_log_replies(&self.ping_log(from, to)).len()
     }
 
     /// Waits for a `flood_ping` and returns (sent, received) from ping's summary.
     pub fn flood_ping_result(&self, from: usize, to: usize, mut child: Child) -> (u32, u32) {
         let _ = child.wait();
-        let text = fs::read_to_string(self.workdir.join(format!("ping-{from}-{to}.log"))).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
-        let nums: Vec<u32> = line
-            .split(", ")
-            .take(2)
-            .map(|p| p.split(' ').next().unwrap().parse().unwrap())
-            .collect();
-        (nums[0], nums[1])
+        ping_log_summary(&self.ping_log(from, to))
     }
 
     /// Pings pod `to` from pod `from`; returns the number of replies.
@@ -483,6 +460,47 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The Unix times of the replies in the log of a `ping -D` (`[1764763000.123456] 64 bytes
+/// from ...`).
+pub fn ping_log_replies(log: &Path) -> Vec<f64> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
+}
+
+/// Whether a `ping -D` logging to `log` got replies both before `start` and after `end`.
+pub fn ping_log_spanned(
+    log: &Path,
+    start: std::time::SystemTime,
+    end: std::time::SystemTime,
+) -> bool {
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let replies = ping_log_replies(log);
+    replies.iter().any(|t| *t < secs(start)) && replies.iter().any(|t| *t > secs(end))
+}
+
+/// (sent, received) from the summary of the finished ping logging to `log`.
+pub fn ping_log_summary(log: &Path) -> (u32, u32) {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    let nums: Vec<u32> = line
+        .split(", ")
+        .take(2)
+        .map(|p| p.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    (nums[0], nums[1])
 }
 
 /// Polls `f` until it is true (returns true) or `timeout` passes (returns false).

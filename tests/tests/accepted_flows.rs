@@ -127,8 +127,8 @@ fn bpf_host_routing_bypasses_from_the_first_packet() {
     assert_eq!(env.counter(CounterId::FlowVerifyOut), 0);
 }
 
-fn delivery_waits_for_the_verdict(encap: &str) {
-    let mut env = Env::routed(encap, "", HostRouting::AcceptedFlows);
+/// Records pod1 behind its veth, as the CNI plugin does.
+fn record_pod1(env: &mut Env) {
     let ep = Endpoint {
         ifindex: env.ifindex,
         pod_mac: POD1_MAC,
@@ -139,6 +139,11 @@ fn delivery_waits_for_the_verdict(encap: &str) {
         .endpoints
         .insert(POD1, ep, 0)
         .expect("pod1 as the CNI plugin records it");
+}
+
+fn delivery_waits_for_the_verdict(encap: &str) {
+    let mut env = Env::routed(encap, "", HostRouting::AcceptedFlows);
+    record_pod1(&mut env);
     let tunnel = from_peer(encap == "vxlan", &segment(POD2, POD1, ACK, 64), 4096, PEER);
     // First: decapsulated and handed to the stack, for node1's FORWARD.
     let (action, decapsulated) = env.run_tc(prog_names::TC_DECAP_INGRESS, &tunnel);
@@ -209,12 +214,7 @@ fn native_peer_flow_bypasses_once_accepted() {
 #[test]
 fn native_packets_from_peer_pods_go_straight_in_others_take_the_stack() {
     let mut env = Env::routed("vxlan", "crossSubnet: true\n", HostRouting::Bpf);
-    let ep = Endpoint {
-        ifindex: env.ifindex,
-        pod_mac: POD1_MAC,
-        host_mac: VETH1_MAC,
-    };
-    env.dp.maps.endpoints.insert(POD1, ep, 0).expect("pod1");
+    record_pod1(&mut env);
     let native = eth(NODE_MAC, PEER_MAC, 0x0800, &segment(POD2, POD1, ACK, 63));
     let (action, out) = env.run_tc(prog_names::TC_DECAP_INGRESS, &native);
     assert_eq!(action, TC_ACT_REDIRECT, "bpf_redirect_peer into pod1");

@@ -18,7 +18,7 @@ use std::{
 use integration_tests::{
     Capture, Topology,
     fabric::{Frr, frr_config, host_behind},
-    tshark_fields, wait_for,
+    ping_log_spanned, ping_log_summary, tshark_fields, wait_for,
 };
 use testkit::net::{Netns, NodeSpec};
 
@@ -129,28 +129,8 @@ fn host_ping(h: &Netns, pod: &str, secs: u32, log: &std::path::Path) -> std::pro
 
 /// (sent, received) from ping's summary in `log`, and whether replies came before `a` and after `b`.
 fn ping_result(log: &std::path::Path, a: SystemTime, b: SystemTime) -> (u32, u32, bool) {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
-    let n: Vec<u32> = line
-        .split(", ")
-        .take(2)
-        .map(|p| p.split(' ').next().unwrap().parse().unwrap())
-        .collect();
-    let secs = |t: SystemTime| {
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
-    let times: Vec<f64> = text
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-        .collect();
-    let spanned = times.iter().any(|t| *t < secs(a)) && times.iter().any(|t| *t > secs(b));
-    (n[0], n[1], spanned)
+    let (sent, got) = ping_log_summary(log);
+    (sent, got, ping_log_spanned(log, a, b))
 }
 
 /// Pod traffic between the nodes crosses the router's link as plain IPv4 between pod

@@ -279,6 +279,16 @@ mod tests {
         assert_eq!(c.nodes[0].vtep_mac, [0x66, 0, 0, 0, 0, 0x0b]);
     }
 
+    /// `raw` validated as node 192.168.1.11 (a lease flanneld wrote names no node).
+    fn validated(raw: RawState) -> cluster::Cluster {
+        let limits = cluster::Limits {
+            max_nodes: 10,
+            own_node: Some("192.168.1.11".into()),
+            own_addrs: Vec::new(),
+        };
+        cluster::validate(raw, &cluster::Defaults::default(), &limits).unwrap()
+    }
+
     #[test]
     fn host_gw_with_a_bgp_block_in_the_network_config() {
         let raw = compose(
@@ -295,12 +305,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        let limits = cluster::Limits {
-            max_nodes: 10,
-            own_node: Some("192.168.1.11".into()),
-            own_addrs: Vec::new(),
-        };
-        let c = cluster::validate(raw, &cluster::Defaults::default(), &limits).unwrap();
+        let c = validated(raw);
         assert_eq!(c.encap, cluster::Encap::None);
         let b = c.bgp.as_ref().expect("bgp");
         assert_eq!((b.as_number, b.peers[0].as_number), (64600, 65000));
@@ -324,12 +329,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        let limits = cluster::Limits {
-            max_nodes: 10,
-            own_node: Some("192.168.1.11".into()),
-            own_addrs: Vec::new(),
-        };
-        let c = cluster::validate(raw, &cluster::Defaults::default(), &limits).unwrap();
+        let c = validated(raw);
         assert_eq!(c.nodes.len(), 1);
         assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
         assert!(
