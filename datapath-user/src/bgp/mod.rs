@@ -87,18 +87,26 @@ pub async fn supervise(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut sent: Option<BTreeSet<Cidr>> = None;
+    // What BIRD was last configured from: the configuration is rendered again only when the
+    // state changed it (or after a failed round).
+    let mut configured: Option<Option<View>> = None;
     loop {
         tokio::select! {
             () = changed.notified() => {}
             _ = tick.tick() => {}
         }
         let view = view(&shared, &opts);
-        let (b, st) = (bird.clone(), status.clone());
-        let reading = tokio::task::spawn_blocking(move || step(&b, view.as_ref(), &st))
+        let fresh = configured.as_ref() != Some(&view);
+        let (b, st, v) = (bird.clone(), status.clone(), view.clone());
+        let reading = tokio::task::spawn_blocking(move || step(&b, v.as_ref(), fresh, &st))
             .await
             .ok()
             .flatten();
-        let Some(reading) = reading else { continue };
+        let Some(reading) = reading else {
+            configured = None;
+            continue;
+        };
+        configured = Some(view);
         let routes = reading.fabric_routes();
         // A session coming back (BIRD restarted, a peer restarting) has not relearned what
         // graceful restart keeps in the fabric: no peer goes back into a tunnel for that.
@@ -132,7 +140,7 @@ fn view(shared: &SharedRef, opts: &BgpOptions) -> Option<View> {
 
 /// One round: BIRD configured and running as `view` asks (stopped when it asks for none),
 /// then read. Errors are recorded in `status` and logged once.
-fn step(bird: &Bird, view: Option<&View>, status: &SpeakerRef) -> Option<Reading> {
+fn step(bird: &Bird, view: Option<&View>, fresh: bool, status: &SpeakerRef) -> Option<Reading> {
     let alive = bird.alive();
     let Some(view) = view else {
         if alive {
@@ -144,7 +152,8 @@ fn step(bird: &Bird, view: Option<&View>, status: &SpeakerRef) -> Option<Reading
         *lock_status(status) = SpeakerStatus::default();
         return None;
     };
-    let outcome = ensure(bird, view, alive, status).and_then(|()| sessions::read(&bird.socket()));
+    let outcome =
+        ensure(bird, view, alive, fresh, status).and_then(|()| sessions::read(&bird.socket()));
     let mut st = lock_status(status);
     st.wanted = true;
     match outcome {
@@ -166,10 +175,17 @@ fn step(bird: &Bird, view: Option<&View>, status: &SpeakerRef) -> Option<Reading
     }
 }
 
-/// Writes the configuration and has BIRD run it: started when it is not running, told to
-/// read it again when it changed.
-fn ensure(bird: &Bird, view: &View, alive: bool, status: &SpeakerRef) -> anyhow::Result<()> {
-    let changed = bird.write_config(&config::render(view, &bird.log()), alive)?;
+/// Writes the configuration (when `view` is `fresh` or BIRD is not running) and has BIRD run
+/// it: started when it is not running, told to read it again when it changed.
+fn ensure(
+    bird: &Bird,
+    view: &View,
+    alive: bool,
+    fresh: bool,
+    status: &SpeakerRef,
+) -> anyhow::Result<()> {
+    let changed =
+        (fresh || !alive) && bird.write_config(&config::render(view, &bird.log()), alive)?;
     if !alive {
         bird.start()?;
         let mut st = lock_status(status);
@@ -182,7 +198,6 @@ fn ensure(bird: &Bird, view: &View, alive: bool, status: &SpeakerRef) -> anyhow:
     Ok(())
 }
 
-/// Logs every session whose state changed and counts those that left Established.
 /// Readings (2 s apart) a session may spend coming up before it is logged as not coming up.
 const PATIENCE: u32 = 3;
 
