@@ -17,10 +17,8 @@ import sys
 
 
 def tcp_server(port, out):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
-    s.listen(1)
+    # Both families: IPv4 clients arrive as IPv4-mapped addresses.
+    s = socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True)
     c, _ = s.accept()
     h, n = hashlib.sha256(), 0
     while True:

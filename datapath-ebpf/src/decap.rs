@@ -36,14 +36,17 @@ pub enum Verdict {
     /// Not a tunnel packet for this node: hand it on untouched. `cfg`: the configuration, once
     /// there is one, so that delivery of a natively routed packet reads it no second time.
     Pass { cfg: Option<&'static NodeConfig> },
-    /// Ours and allowed: remove `strip` bytes after the outer Ethernet header; `host_routing`:
-    /// the configuration, when BPF host routing is on (the inner packet may go straight into
-    /// its pod), so that delivery reads it no second time.
+    /// Ours and allowed: remove `strip` bytes after the outer Ethernet header. `host_routing`:
+    /// BPF host routing is on (the inner packet may go straight into its pod); `cfg`: the
+    /// configuration, so that delivery reads it no second time. A flag beside an always-valid
+    /// pointer, not an `Option` of it: LLVM turns "pointer or null" into a mask on the
+    /// pointer, which the verifier refuses.
     Decap {
         strip: u32,
         counter: CounterId,
         peer_idx: u32,
-        host_routing: Option<&'static NodeConfig>,
+        host_routing: bool,
+        cfg: &'static NodeConfig,
     },
 }
 
@@ -76,6 +79,9 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Ok(Verdict::Pass { cfg: None });
     };
+    if crate::six::is_ipv6(ctx) {
+        return crate::six::classify6(ctx, cfg);
+    }
     let Some(outer) = parse_outer(ctx, cfg)? else {
         return Ok(Verdict::Pass { cfg: Some(cfg) });
     };
@@ -90,7 +96,8 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
         strip,
         counter,
         peer_idx: adm.node.peer_idx,
-        host_routing: (cfg.flags & config_flags::HOST_ROUTING_BPF != 0).then_some(cfg),
+        host_routing: cfg.flags & config_flags::HOST_ROUTING_BPF != 0,
+        cfg,
     })
 }
 
@@ -294,7 +301,7 @@ fn ipv4_for_local_pod<P: Packet>(ctx: &P, cfg: &NodeConfig, off: usize) -> bool 
 }
 
 /// XDP: classifies, then moves the head past the tunnel headers and writes a fresh Ethernet
-/// header (the outer one's MACs, IPv4 type) so the stack takes the inner packet as addressed
+/// header (the outer one's MACs, the inner packet's type) so the stack takes the inner packet as addressed
 /// to this host. Returns `XDP_PASS` for both passed and decapsulated packets.
 #[inline(always)]
 pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
@@ -325,14 +332,27 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     unsafe {
         (*eth).dst_addr = dst;
         (*eth).src_addr = src;
-        (*eth).ether_type = EtherType::Ipv4 as u16;
+        (*eth).ether_type = inner_ether_type(strip);
     }
     count(counter, len);
     count_peer(peer_idx, false, len);
     Ok(XDP_PASS)
 }
 
-/// Where a packet goes once the TC decapsulation is done with it.
+/// The Ethernet type of what `strip` bytes of tunnel headers held: IPv6 behind IPv6 VXLAN's 70
+/// bytes, IPv4 behind IPIP's and IPv4 VXLAN's.
+#[inline(always)]
+fn inner_ether_type(strip: u32) -> u16 {
+    if strip == maps_common::VXLAN6_OVERHEAD {
+        EtherType::Ipv6 as u16
+    } else {
+        EtherType::Ipv4 as u16
+    }
+}
+
+/// Where a packet goes once the TC decapsulation is done with it. An explicit tag (`repr`),
+/// so that choosing one never masks the pointer (see `Verdict::Decap`).
+#[repr(u8)]
 pub enum Delivery {
     /// The host's stack: passed untouched, or decapsulated for the stack to route.
     Stack,
@@ -376,7 +396,7 @@ fn native_delivery(ctx: &TcContext, cfg: &'static NodeConfig) -> Delivery {
 #[inline(always)]
 pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
     let len = ctx.len();
-    let (strip, counter, peer_idx, host_routing) = match classify(ctx)? {
+    let (strip, counter, peer_idx, host_routing, cfg) = match classify(ctx)? {
         Verdict::Pass { cfg } => {
             count(CounterId::Pass, len);
             return Ok(match cfg {
@@ -391,10 +411,11 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
             counter,
             peer_idx,
             host_routing,
-        } => (strip, counter, peer_idx, host_routing),
+            cfg,
+        } => (strip, counter, peer_idx, host_routing, cfg),
     };
     monitor::forwarded(ctx, event_hook::TC_DECAP);
-    // The inner header is IPv4 like the outer one, so nothing changes version
+    // The inner header is of the outer one's family, so nothing changes version
     // (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 would say so, and exists only from 6.3). GSO size fixed:
     // a GRO-merged or GSO packet's segment size is already the inner payload's; growing it
     // by the stripped headers would make the host's forwarding refuse it as larger than the
@@ -407,5 +428,9 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
     .map_err(|_| DropReason::AdjustFailed)?;
     count(counter, len);
     count_peer(peer_idx, false, len);
-    Ok(host_routing.map_or(Delivery::Stack, Delivery::Pod))
+    Ok(if host_routing {
+        Delivery::Pod(cfg)
+    } else {
+        Delivery::Stack
+    })
 }

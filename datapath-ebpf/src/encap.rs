@@ -1,5 +1,5 @@
 //! Encapsulation at TC egress on the underlay: IPIP or VXLAN headers in front of IPv4 packets
-//! headed for a remote node's pod CIDR, then sent to the outer next hop (`nexthop`). The
+//! headed for a remote node's pod CIDR (IPv6 packets go to `six`), then sent to the outer next hop (`nexthop`). The
 //! kernel routes remote pod traffic here through a few aggregate routes whose next hop is
 //! `ROUTE_NEXTHOP`; the program, not the routing table, knows which node owns which CIDR.
 use aya_ebpf::{
@@ -76,10 +76,13 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // SAFETY: ptr_at checked the bounds.
     let (ether_type, dst_mac) = unsafe { ((*eth).ether_type, (*eth).dst_addr) };
+    let via_aggregate = dst_mac == ROUTE_NEXTHOP_MAC;
+    if ether_type == EtherType::Ipv6 as u16 {
+        return crate::six::try_encap6(ctx, cfg, via_aggregate);
+    }
     if ether_type != EtherType::Ipv4 as u16 {
         return Ok(pass(len));
     }
-    let via_aggregate = dst_mac == ROUTE_NEXTHOP_MAC;
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
         return Ok(pass(len));
     };

@@ -14,6 +14,7 @@ mod lookup;
 mod monitor;
 mod nexthop;
 mod parse;
+mod six;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_DROP},
@@ -24,8 +25,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use maps_common::{
     AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, EVENTS_BYTES, Endpoint, Event,
-    FastFlow, FlowKey, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig, NodeEntry,
-    PeerHealth, PeerStats, PodKey, PodRoute, event_hook,
+    FastFlow, FlowKey, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig, NodeConfig6,
+    NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6, event_hook,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -99,6 +100,18 @@ pub static DP_HEALTH: HashMap<[u8; 4], PeerHealth, MAX_NODES> = HashMap::new();
 /// The event rate limit and trace sampling, written by the agent and `datapath monitor`.
 #[btf_map]
 pub static DP_MONITOR_CONF: Array<MonitorConf, 1> = Array::new();
+
+/// This node's IPv6 settings (one entry, all zero without IPv6 pods); see `six`.
+#[btf_map]
+pub static DP_CONFIG6: Array<NodeConfig6, 1> = Array::new();
+
+/// IPv6 pod CIDR -> owning node, by longest prefix.
+#[btf_map]
+pub static DP_POD_CIDRS6: LpmTrie<[u8; 16], PodRoute6, MAX_NODES> = LpmTrie::new();
+
+/// IPv6 underlay address -> known node; IPv6 decapsulation accepts only these sources.
+#[btf_map]
+pub static DP_NODES6: HashMap<[u8; 16], NodeEntry6, MAX_NODES> = HashMap::new();
 
 const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 

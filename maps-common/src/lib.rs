@@ -53,8 +53,15 @@ pub mod map_names {
     /// `PerCpuArray<NextHop>` indexed like `PEER_STATS`: each peer's outer next hop as the
     /// kernel's FIB last gave it, valid while `NodeConfig::underlay_gen` is unchanged.
     pub const NEXTHOPS: &str = "DP_NEXTHOPS";
+    /// `Array<NodeConfig6, 1>`: this node's IPv6 settings (all zero: no IPv6 pods carried).
+    pub const CONFIG6: &str = "DP_CONFIG6";
+    /// `LpmTrie<[u8; 16], PodRoute6>`: IPv6 pod CIDR -> owning node.
+    pub const POD_CIDRS6: &str = "DP_POD_CIDRS6";
+    /// `HashMap<[u8; 16], NodeEntry6>`: IPv6 underlay address -> known node (IPv6 decap
+    /// accepts only these).
+    pub const NODES6: &str = "DP_NODES6";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -72,6 +79,9 @@ pub mod map_names {
         MONITOR,
         MONITOR_CONF,
         HEALTH,
+        CONFIG6,
+        POD_CIDRS6,
+        NODES6,
     ];
 }
 
@@ -99,8 +109,9 @@ pub mod prog_names {
 /// release (six maps, 12 then 16 drop reasons); 2 added exact-match pod routes, endpoints, stack
 /// flows, the agent map and per-peer unreachable counts; 3 the accepted flows (`DP_FAST_FLOWS`),
 /// the next-hop cache (`DP_NEXTHOPS`), the ruleset and underlay generations in `NodeConfig` and
-/// four flow counters. The README keeps the history.
-pub const ABI_VERSION: u32 = 4;
+/// four flow counters; 4 the monitor and health maps; 5 the IPv6 maps (`DP_CONFIG6`,
+/// `DP_POD_CIDRS6`, `DP_NODES6`). The README keeps the history.
+pub const ABI_VERSION: u32 = 5;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -237,7 +248,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 17] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 20] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -316,6 +327,19 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 17] 
             map_names::HEALTH,
             4,
             size_of::<PeerHealth>() as u32,
+            max_nodes,
+        ),
+        (map_names::CONFIG6, 4, size_of::<NodeConfig6>() as u32, 1),
+        (
+            map_names::POD_CIDRS6,
+            20, // prefix length (u32) + IPv6 address
+            size_of::<PodRoute6>() as u32,
+            max_nodes,
+        ),
+        (
+            map_names::NODES6,
+            16,
+            size_of::<NodeEntry6>() as u32,
             max_nodes,
         ),
     ]
@@ -683,6 +707,62 @@ pub struct NodeEntry {
 }
 const _: () = assert!(core::mem::size_of::<NodeEntry>() == 12);
 
+/// Bytes VXLAN over an IPv6 underlay adds: outer IPv6, UDP, VXLAN and inner Ethernet headers.
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// This node's IPv6 settings; the single entry of `DP_CONFIG6`. All zero: no IPv6 pods are
+/// carried (the programs pass IPv6 untouched). IPv6 pods travel in VXLAN over the IPv6
+/// underlay only, through the kernel's metadata-mode VXLAN device (`vxlan_ifindex`), which
+/// writes the outer headers with a UDP checksum on every packet and segment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig6 {
+    /// This node's underlay IPv6 address, wire order.
+    pub node_addr: [u8; 16],
+    /// This node's IPv6 pod CIDR, wire order, and its prefix length.
+    pub pod_cidr: [u8; 16],
+    /// This node's IPv6 VTEP MAC: inner source MAC of the VXLAN frames it sends.
+    pub vtep_mac: [u8; 6],
+    pub pod_prefix_len: u8,
+    pub _pad: u8,
+    /// Interface index of the metadata-mode VXLAN device IPv6 frames are handed to.
+    pub vxlan_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig6>() == 44);
+
+/// Value of `DP_POD_CIDRS6` (key: `[u8; 16]` address with a prefix length): the node that owns
+/// an IPv6 pod CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRoute6 {
+    /// Owning node's underlay IPv6 address, wire order.
+    pub node_addr: [u8; 16],
+    /// Owning node's IPv6 VTEP MAC: inner destination MAC of VXLAN frames sent to it.
+    pub vtep_mac: [u8; 6],
+    /// `route_mode` value: LOCAL or VXLAN.
+    pub mode: u8,
+    pub _pad: u8,
+    /// Slot of the owning node in `DP_PEER_STATS` (shared with its IPv4 half).
+    pub peer_idx: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodRoute6>() == 28);
+
+/// Value of `DP_NODES6` (key: the node's underlay IPv6, wire order): a node this one accepts
+/// IPv6 VXLAN from, with the IPv6 pod CIDR its inner sources must lie in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeEntry6 {
+    /// Slot of the node in `DP_PEER_STATS`.
+    pub peer_idx: u32,
+    /// The node's IPv6 pod CIDR, wire order, and its prefix length.
+    pub pod_cidr: [u8; 16],
+    pub pod_prefix_len: u8,
+    /// `node_flags` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<NodeEntry6>() == 24);
+
 /// A packet and byte count; the value of `DP_COUNTERS` and `DP_DROPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -910,4 +990,7 @@ mod pod {
     unsafe impl aya::Pod for super::MonitorConf {}
     unsafe impl aya::Pod for super::PeerHealth {}
     unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::NodeConfig6 {}
+    unsafe impl aya::Pod for super::PodRoute6 {}
+    unsafe impl aya::Pod for super::NodeEntry6 {}
 }

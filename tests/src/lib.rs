@@ -2,6 +2,7 @@
 //! namespaces, the topology builder, cluster files, packets): the agent under test, its
 //! processes, CNI pods, captures and etcd. Everything made here is removed on drop, so a
 //! failing test cleans up too.
+pub mod dual;
 pub mod fabric;
 pub mod progtest;
 

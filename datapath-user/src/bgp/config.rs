@@ -151,6 +151,7 @@ mod tests {
             pod_cidr: cidr.parse().unwrap(),
             vtep_mac: [0; 6],
             as_number: None,
+            v6: None,
         }
     }
 

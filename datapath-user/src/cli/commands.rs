@@ -133,7 +133,7 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<ExitCode> {
     }
     let removed = loader::remove_pins(pin_dir)?;
     let routes = netlink::blocking(|nl| async move {
-        let n = nl.flush_routes().await?;
+        let n = nl.flush_routes().await? + nl.flush_routes6().await?;
         nl.remove_nexthop_neigh().await?;
         nl.remove_csum_device().await?;
         nl.remove_probe_addrs().await?;

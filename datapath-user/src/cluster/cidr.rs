@@ -55,7 +55,7 @@ impl FromStr for Cidr {
             .ok_or_else(|| format!("{s:?} is not a CIDR (expected a.b.c.d/len)"))?;
         if addr.parse::<std::net::Ipv6Addr>().is_ok() {
             return Err(format!(
-                "{s:?} is an IPv6 CIDR: this datapath carries IPv4 only"
+                "{s:?} is an IPv6 CIDR where an IPv4 one belongs (a node's IPv6 pod CIDR is its podCIDRv6)"
             ));
         }
         let addr: Ipv4Addr = addr

@@ -5,10 +5,12 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 pub mod bgp;
 mod cidr;
 pub mod raw;
+pub mod six;
 mod validate;
 
 pub use bgp::{Bgp, BgpPeer};
 pub use cidr::{Cidr, aggregate, covering, parse_cidr_list};
+pub use six::{Cidr6, NodeV6};
 pub use validate::{validate, validate_node};
 
 /// How traffic to other nodes' pods is carried.
@@ -107,6 +109,8 @@ pub struct Node {
     pub vtep_mac: [u8; 6],
     /// The AS this node speaks BGP as, when it overrides the cluster's (`bgp.asNumber`).
     pub as_number: Option<u32>,
+    /// A dual-stack node's IPv6 half.
+    pub v6: Option<NodeV6>,
 }
 
 /// Validated cluster state: its settings (also reached through `Deref`, as `cluster.vni`) and
@@ -139,6 +143,9 @@ pub struct Settings {
     pub cluster_cidrs: Vec<Cidr>,
     /// BGP: this node's pod CIDR advertised to the mesh and the peers (`bgp` block).
     pub bgp: Option<Bgp>,
+    /// The cluster's IPv6 pod networks (`clusterCIDRv6`, Flannel's `IPv6Network`): one route
+    /// each toward the datapath. Empty: the IPv6 pod CIDRs, merged.
+    pub cluster_cidrs6: Vec<Cidr6>,
 }
 
 impl std::ops::Deref for Cluster {

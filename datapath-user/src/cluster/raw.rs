@@ -7,8 +7,9 @@ use super::{Problem, bgp::RawBgp};
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
-/// A dual-stack node's IPv6 public address (with `backend-v6-data`): left out, and said so.
+/// A dual-stack node's IPv6 public address, and its IPv6 VTEP (`{"VNI":1,"VtepMAC":...}`).
 pub const FLANNEL_PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
+pub const FLANNEL_BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
 /// Calico's annotation of a node's own AS number.
 pub const CALICO_AS_NUMBER: &str = "projectcalico.org/ASNumber";
 
@@ -42,6 +43,8 @@ pub struct RawSettings {
     pub port: Option<u16>,
     pub udp_checksum: Option<bool>,
     pub bgp: Option<RawBgp>,
+    /// The cluster's IPv6 pod network (`clusterCIDRv6`, Flannel's `IPv6Network`).
+    pub cluster_cidr6: Option<String>,
 }
 
 /// Where a node is in its source, for messages.
@@ -67,6 +70,10 @@ pub struct RawNode {
     pub pod_cidr: Option<String>,
     pub vtep_mac: Option<String>,
     pub as_number: Option<u32>,
+    /// The IPv6 half of a dual-stack node: underlay address, pod CIDR, VTEP MAC.
+    pub address6: Option<String>,
+    pub pod_cidr6: Option<String>,
+    pub vtep_mac6: Option<String>,
 }
 
 /// A node's fields, for messages.
@@ -77,6 +84,9 @@ pub enum NodeField {
     PodCidr,
     VtepMac,
     AsNumber,
+    Address6,
+    PodCidr6,
+    VtepMac6,
 }
 
 impl NodeField {
@@ -87,6 +97,9 @@ impl NodeField {
             Self::PodCidr => "podCIDR",
             Self::VtepMac => "vtepMAC",
             Self::AsNumber => "asNumber",
+            Self::Address6 => "addressV6",
+            Self::PodCidr6 => "podCIDRv6",
+            Self::VtepMac6 => "vtepMACv6",
         }
     }
 }
@@ -105,6 +118,16 @@ pub fn node_path(index: usize, at: &NodeAt, field: NodeField) -> String {
         (NodeAt::Item, NodeField::AsNumber) => {
             format!("items[{index}].metadata.annotations[{CALICO_AS_NUMBER}]")
         }
+        (NodeAt::Item, NodeField::Address6) => {
+            format!("items[{index}].status.addresses (IPv6 InternalIP, or {FLANNEL_PUBLIC_IPV6})")
+        }
+        (NodeAt::Item, NodeField::PodCidr6) => format!("items[{index}].spec.podCIDRs"),
+        (NodeAt::Item, NodeField::VtepMac6) => {
+            format!("items[{index}].metadata.annotations[{FLANNEL_BACKEND_V6_DATA}]")
+        }
+        (NodeAt::Lease(key), NodeField::Address6) => format!("{key} PublicIPv6"),
+        (NodeAt::Lease(key), NodeField::PodCidr6) => key.clone(),
+        (NodeAt::Lease(key), NodeField::VtepMac6) => format!("{key} BackendV6Data.VtepMAC"),
         (NodeAt::Lease(key), NodeField::Name) => format!("{key} NodeName"),
         (NodeAt::Lease(key), NodeField::Address) => format!("{key} PublicIP"),
         (NodeAt::Lease(key), NodeField::PodCidr) => key.clone(),
@@ -124,9 +147,6 @@ pub struct RawState {
     /// Entries of live data the source could not read as a node at all (an unreadable
     /// lease): left out and reported, every other node is applied.
     pub skipped: Vec<Problem>,
-    /// Where IPv6 data was met and left out (a dual-stack node's IPv6 pod CIDR or address):
-    /// this datapath carries IPv4 only, and says so instead of dropping it without a word.
-    pub ipv6_left_out: Vec<String>,
 }
 
 impl RawState {
@@ -141,7 +161,6 @@ impl RawState {
                 reason,
             }],
             skipped: Vec::new(),
-            ipv6_left_out: Vec::new(),
         }
     }
 

@@ -4,9 +4,10 @@
 use std::{collections::HashMap, fmt, net::Ipv4Addr};
 
 use super::{
-    Cidr, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, bgp,
+    Cidr, Cidr6, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, bgp,
     derived_vtep_mac, parse_cidr_list, parse_mac,
     raw::{NodeField, Origin, RawNode, RawState, node_path},
+    six,
 };
 
 /// The value a setting takes: the state's, else the flag's, else `fallback`; a warning when a
@@ -80,7 +81,16 @@ fn resolve_settings(
             }),
         }
     }
+    let cluster_cidrs6 = match s.cluster_cidr6.as_deref().map(parse_cidr6_list) {
+        Some(Ok(c)) => c,
+        Some(Err(reason)) => {
+            problems.push(problem("clusterCIDRv6", reason));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
     Settings {
+        cluster_cidrs6,
         encap,
         cross_subnet: setting(
             "cross-subnet",
@@ -122,15 +132,6 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     let mut set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
     problems.extend(vxlan_problems(&set));
     let (nodes, skipped) = read_nodes(&raw, limits, &mut problems);
-    if let Some(first) = raw.ipv6_left_out.first() {
-        warnings.push(format!(
-            "IPv6 left out at {first}{}: this datapath carries IPv4 only; the IPv4 half is applied, IPv6 pods get no route from it",
-            match raw.ipv6_left_out.len() {
-                1 => String::new(),
-                n => format!(" and {} other place(s)", n - 1),
-            }
-        ));
-    }
     set.bgp =
         (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems, &mut warnings));
     if set.encap == Encap::None && set.bgp.is_none() {
@@ -153,6 +154,7 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     }
     let path = |index: usize, field: NodeField| raw.node_path(index, field);
     problems.extend(conflicts(&nodes, &path));
+    problems.extend(six::conflicts6(&nodes, &path));
     problems.extend(cidrs_holding_nodes(&nodes, &set.cluster_cidrs, &path));
     let own = own_node(&nodes, limits);
     if own.is_none() && problems.is_empty() {
@@ -161,6 +163,10 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     if !problems.is_empty() {
         return Err(Invalid(problems));
     }
+    let me = own
+        .as_deref()
+        .and_then(|o| nodes.iter().find(|n| n.name == o));
+    warnings.extend(six::warnings6(&set, &nodes, me));
     Ok(Cluster {
         settings: set,
         nodes,
@@ -205,8 +211,19 @@ fn read_nodes(
     let mut nodes: Vec<Node> = Vec::with_capacity(raw.nodes.len());
     for rn in &raw.nodes {
         let (node, node_problems) = read_node(rn);
+        let (v6, v6_problems) = six::read_half(rn);
+        let v6_problems = v6_problems.into_iter().map(|(field, reason)| Problem {
+            path: node_path(rn.index, &rn.at, field),
+            reason,
+        });
+        // Live data keeps a node whose IPv6 half is incomplete, without that half.
+        if raw.origin.lenient() {
+            skipped.extend(v6_problems);
+        } else {
+            problems.extend(v6_problems);
+        }
         match node {
-            Some(n) if node_problems.is_empty() => nodes.push(n),
+            Some(n) if node_problems.is_empty() => nodes.push(Node { v6, ..n }),
             _ if raw.origin.lenient() && !is_own(rn, limits) => skipped.extend(node_problems),
             _ => problems.extend(node_problems),
         }
@@ -275,9 +292,16 @@ fn own_node(nodes: &[Node], limits: &Limits) -> Option<String> {
 
 /// One node checked on its own, as validation checks each: the node, or every problem found.
 pub fn validate_node(rn: &RawNode) -> Result<Node, Vec<Problem>> {
+    let (v6, v6_problems) = six::read_half(rn);
     match read_node(rn) {
-        (Some(n), p) if p.is_empty() => Ok(n),
-        (_, p) => Err(p),
+        (Some(n), p) if p.is_empty() && v6_problems.is_empty() => Ok(Node { v6, ..n }),
+        (_, mut p) => {
+            p.extend(v6_problems.into_iter().map(|(field, reason)| Problem {
+                path: node_path(rn.index, &rn.at, field),
+                reason,
+            }));
+            Err(p)
+        }
     }
 }
 
@@ -325,6 +349,7 @@ fn read_node(rn: &RawNode) -> (Option<Node>, Vec<Problem>) {
             pod_cidr,
             vtep_mac,
             as_number,
+            v6: None,
         }),
         _ => None,
     };
@@ -443,6 +468,15 @@ fn cidrs_holding_nodes(
         }
     }
     out
+}
+
+/// `prefix[,prefix...]` of IPv6 prefixes.
+fn parse_cidr6_list(s: &str) -> Result<Vec<Cidr6>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 fn parse_address(s: &str) -> Result<(Ipv4Addr, Option<u8>), String> {

@@ -12,7 +12,8 @@ use aya::{
 };
 use maps_common::{
     AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, MonitorConf, MonitorState, NodeConfig,
-    NodeEntry, PeerHealth, PeerStats, PodKey, PodRoute, map_names,
+    NodeConfig6, NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6,
+    map_names,
 };
 
 use crate::cluster::Cidr;
@@ -69,6 +70,15 @@ pub struct DatapathMaps {
     pub monitor_conf: Option<Array<MapData, MonitorConf>>,
     /// Each peer's last health probe; `None` as `monitor`.
     pub health: Option<HashMap<MapData, [u8; 4], PeerHealth>>,
+    /// The IPv6 maps; `None` in pins an agent before map ABI 5 made.
+    pub six: Option<Maps6>,
+}
+
+/// Typed handles to the IPv6 maps.
+pub struct Maps6 {
+    pub config: Array<MapData, NodeConfig6>,
+    pub pod_cidrs: LpmTrie<MapData, [u8; 16], PodRoute6>,
+    pub nodes: HashMap<MapData, [u8; 16], NodeEntry6>,
 }
 
 impl DatapathMaps {
@@ -121,6 +131,13 @@ impl DatapathMaps {
             monitor: typed(&mut get, map_names::MONITOR).ok(),
             monitor_conf: typed(&mut get, map_names::MONITOR_CONF).ok(),
             health: typed(&mut get, map_names::HEALTH).ok(),
+            six: (|| {
+                Some(Maps6 {
+                    config: typed(&mut get, map_names::CONFIG6).ok()?,
+                    pod_cidrs: typed(&mut get, map_names::POD_CIDRS6).ok()?,
+                    nodes: typed(&mut get, map_names::NODES6).ok()?,
+                })
+            })(),
         })
     }
 

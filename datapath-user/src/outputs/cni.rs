@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::write_atomic;
-use crate::{cluster::Cidr, kernel::loader};
+use crate::{
+    cluster::{Cidr, Cidr6},
+    kernel::loader,
+};
 /// Name of the network and of the configuration file.
 pub const NETWORK: &str = "datapath";
 /// The configuration list's default name: it sorts before the lists it replaces
@@ -83,8 +86,15 @@ impl CniOptions {
     }
 }
 
-/// The configuration list for a node with `pod_cidr` whose pods use `mtu`.
-pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
+/// The configuration list for a node with `pod_cidr` (and `pod_cidr6`, dual-stack: pods get
+/// an address of each family) whose pods use `mtu`.
+pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, pod_cidr6: Option<&Cidr6>, mtu: u32) -> Value {
+    let mut ranges = vec![json!([{ "subnet": pod_cidr.to_string() }])];
+    let mut routes = vec![json!({ "dst": "0.0.0.0/0" })];
+    if let Some(c6) = pod_cidr6 {
+        ranges.push(json!([{ "subnet": c6.to_string() }]));
+        routes.push(json!({ "dst": "::/0" }));
+    }
     json!({
         "cniVersion": CNI_VERSION,
         "name": NETWORK,
@@ -95,8 +105,8 @@ pub fn conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> Value {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{ "subnet": pod_cidr.to_string() }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": opts.ipam_dir,
                 },
             },
@@ -113,10 +123,14 @@ pub fn install_plugin(opts: &CniOptions) -> anyhow::Result<()> {
     write_atomic(&opts.bin_dir.join(PLUGIN), &exe, 0o755).map(drop)
 }
 
-/// Installs the configuration list for `pod_cidr` and `mtu` when it changed; returns whether
-/// it wrote.
-pub fn install_conflist(opts: &CniOptions, pod_cidr: &Cidr, mtu: u32) -> anyhow::Result<bool> {
-    let text = serde_json::to_string_pretty(&conflist(opts, pod_cidr, mtu))? + "\n";
+/// Installs the configuration list for `pod_cidr` (and `pod_cidr6`) and `mtu` when it changed;
+/// returns whether it wrote.
+pub fn install_conflist(
+    opts: &CniOptions,
+    (pod_cidr, pod_cidr6): (&Cidr, Option<&Cidr6>),
+    mtu: u32,
+) -> anyhow::Result<bool> {
+    let text = serde_json::to_string_pretty(&conflist(opts, pod_cidr, pod_cidr6, mtu))? + "\n";
     let wrote = write_atomic(&opts.conf_dir.join(&opts.conf_name), text.as_bytes(), 0o644)?;
     let old = opts.conf_dir.join(OLD_CONFLIST);
     if opts.conf_name != OLD_CONFLIST && old.exists() {

@@ -21,6 +21,8 @@ pub mod plugins;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wanted {
     pub pod_cidr: Option<Cidr>,
+    /// This node's IPv6 pod CIDR, when it carries IPv6 pods.
+    pub pod_cidr6: Option<crate::cluster::Cidr6>,
     pub mtu: u32,
     pub networks: Vec<Cidr>,
 }
@@ -88,9 +90,11 @@ impl Outputs {
 
     fn write_conflist(&self, cidr: &Cidr) -> anyhow::Result<()> {
         let mtu = self.wanted.mtu;
-        if cni::install_conflist(&self.cni, cidr, mtu)? {
+        let cidr6 = self.wanted.pod_cidr6.as_ref();
+        if cni::install_conflist(&self.cni, (cidr, cidr6), mtu)? {
             let path = self.cni.conf_dir.join(&self.cni.conf_name);
-            info!(path = %path.display(), pod_cidr = %cidr, mtu, "CNI configuration written");
+            let pod_cidr6 = cidr6.map(ToString::to_string).unwrap_or_default();
+            info!(path = %path.display(), pod_cidr = %cidr, pod_cidr6, mtu, "CNI configuration written");
         }
         Ok(())
     }

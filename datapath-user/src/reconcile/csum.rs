@@ -1,5 +1,5 @@
 //! The checksum device (`CSUM_DEV`): a VXLAN device whose TX path computes the outer UDP
-//! checksum the programs ask for, with a program that drops whatever else reaches it.
+//! checksum the programs ask for (and sends every IPv6 VXLAN frame), with a program that drops whatever else reaches it.
 //! Created while the cluster asks for checksums, removed when `DP_CONFIG` stops naming it.
 use super::state::{Shared, SharedRef, lock};
 use crate::{
@@ -9,13 +9,15 @@ use crate::{
 };
 
 /// Creates the checksum device and its drop program when the cluster asks for outer UDP
-/// checksums; returns its ifindex, 0 when none is wanted.
+/// checksums, or this node carries IPv6 pods (`v6`: it sends every IPv6 VXLAN frame); returns
+/// its ifindex, 0 when none is wanted.
 pub async fn with_csum_device(
     shared: &SharedRef,
     nl: &Netlink,
     cluster: &Cluster,
+    v6: bool,
 ) -> anyhow::Result<u32> {
-    if cluster.encap != cluster::Encap::Vxlan || !cluster.udp_checksum {
+    if cluster.encap != cluster::Encap::Vxlan || !(cluster.udp_checksum || v6) {
         return Ok(0);
     }
     let (ifindex, fresh) = nl.ensure_csum_device(cluster.port).await?;

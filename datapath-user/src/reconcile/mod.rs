@@ -73,22 +73,24 @@ impl Reconciler {
     /// Applies a whole state: checksum device, maps, routes, then the outputs.
     pub async fn apply_full(&mut self, cluster: &Cluster) -> anyhow::Result<Changes> {
         self.note(cluster);
-        let csum = csum::with_csum_device(&self.shared, &self.routes.nl, cluster).await?;
+        let own = lock(&self.shared).dp.local.node.clone();
+        let own = cluster.own.as_deref().unwrap_or(&own);
+        let v6 = cluster.node(own).is_some_and(|n| n.v6.is_some());
+        let csum = csum::with_csum_device(&self.shared, &self.routes.nl, cluster, v6).await?;
         let before = {
             let s = lock(&self.shared);
             (s.dp.settings().map(mode_text), s.dp.pod_mtu())
         };
-        let (mut ch, want, ifindex) = {
+        let mut ch = {
             let mut s = lock(&self.shared);
             if let Some(own) = &cluster.own {
                 s.dp.local.node.clone_from(own);
             }
             s.reload.skipped = cluster.skipped.len();
             s.dp.local.csum_ifindex = csum;
-            let ch = s.dp.apply_full(cluster)?;
-            (ch, s.dp.routes(), s.dp.local.iface.ifindex)
+            s.dp.apply_full(cluster)?
         };
-        self.routes.sync(&want, ifindex, &mut ch).await?;
+        self.sync_routes(&mut ch).await?;
         csum::drop_csum_device(&self.shared, &self.routes.nl).await?;
         log_mode_change(&self.shared, before);
         let wanted = self.wanted();
@@ -101,6 +103,7 @@ impl Reconciler {
         let s = lock(&self.shared);
         Wanted {
             pod_cidr: s.dp.own_pod_cidr(),
+            pod_cidr6: s.dp.own_pod_cidr6(),
             mtu: s.dp.pod_mtu(),
             networks: s.dp.cluster_networks(),
         }
@@ -253,20 +256,38 @@ impl Reconciler {
 
     /// Reads the kernel's routes again (someone may have flushed them) and repairs them.
     pub async fn repair_routes(&mut self) {
-        let (want, ifindex) = self.wanted_routes();
-        self.routes.reconcile(&want, ifindex).await;
+        let (want, ifindex, want6) = self.wanted_routes();
+        self.routes.reconcile((&want, ifindex), &want6).await;
     }
 
     /// Brings the kernel routes to what the maps now ask for, counting the changes in `ch`.
     async fn sync_routes(&mut self, ch: &mut Changes) -> anyhow::Result<()> {
-        let (want, ifindex) = self.wanted_routes();
-        self.routes.sync(&want, ifindex, ch).await
+        let (want, ifindex, want6) = self.wanted_routes();
+        self.routes.sync(&want, ifindex, ch).await?;
+        self.routes.sync6(&want6, ch).await
     }
 
-    /// The routes the maps ask for, and the underlay's ifindex.
-    fn wanted_routes(&self) -> (std::collections::BTreeMap<Cidr, RouteSpec>, u32) {
+    /// The routes the maps ask for, the underlay's ifindex, and the IPv6 routes.
+    fn wanted_routes(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<Cidr, RouteSpec>,
+        u32,
+        routes::Want6,
+    ) {
         let s = lock(&self.shared);
-        (s.dp.routes(), s.dp.local.iface.ifindex)
+        let ifindex = s.dp.local.iface.ifindex;
+        let want6 = routes::Want6 {
+            cidrs: s.dp.routes6(),
+            ifindex,
+            mtu: s
+                .dp
+                .local
+                .iface
+                .mtu
+                .saturating_sub(maps_common::VXLAN6_OVERHEAD),
+        };
+        (s.dp.routes(), ifindex, want6)
     }
 }
 

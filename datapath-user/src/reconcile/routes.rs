@@ -1,12 +1,12 @@
 //! The agent's kernel routes (aggregates toward the datapath, crossSubnet's direct routes):
 //! what it installed, so that only differences are sent, and repair of what others removed.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{info, warn};
 
 use super::dataplane::Changes;
 use crate::{
-    cluster::Cidr,
+    cluster::{Cidr, Cidr6},
     underlay::netlink::{Netlink, RouteSpec},
 };
 
@@ -16,6 +16,17 @@ pub struct Routes {
     pub installed: BTreeMap<Cidr, RouteSpec>,
     /// The aggregate routes' next-hop neighbour entry is known to be in place.
     neigh_ready: bool,
+    /// The aggregate IPv6 routes installed, with their MTU.
+    installed6: BTreeMap<Cidr6, u32>,
+    /// The IPv6 next-hop neighbour entry is known to be in place.
+    neigh6_ready: bool,
+}
+
+/// The IPv6 routes the maps ask for: aggregates on the underlay, with the pod MTU for IPv6.
+pub struct Want6 {
+    pub cidrs: BTreeSet<Cidr6>,
+    pub ifindex: u32,
+    pub mtu: u32,
 }
 
 impl Routes {
@@ -27,10 +38,18 @@ impl Routes {
             .into_iter()
             .map(|r| (r.cidr, r))
             .collect();
+        let installed6 = nl
+            .owned_routes6()
+            .await?
+            .into_iter()
+            .map(|c| (c, 0))
+            .collect();
         Ok(Self {
             nl,
             installed,
             neigh_ready: false,
+            installed6,
+            neigh6_ready: false,
         })
     }
 
@@ -67,10 +86,39 @@ impl Routes {
         Ok(())
     }
 
+    /// Brings the agent's IPv6 routes to `want`, their next-hop neighbour entry first.
+    pub async fn sync6(&mut self, want: &Want6, ch: &mut Changes) -> anyhow::Result<()> {
+        if !want.cidrs.is_empty() && !self.neigh6_ready {
+            self.nl.ensure_nexthop_neigh6(want.ifindex).await?;
+            self.neigh6_ready = true;
+        }
+        for c in &want.cidrs {
+            if self.installed6.get(c) != Some(&want.mtu) {
+                self.nl.replace_route6(c, want.ifindex, want.mtu).await?;
+                self.installed6.insert(*c, want.mtu);
+                ch.routes_replaced += 1;
+            }
+        }
+        let stale: Vec<Cidr6> = (self.installed6.keys())
+            .filter(|c| !want.cidrs.contains(c))
+            .copied()
+            .collect();
+        for c in stale {
+            self.nl.delete_route6(&c).await?;
+            self.installed6.remove(&c);
+            ch.routes_removed += 1;
+        }
+        Ok(())
+    }
+
     /// Reads the kernel's view again (someone may have flushed the routes) and re-syncs.
-    pub async fn reconcile(&mut self, want: &BTreeMap<Cidr, RouteSpec>, ifindex: u32) {
+    pub async fn reconcile(
+        &mut self,
+        (want, ifindex): (&BTreeMap<Cidr, RouteSpec>, u32),
+        want6: &Want6,
+    ) {
         let mut ch = Changes::default();
-        self.neigh_ready = false;
+        (self.neigh_ready, self.neigh6_ready) = (false, false);
         let result = async {
             self.installed = self
                 .nl
@@ -79,7 +127,11 @@ impl Routes {
                 .into_iter()
                 .map(|r| (r.cidr, r))
                 .collect();
-            self.sync(want, ifindex, &mut ch).await
+            self.sync(want, ifindex, &mut ch).await?;
+            self.installed6 = (self.nl.owned_routes6().await?.into_iter())
+                .map(|c| (c, 0))
+                .collect();
+            self.sync6(want6, &mut ch).await
         }
         .await;
         match result {

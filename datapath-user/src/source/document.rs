@@ -8,8 +8,9 @@ use crate::cluster::bgp::RawBgp;
 use crate::cluster::{
     Problem,
     raw::{
-        CALICO_AS_NUMBER, FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_PUBLIC_IP,
-        FLANNEL_PUBLIC_IPV6, NodeAt, NodeField, Origin, RawNode, RawSettings, RawState, node_path,
+        CALICO_AS_NUMBER, FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_BACKEND_V6_DATA,
+        FLANNEL_PUBLIC_IP, FLANNEL_PUBLIC_IPV6, NodeAt, NodeField, Origin, RawNode, RawSettings,
+        RawState, node_path,
     },
 };
 
@@ -28,6 +29,8 @@ struct FileDoc {
     cross_subnet: Option<bool>,
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<String>,
+    #[serde(rename = "clusterCIDRv6")]
+    cluster_cidr6: Option<String>,
     vxlan: Option<FileVxlan>,
     bgp: Option<RawBgp>,
     nodes: Option<Vec<FileNode>>,
@@ -52,18 +55,34 @@ struct FileNode {
     vtep_mac: Option<String>,
     #[serde(rename = "asNumber")]
     as_number: Option<u32>,
+    #[serde(rename = "addressV6")]
+    address6: Option<String>,
+    #[serde(rename = "podCIDRv6")]
+    pod_cidr6: Option<String>,
+    #[serde(rename = "vtepMACv6")]
+    vtep_mac6: Option<String>,
 }
 
 const TOP_FIELDS: &[&str] = &[
     "encapsulation",
     "crossSubnet",
     "clusterCIDR",
+    "clusterCIDRv6",
     "vxlan",
     "bgp",
     "nodes",
 ];
 const VXLAN_FIELDS: &[&str] = &["vni", "port", "udpChecksum"];
-const NODE_FIELDS: &[&str] = &["name", "address", "podCIDR", "vtepMAC", "asNumber"];
+const NODE_FIELDS: &[&str] = &[
+    "name",
+    "address",
+    "podCIDR",
+    "vtepMAC",
+    "asNumber",
+    "addressV6",
+    "podCIDRv6",
+    "vtepMACv6",
+];
 
 /// Reads a cluster text. Problems of shape (unknown fields, wrong types, not a cluster at all)
 /// are all collected, not only the first.
@@ -122,6 +141,9 @@ fn from_file_doc(doc: FileDoc) -> RawState {
             pod_cidr: n.pod_cidr,
             vtep_mac: n.vtep_mac,
             as_number: n.as_number,
+            address6: n.address6,
+            pod_cidr6: n.pod_cidr6,
+            vtep_mac6: n.vtep_mac6,
             at: NodeAt::File,
         })
         .collect();
@@ -135,11 +157,11 @@ fn from_file_doc(doc: FileDoc) -> RawState {
             port: vx.port,
             udp_checksum: vx.udp_checksum,
             bgp: doc.bgp,
+            cluster_cidr6: doc.cluster_cidr6,
         },
         nodes,
         problems: Vec::new(),
         skipped: Vec::new(),
-        ipv6_left_out: Vec::new(),
     }
 }
 
@@ -211,6 +233,7 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         encap: field(top, "encapsulation", "", "a string", &mut problems),
         cross_subnet: field(top, "crossSubnet", "", "true or false", &mut problems),
         cluster_cidr: field(top, "clusterCIDR", "", "a CIDR string", &mut problems),
+        cluster_cidr6: field(top, "clusterCIDRv6", "", "a CIDR string", &mut problems),
         bgp: bgp_block(top, &mut problems),
         ..RawSettings::default()
     };
@@ -247,6 +270,9 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
                         pod_cidr: field(m, "podCIDR", &path, "a string", &mut problems),
                         vtep_mac: field(m, "vtepMAC", &path, "a string", &mut problems),
                         as_number: field(m, "asNumber", &path, "an AS number", &mut problems),
+                        address6: field(m, "addressV6", &path, "a string", &mut problems),
+                        pod_cidr6: field(m, "podCIDRv6", &path, "a string", &mut problems),
+                        vtep_mac6: field(m, "vtepMACv6", &path, "a string", &mut problems),
                         at: NodeAt::File,
                     });
                 }
@@ -259,7 +285,6 @@ fn from_file_value(value: &serde_yaml::Value) -> RawState {
         nodes,
         problems,
         skipped: Vec::new(),
-        ipv6_left_out: Vec::new(),
     }
 }
 
@@ -295,7 +320,6 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         nodes: Vec::new(),
         problems: Vec::new(),
         skipped: Vec::new(),
-        ipv6_left_out: Vec::new(),
     };
     let Some(items) = v.get("items").and_then(|i| i.as_sequence()) else {
         state
@@ -307,20 +331,26 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
         let s = |v: Option<&serde_yaml::Value>| v.and_then(|x| x.as_str()).map(String::from);
         let annotations = item.get("metadata").and_then(|m| m.get("annotations"));
         let note = |key: &str| s(annotations.and_then(|a| a.get(key)));
-        let (pod_cidr, v6) = pod_cidrs(item, i);
-        state.ipv6_left_out.extend(v6);
+        let (pod_cidr, pod_cidr6) = pod_cidrs(item);
         let mut raw = RawNode {
             index: i,
             name: s(item.get("metadata").and_then(|m| m.get("name"))),
             pod_cidr,
+            pod_cidr6,
             at: NodeAt::Item,
             ..RawNode::default()
         };
-        if note(FLANNEL_PUBLIC_IPV6).is_some() {
-            let path = format!("items[{i}].metadata.annotations[{FLANNEL_PUBLIC_IPV6}]");
-            state.ipv6_left_out.push(path);
+        raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item, false));
+        raw.address6 = note(FLANNEL_PUBLIC_IPV6).or_else(|| internal_ip(item, true));
+        if let Some(bd) = note(FLANNEL_BACKEND_V6_DATA) {
+            match serde_json::from_str::<BackendData>(&bd) {
+                Ok(d) => raw.vtep_mac6 = d.vtep_mac,
+                Err(_) => state.problems.push(problem(
+                    node_path(i, &NodeAt::Item, NodeField::VtepMac6),
+                    "not Flannel's backend data (a JSON object)",
+                )),
+            }
         }
-        raw.address = note(FLANNEL_PUBLIC_IP).or_else(|| internal_ip(item));
         if let Some(asn) = note(CALICO_AS_NUMBER) {
             match asn.parse::<u32>() {
                 Ok(n) => raw.as_number = Some(n),
@@ -354,9 +384,10 @@ fn from_nodelist(v: &serde_yaml::Value) -> RawState {
     state
 }
 
-/// A node's IPv4 pod CIDR (`spec.podCIDRs`, dual-stack, else `spec.podCIDR`) and the paths of
-/// the IPv6 ones, left out. A node with IPv6 ones only keeps its first, for validation to name.
-fn pod_cidrs(item: &serde_yaml::Value, i: usize) -> (Option<String>, Vec<String>) {
+/// A node's IPv4 and IPv6 pod CIDRs: `spec.podCIDRs` (dual-stack, one of each family), else
+/// `spec.podCIDR`. A list with IPv6 only gives its first entry as the IPv4 one too, for
+/// validation to name.
+fn pod_cidrs(item: &serde_yaml::Value) -> (Option<String>, Option<String>) {
     let spec = item.get("spec");
     let list: Vec<String> = match spec.and_then(|sp| sp.get("podCIDRs")?.as_sequence()) {
         Some(seq) => seq
@@ -369,23 +400,21 @@ fn pod_cidrs(item: &serde_yaml::Value, i: usize) -> (Option<String>, Vec<String>
             .into_iter()
             .collect(),
     };
-    let v6 = |c: &String| c.contains(':');
-    let left_out = list
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| v6(c))
-        .map(|(j, _)| format!("items[{i}].spec.podCIDRs[{j}]"))
-        .collect();
+    let v6 = |c: &&String| c.contains(':');
     let v4 = list.iter().find(|c| !v6(c)).or(list.first()).cloned();
-    (v4, left_out)
+    (v4, list.iter().find(v6).cloned())
 }
 
-fn internal_ip(item: &serde_yaml::Value) -> Option<String> {
+/// A node's InternalIP of one family.
+fn internal_ip(item: &serde_yaml::Value, ipv6: bool) -> Option<String> {
     let addrs = item.get("status")?.get("addresses")?.as_sequence()?;
     addrs
         .iter()
         .filter(|a| a.get("type").and_then(|t| t.as_str()) == Some("InternalIP"))
         .filter_map(|a| a.get("address")?.as_str())
-        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .find(|a| match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_ipv6() == ipv6,
+            Err(_) => false,
+        })
         .map(String::from)
 }

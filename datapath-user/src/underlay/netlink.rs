@@ -61,13 +61,13 @@ pub enum NetError {
     NoInterface(String),
 }
 
-fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+pub(super) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     let what = what.into();
     move |source| NetError::Netlink { what, source }
 }
 
 /// The kernel's errno in a netlink error answer, if that is what `e` is.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(super) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(ErrorMessage { code, .. }) => {
             code.map(|c| -c.get()).filter(|c| *c > 0)
@@ -112,7 +112,7 @@ pub enum PeerPath {
 /// One rtnetlink connection, its task running on the current tokio runtime.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: Handle,
+    pub(super) handle: Handle,
 }
 
 impl Netlink {
@@ -298,13 +298,18 @@ impl Netlink {
             .map_err(nl_err("adding the next-hop neighbour entry"))
     }
 
-    /// Removes `ROUTE_NEXTHOP`'s neighbour entry from every interface that has one.
+    /// Removes `ROUTE_NEXTHOP`'s (and `ROUTE_NEXTHOP6`'s) neighbour entry from every
+    /// interface that has one.
     pub async fn remove_nexthop_neigh(&self) -> Result<(), NetError> {
         let nexthop = Ipv4Addr::from(maps_common::ROUTE_NEXTHOP);
         let neighs = self.neighbour_dump().await?;
         for n in neighs {
-            let ours = n.attributes.iter().any(|a| {
-                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) if *ip == nexthop)
+            let ours = n.attributes.iter().any(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => *ip == nexthop,
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                    *ip == super::netlink6::ROUTE_NEXTHOP6
+                }
+                _ => false,
             });
             if ours {
                 match self.handle.neighbours().del(n).execute().await {

@@ -357,32 +357,111 @@ fn bgp_block_is_read_with_calicos_defaults() {
 }
 
 #[test]
-fn a_dual_stack_nodelist_applies_ipv4_and_names_what_it_left_out() {
+fn a_dual_stack_nodelist_gives_each_node_both_halves_or_says_why_not() {
     let list = r#"{"kind":"NodeList","items":[
-      {"metadata":{"name":"node1","annotations":{"flannel.alpha.coreos.com/public-ipv6":"fd00::10"}},
+      {"metadata":{"name":"node1","annotations":{"flannel.alpha.coreos.com/public-ipv6":"fd00::10",
+         "flannel.alpha.coreos.com/backend-v6-data":"{\"VNI\":1,\"VtepMAC\":\"66:00:00:00:00:06\"}"}},
        "spec":{"podCIDR":"10.244.0.0/24","podCIDRs":["10.244.0.0/24","fd00:10:244::/64"]},
-       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.10"},{"type":"InternalIP","address":"fd00::10"}]}},
+       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.10"}]}},
       {"metadata":{"name":"node2"},
        "spec":{"podCIDR":"fd00:10:244:1::/64","podCIDRs":["fd00:10:244:1::/64","10.244.1.0/24"]},
-       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.11"}]}}]}"#;
+       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.11"}]}},
+      {"metadata":{"name":"node3"},
+       "spec":{"podCIDRs":["10.244.2.0/24","fd00:10:244:2::/64"]},
+       "status":{"addresses":[{"type":"InternalIP","address":"192.168.1.12"},{"type":"InternalIP","address":"fd00::12"}]}}]}"#;
     let c = parse(list, &Defaults::default(), &limits(Some("node1"))).unwrap();
     let cidrs: Vec<String> = c.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
+    assert_eq!(cidrs, ["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"]);
+    let v6 = |i: usize| {
+        c.nodes[i]
+            .v6
+            .map(|h| (h.address.to_string(), h.pod_cidr.to_string()))
+    };
+    assert_eq!(v6(0), Some(("fd00::10".into(), "fd00:10:244::/64".into())));
+    assert_eq!(c.nodes[0].v6.unwrap().vtep_mac, [0x66, 0, 0, 0, 0, 6]);
     assert_eq!(
-        cidrs,
-        ["10.244.0.0/24", "10.244.1.0/24"],
-        "IPv6 first or second, IPv4 taken"
+        v6(2),
+        Some(("fd00::12".into(), "fd00:10:244:2::/64".into()))
     );
-    let w = c.warnings.join("\n");
+    assert_eq!(c.nodes[2].v6.unwrap().vtep_mac, [0x0e, 0x06, 0, 0, 0, 0x12]);
+    // An IPv6 pod CIDR without an IPv6 address: the IPv6 half is skipped and said so; IPv4 stays.
+    assert_eq!(v6(1), None);
+    assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
     assert!(
-        w.contains("IPv6 left out at items[0].spec.podCIDRs[1] and 2 other place(s)"),
-        "{w}"
+        c.skipped[0].path.starts_with("items[1].status.addresses")
+            && c.skipped[0].reason.contains("no IPv6 address"),
+        "{:?}",
+        c.skipped
     );
-    // An IPv6 pod CIDR in a cluster file is named for what it is.
+    // Overlapping IPv6 pod CIDRs reject the state whole.
+    let e = parse(
+        &list.replace("fd00:10:244:2::/64", "fd00:10:244::/56"),
+        &Defaults::default(),
+        &limits(Some("node1")),
+    )
+    .unwrap_err();
+    assert!(
+        e.0.iter().any(|p| p.path == "items[2].spec.podCIDRs"
+            && p.reason
+                .starts_with("fd00:10:244::/56 overlaps fd00:10:244::/64")),
+        "{e}"
+    );
+    // An IPv6 pod CIDR where an IPv4 one belongs is named for what it is.
     let e = errors(&GOOD.replace("10.244.1.0/24", "fd00:10:244:1::/64"));
     assert_eq!(
         e,
         [
-            "nodes[1].podCIDR: \"fd00:10:244:1::/64\" is an IPv6 CIDR: this datapath carries IPv4 only"
+            "nodes[1].podCIDR: \"fd00:10:244:1::/64\" is an IPv6 CIDR where an IPv4 one belongs (a node's IPv6 pod CIDR is its podCIDRv6)"
         ]
+    );
+}
+
+#[test]
+fn a_cluster_files_ipv6_half_is_checked_like_the_rest() {
+    let dual = GOOD
+        .replace(
+            "    podCIDR: 10.244.0.0/24\n",
+            "    podCIDR: 10.244.0.0/24\n    addressV6: fd00::10\n    podCIDRv6: fd00:10:244::/64\n",
+        )
+        .replace(
+            "    podCIDR: 10.244.1.0/24\n",
+            "    podCIDR: 10.244.1.0/24\n    addressV6: fd00::11\n    podCIDRv6: fd00:10:244:1::/64\n    vtepMACv6: 66:00:00:00:00:06\n",
+        );
+    let c = parse(&dual, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(c.nodes.iter().all(|n| n.v6.is_some()));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // In a file an incomplete IPv6 half rejects the file, with the field and the reason.
+    let e = errors(&dual.replace("    addressV6: fd00::11\n", ""));
+    assert_eq!(
+        e,
+        ["nodes[1].addressV6: missing: the node has an IPv6 pod CIDR but no IPv6 address"]
+    );
+    let e = errors(&dual.replace("fd00:10:244:1::/64", "fd00:10:244::1/64"));
+    assert_eq!(
+        e,
+        ["nodes[1].podCIDRv6: \"fd00:10:244::1/64\" has host bits set"]
+    );
+    let e = errors(&dual.replace("fd00::11", "fd00::10"));
+    assert_eq!(
+        e,
+        ["nodes[1].addressV6: duplicate IPv6 address fd00::10 (also node \"node1\")"]
+    );
+    // IPv6 data where IPv6 pods cannot be carried is named, never dropped without a word.
+    let ipip = dual.replace("encapsulation: vxlan", "encapsulation: ipip");
+    let c = parse(&ipip, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(
+        c.warnings[0].contains("IPv6 pods travel in VXLAN only"),
+        "{:?}",
+        c.warnings
+    );
+    let own_v4 = dual.replace(
+        "    addressV6: fd00::10\n    podCIDRv6: fd00:10:244::/64\n",
+        "",
+    );
+    let c = parse(&own_v4, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(
+        c.warnings[0].contains("no IPv6 underlay"),
+        "{:?}",
+        c.warnings
     );
 }

@@ -10,6 +10,7 @@ use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags, route_
 
 mod delta;
 mod fabric;
+mod six;
 mod write;
 
 use write::{next_gen, same_node};
@@ -138,6 +139,8 @@ pub struct Dataplane {
     ruleset_gen: u32,
     /// Generation of the underlay's routes, links and neighbours (`NodeConfig`).
     underlay_gen: u32,
+    /// The IPv6 maps and routes (`six`).
+    six: six::Six,
 }
 
 impl Dataplane {
@@ -149,7 +152,9 @@ impl Dataplane {
         let used: HashSet<u32> = stale_nodes.values().map(|e| e.peer_idx).collect();
         let free = (0..local.max_nodes).filter(|i| !used.contains(i)).collect();
         let config = maps.read_config()?;
+        let six = six::Six::read(maps.six.as_ref());
         Ok(Self {
+            six,
             // The ruleset and the underlay may have changed while no agent watched them: every
             // flow is judged anew, every next hop looked up anew.
             ruleset_gen: next_gen(config.ruleset_gen),
@@ -209,8 +214,16 @@ impl Dataplane {
 
     /// MTU pods on this node should use: the underlay MTU less the encapsulation overhead.
     pub fn pod_mtu(&self) -> u32 {
-        let overhead = self.settings.as_ref().map_or(0, |s| s.encap.overhead());
+        let mut overhead = self.settings.as_ref().map_or(0, |s| s.encap.overhead());
+        if self.ipv6_active() {
+            overhead = overhead.max(maps_common::VXLAN6_OVERHEAD);
+        }
         self.local.iface.mtu.saturating_sub(overhead)
+    }
+
+    /// The aggregate IPv6 routes the kernel should hold toward the encap program.
+    pub fn routes6(&self) -> BTreeSet<crate::cluster::Cidr6> {
+        self.six.routes.clone()
     }
 
     /// The kernel routes the agent should own now: aggregates toward the encap program, and
@@ -357,6 +370,7 @@ impl Dataplane {
             .nodes
             .insert(p.node.address.octets(), p.entry, 0)
             .map_err(map_err(map_names::NODES))?;
+        self.sync6()?;
         Ok(true)
     }
 }

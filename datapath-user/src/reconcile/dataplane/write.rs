@@ -77,6 +77,7 @@ impl Dataplane {
         if cidrs_change {
             self.aggregates = self.aggregate_routes();
         }
+        self.sync6()?;
         Ok(ch)
     }
 
@@ -402,12 +403,14 @@ pub(super) fn same_node(a: &Node, b: &Node) -> bool {
         a.prefix_len,
         a.pod_cidr,
         a.vtep_mac,
+        a.v6,
     ) == (
         b.name.as_str(),
         b.address,
         b.prefix_len,
         b.pod_cidr,
         b.vtep_mac,
+        b.v6,
     )
 }
 

@@ -31,6 +31,11 @@ pub struct NetConfig {
     /// (`asNumber`, `nodeToNodeMesh`, `peers`), for Backend `host-gw` or any other.
     #[serde(default, rename = "BGP")]
     pub bgp: Option<cluster::bgp::RawBgp>,
+    /// Flannel's dual-stack: leases then name an IPv6 subnet too, out of `IPv6Network`.
+    #[serde(default, rename = "EnableIPv6")]
+    pub enable_ipv6: bool,
+    #[serde(default, rename = "IPv6Network")]
+    pub ipv6_network: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +63,19 @@ pub(super) struct Lease {
     pub(super) backend_data: Option<LeaseBackendData>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) node_name: Option<String>,
+    /// A dual-stack lease's IPv6 address and IPv6 VTEP (`flannel-v6.<VNI>`).
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) public_ipv6: Option<String>,
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) backend_v6_data: Option<LeaseBackendData>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -85,14 +103,10 @@ pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
 pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<RawState> {
     let config = net_config(prefix, kvs)?;
     let sp = subnets_prefix(prefix);
-    let (mut nodes, mut skipped, mut ipv6_left_out) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut nodes, mut skipped) = (Vec::new(), Vec::new());
     for (key, value) in kvs.range(sp.clone()..) {
         if !key.starts_with(&sp) {
             break;
-        }
-        // Flannel's dual-stack lease, `<v4>-<len>&<v6>-<len>`: its IPv4 half is a node here.
-        if key.contains('&') {
-            ipv6_left_out.push(key.clone());
         }
         match lease_raw(prefix, nodes.len(), key, value) {
             Ok(n) => nodes.push(n),
@@ -110,11 +124,11 @@ pub fn compose(prefix: &str, kvs: &BTreeMap<String, String>) -> anyhow::Result<R
             port: Some(b.port.unwrap_or(maps_common::VXLAN_PORT_LINUX)),
             udp_checksum: None,
             bgp: config.bgp.clone(),
+            cluster_cidr6: config.ipv6_network.clone().filter(|_| config.enable_ipv6),
         },
         nodes,
         problems: Vec::new(),
         skipped,
-        ipv6_left_out,
     })
 }
 
@@ -140,6 +154,12 @@ pub(super) fn key_cidr(prefix: &str, key: &str) -> Result<Cidr, String> {
     v4.replacen('-', "/", 1).parse()
 }
 
+/// The IPv6 subnet a dual-stack lease key names after its `&`, as text (`fd00:10:244:1::/64`).
+fn key_cidr6(key: &str) -> Option<String> {
+    let (_, v6) = key.split_once('&')?;
+    Some(v6.replacen('-', "/", 1))
+}
+
 /// One lease as a raw node: named by its `NodeName`, else its `PublicIP`; its pod CIDR from
 /// the key; VTEP MAC from its backend data (else derived from the address, in validation).
 fn lease_raw(prefix: &str, index: usize, key: &str, value: &str) -> Result<RawNode, Problem> {
@@ -158,6 +178,9 @@ fn lease_raw(prefix: &str, index: usize, key: &str, value: &str) -> Result<RawNo
         address: Some(lease.public_ip),
         pod_cidr: Some(cidr.to_string()),
         vtep_mac: lease.backend_data.and_then(|d| d.vtep_mac),
+        address6: lease.public_ipv6,
+        pod_cidr6: key_cidr6(key),
+        vtep_mac6: lease.backend_v6_data.and_then(|d| d.vtep_mac),
     })
 }
 
@@ -312,7 +335,7 @@ mod tests {
     }
 
     #[test]
-    fn flannels_dual_stack_leases_apply_their_ipv4_half_and_say_so() {
+    fn flannels_dual_stack_leases_give_both_halves() {
         let lease = r#"{"PublicIP":"192.168.1.11","PublicIPv6":"fd00::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"66:00:00:00:00:0b"},"BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:0c"}}"#;
         let raw = compose(
             "/p",
@@ -332,24 +355,28 @@ mod tests {
         let c = validated(raw);
         assert_eq!(c.nodes.len(), 1);
         assert_eq!(c.nodes[0].pod_cidr.to_string(), "10.244.1.0/24");
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w
-                    .starts_with("IPv6 left out at /p/subnets/10.244.1.0-24&fd00:10:244:1::-64")),
-            "{:?}",
-            c.warnings
+        let h = c.nodes[0].v6.expect("the lease's IPv6 half");
+        assert_eq!(
+            (h.address.to_string(), h.pod_cidr.to_string(), h.vtep_mac),
+            (
+                "fd00::11".into(),
+                "fd00:10:244:1::/64".into(),
+                [0x66, 0, 0, 0, 0, 0x0c]
+            )
         );
+        let net6: Vec<String> = c.cluster_cidrs6.iter().map(ToString::to_string).collect();
+        assert_eq!(net6, ["fd00:10:244::/56"]);
         // An IPv6-only lease is skipped, with why.
         assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
         assert!(c.skipped[0].reason.contains("IPv6 CIDR"), "{:?}", c.skipped);
-        // Its events are applied as the IPv4 node too.
+        // Its events are applied as a dual-stack node too.
         let events = [(
             "/p/subnets/10.244.1.0-24&fd00:10:244:1::-64".to_string(),
             Some(lease.to_string()),
         )];
         let (up, _) = delta("/p", &events, |_| None).unwrap();
         assert_eq!(up[0].pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(up[0].v6, Some(h));
     }
 
     #[test]

@@ -293,6 +293,8 @@ fn lease_value(reg: &Registration, backend: &Backend) -> String {
             ))),
         }),
         node_name: reg.node.clone(),
+        public_ipv6: None,
+        backend_v6_data: None,
     })
     .expect("lease serializes")
 }

@@ -1,0 +1,325 @@
+//! IPv6 pods over the IPv6 underlay, in VXLAN (70 bytes). Encapsulation writes the inner
+//! Ethernet header and an IPv6 tunnel key, and hands the frame to the kernel's metadata-mode
+//! VXLAN device (`NodeConfig6::vxlan_ifindex`): it writes the outer headers with a UDP checksum
+//! on every packet and every GSO segment, which IPv6 requires and `bpf_skb_adjust_room` cannot
+//! ask GSO for. Decapsulation admits IPv6 VXLAN from known nodes and strips it at XDP or TC.
+use aya_ebpf::{
+    bindings::{BPF_F_TUNINFO_IPV6, bpf_tunnel_key},
+    helpers::{bpf_redirect, bpf_skb_set_tunnel_key},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use maps_common::{
+    CounterId, DropReason, NodeConfig, NodeConfig6, NodeEntry6, PodRoute6, VXLAN6_OVERHEAD,
+    config_flags, event_hook, node_flags, route_mode,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv6Hdr,
+    udp::UdpHdr,
+    vxlan::{VXLAN_I_FLAG_MASK, VxlanHdr},
+};
+
+use crate::{
+    DP_CONFIG6, DP_NODES6, DP_POD_CIDRS6,
+    counters::{count, count_peer, count_peer_unreachable},
+    decap::Verdict,
+    monitor,
+    parse::{IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
+};
+
+const OUTER_HOP_LIMIT: u8 = 64;
+/// From the outer Ethernet header to the inner IPv6 header.
+const INNER_IP_OFF: usize = EthHdr::LEN + VXLAN6_OVERHEAD as usize;
+
+/// Whether the frame is IPv6 (its Ethernet type), read once by the dispatching program.
+#[inline(always)]
+pub fn is_ipv6<P: Packet>(ctx: &P) -> bool {
+    // SAFETY: ptr_at checked the bounds.
+    ptr_at::<EthHdr, _>(ctx, 0)
+        .is_some_and(|eth| unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16)
+}
+
+/// The IPv6 configuration, once the agent carries IPv6 pods.
+#[inline(always)]
+fn config6() -> Option<&'static NodeConfig6> {
+    DP_CONFIG6.get(0).filter(|c| c.pod_prefix_len != 0)
+}
+
+/// Encapsulates an IPv6 packet headed for a remote node's IPv6 pod CIDR; passes others.
+/// `via_aggregate`: the kernel routed it here through the aggregate route (destination MAC
+/// `ROUTE_NEXTHOP_MAC`), so it is never passed as it is.
+#[inline(always)]
+pub fn try_encap6(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    via_aggregate: bool,
+) -> Result<i32, DropReason> {
+    let len = ctx.len();
+    let (Some(c6), Some(ip)) = (config6(), ptr_at::<Ipv6Hdr, _>(ctx, EthHdr::LEN)) else {
+        return pass_or(len, via_aggregate);
+    };
+    // SAFETY: ptr_at checked the bounds; copied before the frame changes.
+    let inner = unsafe { *ip };
+    let route = match DP_POD_CIDRS6.get(&Key::new(128, inner.dst_addr)) {
+        Some(r) if r.mode == route_mode::VXLAN => *r,
+        _ => return pass_or(len, via_aggregate),
+    };
+    match to_device(ctx, cfg, c6, &route, &inner) {
+        Ok(action) => {
+            count(CounterId::EncapVxlan, len);
+            count_peer(route.peer_idx, true, len);
+            monitor::forwarded(ctx, event_hook::TC_ENCAP);
+            Ok(action)
+        }
+        Err(DropReason::PeerUnreachable) => {
+            count_peer_unreachable(route.peer_idx, len);
+            Err(DropReason::PeerUnreachable)
+        }
+        Err(reason) => Err(reason),
+    }
+}
+
+/// Passes a packet that is not for a remote IPv6 pod, unless the aggregate route sent it here
+/// (then nothing can deliver it).
+#[inline(always)]
+fn pass_or(len: u32, via_aggregate: bool) -> Result<i32, DropReason> {
+    if via_aggregate {
+        return Err(DropReason::NoPodRoute);
+    }
+    count(CounterId::Pass, len);
+    Ok(aya_ebpf::bindings::TC_ACT_OK)
+}
+
+/// Checks the packet, writes the inner Ethernet header and the tunnel key, and redirects to
+/// the VXLAN device.
+#[inline(always)]
+fn to_device(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    c6: &NodeConfig6,
+    route: &PodRoute6,
+    inner: &Ipv6Hdr,
+) -> Result<i32, DropReason> {
+    // SAFETY: ctx.skb.skb is the program's __sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let len = ctx.len();
+    if inner.vcf[0] >> 4 != 6
+        || (gso_size == 0
+            && u16::from_be_bytes(inner.payload_len) as u32 + Ipv6Hdr::LEN as u32
+                > len - EthHdr::LEN as u32)
+    {
+        return Err(DropReason::BadInnerHeader);
+    }
+    // The aggregate route's MTU has the host answer Packet Too Big before a packet gets here;
+    // one that still would not fit is dropped and counted, never fragmented.
+    if gso_size == 0
+        && cfg.underlay_mtu != 0
+        && len - EthHdr::LEN as u32 + VXLAN6_OVERHEAD > cfg.underlay_mtu
+    {
+        return Err(DropReason::TooBig);
+    }
+    if DP_NODES6
+        .get_ptr(route.node_addr)
+        // SAFETY: a value pointer from the map, read once.
+        .is_some_and(|n| unsafe { (*n).flags } & node_flags::UNREACHABLE != 0)
+    {
+        return Err(DropReason::PeerUnreachable);
+    }
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        (*eth).dst_addr = route.vtep_mac;
+        (*eth).src_addr = c6.vtep_mac;
+    }
+    let mut key = tunnel_key(cfg, c6, route, inner);
+    // SAFETY: key lives on the stack for the call; without BPF_F_ZERO_CSUM_TX the device
+    // computes the outer UDP checksum.
+    let rc = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            BPF_F_TUNINFO_IPV6 as u64,
+        )
+    };
+    if rc != 0 {
+        return Err(DropReason::AdjustFailed);
+    }
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(c6.vxlan_ifindex, 0) } as i32)
+}
+
+/// The IPv6 tunnel key toward `route`'s node: VNI, addresses (copied as they are, wire
+/// order), traffic class copied from the inner header (RFC 6040), flow label from it too.
+#[inline(always)]
+fn tunnel_key(
+    cfg: &NodeConfig,
+    c6: &NodeConfig6,
+    route: &PodRoute6,
+    inner: &Ipv6Hdr,
+) -> bpf_tunnel_key {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = cfg.vni;
+    key.__bindgen_anon_1.remote_ipv6 = words(&route.node_addr);
+    key.__bindgen_anon_3.local_ipv6 = words(&c6.node_addr);
+    key.tunnel_tos = (inner.vcf[0] << 4) | (inner.vcf[1] >> 4);
+    key.tunnel_ttl = OUTER_HOP_LIMIT;
+    key.tunnel_label = u32::from_be_bytes(inner.vcf) & 0x000f_ffff;
+    key
+}
+
+/// An address as the tunnel key holds it: four words, bytes in wire order.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Classifies an IPv6 frame: `Pass` for what is not VXLAN on the configured port addressed to
+/// this node's IPv6 address; `Decap` for VXLAN from a known node with the configured VNI,
+/// consistent lengths and an inner IPv6 header whose source lies in the sender's IPv6 pod
+/// CIDR (when the check is on); everything in between dropped with its reason.
+#[inline(always)]
+pub fn classify6<P: Packet>(ctx: &P, cfg: &'static NodeConfig) -> Result<Verdict, DropReason> {
+    let pass = Ok(Verdict::Pass { cfg: Some(cfg) });
+    let (Some(c6), Some(ip)) = (config6(), ptr_at::<Ipv6Hdr, _>(ctx, EthHdr::LEN)) else {
+        return pass;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let outer = unsafe { *ip };
+    if outer.next_hdr != IPPROTO_UDP || outer.dst_addr != c6.node_addr {
+        return pass;
+    }
+    let Some(udp) = ptr_at::<UdpHdr, _>(ctx, EthHdr::LEN + Ipv6Hdr::LEN) else {
+        return pass;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let udp = unsafe { *udp };
+    if u16::from_be_bytes(udp.dst) != cfg.vxlan_port {
+        return pass;
+    }
+    let node = DP_NODES6
+        .get_ptr(outer.src_addr)
+        .ok_or(DropReason::UnknownPeer)?;
+    // SAFETY: a value pointer from the map, read once, right away.
+    let node = unsafe { *node };
+    let payload = admit6(ctx, &outer, &udp)?;
+    vxlan6(ctx, cfg)?;
+    inner6(ctx, cfg, &node, &outer, payload)?;
+    Ok(Verdict::Decap {
+        strip: VXLAN6_OVERHEAD,
+        counter: CounterId::DecapVxlan,
+        peer_idx: node.peer_idx,
+        // IPv6 pods take the host's stack from here (no BPF host routing for them yet).
+        host_routing: false,
+        cfg,
+    })
+}
+
+/// The outer lengths: the IPv6 payload within the frame and equal to the UDP length (a GSO
+/// packet's are the kernel's, and it is measured by its length). Returns the payload length.
+#[inline(always)]
+fn admit6<P: Packet>(ctx: &P, outer: &Ipv6Hdr, udp: &UdpHdr) -> Result<usize, DropReason> {
+    let frame = ctx.packet_len() - EthHdr::LEN - Ipv6Hdr::LEN;
+    if ctx.is_gso() {
+        return Ok(frame);
+    }
+    let payload = u16::from_be_bytes(outer.payload_len) as usize;
+    if payload > frame {
+        return Err(DropReason::Truncated);
+    }
+    if u16::from_be_bytes(udp.len) as usize != payload {
+        return Err(DropReason::BadOuterLength);
+    }
+    Ok(payload)
+}
+
+/// The VXLAN header (flags, VNI) and the inner Ethernet type.
+#[inline(always)]
+fn vxlan6<P: Packet>(ctx: &P, cfg: &NodeConfig) -> Result<(), DropReason> {
+    let vx_off = EthHdr::LEN + Ipv6Hdr::LEN + UdpHdr::LEN;
+    let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    let vx = unsafe { *vx };
+    if vx.flags != VXLAN_I_FLAG_MASK || vx._reserved1 != [0; 3] || vx._reserved2 != 0 {
+        return Err(DropReason::BadVxlanFlags);
+    }
+    let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
+    if vni != cfg.vni {
+        return Err(DropReason::WrongVni);
+    }
+    let eth = ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv6 as u16 {
+        return Err(DropReason::InnerNotIpv4);
+    }
+    Ok(())
+}
+
+/// The inner IPv6 header: version 6, within the outer payload, and a source in the sender's
+/// IPv6 pod CIDR (or the sender itself) when the check is on.
+#[inline(always)]
+fn inner6<P: Packet>(
+    ctx: &P,
+    cfg: &NodeConfig,
+    node: &NodeEntry6,
+    outer: &Ipv6Hdr,
+    payload: usize,
+) -> Result<(), DropReason> {
+    let strip = VXLAN6_OVERHEAD as usize - Ipv6Hdr::LEN;
+    if payload < strip + Ipv6Hdr::LEN {
+        return Err(DropReason::BadOuterLength);
+    }
+    let ip = ptr_at::<Ipv6Hdr, _>(ctx, INNER_IP_OFF).ok_or(DropReason::Truncated)?;
+    // SAFETY: ptr_at checked the bounds.
+    let inner = unsafe { *ip };
+    let inner_len = u16::from_be_bytes(inner.payload_len) as usize + Ipv6Hdr::LEN;
+    if inner.vcf[0] >> 4 != 6 || (!ctx.is_gso() && inner_len > payload - strip) {
+        return Err(DropReason::BadInnerHeader);
+    }
+    if cfg.flags & config_flags::INNER_SRC_CHECK != 0
+        && !in_cidr6(&inner.src_addr, &node.pod_cidr, node.pod_prefix_len)
+        && inner.src_addr != outer.src_addr
+    {
+        return Err(DropReason::InnerSrcSpoofed);
+    }
+    Ok(())
+}
+
+/// Whether `addr` lies in `cidr`/`len` (both wire order), in two 64-bit halves (BPF has no
+/// 128-bit shifts).
+#[inline(always)]
+fn in_cidr6(addr: &[u8; 16], cidr: &[u8; 16], len: u8) -> bool {
+    let (hi_mask, lo_mask) = if len >= 64 {
+        (u64::MAX, mask64(len - 64))
+    } else {
+        (mask64(len), 0)
+    };
+    (half(addr, 0) ^ half(cidr, 0)) & hi_mask == 0 && (half(addr, 8) ^ half(cidr, 8)) & lo_mask == 0
+}
+
+/// The leading `len` bits set (`len` above 64 counts as 64).
+#[inline(always)]
+fn mask64(len: u8) -> u64 {
+    match len {
+        0 => 0,
+        l if l >= 64 => u64::MAX,
+        l => u64::MAX << (64 - l as u32),
+    }
+}
+
+/// Eight bytes of `b` from `at`, as a big-endian number.
+#[inline(always)]
+fn half(b: &[u8; 16], at: usize) -> u64 {
+    let mut w = 0u64;
+    for k in 0..8 {
+        w = (w << 8) | b[at + k] as u64;
+    }
+    w
+}

@@ -1,0 +1,188 @@
+//! The IPv6 half of the dataplane: this node's IPv6 configuration, the peers' IPv6 underlay
+//! addresses and pod CIDRs in the IPv6 maps (each peer in its IPv4 half's counter slot), and
+//! the aggregate IPv6 routes toward the encap program. Worked out whole after every change:
+//! only differences reach the maps.
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::lpm_trie::Key;
+use maps_common::{NodeConfig6, NodeEntry6, PodRoute6, map_names, route_mode};
+
+use super::Dataplane;
+use crate::{
+    cluster::{Cidr6, Encap, six::aggregate6},
+    kernel::maps::{Maps6, MapsError, map_err},
+};
+
+/// What the IPv6 maps hold, as the agent wrote them (or found them at its start).
+#[derive(Default)]
+pub struct Six {
+    config: NodeConfig6,
+    nodes: BTreeMap<[u8; 16], NodeEntry6>,
+    cidrs: BTreeMap<Cidr6, PodRoute6>,
+    /// The aggregate IPv6 routes the kernel should hold.
+    pub routes: BTreeSet<Cidr6>,
+}
+
+impl Six {
+    /// Remembers what an earlier agent left in the maps, so that it is removed if the first
+    /// state does not want it.
+    pub fn read(maps: Option<&Maps6>) -> Self {
+        let Some(m) = maps else {
+            return Self::default();
+        };
+        let nodes = m.nodes.iter().flatten().collect();
+        let cidrs = m
+            .pod_cidrs
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                let c = Cidr6 {
+                    addr: k.data().into(),
+                    len: k.prefix_len() as u8,
+                };
+                (c, v)
+            })
+            .collect();
+        Self {
+            config: m.config.get(&0, 0).unwrap_or_default(),
+            nodes,
+            cidrs,
+            routes: BTreeSet::new(),
+        }
+    }
+}
+
+/// What the IPv6 maps should hold for a state.
+struct Want6 {
+    config: NodeConfig6,
+    nodes: BTreeMap<[u8; 16], NodeEntry6>,
+    cidrs: BTreeMap<Cidr6, PodRoute6>,
+}
+
+impl Dataplane {
+    /// Whether this node carries IPv6 pods: VXLAN, an IPv6 half of its own, and the metadata
+    /// VXLAN device that sends IPv6 frames.
+    pub fn ipv6_active(&self) -> bool {
+        self.settings
+            .as_ref()
+            .is_some_and(|s| s.encap == Encap::Vxlan)
+            && self.me.as_ref().is_some_and(|m| m.v6.is_some())
+            && self.local.csum_ifindex != 0
+            && self.maps.six.is_some()
+    }
+
+    /// This node's IPv6 pod CIDR, when it carries IPv6 pods.
+    pub fn own_pod_cidr6(&self) -> Option<Cidr6> {
+        self.ipv6_active()
+            .then(|| self.me.as_ref()?.v6.map(|h| h.pod_cidr))
+            .flatten()
+    }
+
+    /// Peers with an IPv6 half: name, IPv6 underlay address, IPv6 pod CIDR.
+    pub fn ipv6_peers(&self) -> Vec<(String, std::net::Ipv6Addr, Cidr6)> {
+        self.peers
+            .values()
+            .filter_map(|p| Some((p.node.name.clone(), p.node.v6?.address, p.node.v6?.pod_cidr)))
+            .collect()
+    }
+
+    /// The IPv6 maps' content for the applied state.
+    fn want6(&self) -> Want6 {
+        let mut w = Want6 {
+            config: NodeConfig6::default(),
+            nodes: BTreeMap::new(),
+            cidrs: BTreeMap::new(),
+        };
+        let Some(me) = self
+            .me
+            .as_ref()
+            .and_then(|m| m.v6)
+            .filter(|_| self.ipv6_active())
+        else {
+            return w;
+        };
+        w.config = NodeConfig6 {
+            node_addr: me.address.octets(),
+            pod_cidr: me.pod_cidr.addr.octets(),
+            vtep_mac: me.vtep_mac,
+            pod_prefix_len: me.pod_cidr.len,
+            _pad: 0,
+            vxlan_ifindex: self.local.csum_ifindex,
+        };
+        let local = PodRoute6 {
+            node_addr: me.address.octets(),
+            vtep_mac: me.vtep_mac,
+            mode: route_mode::LOCAL,
+            ..PodRoute6::default()
+        };
+        w.cidrs.insert(me.pod_cidr, local);
+        for p in self.peers.values() {
+            let Some(h) = p.node.v6 else { continue };
+            w.nodes.insert(
+                h.address.octets(),
+                NodeEntry6 {
+                    peer_idx: p.entry.peer_idx,
+                    pod_cidr: h.pod_cidr.addr.octets(),
+                    pod_prefix_len: h.pod_cidr.len,
+                    flags: p.entry.flags,
+                    _pad: [0; 2],
+                },
+            );
+            let route = PodRoute6 {
+                node_addr: h.address.octets(),
+                vtep_mac: h.vtep_mac,
+                mode: route_mode::VXLAN,
+                _pad: 0,
+                peer_idx: p.entry.peer_idx,
+            };
+            w.cidrs.insert(h.pod_cidr, route);
+        }
+        w
+    }
+
+    /// Brings the IPv6 maps and routes to the applied state: nodes before the pod CIDRs that
+    /// name them, removals after. Nothing to do in pins without IPv6 maps.
+    pub(super) fn sync6(&mut self) -> Result<(), MapsError> {
+        let want = self.want6();
+        let Some(m) = self.maps.six.as_mut() else {
+            return Ok(());
+        };
+        let have = &mut self.six;
+        for (k, v) in &want.nodes {
+            if have.nodes.get(k) != Some(v) {
+                m.nodes
+                    .insert(k, v, 0)
+                    .map_err(map_err(map_names::NODES6))?;
+            }
+        }
+        for (c, r) in &want.cidrs {
+            if have.cidrs.get(c) != Some(r) {
+                let key = Key::new(c.len as u32, c.addr.octets());
+                m.pod_cidrs
+                    .insert(&key, r, 0)
+                    .map_err(map_err(map_names::POD_CIDRS6))?;
+            }
+        }
+        if have.config != want.config {
+            m.config
+                .set(0, want.config, 0)
+                .map_err(map_err(map_names::CONFIG6))?;
+        }
+        for c in have.cidrs.keys().filter(|c| !want.cidrs.contains_key(c)) {
+            let _ = m.pod_cidrs.remove(&Key::new(c.len as u32, c.addr.octets()));
+        }
+        for k in have.nodes.keys().filter(|k| !want.nodes.contains_key(*k)) {
+            let _ = m.nodes.remove(k);
+        }
+        let settings = self.settings.as_ref();
+        have.routes = match settings.map(|s| &s.cluster_cidrs6) {
+            _ if want.cidrs.is_empty() => BTreeSet::new(),
+            Some(c) if !c.is_empty() => c.iter().copied().collect(),
+            _ => aggregate6(&want.cidrs.keys().copied().collect::<Vec<_>>())
+                .into_iter()
+                .collect(),
+        };
+        (have.config, have.nodes, have.cidrs) = (want.config, want.nodes, want.cidrs);
+        Ok(())
+    }
+}

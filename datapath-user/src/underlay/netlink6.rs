@@ -1,0 +1,108 @@
+//! The agent's IPv6 routes: the aggregate routes of IPv6 pod CIDRs toward the encap program
+//! (through a link-local next hop whose permanent neighbour entry carries the datapath's
+//! next-hop MAC), as `netlink` does for IPv4.
+use std::net::{IpAddr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use libc::{ENOENT, ESRCH};
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        neighbour::NeighbourState,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
+    },
+};
+
+use super::netlink::{NetError, Netlink, ROUTE_PROTO, errno, nl_err};
+use crate::cluster::Cidr6;
+
+/// The IPv6 next hop of the aggregate routes: a link-local address no host uses, resolved by a
+/// permanent neighbour entry to `ROUTE_NEXTHOP_MAC`, which the encap program recognises.
+pub const ROUTE_NEXTHOP6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xd9, 1);
+
+impl Netlink {
+    /// The IPv6 routes with the agent's protocol number in the main table.
+    pub async fn owned_routes6(&self) -> Result<Vec<Cidr6>, NetError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("IPv6 route dump"))?;
+        Ok(all
+            .iter()
+            .filter(|r| r.header.protocol == RouteProtocol::from(ROUTE_PROTO))
+            .filter_map(|r| {
+                let addr = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
+                    _ => None,
+                })?;
+                let len = r.header.destination_prefix_length;
+                Some(Cidr6 { addr, len })
+            })
+            .collect())
+    }
+
+    /// Installs or replaces an aggregate IPv6 route toward the encap program on `ifindex`,
+    /// with route MTU `mtu`: the host answers Packet Too Big for what would not fit once
+    /// encapsulated (IPv6 routers never fragment).
+    pub async fn replace_route6(
+        &self,
+        cidr: &Cidr6,
+        ifindex: u32,
+        mtu: u32,
+    ) -> Result<(), NetError> {
+        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(cidr.addr, cidr.len)
+            .gateway(ROUTE_NEXTHOP6)
+            .output_interface(ifindex)
+            .protocol(RouteProtocol::from(ROUTE_PROTO));
+        b.get_mut()
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("replacing route {cidr}")))
+    }
+
+    /// Removes one IPv6 route the agent owns; one already gone is not an error.
+    pub async fn delete_route6(&self, cidr: &Cidr6) -> Result<(), NetError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(cidr.addr, cidr.len)
+            .protocol(RouteProtocol::from(ROUTE_PROTO))
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
+            r => r.map_err(nl_err(format!("deleting route {cidr}"))),
+        }
+    }
+
+    /// Removes every IPv6 route the agent owns.
+    pub async fn flush_routes6(&self) -> Result<usize, NetError> {
+        let owned = self.owned_routes6().await?;
+        for c in &owned {
+            self.delete_route6(c).await?;
+        }
+        Ok(owned.len())
+    }
+
+    /// The permanent neighbour entry of `ROUTE_NEXTHOP6` on `ifindex`.
+    pub async fn ensure_nexthop_neigh6(&self, ifindex: u32) -> Result<(), NetError> {
+        self.handle
+            .neighbours()
+            .add(ifindex, IpAddr::V6(ROUTE_NEXTHOP6))
+            .link_layer_address(&maps_common::ROUTE_NEXTHOP_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("adding the IPv6 next-hop neighbour entry"))
+    }
+}

@@ -1,0 +1,144 @@
+//! Dual-stack pods: IPv6 in VXLAN over the IPv6 underlay beside IPv4, interoperating with the
+//! Linux VXLAN device set up on node2 as flanneld sets up `flannel-v6.1` (VNI 1, port 8472) and
+//! as Calico sets up `vxlan-v6.calico` (VNI 4096, port 4789), while node1 runs this datapath.
+//!
+//! ```text
+//!   pod1 10.244.0.2, fd00:10:244::2                 pod2 10.244.1.2, fd00:10:244:1::2
+//!     |                                               |
+//!   node1: datapath                                 node2: flannel.1 (IPv4) and
+//!     eth0 192.168.1.10 ─── u0 ─ br0 ─ u1 ─── eth0    flannel-v6.1 / vxlan-v6.calico over
+//!          fd00:1::10                   fd00:1::11    fd00:1::11, fdb/neigh/route for node1
+//! ```
+//! The wire is read by tshark: outer IPv6, a valid UDP checksum on every frame (GSO segments
+//! included: node1's transmit offloads are off so the segments are made and summed in
+//! software), 70 bytes of overhead, the VNI, the VTEP MACs.
+use integration_tests::{
+    Capture, Topology,
+    dual::{add_ipv6, node_yaml6, pod_ip6},
+    sh,
+};
+
+const NODE1_VTEP: &str = "0e:00:c0:a8:01:0a";
+const NODE2_VTEP: &str = "66:00:00:00:00:02";
+/// Node1's IPv6 VTEP MAC, derived from fd00:1::10 (the file names none).
+const NODE1_VTEP6: &str = "0e:06:00:00:00:10";
+const NODE2_VTEP6: &str = "66:00:00:00:00:06";
+
+fn cluster_yaml(vni: u32, port: u16) -> String {
+    format!(
+        "encapsulation: vxlan\nvxlan: {{ vni: {vni}, port: {port} }}\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n{}  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n    vtepMAC: \"{NODE2_VTEP}\"\n{}",
+        node_yaml6(0, None),
+        node_yaml6(1, Some(NODE2_VTEP6)),
+    )
+}
+
+fn interop6(dev: &str, vni: u32, port: u16) {
+    let mut t = Topology::two_nodes(&format!("v6{vni}"));
+    add_ipv6(&t);
+    let cluster = t.write_cluster(&cluster_yaml(vni, port));
+    t.start_agent(0, &cluster, "");
+    t.flannel_device(1, vni, port, NODE2_VTEP);
+    t.flannel_peer(1, "192.168.1.10", "10.244.0.0/24", NODE1_VTEP);
+    t.linux_vxlan6(1, dev, (vni, port), NODE2_VTEP6, (0, NODE1_VTEP6));
+    t.nodes[0].ns.exec("ethtool -K eth0 tso off gso off tx off");
+    let cap = Capture::start(
+        &t.underlay,
+        "u0",
+        &format!("ip6 and udp port {port} and src host fd00:1::10"),
+        &t.workdir.join("v6.pcap"),
+    );
+
+    // The first packets may wait for neighbour discovery on both sides.
+    let warm = (0..10).any(|_| t.ping6(0, 1, 1) == 1);
+    if !warm && std::env::var_os("DP_PAUSE").is_some() {
+        std::thread::sleep(std::time::Duration::from_secs(300));
+    }
+    assert!(
+        warm,
+        "no IPv6 ping came back from the Linux VXLAN pod ({dev})"
+    );
+    assert_eq!(t.ping6(0, 1, 5), 5, "datapath pod -> {dev} pod over IPv6");
+    assert_eq!(t.ping6(1, 0, 5), 5, "{dev} pod -> datapath pod over IPv6");
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (sent, got) = t.tcp_transfer_via(from, to, &pod_ip6(to), 5001, 20);
+        assert_eq!(sent, got, "20 MiB over TCP/IPv6 {from}->{to} with {dev}");
+    }
+    assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside IPv6: node1 -> node2");
+    assert_eq!(t.ping(1, 0, 3), 3, "IPv4 beside IPv6: node2 -> node1");
+    check_wire(&cap.stop(), vni, port);
+
+    assert!(
+        t.counter(0, "decap", "vxlan") > 0,
+        "node1 decapsulated nothing"
+    );
+    assert!(
+        t.counter(0, "encap", "vxlan") > 0,
+        "node1 encapsulated nothing"
+    );
+    for reason in [
+        "wrong_vni",
+        "unknown_peer",
+        "bad_inner_header",
+        "inner_src_spoofed",
+    ] {
+        assert_eq!(t.drops(0, reason), 0, "{reason} drops");
+    }
+}
+
+/// Every captured frame node1 sent: outer IPv6 to node2, UDP to `port` with a checksum tshark
+/// finds good, VNI `vni`, 70 bytes between the outer and inner IPv6 payloads, the VTEP MACs.
+fn check_wire(pcap: &std::path::Path, vni: u32, port: u16) {
+    let out = sh(&format!(
+        "tshark -r {} -o udp.check_checksum:TRUE -d udp.port=={port},vxlan -T fields -E separator=/t \
+         -e ipv6.dst -e udp.checksum.status -e vxlan.vni -e ipv6.plen -e eth.src -e eth.dst -e frame.len 2>/dev/null",
+        pcap.display()
+    ));
+    let frames: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert!(
+        frames.len() > 1000,
+        "only {} IPv6 VXLAN frames captured",
+        frames.len()
+    );
+    let mut full = 0;
+    for (n, f) in frames.iter().enumerate() {
+        let what = format!("frame {} {f:?}", n + 1);
+        assert_eq!(
+            f[0].split(',').next(),
+            Some("fd00:1::11"),
+            "{what}: outer destination"
+        );
+        assert_eq!(
+            f[1], "1",
+            "{what}: UDP checksum not good (tshark: 1 = good, 0 bad, 2 unverified)"
+        );
+        assert_eq!(f[2], vni.to_string(), "{what}: VNI");
+        let plen: Vec<u32> = f[3].split(',').filter_map(|p| p.parse().ok()).collect();
+        assert_eq!(plen.len(), 2, "{what}: not IPv6 in IPv6");
+        assert_eq!(plen[0] - plen[1], 70, "{what}: overhead is not 70 bytes");
+        let macs: Vec<&str> = f[4].split(',').chain(f[5].split(',')).collect();
+        assert_eq!(
+            (macs[1], macs[3]),
+            ("0e:06:00:00:00:10", NODE2_VTEP6),
+            "{what}: inner MACs"
+        );
+        assert!(
+            f[6].parse::<u32>().unwrap() <= 1514,
+            "{what}: larger than the underlay MTU"
+        );
+        full += usize::from(f[6] == "1514");
+    }
+    assert!(
+        full > 500,
+        "only {full} full-size segments: the GSO path was not exercised"
+    );
+}
+
+#[test]
+fn flannel_v6_vni_1_port_8472() {
+    interop6("flannel-v6.1", 1, 8472);
+}
+
+#[test]
+fn calico_v6_vni_4096_port_4789() {
+    interop6("vxlan-v6.calico", 4096, 4789);
+}
