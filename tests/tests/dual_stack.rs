@@ -67,6 +67,25 @@ fn interop6(dev: &str, vni: u32, port: u16) {
     assert_eq!(t.ping(1, 0, 3), 3, "IPv4 beside IPv6: node2 -> node1");
     check_wire(&cap.stop(), vni, port);
 
+    let check = t.datapath(
+        0,
+        &format!("check --cluster {} --node node1", cluster.display()),
+    );
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.starts_with("ok: 2 nodes, dual-stack (2 with IPv6)"),
+        "{check}"
+    );
+    let routes = t.datapath(0, &format!("routes --pin-dir {}", t.pin_dir(0).display()));
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    for want in [
+        "fd00:10:244:1::/64",
+        "fd00:1::11",
+        NODE2_VTEP6,
+        "10.244.1.0/24",
+    ] {
+        assert!(routes.contains(want), "routes lacks {want}:\n{routes}");
+    }
     assert!(
         t.counter(0, "decap", "vxlan") > 0,
         "node1 decapsulated nothing"
@@ -82,6 +101,45 @@ fn interop6(dev: &str, vni: u32, port: u16) {
         "inner_src_spoofed",
     ] {
         assert_eq!(t.drops(0, reason), 0, "{reason} drops");
+    }
+    hostile6(&t, vni, port);
+}
+
+/// IPv6 VXLAN from node2 that node1 must refuse, each counted under its reason: an inner
+/// source outside node2's IPv6 pod CIDR (the spoof probe), an outer source that is no node,
+/// another VNI. Sent with scapy from node2's namespace.
+fn hostile6(t: &Topology, vni: u32, port: u16) {
+    let reasons = ["inner_src_spoofed", "unknown_peer", "wrong_vni"];
+    let frame = |outer_src: &str, inner_src: &str, vni: u32| {
+        format!(
+            "IPv6(src='{outer_src}',dst='fd00:1::10')/UDP(sport=40000,dport={port})/VXLAN(vni={vni},flags=8)/\
+             Ether(dst='{NODE1_VTEP6}',src='{NODE2_VTEP6}')/IPv6(src='{inner_src}',dst='{}')/ICMPv6EchoRequest()",
+            pod_ip6(0)
+        )
+    };
+    let sends = [
+        frame("fd00:1::11", "fd00:10:244:9::5", vni),
+        frame("fd00:1::99", "fd00:10:244:1::2", vni),
+        frame("fd00:1::11", "fd00:10:244:1::2", vni + 1),
+    ];
+    let script = format!(
+        "from scapy.all import *\nfrom scapy.layers.vxlan import VXLAN\n{}",
+        sends
+            .iter()
+            .map(|f| format!("send({f}, count=3, verbose=0)\n"))
+            .collect::<String>()
+    );
+    let path = t.workdir.join("hostile6.py");
+    std::fs::write(&path, script).expect("script");
+    t.nodes[1]
+        .ns
+        .exec(&format!("/usr/bin/python3 {}", path.display()));
+    for reason in reasons {
+        assert_eq!(
+            t.drops(0, reason),
+            3,
+            "{reason}: IPv6 VXLAN not refused and counted"
+        );
     }
 }
 

@@ -127,6 +127,9 @@ pub struct Cluster {
     /// Nodes of live data (a NodeList, etcd) left out as incomplete or unreadable: their
     /// problem only, every other node is applied.
     pub skipped: Vec<Problem>,
+    /// IPv6 halves of live data's nodes left out as incomplete or bad (the nodes are applied
+    /// with IPv4 only).
+    pub skipped6: Vec<Problem>,
 }
 
 /// Everything in a cluster state but its nodes: when it changes, every node is planned again.

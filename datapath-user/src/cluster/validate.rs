@@ -131,7 +131,7 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
     let mut warnings = Vec::new();
     let mut set = resolve_settings(&raw, defaults, &mut problems, &mut warnings);
     problems.extend(vxlan_problems(&set));
-    let (nodes, skipped) = read_nodes(&raw, limits, &mut problems);
+    let (nodes, skipped, skipped6) = read_nodes(&raw, limits, &mut problems);
     set.bgp =
         (raw.settings.bgp.as_ref()).map(|b| bgp::validate(b, &nodes, &mut problems, &mut warnings));
     if set.encap == Encap::None && set.bgp.is_none() {
@@ -173,6 +173,7 @@ pub fn validate(raw: RawState, defaults: &Defaults, limits: &Limits) -> Result<C
         own,
         warnings,
         skipped,
+        skipped6,
     })
 }
 
@@ -201,13 +202,15 @@ fn vxlan_problems(set: &Settings) -> Vec<Problem> {
 }
 
 /// The raw nodes read; in live data, the ones that are incomplete (other than this node)
-/// are returned apart as skipped, with what the source itself could not read.
+/// are returned apart as skipped, with what the source itself could not read, and the IPv6
+/// halves left out (the node kept) apart from those.
 fn read_nodes(
     raw: &RawState,
     limits: &Limits,
     problems: &mut Vec<Problem>,
-) -> (Vec<Node>, Vec<Problem>) {
+) -> (Vec<Node>, Vec<Problem>, Vec<Problem>) {
     let mut skipped = raw.skipped.clone();
+    let mut skipped6 = Vec::new();
     let mut nodes: Vec<Node> = Vec::with_capacity(raw.nodes.len());
     for rn in &raw.nodes {
         let (node, node_problems) = read_node(rn);
@@ -218,7 +221,7 @@ fn read_nodes(
         });
         // Live data keeps a node whose IPv6 half is incomplete, without that half.
         if raw.origin.lenient() {
-            skipped.extend(v6_problems);
+            skipped6.extend(v6_problems);
         } else {
             problems.extend(v6_problems);
         }
@@ -228,7 +231,7 @@ fn read_nodes(
             _ => problems.extend(node_problems),
         }
     }
-    (nodes, skipped)
+    (nodes, skipped, skipped6)
 }
 
 /// How the problem of a state without this node begins.

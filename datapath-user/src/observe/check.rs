@@ -30,6 +30,9 @@ pub struct Report {
     pub nodes: usize,
     /// Nodes of live data left out as incomplete or unreadable.
     pub skipped: Vec<Finding>,
+    /// Nodes with an IPv6 half (dual-stack), and IPv6 halves of live data left out.
+    pub ipv6_nodes: usize,
+    pub skipped_ipv6: Vec<Finding>,
     pub warnings: Vec<String>,
     /// Why the state is rejected, every problem with its path.
     pub errors: Vec<Finding>,
@@ -70,7 +73,7 @@ impl Report {
         match result {
             Ok(c) => {
                 let vxlan = c.encap == Encap::Vxlan;
-                let clean = c.warnings.is_empty() && c.skipped.is_empty();
+                let clean = c.warnings.is_empty() && c.skipped.is_empty() && c.skipped6.is_empty();
                 Self {
                     verdict: if clean {
                         Verdict::Ok
@@ -79,6 +82,8 @@ impl Report {
                     },
                     nodes: c.nodes.len(),
                     skipped: c.skipped.iter().map(Finding::from).collect(),
+                    ipv6_nodes: c.nodes.iter().filter(|n| n.v6.is_some()).count(),
+                    skipped_ipv6: c.skipped6.iter().map(Finding::from).collect(),
                     warnings: c.warnings.clone(),
                     errors: Vec::new(),
                     encapsulation: Some(c.encap.name()),
@@ -96,6 +101,8 @@ impl Report {
                 verdict: Verdict::Invalid,
                 nodes: 0,
                 skipped: Vec::new(),
+                ipv6_nodes: 0,
+                skipped_ipv6: Vec::new(),
                 warnings: Vec::new(),
                 errors: invalid.0.iter().map(Finding::from).collect(),
                 encapsulation: None,
@@ -132,10 +139,17 @@ impl Report {
             ),
             None => self.cross_subnet.unwrap_or(false).to_string(),
         };
+        let six = match self.ipv6_nodes {
+            0 => String::new(),
+            n => format!(", dual-stack ({n} with IPv6)"),
+        };
         let mut out = match self.verdict {
-            Verdict::Ok => format!("ok: {} nodes, {mode}, crossSubnet {cross}\n", self.nodes),
+            Verdict::Ok => format!(
+                "ok: {} nodes{six}, {mode}, crossSubnet {cross}\n",
+                self.nodes
+            ),
             Verdict::Warnings => format!(
-                "accepted with warnings: {} of {} nodes in use, {mode}, crossSubnet {cross}\n",
+                "accepted with warnings: {} of {} nodes in use{six}, {mode}, crossSubnet {cross}\n",
                 self.nodes,
                 self.nodes + self.skipped.len()
             ),
@@ -149,6 +163,9 @@ impl Report {
         }
         for s in &self.skipped {
             out += &format!("skipped: {}: {}\n", s.path, s.reason);
+        }
+        for s in &self.skipped_ipv6 {
+            out += &format!("skipped IPv6 half: {}: {}\n", s.path, s.reason);
         }
         for e in &self.errors {
             out += &format!("{}: {}\n", e.path, e.reason);

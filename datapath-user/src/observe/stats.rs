@@ -1,6 +1,9 @@
 //! What the datapath counted and what its maps hold, read from the maps and rendered for
 //! people (`datapath stats`, `datapath routes`), scripts (`--json`) and Prometheus.
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use std::sync::atomic::AtomicU64;
 
@@ -62,7 +65,11 @@ impl std::fmt::Display for PeerState {
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteRow {
     pub pod_cidr: String,
-    pub node: Ipv4Addr,
+    /// The owning node's underlay address, of the pod CIDR's family.
+    pub node: IpAddr,
+    /// `ipv4` or `ipv6`. An IPv6 row's node shares its IPv4 row's counter slot: per-peer sums
+    /// and metrics count the IPv4 rows only.
+    pub family: &'static str,
     pub vtep_mac: String,
     pub mode: &'static str,
     pub state: PeerState,
@@ -75,6 +82,56 @@ pub struct RouteRow {
     /// The agent's last health probe of the node (`DP_HEALTH`); `None` before the first, for
     /// this node and native peers.
     pub health: Option<Health>,
+}
+
+impl RouteRow {
+    /// Another node's IPv4 row: one per peer, whose counters are the peer's.
+    fn is_peer(&self) -> bool {
+        self.state != PeerState::Local && self.family == "ipv4"
+    }
+}
+
+/// The IPv6 pod CIDR map's rows (none in pins before map ABI 5).
+fn routes6(maps: &DatapathMaps) -> Vec<RouteRow> {
+    let Some(m) = &maps.six else {
+        return Vec::new();
+    };
+    let nodes: std::collections::HashMap<[u8; 16], maps_common::NodeEntry6> =
+        m.nodes.iter().flatten().collect();
+    m.pod_cidrs
+        .iter()
+        .flatten()
+        .map(|(k, r)| {
+            let local = r.mode == route_mode::LOCAL;
+            let s = if local {
+                Default::default()
+            } else {
+                maps.peer_stats(r.peer_idx)
+            };
+            let down = nodes
+                .get(&r.node_addr)
+                .is_some_and(|e| e.flags & node_flags::UNREACHABLE != 0);
+            RouteRow {
+                pod_cidr: format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len()),
+                node: std::net::Ipv6Addr::from(r.node_addr).into(),
+                family: "ipv6",
+                vtep_mac: format_mac(&r.vtep_mac),
+                mode: route_mode::name(r.mode),
+                state: match (local, down) {
+                    (true, _) => PeerState::Local,
+                    (_, true) => PeerState::Unreachable,
+                    (_, false) => PeerState::Reachable,
+                },
+                peer_slot: r.peer_idx,
+                unreachable_packets: s.unreachable_packets,
+                tx_packets: s.tx_packets,
+                tx_bytes: s.tx_bytes,
+                rx_packets: s.rx_packets,
+                rx_bytes: s.rx_bytes,
+                health: None,
+            }
+        })
+        .collect()
 }
 
 /// A peer's last health probe: round trips in milliseconds, `None` when unanswered.
@@ -167,7 +224,8 @@ impl Snapshot {
                     .is_some_and(|e| e.flags & node_flags::UNREACHABLE != 0);
                 RouteRow {
                     pod_cidr: cidr.to_string(),
-                    node,
+                    node: node.into(),
+                    family: "ipv4",
                     vtep_mac: format_mac(&r.vtep_mac),
                     mode: route_mode::name(r.mode),
                     state: match (r.mode, down) {
@@ -184,6 +242,7 @@ impl Snapshot {
                     health: health.get(&node).map(Health::of),
                 }
             })
+            .chain(routes6(maps))
             .collect();
         Ok(Self {
             node_addr: Ipv4Addr::from(cfg.node_addr),
@@ -257,7 +316,7 @@ impl Snapshot {
             e.sent, e.limited, e.lost
         );
         let _ = writeln!(s, "peers:");
-        for r in self.routes.iter().filter(|r| r.state != PeerState::Local) {
+        for r in self.routes.iter().filter(|r| r.is_peer()) {
             let _ = writeln!(
                 s,
                 "  {:<15} {:<11} tx {:>10} pkts {:>14} B   rx {:>10} pkts {:>14} B   unreachable {:>8} pkts",
@@ -384,7 +443,7 @@ impl Snapshot {
         let peer_bytes = Family::<PeerDir, Counter>::default();
         let unreachable = Family::<Peer, Gauge>::default();
         let unreachable_drops = Family::<Peer, Counter>::default();
-        for r in self.routes.iter().filter(|r| r.state != PeerState::Local) {
+        for r in self.routes.iter().filter(|r| r.is_peer()) {
             let peer = r.node.to_string();
             for (direction, p, b) in [
                 ("tx", r.tx_packets, r.tx_bytes),

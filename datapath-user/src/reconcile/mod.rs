@@ -111,7 +111,8 @@ impl Reconciler {
 
     /// Logs a state's warnings and skipped nodes when they differ from the last state's.
     fn note(&mut self, cluster: &Cluster) {
-        let notes = (cluster.warnings.clone(), cluster.skipped.clone());
+        let skipped = [cluster.skipped.clone(), cluster.skipped6.clone()].concat();
+        let notes = (cluster.warnings.clone(), skipped);
         if notes == self.notes {
             return;
         }
@@ -120,6 +121,9 @@ impl Reconciler {
         }
         for p in &cluster.skipped {
             warn!("skipping node {p}; every other node is applied");
+        }
+        for p in &cluster.skipped6 {
+            warn!("skipping a node's IPv6 half, {p}; its IPv4 half is applied");
         }
         self.notes = notes;
     }
