@@ -71,24 +71,7 @@ fn resolve_settings(
     } else {
         (4096, maps_common::VXLAN_PORT_IANA)
     };
-    let mut cluster_cidrs = defaults.cluster_cidrs.clone().unwrap_or_default();
-    if let Some(list) = &s.cluster_cidr {
-        match parse_cidr_list(list) {
-            Ok(c) => cluster_cidrs = c,
-            Err(reason) => problems.push(Problem {
-                path: "clusterCIDR".into(),
-                reason,
-            }),
-        }
-    }
-    let cluster_cidrs6 = match s.cluster_cidr6.as_deref().map(parse_cidr6_list) {
-        Some(Ok(c)) => c,
-        Some(Err(reason)) => {
-            problems.push(problem("clusterCIDRv6", reason));
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
+    let (cluster_cidrs, cluster_cidrs6) = cluster_networks(raw, defaults, problems);
     Settings {
         cluster_cidrs6,
         encap,
@@ -120,6 +103,31 @@ fn resolve_settings(
         cluster_cidrs,
         bgp: None,
     }
+}
+
+/// The cluster's pod networks of both families: the state's, else the flag's (IPv4 only).
+fn cluster_networks(
+    raw: &RawState,
+    defaults: &Defaults,
+    problems: &mut Vec<Problem>,
+) -> (Vec<Cidr>, Vec<Cidr6>) {
+    let s = &raw.settings;
+    let mut cluster_cidrs = defaults.cluster_cidrs.clone().unwrap_or_default();
+    if let Some(list) = &s.cluster_cidr {
+        match parse_cidr_list(list) {
+            Ok(c) => cluster_cidrs = c,
+            Err(reason) => problems.push(problem("clusterCIDR", reason)),
+        }
+    }
+    let cluster_cidrs6 = match s.cluster_cidr6.as_deref().map(parse_cidr6_list) {
+        Some(Ok(c)) => c,
+        Some(Err(reason)) => {
+            problems.push(problem("clusterCIDRv6", reason));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    (cluster_cidrs, cluster_cidrs6)
 }
 
 /// Checks a raw state whole: every problem is reported with its path. A bad node rejects a
