@@ -12,11 +12,16 @@
 //! The wire is read by tshark: outer IPv6, a valid UDP checksum on every frame (GSO segments
 //! included: node1's transmit offloads are off so the segments are made and summed in
 //! software), 70 bytes of overhead, the VNI, the VTEP MACs.
+use std::{thread, time::Duration};
+
 use integration_tests::{
     Capture, Topology,
     dual::{add_ipv6, node_yaml6, pod_ip6},
-    sh,
+    release_bin, sh, wait_for,
 };
+
+/// The last release of map ABI 4 (IPv4 only).
+const ABI4: &str = "8f637dc";
 
 const NODE1_VTEP: &str = "0e:00:c0:a8:01:0a";
 const NODE2_VTEP: &str = "66:00:00:00:00:02";
@@ -199,4 +204,51 @@ fn flannel_v6_vni_1_port_8472() {
 #[test]
 fn calico_v6_vni_4096_port_4789() {
     interop6("vxlan-v6.calico", 4096, 4789);
+}
+
+/// Two nodes on the last IPv4-only release (map ABI 4) upgraded one after the other to this
+/// build under a 5 ms ping: the pins migrate to ABI 5 (the IPv6 maps) with nothing lost. Then the
+/// cluster file gains both nodes' IPv6 halves, and IPv6 pods talk between two datapath nodes.
+#[test]
+fn pins_of_map_abi_4_migrate_under_ping_then_carry_ipv6() {
+    let old = release_bin(ABI4);
+    let mut t = Topology::two_nodes("v6up");
+    add_ipv6(&t);
+    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    let source = format!("--cluster {} --watch-ms 100", cluster.display());
+    for i in 0..2 {
+        let log = t.spawn_agent_bin(i, &old, "", &source);
+        t.wait_agent(i, &log);
+    }
+    assert_eq!(t.ping(0, 1, 2), 2, "{ABI4} carries traffic");
+    let mut ping = t.flood_ping(0, 1, 12);
+    thread::sleep(Duration::from_millis(800));
+    for i in 0..2 {
+        t.stop_agents(i);
+        t.start_agent(i, &cluster, "");
+    }
+    assert!(
+        ping.try_wait().unwrap().is_none(),
+        "the ping ended before both agents were upgraded"
+    );
+    let (sent, received) = t.flood_ping_result(0, 1, ping);
+    assert!(sent >= 1000, "ping sent only {sent}");
+    assert_eq!(sent, received, "packets lost in the upgrade to map ABI 5");
+
+    let dual = format!(
+        "encapsulation: vxlan\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n{}  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n{}",
+        node_yaml6(0, None),
+        node_yaml6(1, None),
+    );
+    t.write_cluster(&dual);
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(
+        up,
+        "no IPv6 between two datapath nodes after the file gained IPv6 halves"
+    );
+    assert_eq!(t.ping6(0, 1, 5), 5);
+    assert_eq!(t.ping6(1, 0, 5), 5);
+    let (sent, got) = t.tcp_transfer_via(1, 0, &pod_ip6(0), 5001, 8);
+    assert_eq!(sent, got, "8 MiB over TCP/IPv6 between datapath nodes");
+    assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
 }

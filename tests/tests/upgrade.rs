@@ -255,7 +255,7 @@ fn cni_pods_upgraded_from_map_abi_2_lose_nothing_and_come_under_the_policy() {
         }
         assert_eq!(t.ping(0, 1, 2), 2, "{ABI2} carries the CNI pods' traffic");
 
-        let mut ping = t.flood_ping(0, 1, 6);
+        let mut ping = t.flood_ping(0, 1, 10);
         thread::sleep(Duration::from_millis(800));
         t.stop_agents(0);
         t.start_agent(0, &cluster, "");
