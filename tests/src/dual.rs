@@ -8,29 +8,57 @@ pub fn node_addr6(i: usize) -> String {
     format!("fd00:1::{}", 10 + i)
 }
 
+/// Node `i`'s IPv6 pod CIDR, as the agent writes it (`fd00:10:244::/64` for node 0).
 pub fn pod_cidr6(i: usize) -> String {
-    format!("fd00:10:244:{i}::/64")
+    let net = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, i as u16, 0, 0, 0, 0);
+    format!("{net}/64")
 }
 
 pub fn pod_ip6(i: usize) -> String {
-    format!("fd00:10:244:{i}::2")
+    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, i as u16, 0, 0, 0, 2).to_string()
 }
 
 /// Adds the IPv6 half to every node with a hand-made pod (addresses without duplicate address
 /// detection, so they work at once) and turns IPv6 forwarding on, as a dual-stack node has it.
 pub fn add_ipv6(t: &Topology) {
-    t.underlay.exec("ip -6 addr add fd00:1::1/64 dev br0 nodad");
+    add_ipv6_underlay(t);
     for (i, n) in t.nodes.iter().enumerate() {
-        let (addr, pod) = (node_addr6(i), pod_ip6(i));
+        let pod = pod_ip6(i);
         n.ns.exec(&format!(
-            "sysctl -qw net.ipv6.conf.all.forwarding=1 && ip -6 addr add {addr}/64 dev eth0 nodad && \
-             ip -6 addr add fd00:10:244:{i}::1/128 dev pod0 nodad && ip -6 route add {pod}/128 dev pod0"
+            "ip -6 addr add fd00:10:244:{i}::1/128 dev pod0 nodad && ip -6 route add {pod}/128 dev pod0"
         ));
         n.pod.exec(&format!(
             "ip -6 addr add {pod}/64 dev eth0 nodad && ip -6 route add fd00:10:244:{i}::1/128 dev eth0 && \
              ip -6 route add default via fd00:10:244:{i}::1"
         ));
     }
+}
+
+/// The underlay's IPv6 half only (for nodes whose pods the CNI plugins make): node addresses,
+/// IPv6 forwarding on.
+pub fn add_ipv6_underlay(t: &Topology) {
+    t.underlay.exec("ip -6 addr add fd00:1::1/64 dev br0 nodad");
+    for (i, n) in t.nodes.iter().enumerate() {
+        n.ns.exec(&format!(
+            "sysctl -qw net.ipv6.conf.all.forwarding=1 && ip -6 addr add {}/64 dev eth0 nodad",
+            node_addr6(i)
+        ));
+    }
+}
+
+/// A VXLAN cluster file of the topology's nodes, each with its IPv6 half (VTEP MACs derived).
+pub fn dual_cluster_yaml(t: &Topology) -> String {
+    let mut s = "encapsulation: vxlan\nnodes:\n".to_string();
+    for (i, n) in t.nodes.iter().enumerate() {
+        s += &format!(
+            "  - name: {}\n    address: {}\n    podCIDR: {}\n{}",
+            n.name,
+            n.addr,
+            n.pod_cidr,
+            node_yaml6(i, None)
+        );
+    }
+    s
 }
 
 /// The cluster-file lines of node `i`'s IPv6 half (indented for a `nodes:` entry), with

@@ -871,13 +871,14 @@ impl Etcd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Writes `value` at `key` (single-quoted for the shell).
+    /// Writes `value` at `key` (both single-quoted for the shell: a dual-stack lease key
+    /// holds `&`).
     pub fn put(&self, key: &str, value: &str) {
-        self.ctl(&format!("put {key} '{value}'"));
+        self.ctl(&format!("put '{key}' '{value}'"));
     }
 
     pub fn del(&self, key: &str) {
-        self.ctl(&format!("del {key}"));
+        self.ctl(&format!("del '{key}'"));
     }
 }
 

@@ -15,8 +15,8 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    Capture, Topology,
-    dual::{add_ipv6, node_yaml6, pod_ip6},
+    Capture, Etcd, NodeSpec, Topology,
+    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_cidr6, pod_ip6},
     release_bin, sh, wait_for,
 };
 
@@ -235,11 +235,7 @@ fn pins_of_map_abi_4_migrate_under_ping_then_carry_ipv6() {
     assert!(sent >= 1000, "ping sent only {sent}");
     assert_eq!(sent, received, "packets lost in the upgrade to map ABI 5");
 
-    let dual = format!(
-        "encapsulation: vxlan\nnodes:\n  - name: node1\n    address: 192.168.1.10\n    podCIDR: 10.244.0.0/24\n{}  - name: node2\n    address: 192.168.1.11\n    podCIDR: 10.244.1.0/24\n{}",
-        node_yaml6(0, None),
-        node_yaml6(1, None),
-    );
+    let dual = dual_cluster_yaml(&t);
     t.write_cluster(&dual);
     let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
     assert!(
@@ -251,4 +247,159 @@ fn pins_of_map_abi_4_migrate_under_ping_then_carry_ipv6() {
     let (sent, got) = t.tcp_transfer_via(1, 0, &pod_ip6(0), 5001, 8);
     assert_eq!(sent, got, "8 MiB over TCP/IPv6 between datapath nodes");
     assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
+}
+
+/// Pods made by the real CNI plugins from the agent's list (ptp, host-local with a range of each
+/// family, the datapath plugin) on two datapath nodes: an address of each family, ping and 8 MiB
+/// of TCP by hash in each, IPv4 by BPF host routing beside IPv6 through the host's stack.
+#[test]
+fn cni_pods_get_both_families_and_talk_in_each() {
+    let nodes = [10, 11].map(|host| NodeSpec { subnet: 0, host });
+    let mut t = Topology::with_cni("v6cni", &nodes);
+    add_ipv6_underlay(&t);
+    let cluster = t.write_cluster(&dual_cluster_yaml(&t));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    for i in 0..2 {
+        let conf = std::fs::read_to_string(t.cni_dir(i).join("net.d/05-datapath.conflist"))
+            .expect("conflist");
+        let conf: serde_json::Value = serde_json::from_str(&conf).expect("conflist JSON");
+        let ranges = &conf["plugins"][0]["ipam"]["ranges"];
+        assert_eq!(ranges[1][0]["subnet"], pod_cidr6(i), "{conf}");
+        assert_eq!(
+            conf["plugins"][0]["mtu"], 1430,
+            "pods get the IPv6 tunnel's MTU"
+        );
+        let result = t.cni_add(i);
+        let ips: Vec<&str> = (result["ips"].as_array().expect("ips").iter())
+            .filter_map(|ip| ip["address"].as_str())
+            .collect();
+        assert!(
+            ips.contains(&format!("{}/64", pod_ip6(i)).as_str()),
+            "{result}"
+        );
+    }
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "no IPv6 between the CNI pods");
+    for (from, to) in [(0, 1), (1, 0)] {
+        assert_eq!(t.ping6(from, to, 5), 5, "IPv6 ping {from}->{to}");
+        assert_eq!(t.ping(from, to, 5), 5, "IPv4 ping {from}->{to}");
+        let (sent, got) = t.tcp_transfer_via(from, to, &pod_ip6(to), 5001, 8);
+        assert_eq!(sent, got, "TCP/IPv6 {from}->{to}");
+        let (sent, got) = t.tcp_transfer(from, to, 8);
+        assert_eq!(sent, got, "TCP/IPv4 {from}->{to}");
+    }
+    assert!(
+        t.counter(0, "host_route_out", "bpf") > 0,
+        "IPv4 left BPF host routing"
+    );
+}
+
+/// Flannel's dual-stack layout in a real etcd: a config with `EnableIPv6` and `IPv6Network`,
+/// `&`-keyed leases with `PublicIPv6` and `BackendV6Data`; two agents read it, route the IPv6
+/// network toward the datapath and carry IPv6 pods; a lease's new IPv6 VTEP MAC is applied.
+#[test]
+fn flannels_dual_stack_leases_in_etcd_carry_ipv6_pods() {
+    let mut t = Topology::two_nodes("v6etcd");
+    add_ipv6(&t);
+    let etcd = Etcd::start(&t);
+    let prefix = "/coreos.com/network";
+    etcd.put(
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    );
+    let lease = |i: usize, mac6: &str| {
+        format!(
+            r#"{{"PublicIP":"192.168.1.{}","PublicIPv6":"fd00:1::{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:00:c0:a8:01:{:02x}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}},"NodeName":"node{}"}}"#,
+            10 + i,
+            10 + i,
+            10 + i,
+            i + 1
+        )
+    };
+    let key = |i: usize| format!("{prefix}/subnets/10.244.{i}.0-24&fd00:10:244:{i}::-64");
+    etcd.put(&key(0), &lease(0, "66:00:00:00:06:00"));
+    etcd.put(&key(1), &lease(1, "66:00:00:00:06:01"));
+    for i in 0..2 {
+        t.start_agent_with(i, &format!("--etcd-endpoints {}", Etcd::URL));
+    }
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(
+        up,
+        "no IPv6 between the nodes of Flannel's dual-stack leases"
+    );
+    assert_eq!(t.ping6(1, 0, 5), 5);
+    let routes = t.nodes[0].ns.exec("ip -6 route show proto 199");
+    assert!(
+        routes.starts_with("fd00:10:244::/56 via fe80::d9:1 dev eth0"),
+        "the IPv6Network is the aggregate route: {routes}"
+    );
+    // A lease event is applied as a change of that node: node2's new IPv6 VTEP MAC.
+    etcd.put(&key(1), &lease(1, "66:00:00:00:06:11"));
+    let applied = wait_for(Duration::from_secs(10), || {
+        let r = t.datapath(0, &format!("routes --pin-dir {}", t.pin_dir(0).display()));
+        String::from_utf8_lossy(&r.stdout).contains("66:00:00:00:06:11")
+    });
+    assert!(applied, "node2's new IPv6 VTEP MAC not in node1's maps");
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "IPv6 after the lease change");
+}
+
+/// `--register --public-ipv6` on a config with `EnableIPv6`, as flanneld registers a dual-stack
+/// node: each agent claims a free subnet of each family in one `&`-keyed lease (one etcd
+/// transaction), the CNI list gets both, and pods made from it talk over both families.
+#[test]
+fn register_claims_a_subnet_of_each_family_in_one_lease() {
+    let nodes = [10, 11].map(|host| NodeSpec { subnet: 0, host });
+    let mut t = Topology::with_cni("v6reg", &nodes);
+    add_ipv6_underlay(&t);
+    let etcd = Etcd::start(&t);
+    let prefix = "/coreos.com/network";
+    etcd.put(
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    );
+    for i in 0..2 {
+        t.start_agent_with(
+            i,
+            &format!(
+                "--etcd-endpoints {} --register --iface eth0 --public-ipv6 fd00:1::{}",
+                Etcd::URL,
+                10 + i
+            ),
+        );
+    }
+    let keys = etcd.ctl(&format!("get --prefix --keys-only {prefix}/subnets/"));
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.contains('&')),
+        "one key of both halves each: {keys:?}"
+    );
+    let mut addrs6 = Vec::new();
+    for i in 0..2 {
+        let result = t.cni_add(i);
+        let v6 = (result["ips"].as_array().expect("ips").iter())
+            .filter_map(|ip| ip["address"].as_str()?.split('/').next())
+            .find(|a| a.contains(':'))
+            .map(String::from);
+        addrs6.push(v6.unwrap_or_else(|| panic!("no IPv6 address for pod{}: {result}", i + 1)));
+    }
+    let ping6 = |from: usize, to: usize| {
+        let out = t.nodes[from]
+            .pod
+            .exec_out(&format!("ping -6 -c 1 -W 1 {}", addrs6[to]));
+        out.status.success()
+    };
+    let up = wait_for(Duration::from_secs(15), || ping6(0, 1) && ping6(1, 0));
+    assert!(
+        up,
+        "no IPv6 between pods of the registered subnets {addrs6:?}"
+    );
+    assert_eq!(
+        t.ping(0, 1, 3),
+        3,
+        "IPv4 between pods of the registered subnets"
+    );
 }

@@ -166,6 +166,8 @@ async fn registration(
         node: opts.node.clone(),
         pod_cidr: e.pod_cidr,
         public_ip,
+        public_ipv6: e.public_ipv6,
+        pod_cidr6: e.pod_cidr6,
         ttl_secs: e.lease_ttl,
     }))
 }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{
-    self, Cidr, Node, Problem,
+    self, Cidr, Cidr6, Node, Problem,
     raw::{NodeAt, Origin, RawNode, RawSettings, RawState},
 };
 
@@ -36,6 +36,9 @@ pub struct NetConfig {
     pub enable_ipv6: bool,
     #[serde(default, rename = "IPv6Network")]
     pub ipv6_network: Option<String>,
+    /// Prefix length of each node's IPv6 subnet (default 64).
+    #[serde(default, rename = "IPv6SubnetLen")]
+    ipv6_subnet_len: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +100,39 @@ pub fn lease_key(prefix: &str, cidr: &Cidr) -> String {
     format!("{}{}-{}", subnets_prefix(prefix), cidr.addr, cidr.len)
 }
 
+/// The key of a lease of both families: `<prefix>/subnets/10.244.1.0-24&fd00:10:244:1::-64`;
+/// the IPv4 key alone without an IPv6 subnet.
+pub(super) fn lease_key_dual(prefix: &str, cidr: &Cidr, cidr6: Option<&Cidr6>) -> String {
+    match cidr6 {
+        Some(c6) => format!("{}&{}-{}", lease_key(prefix, cidr), c6.addr, c6.len),
+        None => lease_key(prefix, cidr),
+    }
+}
+
+/// The IPv6 subnets flanneld hands out: `IPv6SubnetLen` (default 64) of `IPv6Network`, from
+/// the second on.
+pub(super) fn subnet6_range(
+    config: &NetConfig,
+) -> anyhow::Result<impl Iterator<Item = Cidr6> + use<>> {
+    let network: Cidr6 = config
+        .ipv6_network
+        .as_deref()
+        .context("the config enables IPv6 but has no IPv6Network to claim a subnet from")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the config's IPv6Network: {e}"))?;
+    let len = config.ipv6_subnet_len.unwrap_or(64);
+    anyhow::ensure!(
+        len >= network.len && len <= 126,
+        "IPv6SubnetLen {len} does not fit in IPv6Network {network}"
+    );
+    let net = ipnet::Ipv6Net::new(network.addr, network.len).expect("checked when parsed");
+    let subnets = net.subnets(len).expect("length checked above");
+    Ok(subnets.skip(1).map(|n| Cidr6 {
+        addr: n.network(),
+        len: n.prefix_len(),
+    }))
+}
+
 /// The keys under the prefix as a raw cluster state, in Flannel's terms: the config's backend
 /// and network for the settings, one node per lease. A lease that cannot be read at all is
 /// left out and named by its key. Fails only without a readable config.
@@ -155,7 +191,7 @@ pub(super) fn key_cidr(prefix: &str, key: &str) -> Result<Cidr, String> {
 }
 
 /// The IPv6 subnet a dual-stack lease key names after its `&`, as text (`fd00:10:244:1::/64`).
-fn key_cidr6(key: &str) -> Option<String> {
+pub(super) fn key_cidr6(key: &str) -> Option<String> {
     let (_, v6) = key.split_once('&')?;
     Some(v6.replacen('-', "/", 1))
 }

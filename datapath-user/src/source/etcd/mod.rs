@@ -4,7 +4,7 @@
 //! lease.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -12,19 +12,20 @@ use std::{
 
 use anyhow::Context as _;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    WatchOptions,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 mod layout;
+mod register;
 
-use layout::{Backend, Lease, LeaseBackendData, key_cidr, net_config, subnets_prefix};
+use layout::subnets_prefix;
 pub use layout::{NetConfig, compose, delta, lease_key, lease_node, subnet_range};
+use register::keep_registered;
 
 use super::{Reason, Update};
-use crate::cluster::{self, Cidr, raw::RawState};
+use crate::cluster::{Cidr, Cidr6, raw::RawState};
 
 /// The keys under the prefix and their values, as the watcher last saw them; shared with the
 /// agent, which composes a whole state from it when a delta cannot stand alone.
@@ -97,6 +98,14 @@ pub struct EtcdOptions {
     /// This node's underlay address, for `--register`; default: the address of `--iface`.
     #[arg(long)]
     pub public_ip: Option<Ipv4Addr>,
+    /// This node's IPv6 underlay address, for `--register` with a config that has
+    /// `EnableIPv6` (flanneld's `--public-ipv6`): the lease claims an IPv6 subnet of
+    /// `IPv6Network` with its IPv4 one, in one key (`10.244.1.0-24&fd00:10:244:1::-64`).
+    #[arg(long = "public-ipv6", requires = "register")]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// This node's IPv6 pod CIDR, for `--register` with `--pod-cidr` and `--public-ipv6`.
+    #[arg(long = "pod-cidr-v6", requires = "pod_cidr")]
+    pub pod_cidr6: Option<Cidr6>,
     /// TTL of the registered lease, in seconds; renewed every third of it.
     #[arg(long, default_value_t = 60)]
     pub lease_ttl: i64,
@@ -111,6 +120,10 @@ pub struct Registration {
     /// subnet of the config's `Network`, as flanneld does.
     pub pod_cidr: Option<Cidr>,
     pub public_ip: Ipv4Addr,
+    /// The IPv6 half (`--public-ipv6`, `--pod-cidr-v6`): registered when the config enables
+    /// IPv6.
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub pod_cidr6: Option<Cidr6>,
     pub ttl_secs: i64,
 }
 
@@ -124,7 +137,7 @@ pub struct EtcdStatus {
     pub revision: i64,
 }
 
-async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
+pub(super) async fn connect(opts: &EtcdOptions) -> anyhow::Result<Client> {
     let mut co = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
@@ -268,79 +281,8 @@ async fn watch_once(
     anyhow::bail!("watch stream ended")
 }
 
-/// Writes this node's lease with a TTL and keeps it alive, as flanneld does; writes it again
-/// under a new lease whenever the old one is lost (etcd restarted, TTL ran out while away).
-/// Without a pod CIDR of its own it reuses the lease that carries its public IP, or claims a
-/// free subnet of the config's `Network` in a transaction (so two nodes never get one).
-pub async fn keep_registered(opts: EtcdOptions, reg: Registration) {
-    let mut claimed: Option<Cidr> = reg.pod_cidr;
-    loop {
-        if let Err(e) = register_once(&opts, &reg, &mut claimed).await {
-            warn!("etcd lease of this node: {e:#}; registering again");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// The lease value this node writes, as flanneld writes its own (plus `NodeName`).
-fn lease_value(reg: &Registration, backend: &Backend) -> String {
-    serde_json::to_string(&Lease {
-        public_ip: reg.public_ip.to_string(),
-        backend_type: Some(backend.kind.clone().unwrap_or_else(|| "vxlan".into())),
-        backend_data: Some(LeaseBackendData {
-            vtep_mac: Some(cluster::format_mac(&cluster::derived_vtep_mac(
-                reg.public_ip,
-            ))),
-        }),
-        node_name: reg.node.clone(),
-        public_ipv6: None,
-        backend_v6_data: None,
-    })
-    .expect("lease serializes")
-}
-
-async fn register_once(
-    opts: &EtcdOptions,
-    reg: &Registration,
-    claimed: &mut Option<Cidr>,
-) -> anyhow::Result<()> {
-    let mut client = connect(opts).await?;
-    let lease = client.lease_grant(reg.ttl_secs, None).await?.id();
-    let key = match *claimed {
-        Some(cidr) if reg.pod_cidr.is_some() => {
-            let kvs = read_prefix(&mut client, &opts.prefix).await?.1;
-            let value = lease_value(reg, &net_config(&opts.prefix, &kvs)?.backend);
-            let key = lease_key(&opts.prefix, &cidr);
-            client
-                .put(
-                    key.clone(),
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await?;
-            key
-        }
-        _ => {
-            let cidr = claim(&mut client, opts, reg, *claimed, lease).await?;
-            *claimed = Some(cidr);
-            lease_key(&opts.prefix, &cidr)
-        }
-    };
-    info!(key, ttl = reg.ttl_secs, "registered this node's lease");
-    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-    let every = Duration::from_secs((reg.ttl_secs as u64 / 3).max(1));
-    loop {
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(r) if r.ttl() > 0 => {}
-            _ => anyhow::bail!("lease expired"),
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
 /// Reads every key under the prefix; returns the revision and the keys.
-async fn read_prefix(
+pub(super) async fn read_prefix(
     client: &mut Client,
     prefix: &str,
 ) -> anyhow::Result<(i64, BTreeMap<String, String>)> {
@@ -360,72 +302,4 @@ async fn read_prefix(
         })
         .collect();
     Ok((revision, kvs))
-}
-
-/// Claims this node's subnet under `lease`: the one it held before or whose lease carries its
-/// public IP (taken over only if unchanged since read), else the first free one of the
-/// config's range (created only if nobody has it). Each claim is one etcd transaction; a lost
-/// race tries the next subnet.
-async fn claim(
-    client: &mut Client,
-    opts: &EtcdOptions,
-    reg: &Registration,
-    before: Option<Cidr>,
-    lease: i64,
-) -> anyhow::Result<Cidr> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    for _ in 0..16 {
-        let (_, kvs) = read_prefix(client, &opts.prefix).await?;
-        let config = net_config(&opts.prefix, &kvs)?;
-        let value = lease_value(reg, &config.backend);
-        let put = |key: &str| {
-            TxnOp::put(
-                key,
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-        };
-        let sp = subnets_prefix(&opts.prefix);
-        let mine = kvs.iter().find(|(k, v)| {
-            k.starts_with(&sp)
-                && serde_json::from_str::<Lease>(v)
-                    .is_ok_and(|l| l.public_ip == reg.public_ip.to_string())
-        });
-        if let Some((key, old)) = mine {
-            let cidr = key_cidr(&opts.prefix, key).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-            let txn = Txn::new()
-                .when(vec![Compare::value(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    old.as_str(),
-                )])
-                .and_then(vec![put(key)]);
-            if client.txn(txn).await?.succeeded() {
-                info!(%cidr, "took over the subnet lease that carries this node's public IP");
-                return Ok(cidr);
-            }
-            continue;
-        }
-        let taken: std::collections::HashSet<String> =
-            kvs.keys().filter(|k| k.starts_with(&sp)).cloned().collect();
-        let range = subnet_range(&config)?;
-        let free = before
-            .into_iter()
-            .chain(range)
-            .find(|c| !taken.contains(&lease_key(&opts.prefix, c)))
-            .context("no free subnet left in the config's Network")?;
-        let key = lease_key(&opts.prefix, &free);
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![put(&key)]);
-        if client.txn(txn).await?.succeeded() {
-            info!(cidr = %free, "claimed a free subnet");
-            return Ok(free);
-        }
-    }
-    anyhow::bail!("could not claim a subnet: every try lost a race")
 }
