@@ -108,7 +108,11 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
         // A same-subnet peer's own route normally carries these; through the aggregate route
         // (a peer in another subnet under `encapsulation: none`) they reach it unencapsulated.
         route_mode::NATIVE if via_aggregate => send_native(ctx, cfg, &route),
-        route_mode::NATIVE => counted(Ok((CounterId::NativeForward, TC_ACT_OK)), &route, len),
+        route_mode::NATIVE => counted(
+            Ok((CounterId::NativeForward, TC_ACT_OK)),
+            route.peer_idx,
+            len,
+        ),
         _ => Err(DropReason::NoPodRoute),
     }
 }
@@ -120,7 +124,7 @@ pub fn send_native(ctx: &TcContext, cfg: &NodeConfig, route: &PodRoute) -> Resul
     let action = forward(ctx, cfg, route.node_addr, Some(route.peer_idx));
     counted(
         action.map(|a| (CounterId::NativeForward, a)),
-        route,
+        route.peer_idx,
         ctx.len(),
     )
 }
@@ -135,29 +139,33 @@ pub fn send(
     inner: &Ipv4Hdr,
 ) -> Result<i32, DropReason> {
     let len = ctx.len();
-    let outcome = counted(encap_and_forward(ctx, len, cfg, route, inner), route, len);
+    let outcome = counted(
+        encap_and_forward(ctx, len, cfg, route, inner),
+        route.peer_idx,
+        len,
+    );
     if outcome.is_ok() {
         monitor::forwarded(ctx, event_hook::TC_ENCAP);
     }
     outcome
 }
 
-/// Counts an outcome: the counter and the peer's tx on success, the peer's unreachable count
-/// when that was the reason to drop.
+/// Counts an outcome toward the peer in slot `peer_idx`: the counter and the peer's tx on
+/// success, the peer's unreachable count when that was the reason to drop.
 #[inline(always)]
-fn counted(
+pub fn counted(
     outcome: Result<(CounterId, i32), DropReason>,
-    route: &PodRoute,
+    peer_idx: u32,
     len: u32,
 ) -> Result<i32, DropReason> {
     match outcome {
         Ok((counter, action)) => {
             count(counter, len);
-            count_peer(route.peer_idx, true, len);
+            count_peer(peer_idx, true, len);
             Ok(action)
         }
         Err(DropReason::PeerUnreachable) => {
-            count_peer_unreachable(route.peer_idx, len);
+            count_peer_unreachable(peer_idx, len);
             Err(DropReason::PeerUnreachable)
         }
         Err(reason) => Err(reason),

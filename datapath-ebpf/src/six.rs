@@ -22,8 +22,9 @@ use network_types::{
 
 use crate::{
     DP_CONFIG6, DP_NODES6, DP_POD_CIDRS6,
-    counters::{count, count_peer, count_peer_unreachable},
+    counters::count,
     decap::Verdict,
+    encap::counted,
     monitor,
     parse::{IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
 };
@@ -65,19 +66,12 @@ pub fn try_encap6(
         Some(r) if r.mode == route_mode::VXLAN => *r,
         _ => return pass_or(len, via_aggregate),
     };
-    match to_device(ctx, cfg, c6, &route, &inner) {
-        Ok(action) => {
-            count(CounterId::EncapVxlan, len);
-            count_peer(route.peer_idx, true, len);
-            monitor::forwarded(ctx, event_hook::TC_ENCAP);
-            Ok(action)
-        }
-        Err(DropReason::PeerUnreachable) => {
-            count_peer_unreachable(route.peer_idx, len);
-            Err(DropReason::PeerUnreachable)
-        }
-        Err(reason) => Err(reason),
+    let outcome = to_device(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
+    let outcome = counted(outcome, route.peer_idx, len);
+    if outcome.is_ok() {
+        monitor::forwarded(ctx, event_hook::TC_ENCAP);
     }
+    outcome
 }
 
 /// Passes a packet that is not for a remote IPv6 pod, unless the aggregate route sent it here

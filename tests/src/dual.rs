@@ -81,14 +81,7 @@ impl Topology {
         let out = self.nodes[from]
             .pod
             .exec_out(&format!("ping -6 -c {count} -i 0.2 -W 1 {}", pod_ip6(to)));
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| {
-                l.split(", ")
-                    .find(|p| p.ends_with("received"))
-                    .and_then(|p| p.split(' ').next()?.parse().ok())
-            })
-            .unwrap_or(0)
+        crate::ping_received(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Sets node `i` up as flanneld sets up its IPv6 VXLAN device (`flannel-v6.<vni>`, or

@@ -402,15 +402,19 @@ impl Topology {
             "ping -c {count} -i 0.2 -W 1 {}",
             self.nodes[to].pod_ip
         ));
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| {
-                l.split(", ")
-                    .find(|p| p.ends_with("received"))
-                    .and_then(|p| p.split(' ').next()?.parse().ok())
-            })
-            .unwrap_or(0)
+        ping_received(&String::from_utf8_lossy(&out.stdout))
     }
+}
+
+/// The replies a finished `ping` counted ("N received" in its summary); 0 without a summary.
+pub fn ping_received(text: &str) -> u32 {
+    text.lines()
+        .find_map(|l| {
+            l.split(", ")
+                .find(|p| p.ends_with("received"))
+                .and_then(|p| p.split(' ').next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 impl Drop for Topology {

@@ -20,6 +20,10 @@ use integration_tests::{
     release_bin, sh, wait_for,
 };
 
+/// Flannel's network configuration of a dual-stack cluster.
+const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+const PREFIX: &str = "/coreos.com/network";
+
 /// The last release of map ABI 4 (IPv4 only).
 const ABI4: &str = "8f637dc";
 
@@ -304,11 +308,8 @@ fn flannels_dual_stack_leases_in_etcd_carry_ipv6_pods() {
     let mut t = Topology::two_nodes("v6etcd");
     add_ipv6(&t);
     let etcd = Etcd::start(&t);
-    let prefix = "/coreos.com/network";
-    etcd.put(
-        &format!("{prefix}/config"),
-        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
-    );
+    let prefix = PREFIX;
+    etcd.put(&format!("{prefix}/config"), DUAL_CONFIG);
     let lease = |i: usize, mac6: &str| {
         format!(
             r#"{{"PublicIP":"192.168.1.{}","PublicIPv6":"fd00:1::{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:00:c0:a8:01:{:02x}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}},"NodeName":"node{}"}}"#,
@@ -355,11 +356,8 @@ fn register_claims_a_subnet_of_each_family_in_one_lease() {
     let mut t = Topology::with_cni("v6reg", &nodes);
     add_ipv6_underlay(&t);
     let etcd = Etcd::start(&t);
-    let prefix = "/coreos.com/network";
-    etcd.put(
-        &format!("{prefix}/config"),
-        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
-    );
+    let prefix = PREFIX;
+    etcd.put(&format!("{prefix}/config"), DUAL_CONFIG);
     for i in 0..2 {
         t.start_agent_with(
             i,

@@ -85,6 +85,42 @@ pub struct RouteRow {
 }
 
 impl RouteRow {
+    /// The row of a pod CIDR owned by `node`, in `mode`, counted in slot `peer_idx`; IPv4, no
+    /// VTEP MAC and no health until the caller says.
+    fn of(
+        maps: &DatapathMaps,
+        pod_cidr: String,
+        node: IpAddr,
+        (mode, peer_idx): (u8, u32),
+        down: bool,
+    ) -> Self {
+        let local = mode == route_mode::LOCAL;
+        let s = if local {
+            Default::default()
+        } else {
+            maps.peer_stats(peer_idx)
+        };
+        Self {
+            pod_cidr,
+            node,
+            family: "ipv4",
+            vtep_mac: String::new(),
+            mode: route_mode::name(mode),
+            state: match (local, down) {
+                (true, _) => PeerState::Local,
+                (_, true) => PeerState::Unreachable,
+                (_, false) => PeerState::Reachable,
+            },
+            peer_slot: peer_idx,
+            unreachable_packets: s.unreachable_packets,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            health: None,
+        }
+    }
+
     /// Another node's IPv4 row: one per peer, whose counters are the peer's.
     fn is_peer(&self) -> bool {
         self.state != PeerState::Local && self.family == "ipv4"
@@ -102,33 +138,15 @@ fn routes6(maps: &DatapathMaps) -> Vec<RouteRow> {
         .iter()
         .flatten()
         .map(|(k, r)| {
-            let local = r.mode == route_mode::LOCAL;
-            let s = if local {
-                Default::default()
-            } else {
-                maps.peer_stats(r.peer_idx)
-            };
             let down = nodes
                 .get(&r.node_addr)
                 .is_some_and(|e| e.flags & node_flags::UNREACHABLE != 0);
+            let cidr = format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len());
+            let node = std::net::Ipv6Addr::from(r.node_addr).into();
             RouteRow {
-                pod_cidr: format!("{}/{}", std::net::Ipv6Addr::from(k.data()), k.prefix_len()),
-                node: std::net::Ipv6Addr::from(r.node_addr).into(),
                 family: "ipv6",
                 vtep_mac: format_mac(&r.vtep_mac),
-                mode: route_mode::name(r.mode),
-                state: match (local, down) {
-                    (true, _) => PeerState::Local,
-                    (_, true) => PeerState::Unreachable,
-                    (_, false) => PeerState::Reachable,
-                },
-                peer_slot: r.peer_idx,
-                unreachable_packets: s.unreachable_packets,
-                tx_packets: s.tx_packets,
-                tx_bytes: s.tx_bytes,
-                rx_packets: s.rx_packets,
-                rx_bytes: s.rx_bytes,
-                health: None,
+                ..RouteRow::of(maps, cidr, node, (r.mode, r.peer_idx), down)
             }
         })
         .collect()
@@ -213,33 +231,21 @@ impl Snapshot {
             .read_pod_cidrs()?
             .into_iter()
             .map(|(cidr, r)| {
-                let s = if r.mode == route_mode::LOCAL {
-                    Default::default()
-                } else {
-                    maps.peer_stats(r.peer_idx)
-                };
                 let node = Ipv4Addr::from(r.node_addr);
                 let down = nodes
                     .get(&node)
                     .is_some_and(|e| e.flags & node_flags::UNREACHABLE != 0);
+                let row = RouteRow::of(
+                    maps,
+                    cidr.to_string(),
+                    node.into(),
+                    (r.mode, r.peer_idx),
+                    down,
+                );
                 RouteRow {
-                    pod_cidr: cidr.to_string(),
-                    node: node.into(),
-                    family: "ipv4",
                     vtep_mac: format_mac(&r.vtep_mac),
-                    mode: route_mode::name(r.mode),
-                    state: match (r.mode, down) {
-                        (route_mode::LOCAL, _) => PeerState::Local,
-                        (_, true) => PeerState::Unreachable,
-                        (_, false) => PeerState::Reachable,
-                    },
-                    peer_slot: r.peer_idx,
-                    unreachable_packets: s.unreachable_packets,
-                    tx_packets: s.tx_packets,
-                    tx_bytes: s.tx_bytes,
-                    rx_packets: s.rx_packets,
-                    rx_bytes: s.rx_bytes,
                     health: health.get(&node).map(Health::of),
+                    ..row
                 }
             })
             .chain(routes6(maps))
