@@ -67,7 +67,7 @@ pub(super) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -
 }
 
 /// The kernel's errno in a netlink error answer, if that is what `e` is.
-pub(super) fn errno(e: &rtnetlink::Error) -> Option<i32> {
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(ErrorMessage { code, .. }) => {
             code.map(|c| -c.get()).filter(|c| *c > 0)
@@ -244,24 +244,14 @@ impl Netlink {
     /// Installs or replaces a route the agent owns (`onlink`: the next hop need not be in a
     /// connected subnet).
     pub async fn replace_route(&self, r: &RouteSpec) -> Result<(), NetError> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(r.cidr.addr, r.cidr.len)
             .gateway(r.via)
             .output_interface(r.ifindex)
             .protocol(RouteProtocol::from(ROUTE_PROTO))
-            .onlink();
-        if let Some(mtu) = r.mtu {
-            b.get_mut()
-                .attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
-        }
-        self.handle
-            .route()
-            .add(b.build())
-            .replace()
-            .execute()
-            .await
-            .map_err(nl_err(format!("replacing route {}", r.cidr)))
+            .onlink()
+            .build();
+        self.replace_owned(msg, r.mtu, &r.cidr).await
     }
 
     /// Removes one route the agent owns; a route already gone is not an error.
@@ -270,10 +260,39 @@ impl Netlink {
             .destination_prefix(cidr.addr, cidr.len)
             .protocol(RouteProtocol::from(ROUTE_PROTO))
             .build();
+        self.delete_owned(msg, cidr).await
+    }
+
+    /// Removes the route `msg` names (`what`, for the error); one already gone is not an error.
+    pub(super) async fn delete_owned(
+        &self,
+        msg: RouteMessage,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(), NetError> {
         match self.handle.route().del(msg).execute().await {
             Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
-            r => r.map_err(nl_err(format!("deleting route {cidr}"))),
+            r => r.map_err(nl_err(format!("deleting route {what}"))),
         }
+    }
+
+    /// Installs or replaces the route `msg` names (`what`, for the error) with route MTU `mtu`.
+    pub(super) async fn replace_owned(
+        &self,
+        mut msg: RouteMessage,
+        mtu: Option<u32>,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(), NetError> {
+        if let Some(mtu) = mtu {
+            let metric = RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]);
+            msg.attributes.push(metric);
+        }
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("replacing route {what}")))
     }
 
     /// Removes every route the agent owns.

@@ -4,16 +4,15 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
-use libc::{ENOENT, ESRCH};
 use rtnetlink::{
     RouteMessageBuilder,
     packet_route::{
         neighbour::NeighbourState,
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
     },
 };
 
-use super::netlink::{NetError, Netlink, ROUTE_PROTO, errno, nl_err};
+use super::netlink::{NetError, Netlink, ROUTE_PROTO, nl_err};
 use crate::cluster::Cidr6;
 
 /// The IPv6 next hop of the aggregate routes: a link-local address no host uses, resolved by a
@@ -55,21 +54,13 @@ impl Netlink {
         ifindex: u32,
         mtu: u32,
     ) -> Result<(), NetError> {
-        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(cidr.addr, cidr.len)
             .gateway(ROUTE_NEXTHOP6)
             .output_interface(ifindex)
-            .protocol(RouteProtocol::from(ROUTE_PROTO));
-        b.get_mut()
-            .attributes
-            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
-        self.handle
-            .route()
-            .add(b.build())
-            .replace()
-            .execute()
-            .await
-            .map_err(nl_err(format!("replacing route {cidr}")))
+            .protocol(RouteProtocol::from(ROUTE_PROTO))
+            .build();
+        self.replace_owned(msg, Some(mtu), cidr).await
     }
 
     /// Removes one IPv6 route the agent owns; one already gone is not an error.
@@ -78,10 +69,7 @@ impl Netlink {
             .destination_prefix(cidr.addr, cidr.len)
             .protocol(RouteProtocol::from(ROUTE_PROTO))
             .build();
-        match self.handle.route().del(msg).execute().await {
-            Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
-            r => r.map_err(nl_err(format!("deleting route {cidr}"))),
-        }
+        self.delete_owned(msg, cidr).await
     }
 
     /// Removes every IPv6 route the agent owns.
