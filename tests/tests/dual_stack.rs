@@ -95,6 +95,12 @@ fn interop6(dev: &str, vni: u32, port: u16) {
     ] {
         assert!(routes.contains(want), "routes lacks {want}:\n{routes}");
     }
+    let status = t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()));
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("ipv6      node fd00:1::10  pod CIDR fd00:10:244::/64  1 peers with IPv6"),
+        "{status}"
+    );
     assert!(
         t.counter(0, "decap", "vxlan") > 0,
         "node1 decapsulated nothing"

@@ -43,6 +43,28 @@ pub struct Reload {
     pub rejected: Option<String>,
 }
 
+/// This node's IPv6 half as the programs have it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ipv6Status {
+    pub node_addr: std::net::Ipv6Addr,
+    pub pod_cidr: String,
+    /// Peers with an IPv6 half.
+    pub peers: usize,
+}
+
+impl Ipv6Status {
+    fn read(maps: &DatapathMaps) -> Option<Self> {
+        let m = maps.six.as_ref()?;
+        let c = m.config.get(&0, 0).ok().filter(|c| c.pod_prefix_len != 0)?;
+        let cidr = std::net::Ipv6Addr::from(c.pod_cidr);
+        Some(Self {
+            node_addr: c.node_addr.into(),
+            pod_cidr: format!("{cidr}/{}", c.pod_prefix_len),
+            peers: m.nodes.keys().flatten().count(),
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     pub attached: bool,
@@ -51,6 +73,8 @@ pub struct Status {
     pub reason: Option<String>,
     pub hooks: Vec<Hook>,
     pub config: Option<Config>,
+    /// IPv6 pods, when this node carries them (dual-stack, map ABI 5 on).
+    pub ipv6: Option<Ipv6Status>,
     pub nodes_known: usize,
     pub peers_unreachable: usize,
     /// The agent's last health probes: peers answering through the tunnel, and those that do
@@ -185,6 +209,7 @@ impl Status {
             reason: None,
             hooks: Vec::new(),
             config: None,
+            ipv6: None,
             nodes_known: 0,
             peers_unreachable: 0,
             health: HealthSummary::default(),
@@ -256,6 +281,7 @@ impl Status {
                 tc_attach: TcAttach::from_code(info.tc_attach).name(),
             });
         }
+        self.ipv6 = Ipv6Status::read(&maps);
         self.attached = self.config.is_some()
             && self
                 .hooks
@@ -300,6 +326,14 @@ impl Status {
                 c.tc_attach
             );
         }
+        let _ = match &self.ipv6 {
+            Some(v6) => writeln!(
+                s,
+                "  ipv6      node {}  pod CIDR {}  {} peers with IPv6 (VXLAN over IPv6)",
+                v6.node_addr, v6.pod_cidr, v6.peers
+            ),
+            None => writeln!(s, "  ipv6      not carried (no IPv6 half for this node)"),
+        };
         let _ = writeln!(
             s,
             "  nodes     {} known, {} unreachable, {} skipped; {} local pods; pod MTU {}",
