@@ -53,6 +53,17 @@ pub struct Ipv6Status {
 }
 
 impl Ipv6Status {
+    /// The status line of `v6` (none: IPv6 pods are not carried).
+    fn line(v6: Option<&Self>) -> String {
+        match v6 {
+            Some(v6) => format!(
+                "  ipv6      node {}  pod CIDR {}  {} peers with IPv6 (VXLAN over IPv6)",
+                v6.node_addr, v6.pod_cidr, v6.peers
+            ),
+            None => "  ipv6      not carried (no IPv6 half for this node)".into(),
+        }
+    }
+
     fn read(maps: &DatapathMaps) -> Option<Self> {
         let m = maps.six.as_ref()?;
         let c = m.config.get(&0, 0).ok().filter(|c| c.pod_prefix_len != 0)?;
@@ -326,14 +337,7 @@ impl Status {
                 c.tc_attach
             );
         }
-        let _ = match &self.ipv6 {
-            Some(v6) => writeln!(
-                s,
-                "  ipv6      node {}  pod CIDR {}  {} peers with IPv6 (VXLAN over IPv6)",
-                v6.node_addr, v6.pod_cidr, v6.peers
-            ),
-            None => writeln!(s, "  ipv6      not carried (no IPv6 half for this node)"),
-        };
+        let _ = writeln!(s, "{}", Ipv6Status::line(self.ipv6.as_ref()));
         let _ = writeln!(
             s,
             "  nodes     {} known, {} unreachable, {} skipped; {} local pods; pod MTU {}",
