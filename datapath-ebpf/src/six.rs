@@ -63,7 +63,13 @@ pub fn try_encap6(
     // SAFETY: ptr_at checked the bounds; copied before the frame changes.
     let inner = unsafe { *ip };
     let route = match DP_POD_CIDRS6.get(&Key::new(128, inner.dst_addr)) {
-        Some(r) if r.mode == route_mode::VXLAN => *r,
+        // A crossSubnet peer's own route carries its packets natively; one that came through
+        // the aggregate route meanwhile (routes being replaced) goes encapsulated.
+        Some(r) if r.mode == route_mode::NATIVE && !via_aggregate => {
+            let native = Ok((CounterId::NativeForward, aya_ebpf::bindings::TC_ACT_OK));
+            return counted(native, r.peer_idx, len);
+        }
+        Some(r) if r.mode == route_mode::VXLAN || r.mode == route_mode::NATIVE => *r,
         _ => return pass_or(len, via_aggregate),
     };
     let outcome = to_device(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));

@@ -407,3 +407,51 @@ fn register_claims_a_subnet_of_each_family_in_one_lease() {
         "IPv4 between pods of the registered subnets"
     );
 }
+
+/// crossSubnet with IPv6: two datapath nodes on one IPv6 subnet reach each other's IPv6 pods
+/// natively, by a route via the peer: the underlay carries the pods' own packets, no VXLAN.
+#[test]
+fn cross_subnet_reaches_a_same_subnet_peers_ipv6_pods_natively() {
+    let mut t = Topology::two_nodes("v6cross");
+    add_ipv6(&t);
+    let yaml = dual_cluster_yaml(&t).replace(
+        "encapsulation: vxlan\n",
+        "encapsulation: vxlan\ncrossSubnet: true\n",
+    );
+    let cluster = t.write_cluster(&yaml);
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    let routes = t.nodes[0].ns.exec("ip -6 route show proto 199");
+    assert!(
+        routes.contains("fd00:10:244:1::/64 via fd00:1::11 dev eth0"),
+        "no native route to node2's IPv6 pods: {routes}"
+    );
+    let cap = Capture::start(&t.underlay, "u0", "ip6", &t.workdir.join("cross6.pcap"));
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "no IPv6 between the same-subnet nodes' pods");
+    assert_eq!(t.ping6(0, 1, 5), 5);
+    assert_eq!(t.ping6(1, 0, 5), 5);
+    let out = sh(&format!(
+        "tshark -r {} -T fields -E separator=/t -e ipv6.src -e ipv6.dst -e udp.dstport -e icmpv6.type 2>/dev/null",
+        cap.stop().display()
+    ));
+    let frames: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert!(
+        frames.iter().all(|f| f[2].is_empty()),
+        "UDP (VXLAN) on the underlay: {out}"
+    );
+    let echoes = frames
+        .iter()
+        .filter(|f| f[0] == pod_ip6(0) && f[1] == pod_ip6(1) && f[3] == "128")
+        .count();
+    assert!(
+        echoes >= 6,
+        "pod1's echo requests not on the wire as they are: {out}"
+    );
+    assert!(
+        t.counter(0, "native", "none") > 0,
+        "nothing counted as native"
+    );
+    assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
+}

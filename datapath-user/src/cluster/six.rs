@@ -14,6 +14,16 @@ pub struct Cidr6 {
 }
 
 impl Cidr6 {
+    /// The prefix of length `len` that holds `addr`.
+    pub fn of(addr: Ipv6Addr, len: u8) -> Self {
+        let net = Ipv6Net::new(addr, len.min(128))
+            .expect("length capped")
+            .trunc();
+        Self {
+            addr: net.addr(),
+            len: net.prefix_len(),
+        }
+    }
     fn net(&self) -> Ipv6Net {
         Ipv6Net::new(self.addr, self.len).expect("prefix length checked when made")
     }
@@ -66,6 +76,9 @@ pub fn aggregate6(cidrs: &[Cidr6]) -> Vec<Cidr6> {
 pub struct NodeV6 {
     /// Underlay IPv6 address.
     pub address: Ipv6Addr,
+    /// Its prefix length when the source gives `address/len` (else 64, IPv6's subnet size):
+    /// crossSubnet reaches the peers inside it natively.
+    pub prefix_len: Option<u8>,
     pub pod_cidr: Cidr6,
     /// VTEP MAC of its IPv6 VXLAN device (Flannel's `flannel-v6.<VNI>`, Calico's
     /// `vxlan-v6.calico`).
@@ -120,8 +133,9 @@ pub fn read_half(rn: &RawNode) -> (Option<NodeV6>, Vec<(NodeField, String)>) {
         None => None,
     };
     let half = match (address, pod_cidr) {
-        (Some(address), Some(pod_cidr)) if problems.is_empty() => Some(NodeV6 {
+        (Some((address, prefix_len)), Some(pod_cidr)) if problems.is_empty() => Some(NodeV6 {
             address,
+            prefix_len,
             pod_cidr,
             vtep_mac: mac.unwrap_or_else(|| derived_vtep_mac6(address)),
         }),
@@ -130,17 +144,22 @@ pub fn read_half(rn: &RawNode) -> (Option<NodeV6>, Vec<(NodeField, String)>) {
     (half, problems)
 }
 
-fn parse_address6(s: &str) -> Result<Ipv6Addr, String> {
-    let a: Ipv6Addr = s
-        .split('/')
-        .next()
-        .unwrap_or(s)
+fn parse_address6(s: &str) -> Result<(Ipv6Addr, Option<u8>), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => {
+            let len = (l.parse::<u8>().ok().filter(|l| *l <= 128))
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0-128"))?;
+            (a, Some(len))
+        }
+        None => (s, None),
+    };
+    let a: Ipv6Addr = addr
         .parse()
         .map_err(|_| format!("{s:?} is not an IPv6 address"))?;
     if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
         return Err(format!("{a} cannot be a node address"));
     }
-    Ok(a)
+    Ok((a, len))
 }
 
 /// IPv6 addresses two nodes claim, IPv6 pod CIDRs that overlap, and IPv6 pod CIDRs that hold

@@ -1,6 +1,6 @@
 //! The agent's kernel routes (aggregates toward the datapath, crossSubnet's direct routes):
 //! what it installed, so that only differences are sent, and repair of what others removed.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use tracing::{info, warn};
 
@@ -16,15 +16,19 @@ pub struct Routes {
     pub installed: BTreeMap<Cidr, RouteSpec>,
     /// The aggregate routes' next-hop neighbour entry is known to be in place.
     neigh_ready: bool,
-    /// The aggregate IPv6 routes installed, with their MTU.
-    installed6: BTreeMap<Cidr6, u32>,
+    /// The IPv6 routes installed: next hop (`None`: the aggregate's) and MTU.
+    installed6: BTreeMap<Cidr6, Route6>,
     /// The IPv6 next-hop neighbour entry is known to be in place.
     neigh6_ready: bool,
 }
 
+/// An installed IPv6 route: next hop (`None`: `ROUTE_NEXTHOP6`) and route MTU.
+type Route6 = (Option<Ipv6Addr>, Option<u32>);
+
 /// The IPv6 routes the maps ask for: aggregates on the underlay, with the pod MTU for IPv6.
 pub struct Want6 {
-    pub cidrs: BTreeSet<Cidr6>,
+    /// Pod networks and their next hop (`None`: toward the encap program).
+    pub cidrs: BTreeMap<Cidr6, Option<Ipv6Addr>>,
     pub ifindex: u32,
     pub mtu: u32,
 }
@@ -38,11 +42,8 @@ impl Routes {
             .into_iter()
             .map(|r| (r.cidr, r))
             .collect();
-        let installed6 = nl
-            .owned_routes6()
-            .await?
-            .into_iter()
-            .map(|c| (c, 0))
+        let installed6 = (nl.owned_routes6().await?.into_iter())
+            .map(|c| (c, (None, None)))
             .collect();
         Ok(Self {
             nl,
@@ -92,15 +93,17 @@ impl Routes {
             self.nl.ensure_nexthop_neigh6(want.ifindex).await?;
             self.neigh6_ready = true;
         }
-        for c in &want.cidrs {
-            if self.installed6.get(c) != Some(&want.mtu) {
-                self.nl.replace_route6(c, want.ifindex, want.mtu).await?;
-                self.installed6.insert(*c, want.mtu);
+        for (c, via) in &want.cidrs {
+            // A native route carries no MTU: the peer gets the packet as it is.
+            let spec = (*via, via.is_none().then_some(want.mtu));
+            if self.installed6.get(c) != Some(&spec) {
+                self.nl.replace_route6(c, want.ifindex, spec).await?;
+                self.installed6.insert(*c, spec);
                 ch.routes_replaced += 1;
             }
         }
         let stale: Vec<Cidr6> = (self.installed6.keys())
-            .filter(|c| !want.cidrs.contains(c))
+            .filter(|c| !want.cidrs.contains_key(c))
             .copied()
             .collect();
         for c in stale {
@@ -129,7 +132,7 @@ impl Routes {
                 .collect();
             self.sync(want, ifindex, &mut ch).await?;
             self.installed6 = (self.nl.owned_routes6().await?.into_iter())
-                .map(|c| (c, 0))
+                .map(|c| (c, (None, None)))
                 .collect();
             self.sync6(want6, &mut ch).await
         }

@@ -45,22 +45,23 @@ impl Netlink {
             .collect())
     }
 
-    /// Installs or replaces an aggregate IPv6 route toward the encap program on `ifindex`,
-    /// with route MTU `mtu`: the host answers Packet Too Big for what would not fit once
-    /// encapsulated (IPv6 routers never fragment).
+    /// Installs or replaces an IPv6 route the agent owns on `ifindex`: via `ROUTE_NEXTHOP6`
+    /// toward the encap program (an aggregate), or via a same-subnet peer (crossSubnet); with
+    /// route MTU `mtu` where given (the aggregates: the host answers Packet Too Big for what
+    /// would not fit once encapsulated, as IPv6 routers never fragment).
     pub async fn replace_route6(
         &self,
         cidr: &Cidr6,
         ifindex: u32,
-        mtu: u32,
+        (via, mtu): (Option<Ipv6Addr>, Option<u32>),
     ) -> Result<(), NetError> {
         let msg = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(cidr.addr, cidr.len)
-            .gateway(ROUTE_NEXTHOP6)
+            .gateway(via.unwrap_or(ROUTE_NEXTHOP6))
             .output_interface(ifindex)
             .protocol(RouteProtocol::from(ROUTE_PROTO))
             .build();
-        self.replace_owned(msg, Some(mtu), cidr).await
+        self.replace_owned(msg, mtu, cidr).await
     }
 
     /// Removes one IPv6 route the agent owns; one already gone is not an error.

@@ -221,8 +221,9 @@ impl Dataplane {
         self.local.iface.mtu.saturating_sub(overhead)
     }
 
-    /// The aggregate IPv6 routes the kernel should hold toward the encap program.
-    pub fn routes6(&self) -> BTreeSet<crate::cluster::Cidr6> {
+    /// The IPv6 routes the kernel should hold: aggregates toward the encap program (`None`),
+    /// crossSubnet's same-subnet peers via the peer.
+    pub fn routes6(&self) -> BTreeMap<crate::cluster::Cidr6, Option<std::net::Ipv6Addr>> {
         self.six.routes.clone()
     }
 

@@ -2,7 +2,7 @@
 //! addresses and pod CIDRs in the IPv6 maps (each peer in its IPv4 half's counter slot), and
 //! the aggregate IPv6 routes toward the encap program. Worked out whole after every change:
 //! only differences reach the maps.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use aya::maps::lpm_trie::Key;
 use maps_common::{NodeConfig6, NodeEntry6, PodRoute6, map_names, route_mode};
@@ -19,8 +19,9 @@ pub struct Six {
     config: NodeConfig6,
     nodes: BTreeMap<[u8; 16], NodeEntry6>,
     cidrs: BTreeMap<Cidr6, PodRoute6>,
-    /// The aggregate IPv6 routes the kernel should hold.
-    pub routes: BTreeSet<Cidr6>,
+    /// The IPv6 routes the kernel should hold: aggregates toward the encap program (`None`),
+    /// and crossSubnet's same-subnet peers' pod CIDRs via the peer (`Some`).
+    pub routes: BTreeMap<Cidr6, Option<Ipv6Addr>>,
 }
 
 impl Six {
@@ -47,7 +48,7 @@ impl Six {
             config: m.config.get(&0, 0).unwrap_or_default(),
             nodes,
             cidrs,
-            routes: BTreeSet::new(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -57,6 +58,8 @@ struct Want6 {
     config: NodeConfig6,
     nodes: BTreeMap<[u8; 16], NodeEntry6>,
     cidrs: BTreeMap<Cidr6, PodRoute6>,
+    /// Same-subnet peers reached natively (crossSubnet): pod CIDR -> the peer's address.
+    native: BTreeMap<Cidr6, Ipv6Addr>,
 }
 
 impl Dataplane {
@@ -92,6 +95,7 @@ impl Dataplane {
             config: NodeConfig6::default(),
             nodes: BTreeMap::new(),
             cidrs: BTreeMap::new(),
+            native: BTreeMap::new(),
         };
         let Some(me) = self
             .me
@@ -116,6 +120,8 @@ impl Dataplane {
             ..PodRoute6::default()
         };
         w.cidrs.insert(me.pod_cidr, local);
+        let cross_subnet = self.settings.as_ref().is_some_and(|s| s.cross_subnet);
+        let subnet = Cidr6::of(me.address, me.prefix_len.unwrap_or(64));
         for p in self.peers.values() {
             let Some(h) = p.node.v6 else { continue };
             w.nodes.insert(
@@ -128,10 +134,18 @@ impl Dataplane {
                     _pad: [0; 2],
                 },
             );
+            let native = cross_subnet && subnet.contains(h.address);
+            if native {
+                w.native.insert(h.pod_cidr, h.address);
+            }
             let route = PodRoute6 {
                 node_addr: h.address.octets(),
                 vtep_mac: h.vtep_mac,
-                mode: route_mode::VXLAN,
+                mode: if native {
+                    route_mode::NATIVE
+                } else {
+                    route_mode::VXLAN
+                },
                 _pad: 0,
                 peer_idx: p.entry.peer_idx,
             };
@@ -175,13 +189,14 @@ impl Dataplane {
             let _ = m.nodes.remove(k);
         }
         let settings = self.settings.as_ref();
-        have.routes = match settings.map(|s| &s.cluster_cidrs6) {
-            _ if want.cidrs.is_empty() => BTreeSet::new(),
-            Some(c) if !c.is_empty() => c.iter().copied().collect(),
-            _ => aggregate6(&want.cidrs.keys().copied().collect::<Vec<_>>())
-                .into_iter()
-                .collect(),
+        let aggregates: Vec<Cidr6> = match settings.map(|s| &s.cluster_cidrs6) {
+            _ if want.cidrs.is_empty() => Vec::new(),
+            Some(c) if !c.is_empty() => c.clone(),
+            _ => aggregate6(&want.cidrs.keys().copied().collect::<Vec<_>>()),
         };
+        have.routes = aggregates.into_iter().map(|c| (c, None)).collect();
+        have.routes
+            .extend(want.native.iter().map(|(c, via)| (*c, Some(*via))));
         (have.config, have.nodes, have.cidrs) = (want.config, want.nodes, want.cidrs);
         Ok(())
     }
