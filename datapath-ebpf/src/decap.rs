@@ -79,8 +79,16 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Ok(Verdict::Pass { cfg: None });
     };
-    if crate::six::is_ipv6(ctx) {
+    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
+        return Ok(Verdict::Pass { cfg: Some(cfg) });
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Ipv6 as u16 {
         return crate::six::classify6(ctx, cfg);
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
+        return Ok(Verdict::Pass { cfg: Some(cfg) });
     }
     let Some(outer) = parse_outer(ctx, cfg)? else {
         return Ok(Verdict::Pass { cfg: Some(cfg) });
@@ -101,19 +109,12 @@ pub fn classify<P: Packet>(ctx: &P) -> Result<Verdict, DropReason> {
     })
 }
 
-/// Parses the outer headers: `None` for what is not a tunnel packet addressed to this node
-/// (passed on), a drop for tunnel packets aimed at a local pod the wrong way (another port,
-/// another node's address).
+/// Parses the outer headers of an IPv4 frame: `None` for what is not a tunnel packet addressed
+/// to this node (passed on), a drop for tunnel packets aimed at a local pod the wrong way
+/// (another port, another node's address).
 #[inline(always)]
 fn parse_outer<P: Packet>(ctx: &P, cfg: &NodeConfig) -> Result<Option<Outer>, DropReason> {
     if cfg.node_addr == [0; 4] {
-        return Ok(None);
-    }
-    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
-        return Ok(None);
-    };
-    // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Ok(None);
     }
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
@@ -209,6 +210,20 @@ fn vxlan_header<P: Packet>(ctx: &P, cfg: &NodeConfig, adm: &Admitted) -> Result<
         return Err(DropReason::BadOuterLength);
     }
     let vx_off = EthHdr::LEN + IPV4_MIN_HLEN + UdpHdr::LEN;
+    vxlan_and_inner_type(ctx, cfg, vx_off, EtherType::Ipv4 as u16)?;
+    Ok(maps_common::VXLAN_OVERHEAD)
+}
+
+/// The VXLAN header at `vx_off` (flags as the Linux VXLAN device wants them, the configured
+/// VNI) and the inner Ethernet type behind it (`inner_type`, the outer header's family),
+/// for either underlay family.
+#[inline(always)]
+pub fn vxlan_and_inner_type<P: Packet>(
+    ctx: &P,
+    cfg: &NodeConfig,
+    vx_off: usize,
+    inner_type: u16,
+) -> Result<(), DropReason> {
     let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
     // SAFETY: ptr_at checked the bounds.
     let vx = unsafe { *vx };
@@ -222,10 +237,10 @@ fn vxlan_header<P: Packet>(ctx: &P, cfg: &NodeConfig, adm: &Admitted) -> Result<
     let inner_eth =
         ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*inner_eth).ether_type } != EtherType::Ipv4 as u16 {
+    if unsafe { (*inner_eth).ether_type } != inner_type {
         return Err(DropReason::InnerNotIpv4);
     }
-    Ok(maps_common::VXLAN_OVERHEAD)
+    Ok(())
 }
 
 /// The inner IPv4 header behind `strip` bytes: whole, with lengths that fit the outer, and
@@ -301,8 +316,8 @@ fn ipv4_for_local_pod<P: Packet>(ctx: &P, cfg: &NodeConfig, off: usize) -> bool 
 }
 
 /// XDP: classifies, then moves the head past the tunnel headers and writes a fresh Ethernet
-/// header (the outer one's MACs, the inner packet's type) so the stack takes the inner packet as addressed
-/// to this host. Returns `XDP_PASS` for both passed and decapsulated packets.
+/// header (the outer one's MACs, the inner packet's type) so the stack takes the inner packet
+/// as addressed to this host. Returns `XDP_PASS` for both passed and decapsulated packets.
 #[inline(always)]
 pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u32;

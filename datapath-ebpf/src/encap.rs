@@ -1,7 +1,8 @@
 //! Encapsulation at TC egress on the underlay: IPIP or VXLAN headers in front of IPv4 packets
-//! headed for a remote node's pod CIDR (IPv6 packets go to `six`), then sent to the outer next hop (`nexthop`). The
-//! kernel routes remote pod traffic here through a few aggregate routes whose next hop is
-//! `ROUTE_NEXTHOP`; the program, not the routing table, knows which node owns which CIDR.
+//! headed for a remote node's pod CIDR (IPv6 packets go to `six`), then sent to the outer next
+//! hop (`nexthop`). The kernel routes remote pod traffic here through a few aggregate routes
+//! whose next hop is `ROUTE_NEXTHOP`; the program, not the routing table, knows which node owns
+//! which CIDR.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,

@@ -11,19 +11,18 @@ use aya_ebpf::{
 };
 use maps_common::{
     CounterId, DropReason, NodeConfig, NodeConfig6, NodeEntry6, PodRoute6, VXLAN6_OVERHEAD,
-    config_flags, event_hook, node_flags, route_mode,
+    config_flags, event_hook, route_mode,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv6Hdr,
     udp::UdpHdr,
-    vxlan::{VXLAN_I_FLAG_MASK, VxlanHdr},
 };
 
 use crate::{
     DP_CONFIG6, DP_NODES6, DP_POD_CIDRS6,
     counters::count,
-    decap::Verdict,
+    decap::{Verdict, vxlan_and_inner_type},
     encap::counted,
     monitor,
     parse::{IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
@@ -32,14 +31,6 @@ use crate::{
 const OUTER_HOP_LIMIT: u8 = 64;
 /// From the outer Ethernet header to the inner IPv6 header.
 const INNER_IP_OFF: usize = EthHdr::LEN + VXLAN6_OVERHEAD as usize;
-
-/// Whether the frame is IPv6 (its Ethernet type), read once by the dispatching program.
-#[inline(always)]
-pub fn is_ipv6<P: Packet>(ctx: &P) -> bool {
-    // SAFETY: ptr_at checked the bounds.
-    ptr_at::<EthHdr, _>(ctx, 0)
-        .is_some_and(|eth| unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16)
-}
 
 /// The IPv6 configuration, once the agent carries IPv6 pods.
 #[inline(always)]
@@ -118,13 +109,6 @@ fn to_device(
         && len - EthHdr::LEN as u32 + VXLAN6_OVERHEAD > cfg.underlay_mtu
     {
         return Err(DropReason::TooBig);
-    }
-    if DP_NODES6
-        .get_ptr(route.node_addr)
-        // SAFETY: a value pointer from the map, read once.
-        .is_some_and(|n| unsafe { (*n).flags } & node_flags::UNREACHABLE != 0)
-    {
-        return Err(DropReason::PeerUnreachable);
     }
     let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds checked just above.
@@ -210,7 +194,8 @@ pub fn classify6<P: Packet>(ctx: &P, cfg: &'static NodeConfig) -> Result<Verdict
     // SAFETY: a value pointer from the map, read once, right away.
     let node = unsafe { *node };
     let payload = admit6(ctx, &outer, &udp)?;
-    vxlan6(ctx, cfg)?;
+    let vx_off = EthHdr::LEN + Ipv6Hdr::LEN + UdpHdr::LEN;
+    vxlan_and_inner_type(ctx, cfg, vx_off, EtherType::Ipv6 as u16)?;
     inner6(ctx, cfg, &node, &outer, payload)?;
     Ok(Verdict::Decap {
         strip: VXLAN6_OVERHEAD,
@@ -238,28 +223,6 @@ fn admit6<P: Packet>(ctx: &P, outer: &Ipv6Hdr, udp: &UdpHdr) -> Result<usize, Dr
         return Err(DropReason::BadOuterLength);
     }
     Ok(payload)
-}
-
-/// The VXLAN header (flags, VNI) and the inner Ethernet type.
-#[inline(always)]
-fn vxlan6<P: Packet>(ctx: &P, cfg: &NodeConfig) -> Result<(), DropReason> {
-    let vx_off = EthHdr::LEN + Ipv6Hdr::LEN + UdpHdr::LEN;
-    let vx = ptr_at::<VxlanHdr, _>(ctx, vx_off).ok_or(DropReason::Truncated)?;
-    // SAFETY: ptr_at checked the bounds.
-    let vx = unsafe { *vx };
-    if vx.flags != VXLAN_I_FLAG_MASK || vx._reserved1 != [0; 3] || vx._reserved2 != 0 {
-        return Err(DropReason::BadVxlanFlags);
-    }
-    let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
-    if vni != cfg.vni {
-        return Err(DropReason::WrongVni);
-    }
-    let eth = ptr_at::<EthHdr, _>(ctx, vx_off + VxlanHdr::LEN).ok_or(DropReason::Truncated)?;
-    // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv6 as u16 {
-        return Err(DropReason::InnerNotIpv4);
-    }
-    Ok(())
 }
 
 /// The inner IPv6 header: version 6, within the outer payload, and a source in the sender's

@@ -890,7 +890,8 @@ pub enum DropReason {
     BadVxlanFlags = 3,
     /// Inner source address outside the sending node's pod CIDR.
     InnerSrcSpoofed = 4,
-    /// VXLAN whose inner frame is not IPv4.
+    /// VXLAN whose inner frame is not of the outer header's family (not IPv4 in IPv4, not IPv6
+    /// in IPv6): the name is from when only IPv4 was carried.
     InnerNotIpv4 = 5,
     /// Outer IPv4 header with options, addressed to this node as a tunnel packet.
     OuterIpOptions = 6,

@@ -75,6 +75,11 @@ impl FromStr for Cidr {
 
 /// `a.b.c.d/len[,a.b.c.d/len...]`.
 pub fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
+    parse_list(s)
+}
+
+/// `prefix[,prefix...]` of either family (`Cidr`, `Cidr6`).
+pub fn parse_list<T: FromStr<Err = String>>(s: &str) -> Result<Vec<T>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())

@@ -100,30 +100,22 @@ pub fn read_half(rn: &RawNode) -> (Option<NodeV6>, Vec<(NodeField, String)>) {
     if addr.is_none() && cidr.is_none() {
         return (None, problems);
     }
-    let address = match addr.map(parse_address6) {
-        Some(Ok(a)) => Some(a),
-        Some(Err(r)) => {
-            problems.push((NodeField::Address6, r));
-            None
-        }
-        None => {
-            let r = "missing: the node has an IPv6 pod CIDR but no IPv6 address".into();
-            problems.push((NodeField::Address6, r));
-            None
-        }
-    };
-    let pod_cidr = match cidr.map(str::parse::<Cidr6>) {
-        Some(Ok(c)) => Some(c),
-        Some(Err(r)) => {
-            problems.push((NodeField::PodCidr6, r));
-            None
-        }
-        None => {
-            let r = "missing: the node has an IPv6 address but no IPv6 pod CIDR".into();
-            problems.push((NodeField::PodCidr6, r));
-            None
-        }
-    };
+    let address = required6(
+        addr.map(parse_address6),
+        (
+            NodeField::Address6,
+            "the node has an IPv6 pod CIDR but no IPv6 address",
+        ),
+        &mut problems,
+    );
+    let pod_cidr = required6(
+        cidr.map(str::parse::<Cidr6>),
+        (
+            NodeField::PodCidr6,
+            "the node has an IPv6 address but no IPv6 pod CIDR",
+        ),
+        &mut problems,
+    );
     let mac = match rn.vtep_mac6.as_deref().map(parse_mac) {
         Some(Err(r)) => {
             problems.push((NodeField::VtepMac6, r));
@@ -142,6 +134,26 @@ pub fn read_half(rn: &RawNode) -> (Option<NodeV6>, Vec<(NodeField, String)>) {
         _ => None,
     };
     (half, problems)
+}
+
+/// A field the half needs: its value, or a problem at `field` (why it is wrong, or `missing`
+/// when the other field is there without it).
+fn required6<T>(
+    parsed: Option<Result<T, String>>,
+    (field, missing): (NodeField, &str),
+    problems: &mut Vec<(NodeField, String)>,
+) -> Option<T> {
+    match parsed {
+        Some(Ok(v)) => Some(v),
+        Some(Err(reason)) => {
+            problems.push((field, reason));
+            None
+        }
+        None => {
+            problems.push((field, format!("missing: {missing}")));
+            None
+        }
+    }
 }
 
 fn parse_address6(s: &str) -> Result<(Ipv6Addr, Option<u8>), String> {

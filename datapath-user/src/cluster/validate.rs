@@ -4,7 +4,7 @@
 use std::{collections::HashMap, fmt, net::Ipv4Addr};
 
 use super::{
-    Cidr, Cidr6, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, bgp,
+    Cidr, Cidr6, Cluster, Defaults, Encap, Invalid, Limits, Node, Problem, Settings, bgp, cidr,
     derived_vtep_mac, parse_cidr_list, parse_mac,
     raw::{NodeField, Origin, RawNode, RawState, node_path},
     six,
@@ -119,7 +119,7 @@ fn cluster_networks(
             Err(reason) => problems.push(problem("clusterCIDR", reason)),
         }
     }
-    let cluster_cidrs6 = match s.cluster_cidr6.as_deref().map(parse_cidr6_list) {
+    let cluster_cidrs6 = match s.cluster_cidr6.as_deref().map(cidr::parse_list::<Cidr6>) {
         Some(Ok(c)) => c,
         Some(Err(reason)) => {
             problems.push(problem("clusterCIDRv6", reason));
@@ -222,11 +222,7 @@ fn read_nodes(
     let mut nodes: Vec<Node> = Vec::with_capacity(raw.nodes.len());
     for rn in &raw.nodes {
         let (node, node_problems) = read_node(rn);
-        let (v6, v6_problems) = six::read_half(rn);
-        let v6_problems = v6_problems.into_iter().map(|(field, reason)| Problem {
-            path: node_path(rn.index, &rn.at, field),
-            reason,
-        });
+        let (v6, v6_problems) = read_half(rn);
         // Live data keeps a node whose IPv6 half is incomplete, without that half.
         if raw.origin.lenient() {
             skipped6.extend(v6_problems);
@@ -303,17 +299,24 @@ fn own_node(nodes: &[Node], limits: &Limits) -> Option<String> {
 
 /// One node checked on its own, as validation checks each: the node, or every problem found.
 pub fn validate_node(rn: &RawNode) -> Result<Node, Vec<Problem>> {
-    let (v6, v6_problems) = six::read_half(rn);
+    let (v6, v6_problems) = read_half(rn);
     match read_node(rn) {
         (Some(n), p) if p.is_empty() && v6_problems.is_empty() => Ok(Node { v6, ..n }),
         (_, mut p) => {
-            p.extend(v6_problems.into_iter().map(|(field, reason)| Problem {
-                path: node_path(rn.index, &rn.at, field),
-                reason,
-            }));
+            p.extend(v6_problems);
             Err(p)
         }
     }
+}
+
+/// A node's IPv6 half (`six::read_half`), its problems at their paths.
+fn read_half(rn: &RawNode) -> (Option<super::NodeV6>, Vec<Problem>) {
+    let (v6, problems) = six::read_half(rn);
+    let problems = problems.into_iter().map(|(field, reason)| Problem {
+        path: node_path(rn.index, &rn.at, field),
+        reason,
+    });
+    (v6, problems.collect())
 }
 
 /// One node's fields checked; the node when all are good, and every problem found.
@@ -479,15 +482,6 @@ fn cidrs_holding_nodes(
         }
     }
     out
-}
-
-/// `prefix[,prefix...]` of IPv6 prefixes.
-fn parse_cidr6_list(s: &str) -> Result<Vec<Cidr6>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(str::parse)
-        .collect()
 }
 
 fn parse_address(s: &str) -> Result<(Ipv4Addr, Option<u8>), String> {

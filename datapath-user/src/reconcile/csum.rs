@@ -1,5 +1,6 @@
 //! The checksum device (`CSUM_DEV`): a VXLAN device whose TX path computes the outer UDP
-//! checksum the programs ask for (and sends every IPv6 VXLAN frame), with a program that drops whatever else reaches it.
+//! checksum the programs ask for (and sends every IPv6 VXLAN frame), with a program that drops
+//! whatever else reaches it.
 //! Created while the cluster asks for checksums, removed when `DP_CONFIG` stops naming it.
 use super::state::{Shared, SharedRef, lock};
 use crate::{

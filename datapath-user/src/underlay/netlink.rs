@@ -67,7 +67,7 @@ pub(super) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -
 }
 
 /// The kernel's errno in a netlink error answer, if that is what `e` is.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(super) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(ErrorMessage { code, .. }) => {
             code.map(|c| -c.get()).filter(|c| *c > 0)
@@ -226,19 +226,8 @@ impl Netlink {
     /// The routes with the agent's protocol number in the main table.
     pub async fn owned_routes(&self) -> Result<Vec<RouteSpec>, NetError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let all: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("route dump"))?;
-        Ok(all
-            .iter()
-            .filter(|r| r.header.protocol == RouteProtocol::from(ROUTE_PROTO))
-            .filter_map(route_spec)
-            .collect())
+        let owned = self.owned_route_messages(msg).await?;
+        Ok(owned.iter().filter_map(route_spec).collect())
     }
 
     /// Installs or replaces a route the agent owns (`onlink`: the next hop need not be in a
@@ -261,38 +250,6 @@ impl Netlink {
             .protocol(RouteProtocol::from(ROUTE_PROTO))
             .build();
         self.delete_owned(msg, cidr).await
-    }
-
-    /// Removes the route `msg` names (`what`, for the error); one already gone is not an error.
-    pub(super) async fn delete_owned(
-        &self,
-        msg: RouteMessage,
-        what: &dyn std::fmt::Display,
-    ) -> Result<(), NetError> {
-        match self.handle.route().del(msg).execute().await {
-            Err(e) if matches!(errno(&e), Some(ESRCH | ENOENT)) => Ok(()),
-            r => r.map_err(nl_err(format!("deleting route {what}"))),
-        }
-    }
-
-    /// Installs or replaces the route `msg` names (`what`, for the error) with route MTU `mtu`.
-    pub(super) async fn replace_owned(
-        &self,
-        mut msg: RouteMessage,
-        mtu: Option<u32>,
-        what: &dyn std::fmt::Display,
-    ) -> Result<(), NetError> {
-        if let Some(mtu) = mtu {
-            let metric = RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]);
-            msg.attributes.push(metric);
-        }
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl_err(format!("replacing route {what}")))
     }
 
     /// Removes every route the agent owns.
@@ -326,7 +283,7 @@ impl Netlink {
             let ours = n.attributes.iter().any(|a| match a {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => *ip == nexthop,
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
-                    *ip == super::netlink6::ROUTE_NEXTHOP6
+                    *ip == super::routes::ROUTE_NEXTHOP6
                 }
                 _ => false,
             });

@@ -371,7 +371,8 @@ impl Dataplane {
             .nodes
             .insert(p.node.address.octets(), p.entry, 0)
             .map_err(map_err(map_names::NODES))?;
-        self.sync6()?;
+        let v6 = p.node.v6;
+        self.flags6(v6, flags)?;
         Ok(true)
     }
 }

@@ -9,7 +9,7 @@ use maps_common::{NodeConfig6, NodeEntry6, PodRoute6, map_names, route_mode};
 
 use super::Dataplane;
 use crate::{
-    cluster::{Cidr6, Encap, six::aggregate6},
+    cluster::{Cidr6, Encap, NodeV6, six::aggregate6},
     kernel::maps::{Maps6, MapsError, map_err},
 };
 
@@ -81,14 +81,6 @@ impl Dataplane {
             .flatten()
     }
 
-    /// Peers with an IPv6 half: name, IPv6 underlay address, IPv6 pod CIDR.
-    pub fn ipv6_peers(&self) -> Vec<(String, std::net::Ipv6Addr, Cidr6)> {
-        self.peers
-            .values()
-            .filter_map(|p| Some((p.node.name.clone(), p.node.v6?.address, p.node.v6?.pod_cidr)))
-            .collect()
-    }
-
     /// The IPv6 maps' content for the applied state.
     fn want6(&self) -> Want6 {
         let mut w = Want6 {
@@ -152,6 +144,22 @@ impl Dataplane {
             w.cidrs.insert(h.pod_cidr, route);
         }
         w
+    }
+
+    /// Gives a peer's IPv6 entry its IPv4 half's `node_flags` (`status` shows them), without
+    /// working the whole state out again.
+    pub(super) fn flags6(&mut self, v6: Option<NodeV6>, flags: u8) -> Result<(), MapsError> {
+        let (Some(h), Some(m)) = (v6, self.maps.six.as_mut()) else {
+            return Ok(());
+        };
+        let key = h.address.octets();
+        let Some(e) = self.six.nodes.get_mut(&key).filter(|e| e.flags != flags) else {
+            return Ok(());
+        };
+        e.flags = flags;
+        m.nodes
+            .insert(key, *e, 0)
+            .map_err(map_err(map_names::NODES6))
     }
 
     /// Brings the IPv6 maps and routes to the applied state: nodes before the pod CIDRs that

@@ -166,11 +166,7 @@ fn free_subnets(
         .iter()
         .filter_map(|k| key_cidr(&opts.prefix, k).ok())
         .collect();
-    let free = before
-        .map(|b| b.0)
-        .into_iter()
-        .chain(subnet_range(config)?)
-        .find(|c| !taken.contains(c))
+    let free = first_free(before.map(|b| b.0), subnet_range(config)?, &taken)
         .context("no free subnet left in the config's Network")?;
     if !dual(reg, config) {
         return Ok((free, None));
@@ -179,11 +175,16 @@ fn free_subnets(
         .iter()
         .filter_map(|k| key_cidr6(k)?.parse().ok())
         .collect();
-    let free6 = before
-        .and_then(|b| b.1)
-        .into_iter()
-        .chain(subnet6_range(config)?)
-        .find(|c| !taken6.contains(c))
+    let free6 = first_free(before.and_then(|b| b.1), subnet6_range(config)?, &taken6)
         .context("no free subnet left in the config's IPv6Network")?;
     Ok((free, Some(free6)))
+}
+
+/// The first of `before` (held already) and then `range` that is not `taken`.
+fn first_free<T: Eq + std::hash::Hash>(
+    before: Option<T>,
+    range: impl Iterator<Item = T>,
+    taken: &HashSet<T>,
+) -> Option<T> {
+    before.into_iter().chain(range).find(|c| !taken.contains(c))
 }
