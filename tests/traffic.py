@@ -73,10 +73,8 @@ def udp_client(host, port, count):
 def echo_server(port, secs):
     import threading
     import time
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
-    s.listen(16)
+    s = socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True,
+                             backlog=16)
     s.settimeout(0.2)
     end = time.time() + float(secs)
 

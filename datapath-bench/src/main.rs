@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use datapath_user::kernel::loader;
 
+mod pingpong;
 mod progbench;
 
 #[derive(Parser)]
@@ -42,6 +43,18 @@ enum Cmd {
         latency: Option<u32>,
         #[arg(long, default_value = loader::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// UDP ping-pong latency (IPv4 or IPv6): `--serve ADDR` echoes; `--to ADDR` measures for
+    /// `--secs` and prints the half round trip's p50 and p99 in µs as JSON.
+    PingPong {
+        #[arg(long)]
+        serve: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        to: Option<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
     },
     /// Print a generated cluster file of N nodes (used by `cargo xtask bench`).
     GenCluster {
@@ -106,6 +119,21 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     samples,
                 ))?;
                 println!("{}", serde_json::to_string(&ms)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PingPong {
+            serve,
+            to,
+            secs,
+            size,
+        } => {
+            if let Some(addr) = serve {
+                pingpong::serve(addr)?;
+            }
+            if let Some(server) = to {
+                let (p50, p99) = pingpong::measure(server, secs, size)?;
+                println!("{}", serde_json::json!({ "p50_us": p50, "p99_us": p99 }));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,15 +3,17 @@
 //! (the underlay's egress going out, the pod veth's egress coming in) records the flows it let
 //! through unchanged, and only those bypass the stack afterwards, until the agent bumps the
 //! ruleset generation or the verdict is `REVERIFY_NS` old. Netfilter's flowtables have the same
-//! shape: the stack decides, the fast path follows.
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+//! shape: the stack decides, the fast path follows. Both families share the logic; `Flow`
+//! names each one's key and maps.
+use aya_ebpf::{btf_maps::LruHashMap, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use maps_common::{
-    CounterId, FastFlow, FlowKey, NodeConfig, REVERIFY_NS, config_flags, flow_dir, flow_state,
+    CounterId, FastFlow, FlowKey, FlowKey6, MAX_FLOWS, NodeConfig, REVERIFY_NS, config_flags,
+    flow_dir, flow_state,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    DP_FAST_FLOWS, DP_STACK_FLOWS,
+    DP_FAST_FLOWS, DP_FAST_FLOWS6, DP_STACK_FLOWS, DP_STACK_FLOWS6,
     counters::count,
     lookup,
     parse::{IPPROTO_TCP, l4_ports, ptr_at},
@@ -19,18 +21,96 @@ use crate::{
 
 /// TCP flags conntrack must see (SYN, FIN, RST): such packets always take the stack.
 const TCP_CONTROL: u8 = 0x01 | 0x02 | 0x04;
+const FLOWS: usize = MAX_FLOWS as usize;
+
+/// A flow key of one address family, with that family's flow maps.
+pub trait Flow: Copy + 'static {
+    /// Flows on their way to netfilter's verdict, and those it accepted.
+    fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS>;
+    /// Flows that left through the host's stack, possibly rewritten by NAT.
+    fn stack() -> &'static LruHashMap<Self, u32, FLOWS>;
+    /// The same flow in direction `dir`.
+    fn with_dir(self, dir: u8) -> Self;
+    /// The flow its replies belong to, as `stack()` records it (direction 0).
+    fn reply(self) -> Self;
+}
+
+impl Flow for FlowKey {
+    #[inline(always)]
+    fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS> {
+        &DP_FAST_FLOWS
+    }
+    #[inline(always)]
+    fn stack() -> &'static LruHashMap<Self, u32, FLOWS> {
+        &DP_STACK_FLOWS
+    }
+    #[inline(always)]
+    fn with_dir(self, dir: u8) -> Self {
+        Self { dir, ..self }
+    }
+    #[inline(always)]
+    fn reply(self) -> Self {
+        let (src, dst, sport, dport) = (self.dst, self.src, self.dport, self.sport);
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            dir: 0,
+            ..self
+        }
+    }
+}
+
+impl Flow for FlowKey6 {
+    #[inline(always)]
+    fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS> {
+        &DP_FAST_FLOWS6
+    }
+    #[inline(always)]
+    fn stack() -> &'static LruHashMap<Self, u32, FLOWS> {
+        &DP_STACK_FLOWS6
+    }
+    #[inline(always)]
+    fn with_dir(self, dir: u8) -> Self {
+        Self { dir, ..self }
+    }
+    #[inline(always)]
+    fn reply(self) -> Self {
+        let (src, dst, sport, dport) = (self.dst, self.src, self.dport, self.sport);
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            dir: 0,
+            ..self
+        }
+    }
+}
 
 /// A packet's flow as its sender sent it, and whether it is a TCP SYN, FIN or RST.
 #[derive(Clone, Copy)]
-pub struct Seen {
-    pub key: FlowKey,
+pub struct Seen<K> {
+    pub key: K,
     pub control: bool,
+}
+
+/// Whether the TCP header at `off` carries SYN, FIN or RST; one too short to hold its flags
+/// is the stack's to judge (true).
+#[inline(always)]
+pub fn tcp_control(ctx: &TcContext, off: usize) -> bool {
+    match ptr_at::<u8, _>(ctx, off + 13) {
+        // SAFETY: ptr_at checked the bounds.
+        Some(flags) => (unsafe { *flags }) & TCP_CONTROL != 0,
+        None => true,
+    }
 }
 
 /// The flow of `ip` (behind the Ethernet header) in direction `dir` (a `flow_dir` value, 0 for
 /// `DP_STACK_FLOWS`): addresses, protocol, and for TCP/UDP (first or only fragment) the ports.
 #[inline(always)]
-pub fn seen(ctx: &TcContext, ip: &Ipv4Hdr, dir: u8) -> Seen {
+pub fn seen(ctx: &TcContext, ip: &Ipv4Hdr, dir: u8) -> Seen<FlowKey> {
     let mut key = FlowKey {
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -42,14 +122,7 @@ pub fn seen(ctx: &TcContext, ip: &Ipv4Hdr, dir: u8) -> Seen {
     if let Some((ports, off)) = l4_ports(ctx, ip) {
         key.sport = ports[0];
         key.dport = ports[1];
-        if ip.proto == IPPROTO_TCP {
-            // A TCP header too short to hold its flags is the stack's to judge.
-            control = match ptr_at::<u8, _>(ctx, off + 13) {
-                // SAFETY: ptr_at checked the bounds.
-                Some(flags) => (unsafe { *flags }) & TCP_CONTROL != 0,
-                None => true,
-            };
-        }
+        control = ip.proto == IPPROTO_TCP && tcp_control(ctx, off);
     }
     Seen { key, control }
 }
@@ -65,11 +138,11 @@ pub fn enforced(cfg: &NodeConfig) -> bool {
 /// packet of the flow goes to the stack for a verdict (`PENDING`, or `CONTROL` for SYN/FIN/RST),
 /// counts it under `verify`, and returns false: the caller hands the packet to the stack.
 #[inline(always)]
-pub fn may_bypass(cfg: &NodeConfig, seen: &Seen, verify: CounterId, len: u32) -> bool {
+pub fn may_bypass<K: Flow>(cfg: &NodeConfig, seen: &Seen<K>, verify: CounterId, len: u32) -> bool {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !seen.control
-        && let Some(f) = DP_FAST_FLOWS.get_ptr(seen.key)
+        && let Some(f) = K::fast().get_ptr(seen.key)
     {
         // SAFETY: a value pointer from the map, copied right away.
         let f = unsafe { *f };
@@ -91,7 +164,7 @@ pub fn may_bypass(cfg: &NodeConfig, seen: &Seen, verify: CounterId, len: u32) ->
         _pad: [0; 3],
     };
     // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
-    let _ = DP_FAST_FLOWS.insert(seen.key, flow, 0);
+    let _ = K::fast().insert(seen.key, flow, 0);
     count(verify, len);
     false
 }
@@ -100,8 +173,8 @@ pub fn may_bypass(cfg: &NodeConfig, seen: &Seen, verify: CounterId, len: u32) ->
 /// entry: the stack rewrote it (NAT) or it never came by the near side. Otherwise a `PENDING`
 /// entry of this generation becomes `ACCEPTED` (counted under `accepted`), and returns true.
 #[inline(always)]
-pub fn forwarded(cfg: &NodeConfig, key: &FlowKey, accepted: CounterId, len: u32) -> bool {
-    let Some(f) = DP_FAST_FLOWS.get_ptr_mut(*key) else {
+pub fn forwarded<K: Flow>(cfg: &NodeConfig, key: &K, accepted: CounterId, len: u32) -> bool {
+    let Some(f) = K::fast().get_ptr_mut(*key) else {
         return false;
     };
     // SAFETY: a value pointer from the map; a racing writer only makes one verdict wait.
@@ -126,14 +199,31 @@ pub fn stack_forwarded(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Hdr) {
     {
         return;
     }
-    let mut key = seen(ctx, ip, flow_dir::OUT).key;
-    if enforced(cfg) && forwarded(cfg, &key, CounterId::FlowAcceptedOut, ctx.len()) {
+    stack_seen(cfg, seen(ctx, ip, flow_dir::OUT).key, ctx.len());
+}
+
+/// `stack_forwarded` once the packet is known to be a local pod's, for either family: `key`
+/// is its flow in direction `OUT`.
+#[inline(always)]
+pub fn stack_seen<K: Flow>(cfg: &NodeConfig, key: K, len: u32) {
+    if enforced(cfg) && forwarded(cfg, &key, CounterId::FlowAcceptedOut, len) {
         return;
     }
-    key.dir = 0;
+    let key = key.with_dir(0);
     // The lookup also marks the entry recently used, keeping a live flow from eviction.
-    if DP_STACK_FLOWS.get_ptr(key).is_none() {
+    if K::stack().get_ptr(key).is_none() {
         // A full LRU map evicts its oldest flow; an insert cannot fail otherwise.
-        let _ = DP_STACK_FLOWS.insert(key, 1, 0);
+        let _ = K::stack().insert(key, 1, 0);
     }
+}
+
+/// Whether a decapsulated packet of flow `seen` may go straight into its pod: its flow's other
+/// direction did not leave through the host's stack (where a Service's NAT may have rewritten
+/// it, to be undone by the stack), and with `flows` enforced, netfilter accepted it.
+#[inline(always)]
+pub fn may_deliver<K: Flow>(cfg: &NodeConfig, seen: &Seen<K>, len: u32) -> bool {
+    if K::stack().get_ptr(seen.key.reply()).is_some() {
+        return false;
+    }
+    !enforced(cfg) || may_bypass(cfg, seen, CounterId::FlowVerifyIn, len)
 }

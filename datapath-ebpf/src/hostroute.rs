@@ -5,16 +5,16 @@
 //! Everything else (Services, the node's own traffic, local pods) takes the stack, and so do
 //! the replies of flows that left through it: their NAT (a Service's DNAT) must be undone there.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
-use maps_common::{CounterId, DropReason, FlowKey, NodeConfig, config_flags, flow_dir, route_mode};
+use maps_common::{CounterId, DropReason, NodeConfig, config_flags, flow_dir, route_mode};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
 use crate::{
-    DP_CONFIG, DP_ENDPOINTS, DP_STACK_FLOWS,
+    DP_CONFIG, DP_ENDPOINTS,
     counters::count,
-    csum, encap, flows, lookup,
+    csum, encap, flows, hostroute6, lookup,
     parse::{ptr_at, ptr_at_mut},
 };
 
@@ -34,7 +34,11 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 || cfg.underlay_ifindex == 0 {
         return Ok(TC_ACT_OK);
     }
-    let Some(inner) = ipv4_at(ctx) else {
+    let family = ether_type(ctx);
+    if family == EtherType::Ipv6 as u16 {
+        return hostroute6::pod_egress6(ctx, cfg);
+    }
+    let Some(inner) = ipv4_at(ctx, family) else {
         return Ok(TC_ACT_OK);
     };
     if !lookup::in_cidr(inner.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) || inner.ttl <= 1 {
@@ -72,12 +76,18 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     Ok(action)
 }
 
-/// The IPv4 header behind the Ethernet header, copied; `None` for anything else.
+/// The frame's Ethernet type (wire order, as `EtherType` values are); 0 for a runt.
 #[inline(always)]
-fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
-    let eth = ptr_at::<EthHdr, _>(ctx, 0)?;
+pub fn ether_type(ctx: &TcContext) -> u16 {
     // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    ptr_at::<EthHdr, _>(ctx, 0).map_or(0, |eth| unsafe { (*eth).ether_type })
+}
+
+/// The IPv4 header behind the Ethernet header of a frame of type `family`, copied; `None` for
+/// anything else.
+#[inline(always)]
+fn ipv4_at(ctx: &TcContext, family: u16) -> Option<Ipv4Hdr> {
+    if family != EtherType::Ipv4 as u16 {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN)?;
@@ -93,7 +103,11 @@ fn ipv4_at(ctx: &TcContext) -> Option<Ipv4Hdr> {
 /// The caller has checked that host routing is BPF (`config_flags::HOST_ROUTING_BPF`) in `cfg`.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
-    let inner = ipv4_at(ctx)?;
+    let family = ether_type(ctx);
+    if family == EtherType::Ipv6 as u16 {
+        return hostroute6::deliver6(ctx, cfg);
+    }
+    let inner = ipv4_at(ctx, family)?;
     if inner.ttl <= 1 {
         return None;
     }
@@ -101,18 +115,7 @@ pub fn deliver(ctx: &TcContext, cfg: &NodeConfig) -> Option<i32> {
     // SAFETY: a value pointer from the map, copied right away.
     let ep = unsafe { *ep };
     let seen = flows::seen(ctx, &inner, flow_dir::IN);
-    let reply_of = FlowKey {
-        src: seen.key.dst,
-        dst: seen.key.src,
-        sport: seen.key.dport,
-        dport: seen.key.sport,
-        dir: 0,
-        ..seen.key
-    };
-    if DP_STACK_FLOWS.get_ptr(reply_of).is_some() {
-        return None;
-    }
-    if flows::enforced(cfg) && !flows::may_bypass(cfg, &seen, CounterId::FlowVerifyIn, ctx.len()) {
+    if !flows::may_deliver(cfg, &seen, ctx.len()) {
         return None;
     }
     let eth = ptr_at_mut::<EthHdr, _>(ctx, 0)?;
@@ -138,7 +141,10 @@ pub fn pod_ingress_seen(ctx: &TcContext) {
     if !flows::enforced(cfg) {
         return;
     }
-    if let Some(ip) = ipv4_at(ctx) {
+    let family = ether_type(ctx);
+    if family == EtherType::Ipv6 as u16 {
+        hostroute6::pod_ingress_seen6(ctx, cfg);
+    } else if let Some(ip) = ipv4_at(ctx, family) {
         let key = flows::seen(ctx, &ip, flow_dir::IN).key;
         flows::forwarded(cfg, &key, CounterId::FlowAcceptedIn, ctx.len());
     }

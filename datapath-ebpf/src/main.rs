@@ -10,6 +10,7 @@ mod decap;
 mod encap;
 mod flows;
 mod hostroute;
+mod hostroute6;
 mod lookup;
 mod monitor;
 mod nexthop;
@@ -25,8 +26,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use maps_common::{
     AgentInfo, Counter, CounterId, DEFAULT_MAX_NODES, DropReason, EVENTS_BYTES, Endpoint, Event,
-    FastFlow, FlowKey, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig, NodeConfig6,
-    NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6, event_hook,
+    FastFlow, FlowKey, FlowKey6, MAX_FLOWS, MonitorConf, MonitorState, NextHop, NodeConfig,
+    NodeConfig6, NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6,
+    event_hook,
 };
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
@@ -112,6 +114,19 @@ pub static DP_POD_CIDRS6: LpmTrie<[u8; 16], PodRoute6, MAX_NODES> = LpmTrie::new
 /// IPv6 underlay address -> known node; IPv6 decapsulation accepts only these sources.
 #[btf_map]
 pub static DP_NODES6: HashMap<[u8; 16], NodeEntry6, MAX_NODES> = HashMap::new();
+
+/// Local pod IPv6 address -> host-side veth and MACs, written by the CNI plugin.
+#[btf_map]
+pub static DP_ENDPOINTS6: HashMap<[u8; 16], Endpoint, MAX_ENDPOINTS> = HashMap::new();
+
+/// `DP_STACK_FLOWS` for IPv6 pods.
+#[btf_map]
+pub static DP_STACK_FLOWS6: LruHashMap<FlowKey6, u32, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// `DP_FAST_FLOWS` for IPv6 pods.
+#[btf_map]
+pub static DP_FAST_FLOWS6: LruHashMap<FlowKey6, FastFlow, { MAX_FLOWS as usize }> =
+    LruHashMap::new();
 
 const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 

@@ -34,7 +34,7 @@ const INNER_IP_OFF: usize = EthHdr::LEN + VXLAN6_OVERHEAD as usize;
 
 /// The IPv6 configuration, once the agent carries IPv6 pods.
 #[inline(always)]
-fn config6() -> Option<&'static NodeConfig6> {
+pub fn config6() -> Option<&'static NodeConfig6> {
     DP_CONFIG6.get(0).filter(|c| c.pod_prefix_len != 0)
 }
 
@@ -63,6 +63,8 @@ pub fn try_encap6(
         Some(r) if r.mode == route_mode::VXLAN || r.mode == route_mode::NATIVE => *r,
         _ => return pass_or(len, via_aggregate),
     };
+    // A pod's flow that crossed the host's stack toward a remote pod is netfilter's verdict.
+    crate::hostroute6::stack_forwarded6(ctx, cfg, c6, &inner);
     let outcome = to_device(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
     let outcome = counted(outcome, route.peer_idx, len);
     if outcome.is_ok() {
@@ -85,7 +87,7 @@ fn pass_or(len: u32, via_aggregate: bool) -> Result<i32, DropReason> {
 /// Checks the packet, writes the inner Ethernet header and the tunnel key, and redirects to
 /// the VXLAN device.
 #[inline(always)]
-fn to_device(
+pub fn to_device(
     ctx: &TcContext,
     cfg: &NodeConfig,
     c6: &NodeConfig6,
@@ -201,8 +203,7 @@ pub fn classify6<P: Packet>(ctx: &P, cfg: &'static NodeConfig) -> Result<Verdict
         strip: VXLAN6_OVERHEAD,
         counter: CounterId::DecapVxlan,
         peer_idx: node.peer_idx,
-        // IPv6 pods take the host's stack from here (no BPF host routing for them yet).
-        host_routing: false,
+        host_routing: cfg.flags & config_flags::HOST_ROUTING_BPF != 0,
         cfg,
     })
 }
@@ -258,7 +259,7 @@ fn inner6<P: Packet>(
 /// Whether `addr` lies in `cidr`/`len` (both wire order), in two 64-bit halves (BPF has no
 /// 128-bit shifts).
 #[inline(always)]
-fn in_cidr6(addr: &[u8; 16], cidr: &[u8; 16], len: u8) -> bool {
+pub fn in_cidr6(addr: &[u8; 16], cidr: &[u8; 16], len: u8) -> bool {
     let (hi_mask, lo_mask) = if len >= 64 {
         (u64::MAX, mask64(len - 64))
     } else {

@@ -1,9 +1,10 @@
 //! The `datapath` binary run by a container runtime as a CNI plugin (`CNI_COMMAND` set): on
-//! ADD it records the pod in `DP_ENDPOINTS` and attaches the pod program to the pod's
+//! ADD it records the pod's addresses in `DP_ENDPOINTS` (IPv4) and `DP_ENDPOINTS6` (IPv6) and
+//! attaches the pod program to the pod's
 //! host-side veth; on DEL it undoes both. Also lists the endpoints it recorded.
 use std::{
     io::Read as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -130,13 +131,13 @@ fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
 
 /// One pod address from a previous result: its host-side interface and both MACs.
 struct PodIf {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     host_if: String,
     host_mac: [u8; 6],
     pod_mac: [u8; 6],
 }
 
-/// The IPv4 addresses of `prev` with the interfaces ptp made: the container's (the one the
+/// The addresses of `prev` (both families) with the interfaces ptp made: the container's (the one the
 /// address names) and the host's (the one without a sandbox).
 fn pods(prev: &PrevResult) -> Vec<PodIf> {
     let mac = |i: &Interface| crate::cluster::parse_mac(&i.mac).ok();
@@ -153,7 +154,7 @@ fn pods(prev: &PrevResult) -> Vec<PodIf> {
     prev.ips
         .iter()
         .filter_map(|ip| {
-            let addr: Ipv4Addr = ip.address.split('/').next()?.parse().ok()?;
+            let addr: IpAddr = ip.address.split('/').next()?.parse().ok()?;
             let pod_if = prev.interfaces.get(ip.interface?)?;
             Some(PodIf {
                 ip: addr,
@@ -165,8 +166,11 @@ fn pods(prev: &PrevResult) -> Vec<PodIf> {
         .collect()
 }
 
-fn endpoints(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, [u8; 4], Endpoint>> {
-    let path = loader::map_pin_path(pin_dir, map_names::ENDPOINTS);
+fn opened<K: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, Endpoint>> {
+    let path = loader::map_pin_path(pin_dir, name);
     let md = MapData::from_pin(&path).with_context(|| {
         format!(
             "no datapath pinned at {} (is the agent running?)",
@@ -174,6 +178,23 @@ fn endpoints(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, [u8; 4], Endpoin
         )
     })?;
     Ok(Map::from_map_data(md)?.try_into()?)
+}
+
+/// Records `ep` under the pod's address in its family's map. An IPv6 address where the
+/// running agent pinned no IPv6 endpoints (before map ABI 6) is left out: that pod's IPv6
+/// traffic takes the host's stack.
+fn record(pin_dir: &Path, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
+    match ip {
+        IpAddr::V4(a) => {
+            opened::<[u8; 4]>(pin_dir, map_names::ENDPOINTS)?.insert(a.octets(), ep, 0)?
+        }
+        IpAddr::V6(a) => {
+            if let Ok(mut m) = opened::<[u8; 16]>(pin_dir, map_names::ENDPOINTS6) {
+                m.insert(a.octets(), ep, 0)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn add(pin_dir: &Path, pod: &PodIf, tc_mode: loader::TcAttach) -> anyhow::Result<()> {
@@ -186,15 +207,24 @@ fn add(pin_dir: &Path, pod: &PodIf, tc_mode: loader::TcAttach) -> anyhow::Result
         pod_mac: pod.pod_mac,
         host_mac: pod.host_mac,
     };
-    endpoints(pin_dir)?.insert(pod.ip.octets(), ep, 0)?;
+    record(pin_dir, pod.ip, ep)?;
     pods::attach_pod(pin_dir, &pod.host_if, tc_mode)
         .with_context(|| format!("attaching the pod program to {}", pod.host_if))
 }
 
 /// Undoes `add`; whatever is already gone is fine (DEL may come more than once).
 fn del(pin_dir: &Path, pod: &PodIf) {
-    if let Ok(mut eps) = endpoints(pin_dir) {
-        let _ = eps.remove(&pod.ip.octets());
+    match pod.ip {
+        IpAddr::V4(a) => {
+            if let Ok(mut m) = opened::<[u8; 4]>(pin_dir, map_names::ENDPOINTS) {
+                let _ = m.remove(&a.octets());
+            }
+        }
+        IpAddr::V6(a) => {
+            if let Ok(mut m) = opened::<[u8; 16]>(pin_dir, map_names::ENDPOINTS6) {
+                let _ = m.remove(&a.octets());
+            }
+        }
     }
     pods::detach_pod(pin_dir, &pod.host_if);
 }
@@ -202,30 +232,36 @@ fn del(pin_dir: &Path, pod: &PodIf) {
 /// One row of `datapath endpoints`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EndpointRow {
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: IpAddr,
     pub ifindex: u32,
     pub host_if: String,
     pub pod_mac: String,
     pub host_mac: String,
 }
 
-/// What `DP_ENDPOINTS` holds, with interface names.
+/// What `DP_ENDPOINTS` and `DP_ENDPOINTS6` hold, with interface names: IPv4 pods first.
 pub fn list_endpoints(pin_dir: &Path) -> anyhow::Result<Vec<EndpointRow>> {
     // The maps as `stats` opens them: nothing pinned, or no right to read, said plainly.
     let maps = crate::kernel::maps::DatapathMaps::open_pinned(pin_dir)?;
     let mut rows = Vec::new();
     for item in maps.endpoints.iter() {
         let (ip, ep) = item?;
-        let host_if =
-            crate::underlay::netlink::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into());
-        rows.push(EndpointRow {
-            pod_ip: Ipv4Addr::from(ip),
-            ifindex: ep.ifindex,
-            host_if,
-            pod_mac: crate::cluster::format_mac(&ep.pod_mac),
-            host_mac: crate::cluster::format_mac(&ep.host_mac),
-        });
+        rows.push(row(IpAddr::V4(Ipv4Addr::from(ip)), &ep));
+    }
+    for item in maps.endpoints6.iter().flat_map(|m| m.iter()) {
+        let (ip, ep) = item?;
+        rows.push(row(IpAddr::from(ip), &ep));
     }
     rows.sort_by_key(|r| r.pod_ip);
     Ok(rows)
+}
+
+fn row(pod_ip: IpAddr, ep: &Endpoint) -> EndpointRow {
+    EndpointRow {
+        pod_ip,
+        ifindex: ep.ifindex,
+        host_if: crate::underlay::netlink::if_name(ep.ifindex).unwrap_or_else(|| "(gone)".into()),
+        pod_mac: crate::cluster::format_mac(&ep.pod_mac),
+        host_mac: crate::cluster::format_mac(&ep.host_mac),
+    }
 }

@@ -60,8 +60,14 @@ pub mod map_names {
     /// `HashMap<[u8; 16], NodeEntry6>`: IPv6 underlay address -> known node (IPv6 decap
     /// accepts only these).
     pub const NODES6: &str = "DP_NODES6";
+    /// `HashMap<[u8; 16], Endpoint>`: a local pod's IPv6 address -> its host-side interface.
+    pub const ENDPOINTS6: &str = "DP_ENDPOINTS6";
+    /// `LruHashMap<FlowKey6, u32>`: `STACK_FLOWS` for IPv6.
+    pub const STACK_FLOWS6: &str = "DP_STACK_FLOWS6";
+    /// `LruHashMap<FlowKey6, FastFlow>`: `FAST_FLOWS` for IPv6.
+    pub const FAST_FLOWS6: &str = "DP_FAST_FLOWS6";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 23] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -82,6 +88,9 @@ pub mod map_names {
         CONFIG6,
         POD_CIDRS6,
         NODES6,
+        ENDPOINTS6,
+        STACK_FLOWS6,
+        FAST_FLOWS6,
     ];
 }
 
@@ -110,8 +119,9 @@ pub mod prog_names {
 /// flows, the agent map and per-peer unreachable counts; 3 the accepted flows (`DP_FAST_FLOWS`),
 /// the next-hop cache (`DP_NEXTHOPS`), the ruleset and underlay generations in `NodeConfig` and
 /// four flow counters; 4 the monitor and health maps; 5 the IPv6 maps (`DP_CONFIG6`,
-/// `DP_POD_CIDRS6`, `DP_NODES6`). The README keeps the history.
-pub const ABI_VERSION: u32 = 5;
+/// `DP_POD_CIDRS6`, `DP_NODES6`); 6 BPF host routing for IPv6 (`DP_ENDPOINTS6`,
+/// `DP_STACK_FLOWS6`, `DP_FAST_FLOWS6`). The README keeps the history.
+pub const ABI_VERSION: u32 = 6;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -248,7 +258,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 20] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 23] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -341,6 +351,24 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 20] 
             16,
             size_of::<NodeEntry6>() as u32,
             max_nodes,
+        ),
+        (
+            map_names::ENDPOINTS6,
+            16,
+            size_of::<Endpoint>() as u32,
+            MAX_ENDPOINTS,
+        ),
+        (
+            map_names::STACK_FLOWS6,
+            size_of::<FlowKey6>() as u32,
+            4,
+            MAX_FLOWS,
+        ),
+        (
+            map_names::FAST_FLOWS6,
+            size_of::<FlowKey6>() as u32,
+            size_of::<FastFlow>() as u32,
+            MAX_FLOWS,
         ),
     ]
 }
@@ -635,6 +663,21 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// `FlowKey` for IPv6 (`DP_STACK_FLOWS6`, `DP_FAST_FLOWS6`): the same fields, 16-byte
+/// addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 
 /// Value of `DP_FAST_FLOWS`: where a pod flow stands with the host's netfilter.
 #[repr(C)]
@@ -994,4 +1037,5 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig6 {}
     unsafe impl aya::Pod for super::PodRoute6 {}
     unsafe impl aya::Pod for super::NodeEntry6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
 }

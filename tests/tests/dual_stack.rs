@@ -16,16 +16,16 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     Capture, Etcd, NodeSpec, Topology,
-    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_cidr6, pod_ip6},
-    release_bin, sh, wait_for,
+    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_ip6},
+    ping_log_summary, release_bin, sh, wait_for,
 };
 
 /// Flannel's network configuration of a dual-stack cluster.
 const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const PREFIX: &str = "/coreos.com/network";
 
-/// The last release of map ABI 4 (IPv4 only).
-const ABI4: &str = "8f637dc";
+/// The last release of map ABI 5 (IPv6 pods, no BPF host routing for them).
+const ABI5: &str = "60cf52c";
 
 const NODE1_VTEP: &str = "0e:00:c0:a8:01:0a";
 const NODE2_VTEP: &str = "66:00:00:00:00:02";
@@ -216,94 +216,55 @@ fn calico_v6_vni_4096_port_4789() {
     interop6("vxlan-v6.calico", 4096, 4789);
 }
 
-/// Two nodes on the last IPv4-only release (map ABI 4) upgraded one after the other to this
-/// build under a 5 ms ping: the pins migrate to ABI 5 (the IPv6 maps) with nothing lost. Then the
-/// cluster file gains both nodes' IPv6 halves, and IPv6 pods talk between two datapath nodes.
+/// Two dual-stack nodes on the last release of map ABI 5 (IPv6 pods without BPF host routing)
+/// upgraded one after the other to this build under a 5 ms ping of each family: the pins
+/// migrate to ABI 6 (the IPv6 host-routing maps) with nothing lost in either; then 8 MiB over
+/// TCP/IPv6 by hash.
 #[test]
-fn pins_of_map_abi_4_migrate_under_ping_then_carry_ipv6() {
-    let old = release_bin(ABI4);
+fn pins_of_map_abi_5_migrate_under_ping_of_both_families() {
+    let old = release_bin(ABI5);
     let mut t = Topology::two_nodes("v6up");
     add_ipv6(&t);
-    let cluster = t.write_cluster(&t.cluster_yaml("vxlan", ""));
+    let cluster = t.write_cluster(&dual_cluster_yaml(&t));
     let source = format!("--cluster {} --watch-ms 100", cluster.display());
     for i in 0..2 {
         let log = t.spawn_agent_bin(i, &old, "", &source);
         t.wait_agent(i, &log);
     }
-    assert_eq!(t.ping(0, 1, 2), 2, "{ABI4} carries traffic");
-    let mut ping = t.flood_ping(0, 1, 12);
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up && t.ping(0, 1, 2) == 2, "{ABI5} carries both families");
+    let ping = t.flood_ping(0, 1, 12);
+    let log6 = t.workdir.join("ping6-1-0.log");
+    let ping6 = t.nodes[1].pod.spawn(
+        &format!("ping -6 -D -i 0.005 -w 12 -W 1 {}", pod_ip6(0)),
+        &log6,
+    );
     thread::sleep(Duration::from_millis(800));
     for i in 0..2 {
         t.stop_agents(i);
         t.start_agent(i, &cluster, "");
     }
+    let mut pings = [ping, ping6];
     assert!(
-        ping.try_wait().unwrap().is_none(),
-        "the ping ended before both agents were upgraded"
+        pings.iter_mut().all(|p| p.try_wait().unwrap().is_none()),
+        "a ping ended before both agents were upgraded"
     );
+    let [ping, mut ping6] = pings;
     let (sent, received) = t.flood_ping_result(0, 1, ping);
     assert!(sent >= 1000, "ping sent only {sent}");
-    assert_eq!(sent, received, "packets lost in the upgrade to map ABI 5");
-
-    let dual = dual_cluster_yaml(&t);
-    t.write_cluster(&dual);
-    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
-    assert!(
-        up,
-        "no IPv6 between two datapath nodes after the file gained IPv6 halves"
+    assert_eq!(
+        sent, received,
+        "IPv4 packets lost in the upgrade to map ABI 6"
     );
-    assert_eq!(t.ping6(0, 1, 5), 5);
-    assert_eq!(t.ping6(1, 0, 5), 5);
+    let _ = ping6.wait();
+    let (sent, received) = ping_log_summary(&log6);
+    assert!(sent >= 1000, "ping -6 sent only {sent}");
+    assert_eq!(
+        sent, received,
+        "IPv6 packets lost in the upgrade to map ABI 6"
+    );
     let (sent, got) = t.tcp_transfer_via(1, 0, &pod_ip6(0), 5001, 8);
     assert_eq!(sent, got, "8 MiB over TCP/IPv6 between datapath nodes");
-    assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
-}
-
-/// Pods made by the real CNI plugins from the agent's list (ptp, host-local with a range of each
-/// family, the datapath plugin) on two datapath nodes: an address of each family, ping and 8 MiB
-/// of TCP by hash in each, IPv4 by BPF host routing beside IPv6 through the host's stack.
-#[test]
-fn cni_pods_get_both_families_and_talk_in_each() {
-    let nodes = [10, 11].map(|host| NodeSpec { subnet: 0, host });
-    let mut t = Topology::with_cni("v6cni", &nodes);
-    add_ipv6_underlay(&t);
-    let cluster = t.write_cluster(&dual_cluster_yaml(&t));
-    for i in 0..2 {
-        t.start_agent(i, &cluster, "");
-    }
-    for i in 0..2 {
-        let conf = std::fs::read_to_string(t.cni_dir(i).join("net.d/05-datapath.conflist"))
-            .expect("conflist");
-        let conf: serde_json::Value = serde_json::from_str(&conf).expect("conflist JSON");
-        let ranges = &conf["plugins"][0]["ipam"]["ranges"];
-        assert_eq!(ranges[1][0]["subnet"], pod_cidr6(i), "{conf}");
-        assert_eq!(
-            conf["plugins"][0]["mtu"], 1430,
-            "pods get the IPv6 tunnel's MTU"
-        );
-        let result = t.cni_add(i);
-        let ips: Vec<&str> = (result["ips"].as_array().expect("ips").iter())
-            .filter_map(|ip| ip["address"].as_str())
-            .collect();
-        assert!(
-            ips.contains(&format!("{}/64", pod_ip6(i)).as_str()),
-            "{result}"
-        );
-    }
-    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
-    assert!(up, "no IPv6 between the CNI pods");
-    for (from, to) in [(0, 1), (1, 0)] {
-        assert_eq!(t.ping6(from, to, 5), 5, "IPv6 ping {from}->{to}");
-        assert_eq!(t.ping(from, to, 5), 5, "IPv4 ping {from}->{to}");
-        let (sent, got) = t.tcp_transfer_via(from, to, &pod_ip6(to), 5001, 8);
-        assert_eq!(sent, got, "TCP/IPv6 {from}->{to}");
-        let (sent, got) = t.tcp_transfer(from, to, 8);
-        assert_eq!(sent, got, "TCP/IPv4 {from}->{to}");
-    }
-    assert!(
-        t.counter(0, "host_route_out", "bpf") > 0,
-        "IPv4 left BPF host routing"
-    );
 }
 
 /// Flannel's dual-stack layout in a real etcd: a config with `EnableIPv6` and `IPv6Network`,

@@ -29,10 +29,31 @@ enum Config {
     DpVxlanFlows,
     DpVxlanBpf,
     DpBgpFlows,
+    Native6,
+    DpVxlan6Kernel,
+    DpVxlan6Flows,
+    DpVxlan6Bpf,
 }
 
 impl Config {
-    const ALL: [Config; 9] = [
+    /// Every configuration, in the order of their colours.
+    const ALL: [Config; 13] = [
+        Self::Native,
+        Self::LinuxVxlan,
+        Self::DpIpipKernel,
+        Self::DpIpipFlows,
+        Self::DpIpipBpf,
+        Self::DpVxlanKernel,
+        Self::DpVxlanFlows,
+        Self::DpVxlanBpf,
+        Self::DpBgpFlows,
+        Self::Native6,
+        Self::DpVxlan6Kernel,
+        Self::DpVxlan6Flows,
+        Self::DpVxlan6Bpf,
+    ];
+    /// What IPv4 pods are measured in.
+    const FOUR: [Config; 9] = [
         Self::Native,
         Self::LinuxVxlan,
         Self::DpIpipKernel,
@@ -43,8 +64,13 @@ impl Config {
         Self::DpVxlanBpf,
         Self::DpBgpFlows,
     ];
-    /// The configurations the agent runs with its default host routing (accepted flows).
-    const DEFAULTS: [Config; 2] = [Self::DpIpipFlows, Self::DpVxlanFlows];
+    /// What IPv6 pods are measured in: native IPv6 routing, and VXLAN over the IPv6 underlay.
+    const SIX: [Config; 4] = [
+        Self::Native6,
+        Self::DpVxlan6Kernel,
+        Self::DpVxlan6Flows,
+        Self::DpVxlan6Bpf,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -57,6 +83,10 @@ impl Config {
             Self::DpVxlanFlows => "datapath VXLAN, accepted-flows (default)",
             Self::DpVxlanBpf => "datapath VXLAN, bpf host routing",
             Self::DpBgpFlows => "datapath BGP native (BIRD mesh), accepted-flows (default)",
+            Self::Native6 => "native IPv6 routing",
+            Self::DpVxlan6Kernel => "datapath VXLAN/IPv6, kernel host routing",
+            Self::DpVxlan6Flows => "datapath VXLAN/IPv6, accepted-flows (default)",
+            Self::DpVxlan6Bpf => "datapath VXLAN/IPv6, bpf host routing",
         }
     }
 
@@ -71,14 +101,23 @@ impl Config {
             Self::DpVxlanFlows => Some(("vxlan", "accepted-flows")),
             Self::DpVxlanBpf => Some(("vxlan", "bpf")),
             Self::DpBgpFlows => Some(("none", "accepted-flows")),
-            Self::Native | Self::LinuxVxlan => None,
+            Self::DpVxlan6Kernel => Some(("vxlan", "kernel")),
+            Self::DpVxlan6Flows => Some(("vxlan", "accepted-flows")),
+            Self::DpVxlan6Bpf => Some(("vxlan", "bpf")),
+            Self::Native | Self::LinuxVxlan | Self::Native6 => None,
         }
+    }
+
+    /// Whether its pods talk IPv6.
+    fn ipv6(self) -> bool {
+        Self::SIX.contains(&self)
     }
 
     /// The `bpf` configuration of the same encapsulation, for a default one.
     fn bpf_twin(self) -> Config {
         match self {
             Self::DpIpipFlows => Self::DpIpipBpf,
+            Self::DpVxlan6Flows => Self::DpVxlan6Bpf,
             _ => Self::DpVxlanBpf,
         }
     }
@@ -120,21 +159,60 @@ enum Nodes {
     /// The rules kube-proxy's iptables mode installs for one ClusterIP Service, as on every
     /// Kubernetes node: conntrack and the filter chains see every packet the host forwards.
     KubeProxy,
+    /// `Bare`, measured between the pods' IPv6 addresses.
+    Bare6,
+    /// `KubeProxy` with its IPv6 half (ip6tables), measured between the pods' IPv6 addresses.
+    KubeProxy6,
 }
 
 impl Nodes {
-    const ALL: [Nodes; 2] = [Self::Bare, Self::KubeProxy];
+    const ALL: [Nodes; 4] = [Self::Bare, Self::KubeProxy, Self::Bare6, Self::KubeProxy6];
+
+    fn ipv6(self) -> bool {
+        matches!(self, Self::Bare6 | Self::KubeProxy6)
+    }
 
     fn configs(self) -> &'static [Config] {
-        &Config::ALL
+        if self.ipv6() {
+            &Config::SIX
+        } else {
+            &Config::FOUR
+        }
+    }
+
+    /// The baseline of the ratios.
+    fn native(self) -> Config {
+        if self.ipv6() {
+            Config::Native6
+        } else {
+            Config::Native
+        }
+    }
+
+    /// The configurations the agent runs with its default host routing (accepted flows).
+    fn defaults(self) -> &'static [Config] {
+        if self.ipv6() {
+            &[Config::DpVxlan6Flows]
+        } else {
+            &[Config::DpIpipFlows, Config::DpVxlanFlows]
+        }
+    }
+
+    /// The server pod's address in this setup's family.
+    fn server(self) -> &'static str {
+        if self.ipv6() {
+            crate::lab::POD2_V6
+        } else {
+            "10.244.1.2"
+        }
     }
 
     /// The targets for the default configuration, as ratios to native routing:
     /// (TCP 1 flow at least, UDP 64 B at least, latency p50 at most).
     fn targets(self) -> (f64, f64, f64) {
         match self {
-            Self::Bare => (1.00, 1.10, 0.95),
-            Self::KubeProxy => (1.20, 1.20, 0.85),
+            Self::Bare | Self::Bare6 => (1.00, 1.10, 0.95),
+            Self::KubeProxy | Self::KubeProxy6 => (1.20, 1.20, 0.85),
         }
     }
 
@@ -142,6 +220,10 @@ impl Nodes {
         match self {
             Self::Bare => "Bare nodes (no netfilter rules)",
             Self::KubeProxy => "Nodes with kube-proxy's iptables rules (one ClusterIP Service)",
+            Self::Bare6 => "IPv6 pods, bare nodes (no netfilter rules)",
+            Self::KubeProxy6 => {
+                "IPv6 pods, nodes with kube-proxy's iptables and ip6tables rules (one ClusterIP Service each)"
+            }
         }
     }
 
@@ -150,32 +232,55 @@ impl Nodes {
         match self {
             Self::Bare => "chart.svg",
             Self::KubeProxy => "chart-kube-proxy.svg",
+            Self::Bare6 => "chart-ipv6.svg",
+            Self::KubeProxy6 => "chart-ipv6-kube-proxy.svg",
         }
     }
 
-    /// Installs (or, for `Bare`, removes) the setup's rules on both nodes; `iptables-restore`
-    /// replaces the nat and filter tables whole.
+    /// Installs (or, for the bare setups, removes) the setup's rules on both nodes, both
+    /// families (a dual-stack kube-proxy node has both); `iptables-restore` and
+    /// `ip6tables-restore` replace the nat and filter tables whole.
     fn apply(self, lab: &Lab) -> Result<()> {
-        let rules = match self {
-            Self::Bare => "*nat\nCOMMIT\n*filter\nCOMMIT\n",
-            Self::KubeProxy => KUBE_PROXY_RULES,
-        };
-        for n in ["n1", "n2"] {
-            let mut restore = Command::new("ip")
-                .args(["netns", "exec", &lab.ns(n), "iptables-restore", "-w"])
-                .stdin(Stdio::piped())
-                .spawn()?;
-            restore
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(rules.as_bytes())?;
-            if !restore.wait()?.success() {
-                bail!("iptables-restore on {n} failed");
+        let empty = "*nat\nCOMMIT\n*filter\nCOMMIT\n".to_string();
+        let (four, six) = match self {
+            Self::Bare | Self::Bare6 => (empty.clone(), empty),
+            Self::KubeProxy | Self::KubeProxy6 => {
+                (KUBE_PROXY_RULES.to_string(), kube_proxy_rules6())
             }
-        }
-        Ok(())
+        };
+        restore(lab, "iptables-restore", &four)?;
+        restore(lab, "ip6tables-restore", &six)
     }
+}
+
+/// Loads `rules` with `tool` (iptables-restore or ip6tables-restore) on both nodes.
+fn restore(lab: &Lab, tool: &str, rules: &str) -> Result<()> {
+    for n in ["n1", "n2"] {
+        let mut restore = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(n), tool, "-w"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        restore
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())?;
+        if !restore.wait()?.success() {
+            bail!("{tool} on {n} failed");
+        }
+    }
+    Ok(())
+}
+
+/// `KUBE_PROXY_RULES` for the IPv6 Service fd00:96::10 backed by the server pod's IPv6 address.
+fn kube_proxy_rules6() -> String {
+    KUBE_PROXY_RULES
+        .replace("10.96.0.10/32", "fd00:96::10/128")
+        .replace("10.244.0.0/16", "fd00:10:244::/56")
+        .replace(
+            "10.244.1.2:5201",
+            &format!("[{}]:5201", crate::lab::POD2_V6),
+        )
 }
 
 /// kube-proxy's iptables mode on the client's and the server's node for a ClusterIP
@@ -236,9 +341,25 @@ fn enable(lab: &Lab, c: Config, agents: &mut Vec<Child>) -> Result<()> {
                 )?;
             }
         }
+        Config::Native6 => {
+            for (i, j) in [(1, 2), (2, 1)] {
+                lab.in_ns(
+                    &format!("n{i}"),
+                    &format!(
+                        "ip -6 route replace fd00:10:244:{}::/64 via fd00:1::1{}",
+                        j - 1,
+                        j - 1
+                    ),
+                )?;
+            }
+        }
         _ => {
             let (encap, routing) = c.datapath().expect("a datapath configuration");
-            lab.write_cluster(encap, 4096, 4789)?;
+            if c.ipv6() {
+                lab.write_dual_cluster(4096, 4789)?;
+            } else {
+                lab.write_cluster(encap, 4096, 4789)?;
+            }
             for i in 1..=2 {
                 agents.push(lab.start_agent(i, &["--decap", "tc", "--host-routing", routing])?);
             }
@@ -259,6 +380,10 @@ fn disable(lab: &Lab, c: Config, agents: &mut Vec<Child>) {
         Config::LinuxVxlan => {
             let _ = lab.in_ns("n1", "ip link del flannel.1");
             let _ = lab.in_ns("n2", "ip link del flannel.1");
+        }
+        Config::Native6 => {
+            let _ = lab.in_ns("n1", "ip -6 route del fd00:10:244:1::/64");
+            let _ = lab.in_ns("n2", "ip -6 route del fd00:10:244::/64");
         }
         _ => {
             lab.stop_agents();
@@ -284,8 +409,8 @@ fn spawn_in(lab: &Lab, ns: &str, cmd: &str) -> Result<Child> {
         .spawn()?)
 }
 
-fn iperf_json(lab: &Lab, args: &str) -> Result<serde_json::Value> {
-    let out = lab.in_ns("p1", &format!("iperf3 -c 10.244.1.2 -J {args}"))?;
+fn iperf_json(lab: &Lab, server: &str, args: &str) -> Result<serde_json::Value> {
+    let out = lab.in_ns("p1", &format!("iperf3 -c {server} -J {args}"))?;
     serde_json::from_str(&out).context("iperf3 JSON")
 }
 
@@ -295,8 +420,9 @@ fn iperf_json(lab: &Lab, args: &str) -> Result<serde_json::Value> {
 /// such cross-CPU wakeup: each one's NIC interrupts its own CPU.
 const LATENCY_CPU: u32 = 0;
 
-/// One round of every metric in the current configuration.
-fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
+/// One round of every metric in the current configuration, toward the server pod's address
+/// `server`.
+fn measure(lab: &Lab, server: &str, secs: u32) -> Result<BTreeMap<Metric, f64>> {
     let mut m = BTreeMap::new();
     // A figure iperf3 did not report is an error, never a zero that drags the median down.
     let field = |v: &serde_json::Value, what: &str| {
@@ -305,11 +431,11 @@ fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
             .with_context(|| format!("iperf3 reported no {what}"))
     };
     for (metric, flows) in [(Metric::Tcp1, 1), (Metric::Tcp4, 4)] {
-        let tcp = iperf_json(lab, &format!("-t {secs} -P {flows}"))?;
+        let tcp = iperf_json(lab, server, &format!("-t {secs} -P {flows}"))?;
         let bps = field(&tcp["end"]["sum_received"]["bits_per_second"], "TCP rate")?;
         m.insert(metric, bps / 1e9);
     }
-    let udp = iperf_json(lab, &format!("-t {secs} -u -l 64 -b 0"))?;
+    let udp = iperf_json(lab, server, &format!("-t {secs} -u -l 64 -b 0"))?;
     let sum = &udp["end"]["sum"];
     let received =
         field(&sum["packets"], "UDP packets")? - field(&sum["lost_packets"], "UDP loss")?;
@@ -318,10 +444,31 @@ fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
         bail!("no UDP datagram arrived");
     }
     m.insert(Metric::Udp64Pps, received / seconds / 1e3);
+    let (p50, p99) = latency(lab, server, secs)?;
+    m.insert(Metric::LatP50, p50);
+    m.insert(Metric::LatP99, p99);
+    Ok(m)
+}
+
+/// Half round trips (p50, p99) in µs of 64-byte UDP ping-pongs with the server pod: sockperf
+/// for IPv4; for IPv6, which Debian's sockperf 3.7 cannot address, `datapath-bench ping-pong`.
+fn latency(lab: &Lab, server: &str, secs: u32) -> Result<(f64, f64)> {
+    if server.contains(':') {
+        let out = lab.in_ns(
+            "p1",
+            &format!(
+                "taskset -c {LATENCY_CPU} {}-bench ping-pong --to [{server}]:{PING_PONG_PORT} --secs {secs}",
+                lab.bin.display()
+            ),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ping-pong JSON")?;
+        let get = |k: &str| v[k].as_f64().with_context(|| format!("ping-pong {k}"));
+        return Ok((get("p50_us")?, get("p99_us")?));
+    }
     let lat = lab.in_ns(
         "p1",
         &format!(
-            "taskset -c {LATENCY_CPU} sockperf ping-pong -i 10.244.1.2 -p 11111 -t {secs} -m 64 --full-rtt 2>&1"
+            "taskset -c {LATENCY_CPU} sockperf ping-pong -i {server} -p 11111 -t {secs} -m 64 --full-rtt 2>&1"
         ),
     )?;
     let pct = |p: &str| {
@@ -331,10 +478,14 @@ fn measure(lab: &Lab, secs: u32) -> Result<BTreeMap<Metric, f64>> {
             .and_then(|v| v.trim().parse::<f64>().ok())
     };
     // --full-rtt reports the round trip; a one-way-comparable figure is half of it.
-    m.insert(Metric::LatP50, pct("50.000").context("sockperf p50")? / 2.0);
-    m.insert(Metric::LatP99, pct("99.000").context("sockperf p99")? / 2.0);
-    Ok(m)
+    Ok((
+        pct("50.000").context("sockperf p50")? / 2.0,
+        pct("99.000").context("sockperf p99")? / 2.0,
+    ))
 }
+
+/// The port of the IPv6 latency server (`datapath-bench ping-pong --serve`).
+const PING_PONG_PORT: u16 = 11112;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -368,6 +519,15 @@ fn measure_rounds(lab: &Lab, rounds: u32, secs: u32) -> Result<Samples> {
             "p2",
             &format!("taskset -c {LATENCY_CPU} sockperf server -i 10.244.1.2 -p 11111"),
         )?,
+        spawn_in(
+            lab,
+            "p2",
+            &format!(
+                "taskset -c {LATENCY_CPU} {}-bench ping-pong --serve [{}]:{PING_PONG_PORT}",
+                lab.bin.display(),
+                crate::lab::POD2_V6
+            ),
+        )?,
     ];
     thread::sleep(Duration::from_millis(500));
     let mut samples = Samples::new();
@@ -384,7 +544,7 @@ fn measure_rounds(lab: &Lab, rounds: u32, secs: u32) -> Result<Samples> {
                         "bench: round {round}/{rounds}: {nodes:?} nodes: {}",
                         c.name()
                     );
-                    for (metric, v) in measure_config(lab, c, secs)? {
+                    for (metric, v) in measure_config(lab, nodes, c, secs)? {
                         samples.entry((nodes, c, metric)).or_default().push(v);
                     }
                 }
@@ -432,11 +592,12 @@ fn write_results(bin: &Path, samples: &Samples, rounds: u32, secs: u32) -> Resul
 
 /// Enables `c`, checks a pod reaches the other, measures one round, checks `c` was in effect,
 /// disables `c`.
-fn measure_config(lab: &Lab, c: Config, secs: u32) -> Result<BTreeMap<Metric, f64>> {
+fn measure_config(lab: &Lab, nodes: Nodes, c: Config, secs: u32) -> Result<BTreeMap<Metric, f64>> {
     let mut agents = Vec::new();
+    let server = nodes.server();
     let m = enable(lab, c, &mut agents)
-        .and_then(|()| lab.in_ns("p1", "ping -c 2 -W 1 10.244.1.2"))
-        .and_then(|_| measure(lab, secs))
+        .and_then(|()| lab.in_ns("p1", &format!("ping -c 2 -W 1 {server}")))
+        .and_then(|_| measure(lab, server, secs))
         .and_then(|m| in_effect(lab, c).map(|()| m));
     disable(lab, c, &mut agents);
     m.with_context(|| format!("measuring {}", c.name()))
@@ -500,15 +661,16 @@ fn render_table(nodes: Nodes, med: &Medians) -> String {
         let _ = write!(s, "| {} |", c.name());
         for m in Metric::ALL {
             let v = med.get(&(c, m)).copied().unwrap_or(0.0);
-            let native = med.get(&(Config::Native, m)).copied().unwrap_or(0.0);
+            let native = med.get(&(nodes.native(), m)).copied().unwrap_or(0.0);
             let linux = med.get(&(Config::LinuxVxlan, m)).copied().unwrap_or(0.0);
-            let ratio = |base: f64| if base > 0.0 { v / base } else { 0.0 };
-            let _ = write!(
-                s,
-                " {v:.2} ({:.2}× / {:.2}×) |",
-                ratio(native),
-                ratio(linux)
-            );
+            let ratio = |base: f64| {
+                if base > 0.0 {
+                    format!("{:.2}×", v / base)
+                } else {
+                    "–".into()
+                }
+            };
+            let _ = write!(s, " {v:.2} ({} / {}) |", ratio(native), ratio(linux));
         }
         let _ = writeln!(s);
     }
@@ -525,9 +687,9 @@ fn render_targets(nodes: Nodes, med: &Medians) -> String {
         "\nTargets for the default (accepted-flows), ratios in this run: to native routing TCP 1 flow ≥ {tcp_min:.2}×, UDP 64 B ≥ {udp_min:.2}×, latency p50 ≤ {lat_max:.2}×; to bpf host routing within 5% on each.\n\n",
     );
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
-    for c in Config::DEFAULTS {
+    for &c in nodes.defaults() {
         let ratio = |m, base| get(c, m) / get(base, m).max(f64::MIN_POSITIVE);
-        let native = |m| ratio(m, Config::Native);
+        let native = |m| ratio(m, nodes.native());
         let bpf = |m| ratio(m, c.bpf_twin());
         let (tcp, udp, lat) = (
             native(Metric::Tcp1),
@@ -548,6 +710,9 @@ fn render_targets(nodes: Nodes, med: &Medians) -> String {
             verdict(lat <= lat_max),
             verdict(btcp >= 0.95 && budp >= 0.95 && blat <= 1.05),
         );
+    }
+    if nodes.ipv6() {
+        return s;
     }
     s + &render_bgp(nodes, med)
 }
@@ -583,7 +748,7 @@ fn render_bgp(nodes: Nodes, med: &Medians) -> String {
 fn render_svg(nodes: Nodes, med: &Medians) -> String {
     let colors = [
         "#888888", "#d62728", "#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2",
-        "#8c564b",
+        "#8c564b", "#555555", "#aec7e8", "#98df8a", "#c5b0d5",
     ];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
     let plot_h = h - top - bottom;
@@ -611,7 +776,7 @@ fn render_svg(nodes: Nodes, med: &Medians) -> String {
     }
     for (gi, m) in Metric::ALL.iter().enumerate() {
         let gx = left + gi as f64 * group_w;
-        let native = med.get(&(Config::Native, *m)).copied().unwrap_or(0.0);
+        let native = med.get(&(nodes.native(), *m)).copied().unwrap_or(0.0);
         for (ci, c) in configs.iter().enumerate() {
             let v = med.get(&(*c, *m)).copied().unwrap_or(0.0);
             let r = if native > 0.0 {

@@ -1,6 +1,7 @@
 //! The two-node lab the demo and the benchmark build with the test kit's topology builder:
 //! namespaces `<prefix>-ul` (bridges, router), `<prefix>-n1/-n2` (nodes 192.168.1.10/.11)
-//! and `<prefix>-p1/-p2` (pods 10.244.0.2/1.2), a bpffs for the agents' pins, and a teardown
+//! and `<prefix>-p1/-p2` (pods 10.244.0.2/1.2), each with an IPv6 half (nodes fd00:1::10/11,
+//! pods fd00:10:244::2 and fd00:10:244:1::2), a bpffs for the agents' pins, and a teardown
 //! that removes all of it.
 use std::{
     path::{Path, PathBuf},
@@ -22,6 +23,9 @@ pub fn sh(cmd: &str) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The second pod's IPv6 address (the benchmark's IPv6 server).
+pub const POD2_V6: &str = "fd00:10:244:1::2";
 
 pub struct Lab {
     pub prefix: &'static str,
@@ -76,6 +80,32 @@ impl Lab {
             "mkdir -p {0} && mount -t bpf bpf {0}",
             self.bpffs()
         ))?;
+        self.add_ipv6()
+    }
+
+    /// The IPv6 half: node addresses on the underlay (no duplicate address detection, so they
+    /// work at once), IPv6 forwarding, each pod's address routed as its IPv4 one is.
+    fn add_ipv6(&self) -> Result<()> {
+        for i in 0..2 {
+            let (n, p) = (format!("n{}", i + 1), format!("p{}", i + 1));
+            self.in_ns(
+                &n,
+                &format!(
+                    "sh -c 'sysctl -qw net.ipv6.conf.all.forwarding=1 && \
+                     ip -6 addr add fd00:1::1{i}/64 dev eth0 nodad && \
+                     ip -6 addr add fd00:10:244:{i}::1/128 dev pod0 nodad && \
+                     ip -6 route add fd00:10:244:{i}::2/128 dev pod0'"
+                ),
+            )?;
+            self.in_ns(
+                &p,
+                &format!(
+                    "sh -c 'ip -6 addr add fd00:10:244:{i}::2/64 dev eth0 nodad && \
+                     ip -6 route add fd00:10:244:{i}::1/128 dev eth0 && \
+                     ip -6 route add default via fd00:10:244:{i}::1'"
+                ),
+            )?;
+        }
         Ok(())
     }
 
@@ -145,7 +175,10 @@ impl Lab {
                         { "name": "pod0", "mac": mac(&n, "pod0")? },
                         { "name": "eth0", "mac": mac(&p, "eth0")?, "sandbox": format!("/var/run/netns/{p}") },
                     ],
-                    "ips": [{ "interface": 1, "address": format!("10.244.{}.2/24", i - 1) }],
+                    "ips": [
+                        { "interface": 1, "address": format!("10.244.{}.2/24", i - 1) },
+                        { "interface": 1, "address": format!("fd00:10:244:{}::2/64", i - 1) },
+                    ],
                 },
             });
             let mut child = Command::new("ip")
@@ -187,6 +220,22 @@ impl Lab {
             &format!("vxlan: {{ vni: {vni}, port: {port} }}\n{bgp}"),
             &testkit::cluster::two_nodes(),
         );
+        let tmp = format!("{}.tmp", self.cluster_path());
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.cluster_path())?;
+        Ok(())
+    }
+
+    /// A VXLAN cluster of both nodes with their IPv6 halves (VTEP MACs derived).
+    pub fn write_dual_cluster(&self, vni: u32, port: u16) -> Result<()> {
+        let mut text =
+            format!("encapsulation: vxlan\nvxlan: {{ vni: {vni}, port: {port} }}\nnodes:\n");
+        for (i, n) in testkit::cluster::two_nodes().iter().enumerate() {
+            text += &format!(
+                "  - name: {}\n    address: {}\n    podCIDR: {}\n    addressV6: \"fd00:1::1{i}\"\n    podCIDRv6: \"fd00:10:244:{i}::/64\"\n",
+                n.name, n.address, n.pod_cidr
+            );
+        }
         let tmp = format!("{}.tmp", self.cluster_path());
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, self.cluster_path())?;

@@ -82,13 +82,17 @@ pub fn endpoints(read: ReadArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<15} {:<16} {:>7} {:<17} {:<17}",
+        "{:<24} {:<16} {:>7} {:<17} {:<17}",
         "pod ip", "host interface", "ifindex", "pod mac", "host mac"
     );
     for r in rows {
         println!(
-            "{:<15} {:<16} {:>7} {:<17} {:<17}",
-            r.pod_ip, r.host_if, r.ifindex, r.pod_mac, r.host_mac
+            "{:<24} {:<16} {:>7} {:<17} {:<17}",
+            r.pod_ip.to_string(),
+            r.host_if,
+            r.ifindex,
+            r.pod_mac,
+            r.host_mac
         );
     }
     Ok(ExitCode::SUCCESS)

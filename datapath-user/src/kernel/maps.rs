@@ -11,9 +11,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use maps_common::{
-    AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, MonitorConf, MonitorState, NodeConfig,
-    NodeConfig6, NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6,
-    map_names,
+    AGENT_NOTE_LEN, AgentInfo, Counter, Endpoint, FlowKey, FlowKey6, MonitorConf, MonitorState,
+    NodeConfig, NodeConfig6, NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute,
+    PodRoute6, map_names,
 };
 
 use crate::cluster::Cidr;
@@ -72,6 +72,10 @@ pub struct DatapathMaps {
     pub health: Option<HashMap<MapData, [u8; 4], PeerHealth>>,
     /// The IPv6 maps; `None` in pins an agent before map ABI 5 made.
     pub six: Option<Maps6>,
+    /// Local pods' IPv6 addresses (`DP_ENDPOINTS6`); `None` in pins before map ABI 6.
+    pub endpoints6: Option<HashMap<MapData, [u8; 16], Endpoint>>,
+    /// `stack_flows` for IPv6; `None` as `endpoints6`.
+    pub stack_flows6: Option<HashMap<MapData, FlowKey6, u32>>,
 }
 
 /// Typed handles to the IPv6 maps.
@@ -138,6 +142,8 @@ impl DatapathMaps {
                     nodes: typed(&mut get, map_names::NODES6).ok()?,
                 })
             })(),
+            endpoints6: typed(&mut get, map_names::ENDPOINTS6).ok(),
+            stack_flows6: typed(&mut get, map_names::STACK_FLOWS6).ok(),
         })
     }
 

@@ -16,8 +16,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHash, Map, MapData, PerCpuArray, PerCpuValues};
 use maps_common::{
-    ABI_VERSION, AgentInfo, Counter, Endpoint, FlowKey, NodeEntry, PeerStats, map_layouts,
-    map_names,
+    ABI_VERSION, AgentInfo, Counter, Endpoint, FlowKey, FlowKey6, NodeEntry, PeerStats,
+    map_layouts, map_names,
 };
 use tracing::info;
 
@@ -239,6 +239,23 @@ pub fn carry_state(pin_dir: &Path, new: &mut DatapathMaps) -> anyhow::Result<()>
     if let Some(old) = open_old::<BpfHash<MapData, FlowKey, u32>>(pin_dir, map_names::STACK_FLOWS) {
         for (k, v) in old.iter().flatten() {
             let _ = new.stack_flows.insert(k, v, 0);
+        }
+    }
+    carry6(pin_dir, new)
+}
+
+/// `carry_state` for the IPv6 maps, when the old pins have them (map ABI 6 on).
+fn carry6(pin_dir: &Path, new: &mut DatapathMaps) -> anyhow::Result<()> {
+    let old = open_old::<BpfHash<MapData, [u8; 16], Endpoint>>(pin_dir, map_names::ENDPOINTS6);
+    if let (Some(old), Some(eps)) = (old, &mut new.endpoints6) {
+        for (ip, ep) in old.iter().flatten() {
+            eps.insert(ip, ep, 0)?;
+        }
+    }
+    let old = open_old::<BpfHash<MapData, FlowKey6, u32>>(pin_dir, map_names::STACK_FLOWS6);
+    if let (Some(old), Some(flows)) = (old, &mut new.stack_flows6) {
+        for (k, v) in old.iter().flatten() {
+            let _ = flows.insert(k, v, 0);
         }
     }
     Ok(())

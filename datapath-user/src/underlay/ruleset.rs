@@ -1,8 +1,8 @@
 //! Notices changes of the host's netfilter ruleset, so that flows BPF host routing carries on
 //! netfilter's earlier verdict (`--host-routing accepted-flows`) are judged again: nftables
 //! (and iptables-nft, which is nftables underneath) announce every committed transaction on
-//! the `NFNLGRP_NFTABLES` netlink group; iptables-legacy announces nothing, so its tables are
-//! read (counters masked) and compared every `LEGACY_POLL`.
+//! the `NFNLGRP_NFTABLES` netlink group; iptables-legacy and ip6tables-legacy announce nothing,
+//! so their tables are read (counters masked) and compared every `LEGACY_POLL`.
 use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash as _, Hasher as _},
@@ -20,8 +20,36 @@ use tracing::{info, warn};
 const NFNLGRP_NFTABLES: u32 = 7;
 /// How often iptables-legacy's tables are read: a change reaches established flows within it.
 pub const LEGACY_POLL: Duration = Duration::from_millis(250);
-/// iptables-legacy's tables loaded in this network namespace, one name a line.
-const LEGACY_TABLES: &str = "/proc/net/ip_tables_names";
+/// How to read one family's legacy tables: the loaded tables' names (one a line in this
+/// network namespace), the socket family and option level, and in the kernel's rule entries
+/// (`struct ipt_entry`, `struct ip6t_entry`) the offset of `next_offset` and the 16 bytes of
+/// counters.
+struct Legacy {
+    names: &'static str,
+    domain: libc::c_int,
+    level: libc::c_int,
+    next_offset: usize,
+    counters: std::ops::Range<usize>,
+}
+
+/// iptables-legacy (after `struct ipt_ip`, 84 bytes) and ip6tables-legacy (after
+/// `struct ip6t_ip6`, 136 bytes; counters 8-aligned).
+const LEGACY: [Legacy; 2] = [
+    Legacy {
+        names: "/proc/net/ip_tables_names",
+        domain: libc::AF_INET,
+        level: libc::IPPROTO_IP,
+        next_offset: 90,
+        counters: 96..112,
+    },
+    Legacy {
+        names: "/proc/net/ip6_tables_names",
+        domain: libc::AF_INET6,
+        level: libc::IPPROTO_IPV6,
+        next_offset: 142,
+        counters: 152..168,
+    },
+];
 /// `nf_conntrack_tcp_be_liberal`: see `keep_tcp_tracking_liberal`.
 const TCP_BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
 
@@ -70,7 +98,7 @@ fn nft_events(tx: &mpsc::Sender<Change>) -> io::Result<()> {
     }
 }
 
-/// Compares iptables-legacy's tables with their last reading every `LEGACY_POLL`.
+/// Compares iptables-legacy's and ip6tables-legacy's tables with their last reading every `LEGACY_POLL`.
 async fn poll_legacy(tx: mpsc::Sender<Change>) {
     let mut last = legacy_fingerprint();
     let mut tick = tokio::time::interval(LEGACY_POLL);
@@ -86,57 +114,62 @@ async fn poll_legacy(tx: mpsc::Sender<Change>) {
     }
 }
 
-/// A hash of every loaded iptables-legacy table with its counters masked; 0 without any. Only
-/// tables already loaded are read: asking for another would load its module.
+/// A hash of every loaded iptables-legacy and ip6tables-legacy table with its counters masked;
+/// 0 without any. Only tables already loaded are read: asking for another would load its
+/// module.
 fn legacy_fingerprint() -> u64 {
-    let Ok(names) = std::fs::read_to_string(LEGACY_TABLES) else {
-        return 0;
-    };
     let mut h = DefaultHasher::new();
-    for name in names.lines().filter(|n| !n.is_empty()) {
-        name.hash(&mut h);
-        match legacy_table(name) {
-            Ok(rules) => rules.hash(&mut h),
-            Err(e) => e.raw_os_error().hash(&mut h),
+    let mut any = false;
+    for family in &LEGACY {
+        let Ok(names) = std::fs::read_to_string(family.names) else {
+            continue;
+        };
+        for name in names.lines().filter(|n| !n.is_empty()) {
+            any = true;
+            (family.domain, name).hash(&mut h);
+            match legacy_table(family, name) {
+                Ok(rules) => rules.hash(&mut h),
+                Err(e) => e.raw_os_error().hash(&mut h),
+            }
         }
     }
-    h.finish()
+    if any { h.finish() } else { 0 }
 }
 
-const IPT_SO_GET_INFO: libc::c_int = 64;
-const IPT_SO_GET_ENTRIES: libc::c_int = 65;
-/// `struct ipt_getinfo`: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
+/// `IPT_SO_GET_INFO` / `IP6T_SO_GET_INFO` and the entries after them (the same numbers).
+const SO_GET_INFO: libc::c_int = 64;
+const SO_GET_ENTRIES: libc::c_int = 65;
+/// `struct ipt_getinfo` (and ip6t's): name[32], valid_hooks, hook_entry[5], underflow[5],
+/// num_entries, size.
 const GETINFO_LEN: usize = 84;
 /// `struct ipt_get_entries` before its entries: name[32], size, padding to 8.
 const GET_ENTRIES_HDR: usize = 40;
-/// In `struct ipt_entry`: `next_offset` (u16) and the 16 bytes of `counters`.
-const ENTRY_NEXT_OFFSET: usize = 90;
-const ENTRY_COUNTERS: std::ops::Range<usize> = 96..112;
 
 /// One legacy table's rules as the kernel returns them, packet and byte counters zeroed.
-fn legacy_table(name: &str) -> io::Result<Vec<u8>> {
+fn legacy_table(family: &Legacy, name: &str) -> io::Result<Vec<u8>> {
     // SAFETY: plain socket call; the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    let fd = unsafe { libc::socket(family.domain, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just opened and is owned by nothing else.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let get = |opt, buf: &mut [u8]| getsockopt(sock.as_raw_fd(), family.level, opt, buf);
     let mut info = [0u8; GETINFO_LEN];
     let n = name.len().min(31);
     info[..n].copy_from_slice(&name.as_bytes()[..n]);
-    getsockopt(sock.as_raw_fd(), IPT_SO_GET_INFO, &mut info)?;
+    get(SO_GET_INFO, &mut info)?;
     let size = u32::from_ne_bytes(info[80..84].try_into().expect("4 bytes")) as usize;
     let mut entries = vec![0u8; GET_ENTRIES_HDR + size];
     entries[..n].copy_from_slice(&name.as_bytes()[..n]);
     entries[32..36].copy_from_slice(&(size as u32).to_ne_bytes());
-    getsockopt(sock.as_raw_fd(), IPT_SO_GET_ENTRIES, &mut entries)?;
+    get(SO_GET_ENTRIES, &mut entries)?;
     let mut rules = entries.split_off(GET_ENTRIES_HDR);
+    let (next_at, counters) = (family.next_offset, family.counters.clone());
     let mut off = 0;
-    while off + ENTRY_COUNTERS.end <= rules.len() {
-        let next = &rules[off + ENTRY_NEXT_OFFSET..off + ENTRY_NEXT_OFFSET + 2];
-        let next = u16::from_ne_bytes([next[0], next[1]]) as usize;
-        rules[off + ENTRY_COUNTERS.start..off + ENTRY_COUNTERS.end].fill(0);
+    while off + counters.end <= rules.len() {
+        let next = u16::from_ne_bytes([rules[off + next_at], rules[off + next_at + 1]]) as usize;
+        rules[off + counters.start..off + counters.end].fill(0);
         if next == 0 {
             break;
         }
@@ -145,11 +178,15 @@ fn legacy_table(name: &str) -> io::Result<Vec<u8>> {
     Ok(rules)
 }
 
-fn getsockopt(fd: libc::c_int, opt: libc::c_int, buf: &mut [u8]) -> io::Result<()> {
+fn getsockopt(
+    fd: libc::c_int,
+    level: libc::c_int,
+    opt: libc::c_int,
+    buf: &mut [u8],
+) -> io::Result<()> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: buf is valid for len bytes; the kernel writes at most len.
-    let rc =
-        unsafe { libc::getsockopt(fd, libc::IPPROTO_IP, opt, buf.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe { libc::getsockopt(fd, level, opt, buf.as_mut_ptr().cast(), &mut len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
