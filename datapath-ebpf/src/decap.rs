@@ -349,9 +349,19 @@ pub fn try_decap_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         (*eth).src_addr = src;
         (*eth).ether_type = inner_ether_type(strip);
     }
-    count(counter, len);
-    count_peer(peer_idx, false, len);
+    count_decap(counter, strip, peer_idx, len);
     Ok(XDP_PASS)
+}
+
+/// Counts a decapsulated packet: under `counter`, `DecapIpv6` too for IPv6 VXLAN, and toward
+/// its peer.
+#[inline(always)]
+fn count_decap(counter: CounterId, strip: u32, peer_idx: u32, len: u32) {
+    count(counter, len);
+    if strip == maps_common::VXLAN6_OVERHEAD {
+        count(CounterId::DecapIpv6, len);
+    }
+    count_peer(peer_idx, false, len);
 }
 
 /// The Ethernet type of what `strip` bytes of tunnel headers held: IPv6 behind IPv6 VXLAN's 70
@@ -441,8 +451,7 @@ pub fn try_decap_tc(ctx: &TcContext) -> Result<Delivery, DropReason> {
         BPF_F_ADJ_ROOM_FIXED_GSO as u64,
     )
     .map_err(|_| DropReason::AdjustFailed)?;
-    count(counter, len);
-    count_peer(peer_idx, false, len);
+    count_decap(counter, strip, peer_idx, len);
     Ok(if host_routing {
         Delivery::Pod(cfg)
     } else {

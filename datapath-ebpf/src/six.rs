@@ -85,7 +85,7 @@ fn pass_or(len: u32, via_aggregate: bool) -> Result<i32, DropReason> {
 }
 
 /// Checks the packet, writes the inner Ethernet header and the tunnel key, and redirects to
-/// the VXLAN device.
+/// the VXLAN device (counted under `EncapIpv6`; the caller counts `EncapVxlan`).
 #[inline(always)]
 pub fn to_device(
     ctx: &TcContext,
@@ -132,6 +132,7 @@ pub fn to_device(
     if rc != 0 {
         return Err(DropReason::AdjustFailed);
     }
+    count(CounterId::EncapIpv6, len);
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(c6.vxlan_ifindex, 0) } as i32)
 }

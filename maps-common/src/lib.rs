@@ -880,10 +880,14 @@ pub enum CounterId {
     FlowAcceptedOut = 10,
     /// Inbound flows netfilter forwarded, recorded at the pod veth's egress as accepted.
     FlowAcceptedIn = 11,
+    /// Of `EncapVxlan`, the IPv6 pods' packets (VXLAN over the IPv6 underlay).
+    EncapIpv6 = 12,
+    /// Of `DecapVxlan`, the IPv6 pods' packets.
+    DecapIpv6 = 13,
 }
 
 impl CounterId {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     pub const ALL: [CounterId; Self::COUNT as usize] = [
         Self::EncapIpip,
         Self::EncapVxlan,
@@ -897,6 +901,8 @@ impl CounterId {
         Self::FlowVerifyIn,
         Self::FlowAcceptedOut,
         Self::FlowAcceptedIn,
+        Self::EncapIpv6,
+        Self::DecapIpv6,
     ];
 
     /// (direction, mode) labels of the counter, as the metrics endpoint exports them.
@@ -914,6 +920,8 @@ impl CounterId {
             Self::FlowVerifyIn => ("flow_verify_in", "stack"),
             Self::FlowAcceptedOut => ("flow_accepted_out", "flows"),
             Self::FlowAcceptedIn => ("flow_accepted_in", "flows"),
+            Self::EncapIpv6 => ("encap_ipv6", "vxlan"),
+            Self::DecapIpv6 => ("decap_ipv6", "vxlan"),
         }
     }
 }

@@ -102,12 +102,12 @@ fn interop6(dev: &str, vni: u32, port: u16) {
         "{status}"
     );
     assert!(
-        t.counter(0, "decap", "vxlan") > 0,
-        "node1 decapsulated nothing"
+        t.counter(0, "decap_ipv6", "vxlan") > 0,
+        "node1 decapsulated no IPv6"
     );
     assert!(
-        t.counter(0, "encap", "vxlan") > 0,
-        "node1 encapsulated nothing"
+        t.counter(0, "encap_ipv6", "vxlan") > 0,
+        "node1 encapsulated no IPv6"
     );
     for reason in [
         "wrong_vni",
