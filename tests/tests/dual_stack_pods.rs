@@ -11,9 +11,9 @@
 use std::{process::Child, thread, time::Duration};
 
 use integration_tests::{
-    NodeSpec, Topology,
+    Capture, NodeSpec, Topology,
     dual::{add_ipv6_underlay, dual_cluster_yaml, pod_cidr6, pod_ip6},
-    script, wait_for,
+    script, tshark_fields, wait_for,
 };
 
 /// Two nodes with IPv6 underlays, agents with default settings, a CNI pod on each.
@@ -223,5 +223,54 @@ fn ipv6_netfilter_verdicts_hold_for_bpf_host_routed_pods() {
     for s in &mut servers {
         let _ = s.kill();
         let _ = s.wait();
+    }
+}
+
+/// Crafted IPv6 VXLAN toward a CNI pod on a node with default settings (BPF host routing
+/// delivers IPv6 straight into pods): an inner source outside the sender's IPv6 pod CIDR, an
+/// unknown outer source, another VNI; none reaches the pod (tcpdump in it sees only the one
+/// legitimate frame sent beside them), each is counted under its reason.
+#[test]
+fn crafted_ipv6_tunnel_packets_never_reach_a_cni_pod() {
+    let t = dual_pods("v6spoof");
+    let frame = |outer_src: &str, inner_src: &str, vni: u32| {
+        format!(
+            "IPv6(src='{outer_src}',dst='fd00:1::11')/UDP(sport=40000,dport=4789)/VXLAN(vni={vni},flags=8)/\
+             Ether(dst='0e:06:00:00:00:11',src='0e:06:00:00:00:10')/IPv6(src='{inner_src}',dst='{}')/\
+             ICMPv6EchoRequest(id=0x4242)",
+            pod_ip6(1)
+        )
+    };
+    let pod1 = pod_ip6(0);
+    let sends = [
+        frame("fd00:1::10", "fd00:10:244:9::5", 4096),
+        frame("fd00:1::99", &pod1, 4096),
+        frame("fd00:1::10", &pod1, 4097),
+    ];
+    let mut script = "from scapy.all import *\nfrom scapy.layers.vxlan import VXLAN\n".to_string();
+    for f in &sends {
+        script += &format!("send({f}, count=3, verbose=0)\n");
+    }
+    script += &format!("send({}, verbose=0)\n", frame("fd00:1::10", &pod1, 4096));
+    let path = t.workdir.join("hostile6.py");
+    std::fs::write(&path, script).expect("script");
+    let pcap = t.workdir.join("pod2-crafted.pcap");
+    let cap = Capture::start(
+        &t.nodes[1].pod,
+        "eth0",
+        "icmp6 and ip6[40] == 128 and ip6[44:2] == 0x4242",
+        &pcap,
+    );
+    t.nodes[0]
+        .ns
+        .exec(&format!("/usr/bin/python3 {}", path.display()));
+    let frames = tshark_fields(&cap.stop(), "", &["ipv6.src"]);
+    assert_eq!(
+        frames,
+        [vec![pod1.clone()]],
+        "pod2 must see the legitimate frame and nothing crafted"
+    );
+    for reason in ["inner_src_spoofed", "unknown_peer", "wrong_vni"] {
+        assert_eq!(t.drops(1, reason), 3, "{reason}: not refused and counted");
     }
 }
