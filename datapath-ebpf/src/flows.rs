@@ -35,59 +35,39 @@ pub trait Flow: Copy + 'static {
     fn reply(self) -> Self;
 }
 
-impl Flow for FlowKey {
-    #[inline(always)]
-    fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS> {
-        &DP_FAST_FLOWS
-    }
-    #[inline(always)]
-    fn stack() -> &'static LruHashMap<Self, u32, FLOWS> {
-        &DP_STACK_FLOWS
-    }
-    #[inline(always)]
-    fn with_dir(self, dir: u8) -> Self {
-        Self { dir, ..self }
-    }
-    #[inline(always)]
-    fn reply(self) -> Self {
-        let (src, dst, sport, dport) = (self.dst, self.src, self.dport, self.sport);
-        Self {
-            src,
-            dst,
-            sport,
-            dport,
-            dir: 0,
-            ..self
+/// `Flow` for a family's key type and its two maps.
+macro_rules! flow_impl {
+    ($key:ty, $fast:ident, $stack:ident) => {
+        impl Flow for $key {
+            #[inline(always)]
+            fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS> {
+                &$fast
+            }
+            #[inline(always)]
+            fn stack() -> &'static LruHashMap<Self, u32, FLOWS> {
+                &$stack
+            }
+            #[inline(always)]
+            fn with_dir(self, dir: u8) -> Self {
+                Self { dir, ..self }
+            }
+            #[inline(always)]
+            fn reply(self) -> Self {
+                let (src, dst, sport, dport) = (self.dst, self.src, self.dport, self.sport);
+                Self {
+                    src,
+                    dst,
+                    sport,
+                    dport,
+                    dir: 0,
+                    ..self
+                }
+            }
         }
-    }
+    };
 }
-
-impl Flow for FlowKey6 {
-    #[inline(always)]
-    fn fast() -> &'static LruHashMap<Self, FastFlow, FLOWS> {
-        &DP_FAST_FLOWS6
-    }
-    #[inline(always)]
-    fn stack() -> &'static LruHashMap<Self, u32, FLOWS> {
-        &DP_STACK_FLOWS6
-    }
-    #[inline(always)]
-    fn with_dir(self, dir: u8) -> Self {
-        Self { dir, ..self }
-    }
-    #[inline(always)]
-    fn reply(self) -> Self {
-        let (src, dst, sport, dport) = (self.dst, self.src, self.dport, self.sport);
-        Self {
-            src,
-            dst,
-            sport,
-            dport,
-            dir: 0,
-            ..self
-        }
-    }
-}
+flow_impl!(FlowKey, DP_FAST_FLOWS, DP_STACK_FLOWS);
+flow_impl!(FlowKey6, DP_FAST_FLOWS6, DP_STACK_FLOWS6);
 
 /// A packet's flow as its sender sent it, and whether it is a TCP SYN, FIN or RST.
 #[derive(Clone, Copy)]

@@ -679,6 +679,35 @@ pub fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
+/// How traffic.py is run: with Debian's python3, which has scapy.
+pub fn traffic_py() -> String {
+    format!("/usr/bin/python3 {}", script("traffic.py").display())
+}
+
+impl Topology {
+    /// Echo servers (both families) in pod `i` on `ports`, for `secs` seconds.
+    pub fn echo_servers(&self, i: usize, ports: &[u16], secs: u32) -> Vec<Child> {
+        let children = (ports.iter())
+            .map(|p| {
+                self.nodes[i].pod.spawn(
+                    &format!("{} echo-server {p} {secs}", traffic_py()),
+                    &self.workdir.join(format!("echo-{i}-{p}.log")),
+                )
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        children
+    }
+
+    /// Whether a new TCP connection from pod `from` to `addr`:`port` is answered with its echo.
+    pub fn connects(&self, from: usize, addr: &str, port: u16) -> bool {
+        let out = self.nodes[from]
+            .pod
+            .exec(&format!("{} connect {addr} {port}", traffic_py()));
+        out.trim() == "connected"
+    }
+}
+
 impl Topology {
     /// Runs traffic.py's `<proto>-server PORT <server_args> OUT` in pod `to` and then its
     /// `<proto>-client POD_IP PORT <client_args>` in pod `from`; returns (what the client

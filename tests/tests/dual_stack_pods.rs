@@ -8,22 +8,24 @@
 //!    ──► node2 eth0 TC decap (accepted flow? redirect_peer : the stack, FORWARD) ─► pod2
 //!  node1 fd00:1::10 ── eth0 ── u0 ── br0 ── u1 ── eth0 ── fd00:1::11 node2
 //! ```
-use std::{process::Child, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use integration_tests::{
     Capture, NodeSpec, Topology,
     dual::{add_ipv6_underlay, dual_cluster_yaml, pod_cidr6, pod_ip6},
-    script, tshark_fields, wait_for,
+    sh, traffic_py, tshark_fields, wait_for,
 };
 
-/// Two nodes with IPv6 underlays, agents with default settings, a CNI pod on each.
+/// Two nodes with IPv6 underlays, agents with default settings (and metrics), a CNI pod on
+/// each.
 fn dual_pods(tag: &str) -> Topology {
     let nodes = [10, 11].map(|host| NodeSpec { subnet: 0, host });
     let mut t = Topology::with_cni(tag, &nodes);
     add_ipv6_underlay(&t);
     let cluster = t.write_cluster(&dual_cluster_yaml(&t));
     for i in 0..2 {
-        t.start_agent(i, &cluster, "");
+        // Each node's metrics on its own namespace's loopback.
+        t.start_agent(i, &cluster, "--metrics 127.0.0.1:9464");
     }
     for i in 0..2 {
         let conf = std::fs::read_to_string(t.cni_dir(i).join("net.d/05-datapath.conflist"))
@@ -86,6 +88,32 @@ fn cni_pods_get_both_families_and_talk_in_each() {
         .filter_map(|r| r["pod_ip"].as_str())
         .collect();
     assert_eq!(ips, [t.nodes[1].pod_ip.as_str(), &pod_ip6(1)], "{rows}");
+    inspect_ipv6(&t);
+}
+
+/// What an operator reads of the IPv6 half: the metrics (peers with IPv6, the IPv6 share of
+/// VXLAN) and bpftool's dump of the IPv6 endpoints, with BTF field names.
+fn inspect_ipv6(t: &Topology) {
+    let metrics = t.nodes[0].ns.exec("curl -s http://127.0.0.1:9464/metrics");
+    assert!(metrics.contains("datapath_ipv6_nodes_known 1"), "{metrics}");
+    let encap6 = metrics
+        .lines()
+        .find(|l| l.starts_with("datapath_packets_total{direction=\"encap_ipv6\",mode=\"vxlan\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(
+        encap6.is_some_and(|n| n > 100),
+        "no IPv6 encapsulation counted:\n{metrics}"
+    );
+    let dump = sh(&format!(
+        "bpftool map dump pinned {}/maps/DP_ENDPOINTS6",
+        t.pin_dir(0).display()
+    ));
+    for f in ["ifindex", "pod_mac", "host_mac"] {
+        assert!(
+            dump.contains(&format!("\"{f}\"")),
+            "DP_ENDPOINTS6: no {f} in\n{dump}"
+        );
+    }
 }
 
 /// An IPv6 stream carried by BPF host routing meets an ip6tables-legacy rule on node2 that
@@ -95,7 +123,7 @@ fn established_flow_meets_legacy_rule(t: &Topology, pod1: &str, pod2: &str) {
     let log = t.workdir.join("stream6.json");
     let mut client = t.nodes[0]
         .pod
-        .spawn(&format!("{} stream {pod2} 8083 5", py()), &log);
+        .spawn(&format!("{} stream {pod2} 8083 5", traffic_py()), &log);
     thread::sleep(Duration::from_secs(2));
     let now = || {
         std::time::SystemTime::now()
@@ -122,30 +150,9 @@ fn established_flow_meets_legacy_rule(t: &Topology, pod1: &str, pod2: &str) {
     );
 }
 
-fn py() -> String {
-    format!("/usr/bin/python3 {}", script("traffic.py").display())
-}
-
-/// Echo servers in pod2 on `ports` (both families) for `secs` seconds.
-fn echo_servers(t: &Topology, ports: &[u16], secs: u32) -> Vec<Child> {
-    let children = (ports.iter())
-        .map(|p| {
-            t.nodes[1].pod.spawn(
-                &format!("{} echo-server {p} {secs}", py()),
-                &t.workdir.join(format!("echo6-{p}.log")),
-            )
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(300));
-    children
-}
-
 /// Whether a new TCP connection from pod1 to pod2's `addr`:`port` is answered.
 fn connects(t: &Topology, addr: &str, port: u16) -> bool {
-    let out = t.nodes[0]
-        .pod
-        .exec(&format!("{} connect {addr} {port}", py()));
-    out.trim() == "connected"
+    t.connects(0, addr, port)
 }
 
 /// The nodes' IPv6 NetworkPolicy holds with default settings: an ip6tables FORWARD drop of new
@@ -160,7 +167,7 @@ fn ipv6_netfilter_verdicts_hold_for_bpf_host_routed_pods() {
     for n in &t.nodes {
         n.ns.exec("ip6tables -A FORWARD -m conntrack --ctstate INVALID -j DROP");
     }
-    let mut servers = echo_servers(&t, &[8080, 8083], 60);
+    let mut servers = t.echo_servers(1, &[8080, 8083], 60);
     assert!(
         connects(&t, &pod2, 8080) && connects(&t, &pod2, 8083),
         "no policy yet"

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use integration_tests::{NodeSpec, Topology, script};
+use integration_tests::{NodeSpec, Topology, traffic_py};
 
 fn pods_with_defaults(tag: &str, encap: &str) -> Topology {
     let mut t = Topology::with_cni(tag, &[10, 11].map(|host| NodeSpec { subnet: 0, host }));
@@ -30,31 +30,9 @@ fn pods_with_defaults(tag: &str, encap: &str) -> Topology {
     t
 }
 
-fn py() -> String {
-    format!("/usr/bin/python3 {}", script("traffic.py").display())
-}
-
-/// Echo servers in pod2 on `ports` for `secs` seconds.
-fn echo_servers(t: &Topology, ports: &[u16], secs: u32) -> Vec<std::process::Child> {
-    let children = ports
-        .iter()
-        .map(|p| {
-            t.nodes[1].pod.spawn(
-                &format!("{} echo-server {p} {secs}", py()),
-                &t.workdir.join(format!("echo-{p}.log")),
-            )
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(300));
-    children
-}
-
 /// Whether a new TCP connection from pod1 to pod2:`port` is answered.
 fn connects(t: &Topology, port: u16) -> bool {
-    let out = t.nodes[0]
-        .pod
-        .exec(&format!("{} connect {} {port}", py(), t.nodes[1].pod_ip));
-    out.trim() == "connected"
+    t.connects(0, &t.nodes[1].pod_ip, port)
 }
 
 fn now() -> f64 {
@@ -69,7 +47,7 @@ fn now() -> f64 {
 fn stream_across(t: &Topology, port: u16, node: usize, rule: &str, undo: &str) -> (f64, Vec<f64>) {
     let log = t.workdir.join(format!("stream-{port}.json"));
     let mut client = t.nodes[0].pod.spawn(
-        &format!("{} stream {} {port} 5", py(), t.nodes[1].pod_ip),
+        &format!("{} stream {} {port} 5", traffic_py(), t.nodes[1].pod_ip),
         &log,
     );
     thread::sleep(Duration::from_secs(2));
@@ -101,7 +79,7 @@ fn policy(encap: &str) {
     for n in &t.nodes {
         n.ns.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP");
     }
-    let mut servers = echo_servers(&t, &[8080, 8083], 60);
+    let mut servers = t.echo_servers(1, &[8080, 8083], 60);
     assert!(connects(&t, 8080) && connects(&t, 8083), "no policy yet");
 
     // Ingress policy on the destination node, iptables (Debian's default: the nft back end).

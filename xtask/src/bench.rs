@@ -36,22 +36,6 @@ enum Config {
 }
 
 impl Config {
-    /// Every configuration, in the order of their colours.
-    const ALL: [Config; 13] = [
-        Self::Native,
-        Self::LinuxVxlan,
-        Self::DpIpipKernel,
-        Self::DpIpipFlows,
-        Self::DpIpipBpf,
-        Self::DpVxlanKernel,
-        Self::DpVxlanFlows,
-        Self::DpVxlanBpf,
-        Self::DpBgpFlows,
-        Self::Native6,
-        Self::DpVxlan6Kernel,
-        Self::DpVxlan6Flows,
-        Self::DpVxlan6Bpf,
-    ];
     /// What IPv4 pods are measured in.
     const FOUR: [Config; 9] = [
         Self::Native,
@@ -755,8 +739,14 @@ fn render_svg(nodes: Nodes, med: &Medians) -> String {
     let group_w = (w - left - 20.0) / Metric::ALL.len() as f64;
     let configs = nodes.configs();
     let bar_w = group_w / (configs.len() as f64 + 1.0);
-    // A configuration keeps its colour in every chart.
-    let color = |c: &Config| colors[Config::ALL.iter().position(|x| x == c).unwrap_or(0)];
+    // A configuration keeps its colour in every chart: IPv4's first, then IPv6's.
+    let color = |c: &Config| {
+        let at = match Config::FOUR.iter().position(|x| x == c) {
+            Some(i) => i,
+            None => Config::FOUR.len() + Config::SIX.iter().position(|x| x == c).unwrap_or(0),
+        };
+        colors[at]
+    };
     let max = 1.6;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\

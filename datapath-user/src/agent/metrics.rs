@@ -47,6 +47,11 @@ pub fn body(
             "Nodes of the last state left out as incomplete or unreadable",
             r.skipped as f64,
         ),
+        Gauge(
+            "datapath_ipv6_nodes_known",
+            "Peer nodes whose IPv6 half is in the maps (VXLAN over IPv6)",
+            s.dp.ipv6_nodes_known() as f64,
+        ),
         Counter(
             "datapath_ruleset_changes",
             "Changes of the host's netfilter ruleset seen; each one has accepted flows judged again",

@@ -81,6 +81,11 @@ impl Dataplane {
             .flatten()
     }
 
+    /// Peer nodes whose IPv6 half is in the maps (for the metrics).
+    pub fn ipv6_nodes_known(&self) -> usize {
+        self.six.nodes.len()
+    }
+
     /// The IPv6 maps' content for the applied state.
     fn want6(&self) -> Want6 {
         let mut w = Want6 {
