@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use maps_common::{
     CounterId, DropReason, NodeConfig, NodeConfig6, NodeEntry6, PodRoute6, VXLAN6_OVERHEAD,
-    config_flags, event_hook, route_mode,
+    config_flags, event_hook, node_flags, route_mode,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -94,6 +94,11 @@ pub fn to_device(
     route: &PodRoute6,
     inner: &Ipv6Hdr,
 ) -> Result<i32, DropReason> {
+    // No IPv6 route toward the peer (the agent watches): dropped and counted here, not lost
+    // in the device.
+    if route.flags & node_flags::UNREACHABLE != 0 {
+        return Err(DropReason::PeerUnreachable);
+    }
     // SAFETY: ctx.skb.skb is the program's __sk_buff.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     let len = ctx.len();

@@ -782,9 +782,11 @@ pub struct PodRoute6 {
     pub node_addr: [u8; 16],
     /// Owning node's IPv6 VTEP MAC: inner destination MAC of VXLAN frames sent to it.
     pub vtep_mac: [u8; 6],
-    /// `route_mode` value: LOCAL or VXLAN.
+    /// `route_mode` value: LOCAL, VXLAN or NATIVE.
     pub mode: u8,
-    pub _pad: u8,
+    /// `node_flags` of the owning node's IPv6 half: `UNREACHABLE` when this node has no IPv6
+    /// route toward it (its IPv6 pods' packets are dropped as `peer_unreachable`).
+    pub flags: u8,
     /// Slot of the owning node in `DP_PEER_STATS` (shared with its IPv4 half).
     pub peer_idx: u32,
 }

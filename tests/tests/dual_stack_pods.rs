@@ -281,3 +281,28 @@ fn crafted_ipv6_tunnel_packets_never_reach_a_cni_pod() {
         assert_eq!(t.drops(1, reason), 3, "{reason}: not refused and counted");
     }
 }
+
+/// A peer this node has no IPv6 route toward (a blackhole for its IPv6 address) is unreachable
+/// over IPv6 only: its IPv6 pods' packets are dropped and counted as `peer_unreachable` at the
+/// pod's veth, the log names it, IPv4 keeps working; the route gone, IPv6 comes back.
+#[test]
+fn a_peer_without_an_ipv6_route_is_unreachable_over_ipv6_only() {
+    let t = dual_pods("v6unr");
+    let blackhole = "blackhole fd00:1::11/128";
+    t.nodes[0].ns.exec(&format!("ip -6 route add {blackhole}"));
+    let before = t.drops(0, "peer_unreachable");
+    let cut = wait_for(Duration::from_secs(5), || {
+        t.ping6(0, 1, 1) == 0 && t.drops(0, "peer_unreachable") > before
+    });
+    let ipv4 = t.ping(0, 1, 3);
+    t.nodes[0].ns.exec(&format!("ip -6 route del {blackhole}"));
+    assert!(
+        cut,
+        "IPv6 toward a peer without an IPv6 route was not dropped and counted"
+    );
+    assert_eq!(ipv4, 3, "IPv4 must not suffer from the IPv6 route");
+    let log = std::fs::read_to_string(&t.agents[0].log).expect("agent log");
+    assert!(log.contains("peer unreachable over IPv6"), "{log}");
+    let back = wait_for(Duration::from_secs(5), || t.ping6(0, 1, 1) == 1);
+    assert!(back, "IPv6 did not come back once the route was gone");
+}

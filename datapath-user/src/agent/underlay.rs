@@ -1,6 +1,6 @@
 //! The underlay's side of the agent: each peer's reachability kept in step with the kernel's
 //! routes and neighbours, and the programs' next-hop cache invalidated when they change.
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -49,23 +49,50 @@ pub async fn watch(shared: SharedRef, nl: Netlink, wake: Arc<Notify>) {
     }
 }
 
-/// Asks the kernel's FIB about every peer and marks the unreachable ones.
+/// Whether the kernel has no usable path toward `addr`: no route, or a next hop whose
+/// neighbour resolution failed (`failed`).
+async fn unreachable(
+    nl: &Netlink,
+    addr: IpAddr,
+    failed: &HashSet<(u32, IpAddr)>,
+) -> anyhow::Result<bool> {
+    Ok(match nl.route_to(addr).await? {
+        PeerPath::NoRoute => true,
+        PeerPath::Reachable { gateway, oif } => failed.contains(&(oif, gateway.unwrap_or(addr))),
+    })
+}
+
+/// Asks the kernel's FIB about every peer (both halves) and marks the unreachable ones.
 async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
-    let peers = lock(shared).dp.peer_addrs();
+    let (peers, peers6) = {
+        let s = lock(shared);
+        (s.dp.peer_addrs(), s.dp.peer_addrs6())
+    };
     let failed = nl.failed_neighbours().await?;
     let mut verdicts = Vec::with_capacity(peers.len());
     for (name, addr, was_down) in peers {
-        let down = match nl.route_to(addr).await? {
-            PeerPath::NoRoute => true,
-            PeerPath::Reachable { gateway, oif } => {
-                failed.contains(&(oif, gateway.unwrap_or(addr)))
-            }
-        };
+        let down = unreachable(nl, addr.into(), &failed).await?;
         if down != was_down {
             verdicts.push((name, addr, down));
         }
     }
+    let mut verdicts6 = Vec::new();
+    for (name, addr, was_down) in peers6 {
+        let down = unreachable(nl, addr.into(), &failed).await?;
+        if down != was_down {
+            verdicts6.push((name, addr, down));
+        }
+    }
     let mut s = lock(shared);
+    for (name, addr, down) in verdicts6 {
+        if s.dp.set_unreachable6(addr, down)? {
+            if down {
+                warn!(peer = %name, %addr, "peer unreachable over IPv6: no IPv6 route toward it; its IPv6 pods' traffic is dropped and counted until there is");
+            } else {
+                info!(peer = %name, %addr, "peer reachable over IPv6 again");
+            }
+        }
+    }
     for (name, addr, down) in verdicts {
         if s.dp.set_unreachable(&name, down)? {
             if down {

@@ -2,7 +2,7 @@
 //! toward peers, and the checksum path's VXLAN device: all through rtnetlink, no `ip` process.
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use futures::TryStreamExt as _;
@@ -40,7 +40,7 @@ pub const ROUTE_PROTO: u8 = 199;
 /// checksums are on (see `NodeConfig::csum_ifindex`).
 pub const CSUM_DEV: &str = "dp-vxcsum";
 
-use libc::{EADDRNOTAVAIL, EHOSTUNREACH, ENETUNREACH, ENODEV, ENOENT, ESRCH};
+use libc::{EACCES, EADDRNOTAVAIL, EHOSTUNREACH, EINVAL, ENETUNREACH, ENODEV, ENOENT, ESRCH};
 
 /// The label of the health probe address the agent puts on `lo`.
 pub const PROBE_LABEL: &str = "lo:dp-health";
@@ -104,7 +104,7 @@ pub struct RouteSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerPath {
     /// A unicast route: through `gateway` (or directly) out of `oif`.
-    Reachable { gateway: Option<Ipv4Addr>, oif: u32 },
+    Reachable { gateway: Option<IpAddr>, oif: u32 },
     /// No route, or an unreachable, blackhole or prohibit one.
     NoRoute,
 }
@@ -194,7 +194,7 @@ impl Netlink {
 
     /// The interface the default route leaves by (flanneld's choice without `--iface`).
     pub async fn default_iface(&self) -> Result<Iface, NetError> {
-        let oif = match self.route_to(Ipv4Addr::new(1, 1, 1, 1)).await? {
+        let oif = match self.route_to(Ipv4Addr::new(1, 1, 1, 1).into()).await? {
             PeerPath::Reachable { oif, .. } => oif,
             PeerPath::NoRoute => 0,
         };
@@ -353,15 +353,24 @@ impl Netlink {
     }
 
     /// What the kernel's FIB says of `dst`, as `bpf_fib_lookup` would see it.
-    pub async fn route_to(&self, dst: Ipv4Addr) -> Result<PeerPath, NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .build();
+    pub async fn route_to(&self, dst: IpAddr) -> Result<PeerPath, NetError> {
+        let msg = match dst {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
         let answer: Result<Vec<RouteMessage>, _> =
             self.handle.route().get(msg).execute().try_collect().await;
         let routes = match answer {
             Ok(r) => r,
             Err(e) if matches!(errno(&e), Some(ENETUNREACH | EHOSTUNREACH | ESRCH)) => {
+                return Ok(PeerPath::NoRoute);
+            }
+            // IPv6 answers a blackhole route with EINVAL and a prohibit one with EACCES.
+            Err(e) if dst.is_ipv6() && matches!(errno(&e), Some(EINVAL | EACCES)) => {
                 return Ok(PeerPath::NoRoute);
             }
             Err(e) => return Err(nl_err(format!("route lookup of {dst}"))(e)),
@@ -373,19 +382,28 @@ impl Netlink {
             return Ok(PeerPath::NoRoute);
         }
         Ok(PeerPath::Reachable {
-            gateway: attr!(r.attributes, RouteAttribute::Gateway(RouteAddress::Inet(g)) => *g),
+            gateway: attr!(r.attributes, RouteAttribute::Gateway(g) => g).and_then(|g| match g {
+                RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+                RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+                _ => None,
+            }),
             oif: attr!(r.attributes, RouteAttribute::Oif(i) => *i).unwrap_or(0),
         })
     }
 
     /// Neighbour entries known to have failed resolution, by (interface, address).
-    pub async fn failed_neighbours(&self) -> Result<HashSet<(u32, Ipv4Addr)>, NetError> {
+    pub async fn failed_neighbours(&self) -> Result<HashSet<(u32, IpAddr)>, NetError> {
         let neighs = self.neighbour_dump().await?;
         Ok(neighs
             .iter()
             .filter(|n| n.header.state == NeighbourState::Failed)
             .filter_map(|n| {
-                attr!(n.attributes, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => (n.header.ifindex, *ip))
+                let ip = attr!(n.attributes, NeighbourAttribute::Destination(a) => a)?;
+                match ip {
+                    NeighbourAddress::Inet(a) => Some((n.header.ifindex, IpAddr::V4(*a))),
+                    NeighbourAddress::Inet6(a) => Some((n.header.ifindex, IpAddr::V6(*a))),
+                    _ => None,
+                }
             })
             .collect())
     }
@@ -493,8 +511,8 @@ pub enum UnderlayEvent {
     Neighbour,
 }
 
-/// Calls `kick` for every change of IPv4 routes, links or neighbours the kernel announces
-/// (netlink multicast), for ever; returns only when the subscription fails.
+/// Calls `kick` for every change of IPv4 or IPv6 routes, links or neighbours the kernel
+/// announces (netlink multicast), for ever; returns only when the subscription fails.
 pub async fn route_events(kick: impl Fn(UnderlayEvent)) -> Result<(), NetError> {
     use futures::StreamExt as _;
     use rtnetlink::{
@@ -504,6 +522,7 @@ pub async fn route_events(kick: impl Fn(UnderlayEvent)) -> Result<(), NetError> 
     };
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
         MulticastGroup::Link,
         MulticastGroup::Neigh,
     ])

@@ -2,10 +2,13 @@
 //! addresses and pod CIDRs in the IPv6 maps (each peer in its IPv4 half's counter slot), and
 //! the aggregate IPv6 routes toward the encap program. Worked out whole after every change:
 //! only differences reach the maps.
-use std::{collections::BTreeMap, net::Ipv6Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+};
 
 use aya::maps::lpm_trie::Key;
-use maps_common::{NodeConfig6, NodeEntry6, PodRoute6, map_names, route_mode};
+use maps_common::{NodeConfig6, NodeEntry6, PodRoute6, map_names, node_flags, route_mode};
 
 use super::Dataplane;
 use crate::{
@@ -22,6 +25,8 @@ pub struct Six {
     /// The IPv6 routes the kernel should hold: aggregates toward the encap program (`None`),
     /// and crossSubnet's same-subnet peers' pod CIDRs via the peer (`Some`).
     pub routes: BTreeMap<Cidr6, Option<Ipv6Addr>>,
+    /// Peers' IPv6 addresses this node has no IPv6 route toward (`agent::underlay`).
+    unreachable: BTreeSet<Ipv6Addr>,
 }
 
 impl Six {
@@ -48,7 +53,7 @@ impl Six {
             config: m.config.get(&0, 0).unwrap_or_default(),
             nodes,
             cidrs,
-            routes: BTreeMap::new(),
+            ..Self::default()
         }
     }
 }
@@ -127,7 +132,7 @@ impl Dataplane {
                     peer_idx: p.entry.peer_idx,
                     pod_cidr: h.pod_cidr.addr.octets(),
                     pod_prefix_len: h.pod_cidr.len,
-                    flags: p.entry.flags,
+                    flags: self.flags_of6(h.address, p.entry.flags),
                     _pad: [0; 2],
                 },
             );
@@ -143,7 +148,7 @@ impl Dataplane {
                 } else {
                     route_mode::VXLAN
                 },
-                _pad: 0,
+                flags: self.flags_of6(h.address, 0) & node_flags::UNREACHABLE,
                 peer_idx: p.entry.peer_idx,
             };
             w.cidrs.insert(h.pod_cidr, route);
@@ -151,10 +156,42 @@ impl Dataplane {
         w
     }
 
-    /// Gives a peer's IPv6 entry its IPv4 half's `node_flags` (`status` shows them), without
-    /// working the whole state out again.
+    /// A peer's IPv4 `node_flags` with `UNREACHABLE` as its IPv6 half's own verdict.
+    fn flags_of6(&self, addr: Ipv6Addr, v4_flags: u8) -> u8 {
+        let down = self.six.unreachable.contains(&addr);
+        (v4_flags & !node_flags::UNREACHABLE) | if down { node_flags::UNREACHABLE } else { 0 }
+    }
+
+    /// Peers with an IPv6 half: name, IPv6 address, whether it is marked unreachable.
+    pub fn peer_addrs6(&self) -> Vec<(String, Ipv6Addr, bool)> {
+        (self.peers.values())
+            .filter_map(|p| p.node.v6.map(|h| (p.node.name.clone(), h.address)))
+            .map(|(n, a)| (n, a, self.six.unreachable.contains(&a)))
+            .collect()
+    }
+
+    /// Marks a peer's IPv6 half reachable or not (no IPv6 route toward its address); true when
+    /// that changed. Its pod CIDR's entry carries the flag the programs drop by.
+    pub fn set_unreachable6(&mut self, addr: Ipv6Addr, down: bool) -> Result<bool, MapsError> {
+        let changed = if down {
+            self.six.unreachable.insert(addr)
+        } else {
+            self.six.unreachable.remove(&addr)
+        };
+        if changed {
+            self.sync6()?;
+        }
+        Ok(changed)
+    }
+
+    /// Gives a peer's IPv6 entry its IPv4 half's `node_flags` but `UNREACHABLE`, which is the
+    /// IPv6 half's own (`status` shows them), without working the whole state out again.
     pub(super) fn flags6(&mut self, v6: Option<NodeV6>, flags: u8) -> Result<(), MapsError> {
-        let (Some(h), Some(m)) = (v6, self.maps.six.as_mut()) else {
+        let Some(h) = v6 else {
+            return Ok(());
+        };
+        let flags = self.flags_of6(h.address, flags);
+        let Some(m) = self.maps.six.as_mut() else {
             return Ok(());
         };
         let key = h.address.octets();
