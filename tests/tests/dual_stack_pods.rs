@@ -294,6 +294,9 @@ fn a_peer_without_an_ipv6_route_is_unreachable_over_ipv6_only() {
     let cut = wait_for(Duration::from_secs(5), || {
         t.ping6(0, 1, 1) == 0 && t.drops(0, "peer_unreachable") > before
     });
+    let pins = t.pin_dir(0);
+    let status = t.datapath(0, &format!("status --pin-dir {}", pins.display()));
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
     let ipv4 = t.ping(0, 1, 3);
     t.nodes[0].ns.exec(&format!("ip -6 route del {blackhole}"));
     assert!(
@@ -301,6 +304,10 @@ fn a_peer_without_an_ipv6_route_is_unreachable_over_ipv6_only() {
         "IPv6 toward a peer without an IPv6 route was not dropped and counted"
     );
     assert_eq!(ipv4, 3, "IPv4 must not suffer from the IPv6 route");
+    assert!(
+        status.contains("1 peers with IPv6 (VXLAN over IPv6), 1 unreachable over IPv6"),
+        "{status}"
+    );
     let log = std::fs::read_to_string(&t.agents[0].log).expect("agent log");
     assert!(log.contains("peer unreachable over IPv6"), "{log}");
     let back = wait_for(Duration::from_secs(5), || t.ping6(0, 1, 1) == 1);

@@ -50,16 +50,24 @@ pub struct Ipv6Status {
     pub pod_cidr: String,
     /// Peers with an IPv6 half.
     pub peers: usize,
+    /// Of those, the ones this node has no IPv6 route toward.
+    pub unreachable: usize,
 }
 
 impl Ipv6Status {
     /// The status line of `v6` (none: IPv6 pods are not carried).
     fn line(v6: Option<&Self>) -> String {
         match v6 {
-            Some(v6) => format!(
-                "  ipv6      node {}  pod CIDR {}  {} peers with IPv6 (VXLAN over IPv6)",
-                v6.node_addr, v6.pod_cidr, v6.peers
-            ),
+            Some(v6) => {
+                let down = match v6.unreachable {
+                    0 => String::new(),
+                    n => format!(", {n} unreachable over IPv6"),
+                };
+                format!(
+                    "  ipv6      node {}  pod CIDR {}  {} peers with IPv6 (VXLAN over IPv6){down}",
+                    v6.node_addr, v6.pod_cidr, v6.peers
+                )
+            }
             None => "  ipv6      not carried (no IPv6 half for this node)".into(),
         }
     }
@@ -68,10 +76,14 @@ impl Ipv6Status {
         let m = maps.six.as_ref()?;
         let c = m.config.get(&0, 0).ok().filter(|c| c.pod_prefix_len != 0)?;
         let cidr = std::net::Ipv6Addr::from(c.pod_cidr);
+        let flags: Vec<u8> = m.nodes.iter().flatten().map(|(_, e)| e.flags).collect();
         Some(Self {
             node_addr: c.node_addr.into(),
             pod_cidr: format!("{cidr}/{}", c.pod_prefix_len),
-            peers: m.nodes.keys().flatten().count(),
+            peers: flags.len(),
+            unreachable: (flags.iter())
+                .filter(|f| *f & node_flags::UNREACHABLE != 0)
+                .count(),
         })
     }
 }
