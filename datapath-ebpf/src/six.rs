@@ -138,6 +138,9 @@ pub fn to_device(
         return Err(DropReason::AdjustFailed);
     }
     count(CounterId::EncapIpv6, len);
+    // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark. The
+    // device keeps it: the outer packet is passed at the underlay's egress without a lookup.
+    unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(c6.vxlan_ifindex, 0) } as i32)
 }

@@ -1,7 +1,7 @@
 //! The `datapath` binary run by a container runtime as a CNI plugin (`CNI_COMMAND` set): on
 //! ADD it records the pod's addresses in `DP_ENDPOINTS` (IPv4) and `DP_ENDPOINTS6` (IPv6) and
-//! attaches the pod program to the pod's
-//! host-side veth; on DEL it undoes both. Also lists the endpoints it recorded.
+//! attaches the pod programs to the pod's host-side veth; on DEL it undoes both. Also lists the
+//! endpoints it recorded.
 use std::{
     io::Read as _,
     net::{IpAddr, Ipv4Addr},
@@ -112,15 +112,25 @@ fn run_plugin(command: &str, input: &str) -> anyhow::Result<Option<String>> {
             let Some(mut out) = conf.prev_result.clone().filter(Value::is_object) else {
                 anyhow::bail!("{PLUGIN} must be chained after ptp: no prevResult");
             };
-            for pod in pods(&prev) {
-                add(&pin_dir, &pod, tc_mode)?;
+            let pods = pods(&prev);
+            for pod in &pods {
+                record(&pin_dir, pod)?;
+            }
+            // One veth for every address of the pod: its hooks attached once.
+            if let Some(pod) = pods.first() {
+                pods::attach_pod(&pin_dir, &pod.host_if, tc_mode)
+                    .with_context(|| format!("attaching the pod program to {}", pod.host_if))?;
             }
             out["cniVersion"] = json!(conf.cni_version);
             Ok(Some(out.to_string()))
         }
         "DEL" => {
-            for pod in pods(&prev) {
-                del(&pin_dir, &pod);
+            let pods = pods(&prev);
+            for pod in &pods {
+                forget(&pin_dir, pod);
+            }
+            if let Some(pod) = pods.first() {
+                pods::detach_pod(&pin_dir, &pod.host_if);
             }
             Ok(None)
         }
@@ -137,8 +147,8 @@ struct PodIf {
     pod_mac: [u8; 6],
 }
 
-/// The addresses of `prev` (both families) with the interfaces ptp made: the container's (the one the
-/// address names) and the host's (the one without a sandbox).
+/// The addresses of `prev` (both families) with the interfaces ptp made: the container's (the
+/// one the address names) and the host's (the one without a sandbox), which all share.
 fn pods(prev: &PrevResult) -> Vec<PodIf> {
     let mac = |i: &Interface| crate::cluster::parse_mac(&i.mac).ok();
     let Some(host) = prev
@@ -180,11 +190,20 @@ fn opened<K: aya::Pod>(
     Ok(Map::from_map_data(md)?.try_into()?)
 }
 
-/// Records `ep` under the pod's address in its family's map. An IPv6 address where the
-/// running agent pinned no IPv6 endpoints (before map ABI 6) is left out: that pod's IPv6
-/// traffic takes the host's stack.
-fn record(pin_dir: &Path, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
-    match ip {
+/// Records the pod's address in its family's endpoint map. An IPv6 address where the running
+/// agent pinned no IPv6 endpoints (before map ABI 6) is left out: that pod's IPv6 traffic
+/// takes the host's stack.
+fn record(pin_dir: &Path, pod: &PodIf) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(pod.host_if.as_str())?;
+    // SAFETY: a NUL-terminated interface name.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "host interface {} not found", pod.host_if);
+    let ep = Endpoint {
+        ifindex,
+        pod_mac: pod.pod_mac,
+        host_mac: pod.host_mac,
+    };
+    match pod.ip {
         IpAddr::V4(a) => {
             opened::<[u8; 4]>(pin_dir, map_names::ENDPOINTS)?.insert(a.octets(), ep, 0)?
         }
@@ -197,23 +216,8 @@ fn record(pin_dir: &Path, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn add(pin_dir: &Path, pod: &PodIf, tc_mode: loader::TcAttach) -> anyhow::Result<()> {
-    let c = std::ffi::CString::new(pod.host_if.as_str())?;
-    // SAFETY: a NUL-terminated interface name.
-    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    anyhow::ensure!(ifindex != 0, "host interface {} not found", pod.host_if);
-    let ep = Endpoint {
-        ifindex,
-        pod_mac: pod.pod_mac,
-        host_mac: pod.host_mac,
-    };
-    record(pin_dir, pod.ip, ep)?;
-    pods::attach_pod(pin_dir, &pod.host_if, tc_mode)
-        .with_context(|| format!("attaching the pod program to {}", pod.host_if))
-}
-
-/// Undoes `add`; whatever is already gone is fine (DEL may come more than once).
-fn del(pin_dir: &Path, pod: &PodIf) {
+/// Undoes `record`; whatever is already gone is fine (DEL may come more than once).
+fn forget(pin_dir: &Path, pod: &PodIf) {
     match pod.ip {
         IpAddr::V4(a) => {
             if let Ok(mut m) = opened::<[u8; 4]>(pin_dir, map_names::ENDPOINTS) {
@@ -226,7 +230,6 @@ fn del(pin_dir: &Path, pod: &PodIf) {
             }
         }
     }
-    pods::detach_pod(pin_dir, &pod.host_if);
 }
 
 /// One row of `datapath endpoints`.

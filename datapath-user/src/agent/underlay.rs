@@ -62,6 +62,23 @@ async fn unreachable(
     })
 }
 
+/// The peers (name, address, marked unreachable) whose reachability is no longer what they are
+/// marked, with the new verdict.
+async fn changed<A: Copy + Into<IpAddr>>(
+    nl: &Netlink,
+    peers: Vec<(String, A, bool)>,
+    failed: &HashSet<(u32, IpAddr)>,
+) -> anyhow::Result<Vec<(String, A, bool)>> {
+    let mut out = Vec::new();
+    for (name, addr, was_down) in peers {
+        let down = unreachable(nl, addr.into(), failed).await?;
+        if down != was_down {
+            out.push((name, addr, down));
+        }
+    }
+    Ok(out)
+}
+
 /// Asks the kernel's FIB about every peer (both halves) and marks the unreachable ones.
 async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
     let (peers, peers6) = {
@@ -69,20 +86,8 @@ async fn check_peers(shared: &SharedRef, nl: &Netlink) -> anyhow::Result<()> {
         (s.dp.peer_addrs(), s.dp.peer_addrs6())
     };
     let failed = nl.failed_neighbours().await?;
-    let mut verdicts = Vec::with_capacity(peers.len());
-    for (name, addr, was_down) in peers {
-        let down = unreachable(nl, addr.into(), &failed).await?;
-        if down != was_down {
-            verdicts.push((name, addr, down));
-        }
-    }
-    let mut verdicts6 = Vec::new();
-    for (name, addr, was_down) in peers6 {
-        let down = unreachable(nl, addr.into(), &failed).await?;
-        if down != was_down {
-            verdicts6.push((name, addr, down));
-        }
-    }
+    let verdicts = changed(nl, peers, &failed).await?;
+    let verdicts6 = changed(nl, peers6, &failed).await?;
     let mut s = lock(shared);
     for (name, addr, down) in verdicts6 {
         if s.dp.set_unreachable6(addr, down)? {
