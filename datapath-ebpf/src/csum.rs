@@ -1,5 +1,11 @@
-//! Internet checksum of the IPv4 headers the programs write.
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+//! Internet checksum of the headers the programs write: IPv4 headers, and the outer UDP
+//! checksum of VXLAN over both families, from headers alone.
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vxlan::VxlanHdr,
+};
 
 /// Sum of `T`'s bytes as big-endian 16-bit words (`T` of even size), unfolded.
 #[inline(always)]
@@ -71,6 +77,41 @@ pub fn vxlan_udp(
         + segment as u32;
     match !fold(sum) {
         // 0 means "no checksum" in UDP: send its ones' complement twin.
+        0 => [0xff, 0xff],
+        c => c.to_be_bytes(),
+    }
+}
+
+/// The outer UDP checksum of a VXLAN packet over IPv6 around an inner IPv6 packet, from
+/// headers alone, as `vxlan_udp` does for IPv4: the inner TCP, UDP or ICMPv6 message (right
+/// behind the inner IPv6 header, `inner.payload_len` long) sums to the complement of its
+/// pseudo-header, whether its own checksum is complete or left for offload
+/// (`CHECKSUM_PARTIAL` holds the pseudo-header's sum). That pseudo-header's addresses are the
+/// inner header's own, so they cancel: of the inner header only its first 8 bytes remain,
+/// less the message's length and next header. The caller checked the next header.
+#[inline(always)]
+pub fn vxlan6_udp(
+    outer: &Ipv6Hdr,
+    udp: &UdpHdr,
+    vxlan: &VxlanHdr,
+    inner_eth: &EthHdr,
+    inner: &Ipv6Hdr,
+) -> [u8; 2] {
+    const UDP: u32 = 17;
+    // SAFETY: the first 8 bytes of the 40-byte header.
+    let inner_head = unsafe { &*(inner as *const Ipv6Hdr as *const [u8; 8]) };
+    let inner_l4 = u16::from_be_bytes(inner.payload_len) as u32 + inner.next_hdr as u32;
+    let sum = sum_words::<_, 8>(&outer.src_addr)
+        + sum_words::<_, 8>(&outer.dst_addr)
+        + u16::from_be_bytes(udp.len) as u32
+        + UDP
+        + sum_words::<_, 4>(udp)
+        + sum_words::<_, 4>(vxlan)
+        + sum_words::<_, 7>(inner_eth)
+        + sum_words::<_, 4>(inner_head)
+        + (!fold(inner_l4)) as u32;
+    match !fold(sum) {
+        // 0 means "no checksum" in UDP (refused over IPv6): send its ones' complement twin.
         0 => [0xff, 0xff],
         c => c.to_be_bytes(),
     }

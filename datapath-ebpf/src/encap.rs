@@ -49,7 +49,44 @@ struct VxlanHeaders {
 }
 const _: () = assert!(core::mem::size_of::<VxlanHeaders>() == 50);
 
-/// Encapsulates the packet if its destination lies in a remote node's encapsulated pod CIDR.
+/// How the underlay's egress starts on a frame of either family.
+pub enum Start {
+    /// Leave the frame as it is, with this verdict (counted where it should be).
+    Leave(i32),
+    /// Look it up: this node's configuration, and whether the kernel routed it here through
+    /// the aggregate routes (destination MAC `ROUTE_NEXTHOP_MAC`).
+    Lookup(&'static NodeConfig, bool),
+}
+
+/// What the underlay's egress checks first, for either family: a packet encapsulated already
+/// (marked), no configuration yet, a runt.
+#[inline(always)]
+pub fn start(ctx: &TcContext) -> Start {
+    let via_aggregate = match ptr_at::<EthHdr, _>(ctx, 0) {
+        // SAFETY: ptr_at checked the bounds.
+        Some(eth) => (unsafe { (*eth).dst_addr }) == ROUTE_NEXTHOP_MAC,
+        None => return Start::Leave(pass(ctx.len())),
+    };
+    // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark.
+    unsafe {
+        if (*ctx.skb.skb).mark == maps_common::MARK_ENCAPSULATED {
+            (*ctx.skb.skb).mark = 0;
+            // Encapsulated and addressed already (at a pod's veth, or here), unless the
+            // neighbour it waited for resolved and the kernel re-sent it through its route's
+            // neighbour, the aggregate next hop: then it is addressed anew below.
+            if !via_aggregate {
+                return Start::Leave(TC_ACT_OK);
+            }
+        }
+    }
+    match DP_CONFIG.get(0) {
+        Some(cfg) if cfg.node_addr != [0; 4] => Start::Lookup(cfg, via_aggregate),
+        _ => Start::Leave(pass(ctx.len())),
+    }
+}
+
+/// Encapsulates an IPv4 packet if its destination lies in a remote node's encapsulated pod
+/// CIDR (the caller sends IPv6 to `six`).
 ///
 /// Returns `TC_ACT_OK` for packets it leaves alone (counted as passed or native), the verdict of
 /// the redirect for encapsulated packets, or the reason to drop. A packet the kernel routed here
@@ -57,36 +94,17 @@ const _: () = assert!(core::mem::size_of::<VxlanHeaders>() == 50);
 /// is: it goes to its node encapsulated or natively, or is dropped as `NoPodRoute`.
 #[inline(always)]
 pub fn try_encap(ctx: &TcContext) -> Result<i32, DropReason> {
-    // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark.
-    unsafe {
-        if (*ctx.skb.skb).mark == maps_common::MARK_ENCAPSULATED {
-            // Encapsulated and addressed at a pod's veth already (BPF host routing).
-            (*ctx.skb.skb).mark = 0;
-            return Ok(TC_ACT_OK);
-        }
-    }
+    let (cfg, via_aggregate) = match start(ctx) {
+        Start::Leave(action) => return Ok(action),
+        Start::Lookup(cfg, via_aggregate) => (cfg, via_aggregate),
+    };
     let len = ctx.len();
-    let Some(cfg) = DP_CONFIG.get(0) else {
-        return Ok(pass(len));
-    };
-    if cfg.node_addr == [0; 4] {
-        return Ok(pass(len));
-    }
-    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
-        return Ok(pass(len));
-    };
-    // SAFETY: ptr_at checked the bounds.
-    let (ether_type, dst_mac) = unsafe { ((*eth).ether_type, (*eth).dst_addr) };
-    let via_aggregate = dst_mac == ROUTE_NEXTHOP_MAC;
-    if ether_type == EtherType::Ipv6 as u16 {
-        return crate::six::try_encap6(ctx, cfg, via_aggregate);
-    }
-    if ether_type != EtherType::Ipv4 as u16 {
-        return Ok(pass(len));
-    }
     let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
         return Ok(pass(len));
     };
+    if crate::hostroute::ether_type(ctx) != EtherType::Ipv4 as u16 {
+        return Ok(pass(len));
+    }
     // SAFETY: ptr_at checked the bounds; copy the 20 bytes before the head moves.
     let inner = unsafe { *ip };
     let route = match lookup::pod_route(cfg, inner.dst_addr) {
@@ -386,13 +404,11 @@ fn vxlan_headers(
     outer: Ipv4Hdr,
     ip_len: u16,
 ) -> VxlanHeaders {
-    let hash = flow_hash(ctx, inner);
-    let sport = (((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
-        + VXLAN_SPORT_MIN;
+    let sport = source_port(flow_hash(ctx, inner));
     VxlanHeaders {
         ip: outer,
         udp: UdpHdr {
-            src: (sport as u16).to_be_bytes(),
+            src: sport.to_be_bytes(),
             dst: cfg.vxlan_port.to_be_bytes(),
             len: ip_len.wrapping_add(30).to_be_bytes(),
             // Zero: allowed for UDP over IPv4 and what Calico and Cilium send.
@@ -429,12 +445,24 @@ fn flow_hash(ctx: &TcContext, inner: &Ipv4Hdr) -> u32 {
     if let Some(([sport, dport], _)) = l4_ports(ctx, inner) {
         h ^= u32::from_ne_bytes([sport[0], sport[1], dport[0], dport[1]]).rotate_left(8);
     }
-    // murmur3's finaliser: every input bit reaches every output bit.
+    mix(h)
+}
+
+/// murmur3's finaliser: every input bit reaches every output bit.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// The VXLAN source port for a flow's hash, in the range the Linux VXLAN device uses.
+#[inline(always)]
+pub fn source_port(hash: u32) -> u16 {
+    ((((hash as u64) * ((VXLAN_SPORT_MAX - VXLAN_SPORT_MIN) as u64)) >> 32) as u32
+        + VXLAN_SPORT_MIN) as u16
 }
 
 /// Bytes the tunnel of `mode` (IPIP or VXLAN) puts in front of the inner IPv4 header.

@@ -18,7 +18,8 @@ use crate::{
     parse::{ptr_at, ptr_at_mut},
 };
 
-/// At the pod's veth: encapsulates (or, for a peer reached natively, only addresses) and sends
+/// At the pod's veth: encapsulates an IPv4 packet (or, for a peer reached natively, only
+/// addresses it) and sends
 /// toward the peer node when host routing is BPF, the source is a local pod and the
 /// destination a remote pod CIDR.
 ///
@@ -28,17 +29,7 @@ use crate::{
 /// underlay's egress).
 #[inline(always)]
 pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
-    let Some(cfg) = DP_CONFIG.get(0) else {
-        return Ok(TC_ACT_OK);
-    };
-    if cfg.flags & config_flags::HOST_ROUTING_BPF == 0 || cfg.underlay_ifindex == 0 {
-        return Ok(TC_ACT_OK);
-    }
-    let family = ether_type(ctx);
-    if family == EtherType::Ipv6 as u16 {
-        return hostroute6::pod_egress6(ctx, cfg);
-    }
-    let Some(inner) = ipv4_at(ctx, family) else {
+    let (Some(cfg), Some(inner)) = (bpf_routing(), ipv4_at(ctx, ether_type(ctx))) else {
         return Ok(TC_ACT_OK);
     };
     if !lookup::in_cidr(inner.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) || inner.ttl <= 1 {
@@ -74,6 +65,15 @@ pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
     count(CounterId::HostRouteOut, ctx.len());
     Ok(action)
+}
+
+/// This node's configuration when host routing is BPF and the underlay is known: the
+/// condition for sending anything from a pod's veth, of either family.
+#[inline(always)]
+pub fn bpf_routing() -> Option<&'static NodeConfig> {
+    DP_CONFIG
+        .get(0)
+        .filter(|c| c.flags & config_flags::HOST_ROUTING_BPF != 0 && c.underlay_ifindex != 0)
 }
 
 /// The frame's Ethernet type (wire order, as `EtherType` values are); 0 for a runt.

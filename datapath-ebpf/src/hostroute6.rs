@@ -1,6 +1,6 @@
 //! BPF host routing for IPv6 pods, as `hostroute` does it for IPv4: a local pod's packets for
-//! remote IPv6 pods are encapsulated at the pod's veth (handed to the kernel VXLAN device with
-//! a tunnel key, as `six` does at the underlay), decapsulated ones go straight into their pod;
+//! remote IPv6 pods are encapsulated at the pod's veth (`six::send6`, as at the underlay),
+//! decapsulated ones go straight into their pod;
 //! in the default mode only flows netfilter (ip6tables, nftables) accepted in the stack.
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_redirect_peer, maps::lpm_trie::Key, programs::TcContext,
@@ -15,6 +15,7 @@ use crate::{
     counters::count,
     encap::counted,
     flows::{self, Seen},
+    hostroute,
     parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at, ptr_at_mut},
     six,
 };
@@ -54,14 +55,16 @@ pub fn seen6(ctx: &TcContext, ip: &Ipv6Hdr, dir: u8) -> Seen<FlowKey6> {
     Seen { key, control }
 }
 
-/// At the pod's veth, host routing BPF (checked by the caller): a local pod's IPv6 packet for
-/// a remote IPv6 pod goes to the VXLAN device encapsulated. `TC_ACT_OK` (the stack) for what
+/// At the pod's veth, host routing BPF: a local pod's IPv6 packet for a remote IPv6 pod is
+/// sent encapsulated in VXLAN over IPv6 (`six::send6`). `TC_ACT_OK` (the stack) for what
 /// is not that, a hop limit about to expire, a packet too big for the tunnel (the route MTU
 /// has the stack answer Packet Too Big), a peer reached natively, or a flow netfilter has yet
 /// to accept.
 #[inline(always)]
-pub fn pod_egress6(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, DropReason> {
-    let (Some(c6), Some(inner)) = (six::config6(), ipv6_at(ctx)) else {
+pub fn pod_egress6(ctx: &TcContext) -> Result<i32, DropReason> {
+    let (Some(cfg), Some(c6), Some(inner)) =
+        (hostroute::bpf_routing(), six::config6(), ipv6_at(ctx))
+    else {
         return Ok(TC_ACT_OK);
     };
     if !six::in_cidr6(&inner.src_addr, &c6.pod_cidr, c6.pod_prefix_len) || inner.hop_limit <= 1 {
@@ -82,7 +85,7 @@ pub fn pod_egress6(ctx: &TcContext, cfg: &NodeConfig) -> Result<i32, DropReason>
         }
     }
     let inner = decrement_hop_limit(ctx)?;
-    let sent = six::to_device(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
+    let sent = six::send6(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
     let action = counted(sent, route.peer_idx, len)?;
     count(CounterId::HostRouteOut, len);
     Ok(action)

@@ -8,17 +8,19 @@ mod counters;
 mod csum;
 mod decap;
 mod encap;
+mod encap6;
 mod flows;
 mod hostroute;
 mod hostroute6;
 mod lookup;
 mod monitor;
 mod nexthop;
+mod outcome;
 mod parse;
 mod six;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_DROP},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_DROP},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -30,6 +32,7 @@ use maps_common::{
     NodeConfig6, NodeEntry, NodeEntry6, PeerHealth, PeerStats, PodKey, PodRoute, PodRoute6,
     event_hook,
 };
+use network_types::eth::EtherType;
 
 const MAX_NODES: usize = DEFAULT_MAX_NODES as usize;
 
@@ -133,10 +136,28 @@ const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    match hostroute::try_pod_egress(&ctx) {
-        Ok(action) => action,
-        Err(reason) => drop_tc(&ctx, event_hook::TC_POD_INGRESS, reason),
-    }
+    let skb = ctx.skb.skb;
+    let code = if is_ipv6(&ctx) {
+        pod_ingress6(skb)
+    } else {
+        pod_ingress4(skb)
+    };
+    tc_action(skb, event_hook::TC_POD_INGRESS, code)
+}
+
+/// `tc_pod_ingress` for IPv4 and other frames. This and the other per-family halves are
+/// BPF-to-BPF calls, never inlined, and so is a drop's report (`drop_call`): each gets a stack
+/// frame of its own, so every path fits the verifier's 512 bytes, which they would not
+/// together. Each returns its outcome in one register (`outcome`).
+#[inline(never)]
+fn pod_ingress4(skb: *mut __sk_buff) -> i64 {
+    outcome::encode(hostroute::try_pod_egress(&TcContext::new(skb)))
+}
+
+/// `tc_pod_ingress` for IPv6 frames.
+#[inline(never)]
+fn pod_ingress6(skb: *mut __sk_buff) -> i64 {
+    outcome::encode(hostroute6::pod_egress6(&TcContext::new(skb)))
 }
 
 /// TC egress on a local pod's host-side veth: records the flows netfilter let through to the
@@ -150,10 +171,25 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.
 #[classifier]
 pub fn tc_encap_egress(ctx: TcContext) -> i32 {
-    match encap::try_encap(&ctx) {
-        Ok(action) => action,
-        Err(reason) => drop_tc(&ctx, event_hook::TC_ENCAP, reason),
-    }
+    let skb = ctx.skb.skb;
+    let code = if is_ipv6(&ctx) {
+        encap_egress6(skb)
+    } else {
+        encap_egress4(skb)
+    };
+    tc_action(skb, event_hook::TC_ENCAP, code)
+}
+
+/// `tc_encap_egress` for IPv4 and other frames (a BPF-to-BPF call, as `pod_ingress4`).
+#[inline(never)]
+fn encap_egress4(skb: *mut __sk_buff) -> i64 {
+    outcome::encode(encap::try_encap(&TcContext::new(skb)))
+}
+
+/// `tc_encap_egress` for IPv6 frames.
+#[inline(never)]
+fn encap_egress6(skb: *mut __sk_buff) -> i64 {
+    outcome::encode(six::try_encap6(&TcContext::new(skb)))
 }
 
 /// XDP on the underlay: decapsulates IPIP and VXLAN from known nodes.
@@ -203,6 +239,32 @@ pub fn tc_floor(_ctx: TcContext) -> i32 {
 #[xdp]
 pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Whether the frame is IPv6, which each TC program's dispatch hands to its IPv6 half.
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    hostroute::ether_type(ctx) == EtherType::Ipv6 as u16
+}
+
+/// A TC program's verdict from a half's outcome (`outcome::encode`): the action, or the drop
+/// counted, reported and logged in a call of its own.
+#[inline(always)]
+fn tc_action(skb: *mut __sk_buff, hook: u8, code: i64) -> i32 {
+    if code >= 0 {
+        code as i32
+    } else {
+        drop_call(skb, hook, code)
+    }
+}
+
+/// `drop_tc` as a BPF-to-BPF call, beside the halves rather than inside their frames.
+#[inline(never)]
+fn drop_call(skb: *mut __sk_buff, hook: u8, code: i64) -> i32 {
+    let reason = outcome::decode(code)
+        .err()
+        .unwrap_or(DropReason::AdjustFailed);
+    drop_tc(&TcContext::new(skb), hook, reason)
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! The outer next hop of an encapsulated packet: the kernel's FIB and neighbour table asked
 //! for the peer's underlay address, the answer cached per peer in `DP_NEXTHOPS` while the
-//! underlay generation holds; then the MACs written and the packet sent or redirected.
+//! underlay generation holds (IPv4; IPv6 peers are looked up each time); then the MACs written
+//! and the packet sent or redirected.
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -16,6 +17,7 @@ use network_types::eth::EthHdr;
 use crate::{DP_NEXTHOPS, parse::ptr_at_mut};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// A VLAN tag, which `is_skb_forwardable` allows beyond the MTU.
 const VLAN_HLEN: u32 = 4;
 
@@ -47,55 +49,118 @@ pub fn forward(
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.ifindex = if cfg.underlay_ifindex != 0 {
+    params.ifindex = lookup_ifindex(ctx, cfg);
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
+    let rc = fib_lookup(ctx, &mut params);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let nh = resolved(cfg, &params);
+        if let Some(slot) = cached {
+            // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
+            unsafe { *slot = nh };
+        }
+        return send_to(ctx, &nh);
+    }
+    // SAFETY: all-zero is a valid bpf_redir_neigh.
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = AF_INET as u32;
+    // SAFETY: on NO_NEIGH the FIB wrote the next hop's IPv4 address into ipv4_dst.
+    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    unresolved(rc, params.ifindex, &mut nh)
+}
+
+/// `forward` for an IPv6 peer (`peer`, wire order) from this node's IPv6 address `src`: the
+/// FIB asked with AF_INET6 every time (the per-peer cache holds the IPv4 next hop), an
+/// unresolved neighbour left to `bpf_redirect_neigh`, which runs NDP.
+#[inline(always)]
+pub fn forward6(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    src: &[u8; 16],
+    peer: &[u8; 16],
+) -> Result<i32, DropReason> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET6;
+    params.ifindex = lookup_ifindex(ctx, cfg);
+    params.__bindgen_anon_3.ipv6_src = words(src);
+    params.__bindgen_anon_4.ipv6_dst = words(peer);
+    let rc = fib_lookup(ctx, &mut params);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        return send_to(ctx, &resolved(cfg, &params));
+    }
+    // SAFETY: all-zero is a valid bpf_redir_neigh.
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = AF_INET6 as u32;
+    // SAFETY: on NO_NEIGH the FIB wrote the next hop's IPv6 address into ipv6_dst.
+    nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    unresolved(rc, params.ifindex, &mut nh)
+}
+
+/// An address as the kernel's structures hold it: four words, bytes in wire order.
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// The interface the FIB is asked from: the underlay (a pod's veth sends there), else the
+/// packet's own.
+#[inline(always)]
+fn lookup_ifindex(ctx: &TcContext, cfg: &NodeConfig) -> u32 {
+    if cfg.underlay_ifindex != 0 {
         cfg.underlay_ifindex
     } else {
         // SAFETY: ctx.skb.skb is the program's __sk_buff.
         unsafe { (*ctx.skb.skb).ifindex }
-    };
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
-    // SAFETY: params lives on the stack for the call.
-    let rc = unsafe {
+    }
+}
+
+/// Asks the kernel's FIB and neighbour table; returns its `BPF_FIB_LKUP_RET_*` code.
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, params: &mut bpf_fib_lookup) -> u32 {
+    // SAFETY: params lives on the caller's stack for the call.
+    unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
-        )
-    };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            let nh = NextHop {
-                underlay_gen: cfg.underlay_gen,
-                ifindex: params.ifindex,
-                dmac: params.dmac,
-                smac: params.smac,
-                // SAFETY: on success, with tot_len left 0, the FIB writes the device's MTU here.
-                mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
-            };
-            if let Some(slot) = cached {
-                // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
-                unsafe { *slot = nh };
-            }
-            send_to(ctx, &nh)
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // SAFETY: all-zero is a valid bpf_redir_neigh.
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = AF_INET as u32;
-            // SAFETY: the FIB wrote the next hop's IPv4 address into ipv4_dst.
-            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-            // SAFETY: nh lives on the stack for the call.
-            Ok(unsafe {
-                bpf_redirect_neigh(
-                    params.ifindex,
-                    &mut nh,
-                    core::mem::size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                )
-            } as i32)
-        }
+        ) as u32
+    }
+}
+
+/// The next hop a successful lookup gave, tagged with the underlay generation it holds for.
+#[inline(always)]
+fn resolved(cfg: &NodeConfig, params: &bpf_fib_lookup) -> NextHop {
+    NextHop {
+        underlay_gen: cfg.underlay_gen,
+        ifindex: params.ifindex,
+        dmac: params.dmac,
+        smac: params.smac,
+        // SAFETY: on success, with tot_len left 0, the FIB writes the device's MTU here.
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
+    }
+}
+
+/// The verdict for a lookup other than a success: the neighbour left to the kernel
+/// (`bpf_redirect_neigh` toward `nh` on `ifindex`) or the reason to drop.
+#[inline(always)]
+fn unresolved(rc: u32, ifindex: u32, nh: &mut bpf_redir_neigh) -> Result<i32, DropReason> {
+    match rc {
+        // SAFETY: nh lives on the caller's stack for the call.
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(unsafe {
+            bpf_redirect_neigh(
+                ifindex,
+                nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::TooBig),
         BPF_FIB_LKUP_RET_NOT_FWDED
         | BPF_FIB_LKUP_RET_UNREACHABLE

@@ -1,14 +1,10 @@
-//! IPv6 pods over the IPv6 underlay, in VXLAN (70 bytes). Encapsulation writes the inner
-//! Ethernet header and an IPv6 tunnel key, and hands the frame to the kernel's metadata-mode
-//! VXLAN device (`NodeConfig6::vxlan_ifindex`): it writes the outer headers with a UDP checksum
-//! on every packet and every GSO segment, which IPv6 requires and `bpf_skb_adjust_room` cannot
-//! ask GSO for. Decapsulation admits IPv6 VXLAN from known nodes and strips it at XDP or TC.
-use aya_ebpf::{
-    bindings::{BPF_F_TUNINFO_IPV6, bpf_tunnel_key},
-    helpers::{bpf_redirect, bpf_skb_set_tunnel_key},
-    maps::lpm_trie::Key,
-    programs::TcContext,
-};
+//! IPv6 pods over the IPv6 underlay, in VXLAN (70 bytes). Encapsulation is the program's own
+//! (`encap6`) for packets other than GSO; a GSO packet gets its inner Ethernet header and an
+//! IPv6 tunnel key and goes to the kernel's metadata-mode VXLAN device
+//! (`NodeConfig6::vxlan_ifindex`), which writes a UDP checksum in every segment, as IPv6
+//! requires and `bpf_skb_adjust_room` cannot ask GSO for. Decapsulation admits IPv6 VXLAN from
+//! known nodes and strips it at XDP or TC.
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use maps_common::{
     CounterId, DropReason, NodeConfig, NodeConfig6, NodeEntry6, PodRoute6, VXLAN6_OVERHEAD,
     config_flags, event_hook, node_flags, route_mode,
@@ -23,12 +19,11 @@ use crate::{
     DP_CONFIG6, DP_NODES6, DP_POD_CIDRS6,
     counters::count,
     decap::{Verdict, vxlan_and_inner_type},
-    encap::counted,
-    monitor,
-    parse::{IPPROTO_UDP, Packet, ptr_at, ptr_at_mut},
+    encap::{self, Start, counted},
+    encap6, monitor, nexthop,
+    parse::{IPPROTO_UDP, Packet, ptr_at},
 };
 
-const OUTER_HOP_LIMIT: u8 = 64;
 /// From the outer Ethernet header to the inner IPv6 header.
 const INNER_IP_OFF: usize = EthHdr::LEN + VXLAN6_OVERHEAD as usize;
 
@@ -38,15 +33,15 @@ pub fn config6() -> Option<&'static NodeConfig6> {
     DP_CONFIG6.get(0).filter(|c| c.pod_prefix_len != 0)
 }
 
-/// Encapsulates an IPv6 packet headed for a remote node's IPv6 pod CIDR; passes others.
-/// `via_aggregate`: the kernel routed it here through the aggregate route (destination MAC
-/// `ROUTE_NEXTHOP_MAC`), so it is never passed as it is.
+/// At the underlay's egress, encapsulates an IPv6 packet headed for a remote node's IPv6 pod
+/// CIDR; passes others, unless the kernel routed them here through the aggregate route
+/// (destination MAC `ROUTE_NEXTHOP_MAC`): those are never passed as they are.
 #[inline(always)]
-pub fn try_encap6(
-    ctx: &TcContext,
-    cfg: &NodeConfig,
-    via_aggregate: bool,
-) -> Result<i32, DropReason> {
+pub fn try_encap6(ctx: &TcContext) -> Result<i32, DropReason> {
+    let (cfg, via_aggregate) = match encap::start(ctx) {
+        Start::Leave(action) => return Ok(action),
+        Start::Lookup(cfg, via_aggregate) => (cfg, via_aggregate),
+    };
     let len = ctx.len();
     let (Some(c6), Some(ip)) = (config6(), ptr_at::<Ipv6Hdr, _>(ctx, EthHdr::LEN)) else {
         return pass_or(len, via_aggregate);
@@ -61,11 +56,18 @@ pub fn try_encap6(
             return counted(native, r.peer_idx, len);
         }
         Some(r) if r.mode == route_mode::VXLAN || r.mode == route_mode::NATIVE => *r,
+        // A packet `encap6` wrote and left to `bpf_redirect_neigh` comes by again once the
+        // neighbour resolves, re-sent through the aggregate next hop: its own is known now.
+        _ if via_aggregate && DP_NODES6.get_ptr(inner.dst_addr).is_some() => {
+            let action = nexthop::forward6(ctx, cfg, &c6.node_addr, &inner.dst_addr)?;
+            count(CounterId::Pass, len);
+            return Ok(action);
+        }
         _ => return pass_or(len, via_aggregate),
     };
     // A pod's flow that crossed the host's stack toward a remote pod is netfilter's verdict.
     crate::hostroute6::stack_forwarded6(ctx, cfg, c6, &inner);
-    let outcome = to_device(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
+    let outcome = send6(ctx, cfg, c6, &route, &inner).map(|a| (CounterId::EncapVxlan, a));
     let outcome = counted(outcome, route.peer_idx, len);
     if outcome.is_ok() {
         monitor::forwarded(ctx, event_hook::TC_ENCAP);
@@ -84,10 +86,12 @@ fn pass_or(len: u32, via_aggregate: bool) -> Result<i32, DropReason> {
     Ok(aya_ebpf::bindings::TC_ACT_OK)
 }
 
-/// Checks the packet, writes the inner Ethernet header and the tunnel key, and redirects to
-/// the VXLAN device (counted under `EncapIpv6`; the caller counts `EncapVxlan`).
+/// Checks the packet and sends it toward `route`'s node in VXLAN over IPv6: written by the
+/// program when it can, else by the kernel's VXLAN device (`encap6`).
+/// Counted under `EncapIpv6` (the caller counts `EncapVxlan`) and marked encapsulated, so the
+/// outer packet is passed at the underlay's egress without a lookup.
 #[inline(always)]
-pub fn to_device(
+pub fn send6(
     ctx: &TcContext,
     cfg: &NodeConfig,
     c6: &NodeConfig6,
@@ -117,63 +121,11 @@ pub fn to_device(
     {
         return Err(DropReason::TooBig);
     }
-    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
-    // SAFETY: bounds checked just above.
-    unsafe {
-        (*eth).dst_addr = route.vtep_mac;
-        (*eth).src_addr = c6.vtep_mac;
-    }
-    let mut key = tunnel_key(cfg, c6, route, inner);
-    // SAFETY: key lives on the stack for the call; without BPF_F_ZERO_CSUM_TX the device
-    // computes the outer UDP checksum.
-    let rc = unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            BPF_F_TUNINFO_IPV6 as u64,
-        )
-    };
-    if rc != 0 {
-        return Err(DropReason::AdjustFailed);
-    }
     count(CounterId::EncapIpv6, len);
     // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark. The
-    // device keeps it: the outer packet is passed at the underlay's egress without a lookup.
+    // device keeps it, as does a redirect.
     unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(c6.vxlan_ifindex, 0) } as i32)
-}
-
-/// The IPv6 tunnel key toward `route`'s node: VNI, addresses (copied as they are, wire
-/// order), traffic class copied from the inner header (RFC 6040), flow label from it too.
-#[inline(always)]
-fn tunnel_key(
-    cfg: &NodeConfig,
-    c6: &NodeConfig6,
-    route: &PodRoute6,
-    inner: &Ipv6Hdr,
-) -> bpf_tunnel_key {
-    // SAFETY: all-zero is a valid bpf_tunnel_key.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = cfg.vni;
-    key.__bindgen_anon_1.remote_ipv6 = words(&route.node_addr);
-    key.__bindgen_anon_3.local_ipv6 = words(&c6.node_addr);
-    key.tunnel_tos = (inner.vcf[0] << 4) | (inner.vcf[1] >> 4);
-    key.tunnel_ttl = OUTER_HOP_LIMIT;
-    key.tunnel_label = u32::from_be_bytes(inner.vcf) & 0x000f_ffff;
-    key
-}
-
-/// An address as the tunnel key holds it: four words, bytes in wire order.
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
+    encap6::encap6(ctx, cfg, c6, route, inner)
 }
 
 /// Classifies an IPv6 frame: `Pass` for what is not VXLAN on the configured port addressed to

@@ -1,6 +1,6 @@
 //! Packets built byte by byte, independently of the kernel code: Ethernet, IPv4 (with its
-//! checksum), UDP, TCP, ICMP echo, VXLAN; the two-node addresses the tests and the benchmark
-//! use; and a byte-exact comparison that says where two frames differ.
+//! checksum), IPv6, UDP, TCP, ICMP echo, VXLAN; the two-node addresses the tests and the
+//! benchmark use; and a byte-exact comparison that says where two frames differ.
 
 pub const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
 pub const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
@@ -93,6 +93,74 @@ pub fn vxlan_hdr(vni: u32) -> Vec<u8> {
         (vni >> 8) as u8,
         vni as u8,
         0,
+    ]
+}
+
+/// The dual-stack two-node cluster's IPv6 half: node1 and node2 on the underlay, a pod on
+/// each, and node1's VTEP MAC as the cluster file derives it (0e:06 + the address's last
+/// four bytes); node2's is given (`PEER_VTEP6`).
+pub const NODE6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+pub const PEER6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+pub const POD1_6: [u8; 16] = [0xfd, 0, 0, 0x10, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const POD2_6: [u8; 16] = [0xfd, 0, 0, 0x10, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const NODE_VTEP6: [u8; 6] = [0x0e, 6, 0, 0, 0, 0x10];
+pub const PEER_VTEP6: [u8; 6] = [0x66, 0, 0, 0, 0, 6];
+
+/// An IPv6 header (traffic class, flow label, next header, hop limit, addresses) before
+/// `payload`.
+pub fn ipv6(
+    tclass: u8,
+    label: u32,
+    next: u8,
+    hops: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    payload: &[u8],
+) -> Vec<u8> {
+    let vcf = (6u32 << 28) | (tclass as u32) << 20 | (label & 0xf_ffff);
+    [
+        &vcf.to_be_bytes()[..],
+        &(payload.len() as u16).to_be_bytes(),
+        &[next, hops],
+        &src,
+        &dst,
+        payload,
+    ]
+    .concat()
+}
+
+/// `l4` (TCP, UDP or ICMPv6 between `src` and `dst`) with its checksum filled in, over the
+/// IPv6 pseudo-header; the checksum field is at `at`.
+pub fn with_csum6(src: [u8; 16], dst: [u8; 16], next: u8, mut l4: Vec<u8>, at: usize) -> Vec<u8> {
+    l4[at..at + 2].copy_from_slice(&[0, 0]);
+    let pseudo = [
+        &src[..],
+        &dst,
+        &(l4.len() as u32).to_be_bytes(),
+        &[0, 0, 0, next],
+    ]
+    .concat();
+    let c = csum(&[pseudo, l4.clone()].concat());
+    l4[at..at + 2].copy_from_slice(&c);
+    l4
+}
+
+/// Inner IPv6 packets of the three protocols, checksums valid, as pod1 would send them to
+/// pod2: TCP with a flow label, UDP and ICMPv6 echo without (DSCP EF, ECN ECT(1) on all).
+pub fn inner_packets6() -> Vec<(&'static str, Vec<u8>)> {
+    let ip = |label, next, l4: Vec<u8>, at| {
+        let l4 = with_csum6(POD1_6, POD2_6, next, l4, at);
+        ipv6(0xb9, label, next, 63, POD1_6, POD2_6, &l4)
+    };
+    let mut echo = vec![128, 0, 0, 0, 0, 7, 0, 1];
+    echo.extend(b"abcdefghijklmnop");
+    vec![
+        (
+            "tcp",
+            ip(0x12345, 6, tcp(40000, 80, b"GET / HTTP/1.1\r\n"), 16),
+        ),
+        ("udp", ip(0, 17, udp(5353, 53, b"query"), 6)),
+        ("icmpv6", ip(0, 58, echo, 2)),
     ]
 }
 

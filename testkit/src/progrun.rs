@@ -18,6 +18,7 @@ use crate::net::{sh, sh_out, unique};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
@@ -127,7 +128,10 @@ impl ThreadNetns {
              ip -n {name} link set ul0 up && ip -n {name} link set ul1 up && ip -n {name} link set lo up && \
              ip -n {name} addr add 192.168.1.10/24 dev ul0 && \
              ip -n {name} neigh add 192.168.1.11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
-             ip netns exec {name} sysctl -qw net.ipv4.conf.all.forwarding=1"
+             ip -n {name} addr add fd00:1::10/64 dev ul0 nodad && \
+             ip -n {name} neigh add fd00:1::11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
+             ip netns exec {name} sysctl -qw net.ipv4.conf.all.forwarding=1 && \
+             ip netns exec {name} sysctl -qw net.ipv6.conf.all.forwarding=1"
         );
         let home = File::open("/proc/thread-self/ns/net").expect("own netns");
         let me = Self { name, home };
@@ -153,17 +157,17 @@ impl Drop for ThreadNetns {
 impl ThreadNetns {
     /// The ifindex of `ul0` in this namespace.
     pub fn ifindex(&self) -> u32 {
-        std::fs::read_to_string("/sys/class/net/ul0/ifindex")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| {
-                // /sys still shows the old namespace: ask iproute2 inside the new one.
-                sh("ip -j link show ul0")
-                    .split("\"ifindex\":")
-                    .nth(1)
-                    .and_then(|r| r.split(',').next())
-                    .and_then(|n| n.trim().parse().ok())
-                    .expect("ifindex of ul0")
-            })
+        self.ifindex_of("ul0")
+    }
+
+    /// The ifindex of interface `name` in this namespace, as iproute2 run from this thread
+    /// (in it) gives it: /sys may still show the namespace it was mounted in.
+    pub fn ifindex_of(&self, name: &str) -> u32 {
+        sh(&format!("ip -j link show {name}"))
+            .split("\"ifindex\":")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("ifindex of {name}"))
     }
 }

@@ -111,3 +111,14 @@ impl Topology {
         ));
     }
 }
+
+/// Packets node `i`'s kernel VXLAN device (`dp-vxcsum`, which carries IPv6 GSO packets) has
+/// sent, as the kernel counts them.
+pub fn vxcsum_tx(t: &Topology, i: usize) -> u64 {
+    let out = t.nodes[i]
+        .ns
+        .exec("cat /sys/class/net/dp-vxcsum/statistics/tx_packets");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no dp-vxcsum on node {i}: {out}"))
+}

@@ -14,7 +14,7 @@ use maps_common::{DropReason, prog_names};
 use testkit::{cluster, progrun};
 pub use testkit::{
     packet::*,
-    progrun::{TC_ACT_OK, TC_ACT_SHOT, ThreadNetns, XDP_DROP, XDP_PASS},
+    progrun::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, ThreadNetns, XDP_DROP, XDP_PASS},
 };
 
 /// The datapath loaded (not attached) with node1's view of a two-node cluster.
@@ -37,15 +37,42 @@ impl Env {
 
     /// With `host_routing` in the programs' configuration.
     pub fn routed(encap: &str, extra: &str, host_routing: HostRouting) -> Self {
+        let text = cluster::yaml(encap, extra, &cluster::two_nodes());
+        Self::of_cluster(&text, host_routing, |_| 0)
+    }
+
+    /// Node1's view of a dual-stack VXLAN cluster: node2 also at fd00:1::11 (a permanent
+    /// neighbour on ul0, `PEER_MAC`), IPv6 pod CIDR fd00:10:244:1::/64, VTEP MAC
+    /// `PEER_VTEP6`. The kernel VXLAN device the IPv6 GSO path hands packets to is ul0's
+    /// peer here, a stand-in no test run reaches with a packet the program writes itself.
+    pub fn dual() -> Self {
+        let mut text = cluster::yaml("vxlan", "", &cluster::two_nodes());
+        text = text.replace(
+            "    podCIDR: 10.244.0.0/24\n",
+            "    podCIDR: 10.244.0.0/24\n    addressV6: \"fd00:1::10\"\n    podCIDRv6: \"fd00:10:244::/64\"\n",
+        );
+        text = text.replace(
+            "    podCIDR: 10.244.1.0/24\n",
+            "    podCIDR: 10.244.1.0/24\n    addressV6: \"fd00:1::11\"\n    podCIDRv6: \"fd00:10:244:1::/64\"\n    vtepMACv6: \"66:00:00:00:00:06\"\n",
+        );
+        Self::of_cluster(&text, HostRouting::Kernel, |ns| ns.ifindex_of("ul1"))
+    }
+
+    /// Node1's view of the cluster file `text`; `csum_ifindex` names the kernel VXLAN device.
+    fn of_cluster(
+        text: &str,
+        host_routing: HostRouting,
+        csum_ifindex: impl Fn(&ThreadNetns) -> u32,
+    ) -> Self {
         let ns = ThreadNetns::enter();
         let ifindex = ns.ifindex();
-        let text = cluster::yaml(encap, extra, &cluster::two_nodes());
+        let csum_ifindex = csum_ifindex(&ns);
         let limits = Limits {
             max_nodes: 64,
             own_node: Some("node1".into()),
             own_addrs: Vec::new(),
         };
-        let cluster = datapath_user::source::parse_text(&text, &Defaults::default(), &limits)
+        let cluster = datapath_user::source::parse_text(text, &Defaults::default(), &limits)
             .expect("cluster");
         let mut ebpf = loader::load(&LoadOptions {
             max_nodes: 64,
@@ -67,7 +94,7 @@ impl Env {
             },
             inner_src_check: true,
             max_nodes: 64,
-            csum_ifindex: 0,
+            csum_ifindex,
             host_routing,
         };
         let mut dp = Dataplane::new(maps, local).expect("dataplane");

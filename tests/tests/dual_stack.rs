@@ -16,7 +16,7 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     Capture, Etcd, NodeSpec, Topology,
-    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_ip6},
+    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_ip6, vxcsum_tx},
     ping_log_summary, release_bin, sh, wait_for,
 };
 
@@ -66,7 +66,19 @@ fn interop6(dev: &str, vni: u32, port: u16) {
         warm,
         "no IPv6 ping came back from the Linux VXLAN pod ({dev})"
     );
+    // Packets other than GSO are the program's own work, never the kernel device's: five
+    // pings and their replies leave node1 through the BPF path (fib lookup, neighbour).
+    let (device_tx, encap6) = (vxcsum_tx(&t, 0), t.counter(0, "encap_ipv6", "vxlan"));
     assert_eq!(t.ping6(0, 1, 5), 5, "datapath pod -> {dev} pod over IPv6");
+    assert_eq!(
+        vxcsum_tx(&t, 0),
+        device_tx,
+        "pings went through the kernel VXLAN device"
+    );
+    assert!(
+        t.counter(0, "encap_ipv6", "vxlan") >= encap6 + 5,
+        "the pings were not counted as IPv6 encapsulation"
+    );
     assert_eq!(t.ping6(1, 0, 5), 5, "{dev} pod -> datapath pod over IPv6");
     for (from, to) in [(0, 1), (1, 0)] {
         let (sent, got) = t.tcp_transfer_via(from, to, &pod_ip6(to), 5001, 20);

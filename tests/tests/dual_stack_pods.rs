@@ -12,7 +12,7 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     Capture, NodeSpec, Topology,
-    dual::{add_ipv6_underlay, dual_cluster_yaml, pod_cidr6, pod_ip6},
+    dual::{add_ipv6_underlay, dual_cluster_yaml, pod_cidr6, pod_ip6, vxcsum_tx},
     sh, traffic_py, tshark_fields, wait_for,
 };
 
@@ -67,7 +67,14 @@ fn cni_pods_get_both_families_and_talk_in_each() {
     let t = dual_pods("v6cni");
     for (from, to) in [(0, 1), (1, 0)] {
         let (out0, in0) = (host_routed(&t, from).0, host_routed(&t, to).1);
+        let device_tx = vxcsum_tx(&t, from);
         assert_eq!(t.ping6(from, to, 5), 5, "IPv6 ping {from}->{to}");
+        // Pings are no GSO packets: the program writes their tunnel, the device sends none.
+        assert_eq!(
+            vxcsum_tx(&t, from),
+            device_tx,
+            "IPv6 pings took the kernel device"
+        );
         let (sent, got) = t.tcp_transfer_via(from, to, &pod_ip6(to), 5001, 8);
         assert_eq!(sent, got, "TCP/IPv6 {from}->{to}");
         let (out, inn) = (host_routed(&t, from).0 - out0, host_routed(&t, to).1 - in0);

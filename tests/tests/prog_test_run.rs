@@ -319,3 +319,86 @@ fn pod_cidrs_of_mixed_lengths_reach_their_owners() {
         }
     }
 }
+
+/// VXLAN over IPv6, written by the program for packets other than GSO: exactly 70 bytes, the
+/// outer IPv6 header with the inner traffic class (and flow label, or one from the flow's
+/// hash), the next hop's MACs from the FIB and neighbour table (`bpf_fib_lookup` AF_INET6),
+/// and a UDP checksum equal to one computed here over every byte of the datagram. A UDP packet
+/// without a checksum is left to the kernel device (redirected, unwritten).
+#[test]
+fn vxlan_over_ipv6_encap_of_tcp_udp_icmpv6_is_exact() {
+    let env = Env::dual();
+    for (proto, inner) in inner_packets6() {
+        let input = eth(NODE_MAC, NODE_MAC, 0x86dd, &inner);
+        let (action, out) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &input);
+        assert_eq!(action, TC_ACT_OK, "{proto}: action");
+        assert_eq!(
+            out.len(),
+            input.len() + 70,
+            "{proto}: VXLAN/IPv6 adds 70 bytes"
+        );
+        let sport = u16::from_be_bytes([out[54], out[55]]);
+        assert!(
+            (32768..61000).contains(&sport),
+            "{proto}: source port {sport} outside the Linux VXLAN range"
+        );
+        let label = u32::from_be_bytes([0, out[15] & 0x0f, out[16], out[17]]);
+        let inner_label = u32::from_be_bytes([0, inner[1] & 0x0f, inner[2], inner[3]]);
+        if inner_label != 0 {
+            assert_eq!(label, inner_label, "{proto}: flow label not copied");
+        } else {
+            assert_ne!(label, 0, "{proto}: no flow label from the flow's hash");
+        }
+        let (_, again) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &input);
+        assert_eq!(
+            &again[14..18],
+            &out[14..18],
+            "{proto}: flow label not stable"
+        );
+        assert_eq!(
+            &again[54..56],
+            &out[54..56],
+            "{proto}: source port not stable"
+        );
+        let inner_frame = eth(PEER_VTEP6, NODE_VTEP6, 0x86dd, &inner);
+        let mut dgram = udp(sport, 4789, &[vxlan_hdr(4096), inner_frame].concat());
+        let pseudo = [
+            &NODE6[..],
+            &PEER6,
+            &(dgram.len() as u32).to_be_bytes(),
+            &[0, 0, 0, 17],
+        ]
+        .concat();
+        let c = csum(&[pseudo, dgram.clone()].concat());
+        dgram[6..8].copy_from_slice(&c);
+        let want = eth(
+            PEER_MAC,
+            NODE_MAC,
+            0x86dd,
+            &ipv6(
+                (inner[0] << 4) | (inner[1] >> 4),
+                label,
+                17,
+                64,
+                NODE6,
+                PEER6,
+                &dgram,
+            ),
+        );
+        assert_bytes(&format!("vxlan/ipv6 encap of {proto}"), &out, &want);
+    }
+    let before = env.counter(maps_common::CounterId::EncapIpv6);
+    let bare = ipv6(0, 0, 17, 63, POD1_6, POD2_6, &udp(5353, 53, b"no checksum"));
+    let input = eth(NODE_MAC, NODE_MAC, 0x86dd, &bare);
+    let (action, out) = env.run_tc(prog_names::TC_ENCAP_EGRESS, &input);
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "UDP without a checksum: to the device"
+    );
+    assert_eq!(
+        out.len(),
+        input.len(),
+        "UDP without a checksum: written by the program"
+    );
+    assert_eq!(env.counter(maps_common::CounterId::EncapIpv6), before + 1);
+}
