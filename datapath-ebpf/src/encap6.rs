@@ -67,8 +67,8 @@ fn writable(ctx: &TcContext, inner: &Ipv6Hdr) -> bool {
 /// next hop when the packet is `writable`, else handed to the kernel's VXLAN device. The
 /// caller checked the packet's version and size. Returns the verdict, or the reason to drop.
 ///
-/// Both ways run in a BPF-to-BPF call, never inlined: the headers, the FIB's parameters and
-/// the tunnel key get a stack frame of their own beside the caller's lookups, flows and
+/// Each way runs in a BPF-to-BPF call, never inlined: the headers and the FIB's parameters,
+/// or the tunnel key, get a stack frame of their own beside the caller's lookups, flows and
 /// events, which together would exceed the verifier's 512 bytes.
 #[inline(always)]
 pub fn encap6(
@@ -78,24 +78,29 @@ pub fn encap6(
     route: &PodRoute6,
     inner: &Ipv6Hdr,
 ) -> Result<i32, DropReason> {
-    outcome::decode(encap_call(ctx.skb.skb, cfg, c6, route, inner))
+    let skb = ctx.skb.skb;
+    outcome::decode(if writable(ctx, inner) {
+        own_frame(write_and_forward, skb, cfg, c6, route, inner)
+    } else {
+        own_frame(key_and_redirect, skb, cfg, c6, route, inner)
+    })
 }
 
-/// `encap6`'s body, its outcome in one register.
+/// Runs `way` in a BPF-to-BPF call of its own (one per way: `F` is each function's own
+/// zero-sized type), its outcome in one register.
 #[inline(never)]
-fn encap_call(
+fn own_frame<F>(
+    way: F,
     skb: *mut __sk_buff,
     cfg: &NodeConfig,
     c6: &NodeConfig6,
     route: &PodRoute6,
     inner: &Ipv6Hdr,
-) -> i64 {
-    let ctx = TcContext::new(skb);
-    outcome::encode(if writable(&ctx, inner) {
-        write_and_forward(&ctx, cfg, c6, route, inner)
-    } else {
-        key_and_redirect(&ctx, cfg, c6, route, inner)
-    })
+) -> i64
+where
+    F: Fn(&TcContext, &NodeConfig, &NodeConfig6, &PodRoute6, &Ipv6Hdr) -> Result<i32, DropReason>,
+{
+    outcome::encode(way(&TcContext::new(skb), cfg, c6, route, inner))
 }
 
 /// The kernel device's way, for GSO packets: the inner Ethernet header and an IPv6 tunnel key
@@ -196,7 +201,12 @@ fn write_and_forward(
     h.inner_eth.src_addr = c6.vtep_mac;
     h.inner_eth.ether_type = EtherType::Ipv6 as u16;
     h.udp.check = csum::vxlan6_udp(&h.ip, &h.udp, &h.vxlan, &h.inner_eth, inner);
-    forward6(ctx, cfg, &c6.node_addr, &route.node_addr)
+    forward6(
+        ctx,
+        cfg,
+        (&c6.node_addr, &route.node_addr),
+        Some(route.peer_idx),
+    )
 }
 
 /// The outer header's version, traffic class and flow label: the inner header's (RFC 6040),

@@ -1,7 +1,7 @@
 //! The outer next hop of an encapsulated packet: the kernel's FIB and neighbour table asked
 //! for the peer's underlay address, the answer cached per peer in `DP_NEXTHOPS` while the
-//! underlay generation holds (IPv4; IPv6 peers are looked up each time); then the MACs written
-//! and the packet sent or redirected.
+//! underlay generation holds (one slot per peer, tagged with the family); then the MACs
+//! written and the packet sent or redirected.
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -38,13 +38,10 @@ pub fn forward(
     peer: [u8; 4],
     slot: Option<u32>,
 ) -> Result<i32, DropReason> {
+    let tag = cfg.underlay_gen;
     let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
-    if let Some(nh) = cached {
-        // SAFETY: a value pointer into this CPU's copy of the map, copied right away.
-        let nh = unsafe { *nh };
-        if nh.underlay_gen != 0 && nh.underlay_gen == cfg.underlay_gen {
-            return send_to(ctx, &nh);
-        }
+    if let Some(nh) = cached_hop(cached, tag) {
+        return send_to(ctx, nh);
     }
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -54,12 +51,7 @@ pub fn forward(
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
     let rc = fib_lookup(ctx, &mut params);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        let nh = resolved(cfg, &params);
-        if let Some(slot) = cached {
-            // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
-            unsafe { *slot = nh };
-        }
-        return send_to(ctx, &nh);
+        return send_to(ctx, &resolved(cached, tag, &params));
     }
     // SAFETY: all-zero is a valid bpf_redir_neigh.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
@@ -70,15 +62,21 @@ pub fn forward(
 }
 
 /// `forward` for an IPv6 peer (`peer`, wire order) from this node's IPv6 address `src`: the
-/// FIB asked with AF_INET6 every time (the per-peer cache holds the IPv4 next hop), an
-/// unresolved neighbour left to `bpf_redirect_neigh`, which runs NDP.
+/// FIB asked with AF_INET6, an unresolved neighbour left to `bpf_redirect_neigh`, which runs
+/// NDP. The answer is cached in the peer's slot too, tagged `NEXTHOP_IPV6`: a peer whose two
+/// halves both carry traffic swaps the slot between them, each swap one lookup.
 #[inline(always)]
 pub fn forward6(
     ctx: &TcContext,
     cfg: &NodeConfig,
-    src: &[u8; 16],
-    peer: &[u8; 16],
+    (src, peer): (&[u8; 16], &[u8; 16]),
+    slot: Option<u32>,
 ) -> Result<i32, DropReason> {
+    let tag = cfg.underlay_gen | maps_common::NEXTHOP_IPV6;
+    let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
+    if let Some(nh) = cached_hop(cached, tag) {
+        return send_to(ctx, nh);
+    }
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;
@@ -87,7 +85,7 @@ pub fn forward6(
     params.__bindgen_anon_4.ipv6_dst = words(peer);
     let rc = fib_lookup(ctx, &mut params);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        return send_to(ctx, &resolved(cfg, &params));
+        return send_to(ctx, &resolved(cached, tag, &params));
     }
     // SAFETY: all-zero is a valid bpf_redir_neigh.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
@@ -95,6 +93,16 @@ pub fn forward6(
     // SAFETY: on NO_NEIGH the FIB wrote the next hop's IPv6 address into ipv6_dst.
     nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
     unresolved(rc, params.ifindex, &mut nh)
+}
+
+/// The next hop cached in `slot` when it was looked up under `tag` (the underlay generation,
+/// with the family's bit); never for generation 0, an empty slot.
+#[inline(always)]
+fn cached_hop(slot: Option<*mut NextHop>, tag: u32) -> Option<&'static NextHop> {
+    // SAFETY: a value pointer into this CPU's copy of the map, read in place while this
+    // program runs on this CPU (nothing else writes it meanwhile).
+    let nh = unsafe { &*slot? };
+    (nh.underlay_gen & !maps_common::NEXTHOP_IPV6 != 0 && nh.underlay_gen == tag).then_some(nh)
 }
 
 /// An address as the kernel's structures hold it: four words, bytes in wire order.
@@ -134,17 +142,22 @@ fn fib_lookup(ctx: &TcContext, params: &mut bpf_fib_lookup) -> u32 {
     }
 }
 
-/// The next hop a successful lookup gave, tagged with the underlay generation it holds for.
+/// The next hop a successful lookup gave, cached in `slot` (if any) under `tag`.
 #[inline(always)]
-fn resolved(cfg: &NodeConfig, params: &bpf_fib_lookup) -> NextHop {
-    NextHop {
-        underlay_gen: cfg.underlay_gen,
+fn resolved(slot: Option<*mut NextHop>, tag: u32, params: &bpf_fib_lookup) -> NextHop {
+    let nh = NextHop {
+        underlay_gen: tag,
         ifindex: params.ifindex,
         dmac: params.dmac,
         smac: params.smac,
         // SAFETY: on success, with tot_len left 0, the FIB writes the device's MTU here.
         mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
+    };
+    if let Some(slot) = slot {
+        // SAFETY: this CPU's copy of the slot; nothing else runs on this CPU meanwhile.
+        unsafe { *slot = nh };
     }
+    nh
 }
 
 /// The verdict for a lookup other than a success: the neighbour left to the kernel

@@ -59,7 +59,7 @@ pub fn try_encap6(ctx: &TcContext) -> Result<i32, DropReason> {
         // A packet `encap6` wrote and left to `bpf_redirect_neigh` comes by again once the
         // neighbour resolves, re-sent through the aggregate next hop: its own is known now.
         _ if via_aggregate && DP_NODES6.get_ptr(inner.dst_addr).is_some() => {
-            let action = nexthop::forward6(ctx, cfg, &c6.node_addr, &inner.dst_addr)?;
+            let action = nexthop::forward6(ctx, cfg, (&c6.node_addr, &inner.dst_addr), None)?;
             count(CounterId::Pass, len);
             return Ok(action);
         }

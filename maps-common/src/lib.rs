@@ -586,7 +586,8 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 52);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// `NodeConfig::underlay_gen` of the lookup; 0 for an empty slot.
+    /// `NodeConfig::underlay_gen` of the lookup (0 for an empty slot), with `NEXTHOP_IPV6`
+    /// set when it is the next hop of the peer's IPv6 address.
     pub underlay_gen: u32,
     /// Interface the outer packet leaves by.
     pub ifindex: u32,
@@ -596,6 +597,9 @@ pub struct NextHop {
     pub mtu: u32,
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+
+/// `NextHop::underlay_gen`'s bit for the IPv6 half's next hop; generations stay below it.
+pub const NEXTHOP_IPV6: u32 = 1 << 31;
 
 /// The single value of `DP_AGENT`: what the agent last applied, written after each change.
 #[repr(C)]

@@ -402,3 +402,58 @@ fn vxlan_over_ipv6_encap_of_tcp_udp_icmpv6_is_exact() {
     );
     assert_eq!(env.counter(maps_common::CounterId::EncapIpv6), before + 1);
 }
+
+/// The IPv6 next hop is cached in the peer's slot beside (not in place of) what IPv4 cached
+/// there: each family's packets leave with their own next hop's MAC, a cached one is kept
+/// until the underlay generation moves, and then the new neighbour entry is used.
+#[test]
+fn ipv6_next_hops_are_cached_apart_from_ipv4_ones() {
+    let mut env = Env::dual();
+    let dst_mac = |out: &[u8]| <[u8; 6]>::try_from(&out[..6]).unwrap();
+    let (_, v6) = inner_packets6().remove(0);
+    let (_, v4) = inner_packets().remove(0);
+    let send6 = |env: &Env| {
+        dst_mac(
+            &env.run_tc(
+                prog_names::TC_ENCAP_EGRESS,
+                &eth(NODE_MAC, NODE_MAC, 0x86dd, &v6),
+            )
+            .1,
+        )
+    };
+    let send4 = |env: &Env| {
+        dst_mac(
+            &env.run_tc(
+                prog_names::TC_ENCAP_EGRESS,
+                &eth(NODE_MAC, NODE_MAC, 0x0800, &v4),
+            )
+            .1,
+        )
+    };
+    const V6_NEIGH: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
+    testkit::net::sh("ip neigh replace fd00:1::11 lladdr 02:00:00:00:00:0c dev ul0 nud permanent");
+    env.dp.bump_underlay_gen().expect("bump");
+    for _ in 0..2 {
+        assert_eq!(send6(&env), V6_NEIGH, "IPv6 next hop");
+        assert_eq!(send4(&env), PEER_MAC, "IPv4 next hop of the same peer");
+    }
+    // The cache is per CPU: every run from here on, on CPU 0.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    assert_eq!(send6(&env), V6_NEIGH, "IPv6 next hop, cached again");
+    testkit::net::sh("ip neigh replace fd00:1::11 lladdr 02:00:00:00:00:0d dev ul0 nud permanent");
+    assert_eq!(send6(&env), V6_NEIGH, "cached until the generation moves");
+    env.dp.bump_underlay_gen().expect("bump");
+    assert_eq!(
+        send6(&env),
+        [2, 0, 0, 0, 0, 0x0d],
+        "the new neighbour after the bump"
+    );
+}

@@ -416,5 +416,6 @@ pub(super) fn same_node(a: &Node, b: &Node) -> bool {
 
 /// The generation after `g`; never 0, which means "none" to the programs.
 pub(super) fn next_gen(g: u32) -> u32 {
-    g.wrapping_add(1).max(1)
+    // Below `NEXTHOP_IPV6`, the bit the programs tag an IPv6 next hop with.
+    (g.wrapping_add(1) & !maps_common::NEXTHOP_IPV6).max(1)
 }
