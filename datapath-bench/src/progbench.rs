@@ -1,8 +1,8 @@
 //! Per-packet cost of each program from BPF_PROG_TEST_RUN, beside programs that only return,
 //! with 2 or many nodes in the maps. Each run gets a fresh packet (repeat would re-run on the
 //! packet the program already changed), and the kernel-reported duration of single runs is
-//! averaged. Runs inside a namespace where `ul0` holds 192.168.1.10/16 and 192.168.1.11 has a
-//! permanent neighbour entry (`cargo xtask bench` makes it).
+//! averaged. Runs inside a namespace where `ul0` holds 192.168.1.10/16 and fd00:1::10/64, and
+//! 192.168.1.11 and fd00:1::11 have permanent neighbour entries (`cargo xtask bench` makes it).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result};
@@ -164,18 +164,21 @@ struct View {
     ifindex: u32,
 }
 
-fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<View> {
+/// Node `me`'s view of `nodes` generated nodes in `encap`; with `six`, node1 and node2 carry
+/// IPv6 halves too (`with_ipv6`), and ul0's peer stands in for the kernel VXLAN device that
+/// IPv6 GSO packets take (no single run here reaches it).
+fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting, six: bool) -> Result<View> {
     let max = nodes.max(2) + 8;
     let limits = Limits {
         max_nodes: max,
         own_node: Some(me.into()),
         own_addrs: Vec::new(),
     };
-    let c = datapath_user::source::parse_text(
-        &cluster_text(encap, nodes),
-        &Defaults::default(),
-        &limits,
-    )?;
+    let mut text = cluster_text(encap, nodes);
+    if six {
+        text = with_ipv6(&text);
+    }
+    let c = datapath_user::source::parse_text(&text, &Defaults::default(), &limits)?;
     let mut ebpf = loader::load(&LoadOptions {
         max_nodes: max,
         log_level: 0,
@@ -192,7 +195,11 @@ fn view(encap: &str, nodes: u32, me: &str, host_routing: HostRouting) -> Result<
         },
         inner_src_check: true,
         max_nodes: max,
-        csum_ifindex: 0,
+        csum_ifindex: if six {
+            netlink::blocking(|nl| async move { Ok(nl.iface("ul1").await?) })?.ifindex
+        } else {
+            0
+        },
         host_routing,
     };
     let mut dp = Dataplane::new(maps, local)?;
@@ -268,14 +275,54 @@ fn pod_packet() -> Vec<u8> {
     )
 }
 
+/// `text` (a generated cluster file) with IPv6 halves for node1 (fd00:1::10, pod CIDR
+/// fd00:10:244::/64) and node2 (fd00:1::11, fd00:10:244:1::/64, VTEP MAC `PEER_VTEP6`).
+fn with_ipv6(text: &str) -> String {
+    let half = |addr: &str, cidr: &str, mac: &str| {
+        format!("    addressV6: \"{addr}\"\n    podCIDRv6: \"{cidr}\"\n{mac}")
+    };
+    let node = |k: u32| {
+        let (a, l) = testkit::cluster::generated_pod_cidr(k);
+        format!("    address: {}\n    podCIDR: {a}/{l}\n", node_addr(k))
+    };
+    let peer_mac = format!(
+        "    vtepMACv6: \"{}\"\n",
+        cluster::format_mac(&packet::PEER_VTEP6)
+    );
+    text.replacen(
+        &node(0),
+        &format!("{}{}", node(0), half("fd00:1::10", "fd00:10:244::/64", "")),
+        1,
+    )
+    .replacen(
+        &node(1),
+        &format!(
+            "{}{}",
+            node(1),
+            half("fd00:1::11", "fd00:10:244:1::/64", &peer_mac)
+        ),
+        1,
+    )
+}
+
+/// `pod_packet` in IPv6: pod fd00:10:244::2 → fd00:10:244:1::2, TCP checksum valid.
+fn pod_packet6() -> Vec<u8> {
+    let mut tcp = packet::tcp(40000, 80, &[0x61; 64]);
+    tcp[13] = 0x10; // ACK
+    let tcp = packet::with_csum6(packet::POD1_6, packet::POD2_6, 6, tcp, 16);
+    let ip = packet::ipv6(0, 0, 6, 63, packet::POD1_6, packet::POD2_6, &tcp);
+    packet::eth(packet::NODE_MAC, packet::NODE_MAC, 0x86dd, &ip)
+}
+
 /// Mean per-packet cost in ns of each program, and of the floors, at `nodes` nodes.
 pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    let input = pod_packet();
-    for encap in ["ipip", "vxlan"] {
-        let sender = view(encap, nodes, "node1", HostRouting::Kernel)?;
-        let receiver = view(encap, nodes, "node2", HostRouting::Kernel)?;
+    for (encap, six) in [("ipip", false), ("vxlan", false), ("vxlan", true)] {
+        let input = if six { pod_packet6() } else { pod_packet() };
+        let sender = view(encap, nodes, "node1", HostRouting::Kernel, six)?;
+        let receiver = view(encap, nodes, "node2", HostRouting::Kernel, six)?;
         let (encapsulated, _) = sender.run(prog_names::TC_ENCAP_EGRESS, &input)?;
+        let encap = if six { "vxlan/ipv6" } else { encap };
         anyhow::ensure!(
             encapsulated.len() > input.len(),
             "{encap}: the encap program did not encapsulate (FIB or maps not set up?)"
@@ -298,7 +345,7 @@ pub fn measure(nodes: u32, iterations: u32) -> Result<BTreeMap<String, f64>> {
         for routing in [HostRouting::Bpf, HostRouting::AcceptedFlows] {
             out.insert(
                 format!("tc_pod_ingress {encap} {}", routing.name()),
-                pod_ingress_ns(encap, nodes, routing, &input, iterations)?,
+                pod_ingress_ns((encap, six), nodes, routing, &input, iterations)?,
             );
         }
         if encap == "ipip" {
@@ -324,7 +371,7 @@ fn drop_costs(nodes: u32, vxlan: &[u8], iterations: u32) -> Result<BTreeMap<Stri
     // VNI: the 3 bytes after the VXLAN flags (Ethernet 14 + IPv4 20 + UDP 8 + 4).
     hostile[46] ^= 0x01;
     let mut out = BTreeMap::new();
-    let mut limited = view("vxlan", nodes, "node2", HostRouting::Kernel)?;
+    let mut limited = view("vxlan", nodes, "node2", HostRouting::Kernel, false)?;
     out.insert(
         "tc_decap_ingress vxlan drop (events limited)".to_string(),
         limited.trimmed_ns(prog_names::TC_DECAP_INGRESS, &hostile, iterations)?,
@@ -369,13 +416,19 @@ fn drop_costs(nodes: u32, vxlan: &[u8], iterations: u32) -> Result<BTreeMap<Stri
 /// accepted-flows, once the flow's first packet went by the stack (`tc_pod_ingress` handing it
 /// on, the underlay's `tc_encap_egress` accepting it), as every later packet finds it.
 fn pod_ingress_ns(
-    encap: &str,
+    (encap, six): (&str, bool),
     nodes: u32,
     routing: HostRouting,
     input: &[u8],
     iterations: u32,
 ) -> Result<f64> {
-    let pod = view(encap, nodes, "node1", routing)?;
+    let pod = view(
+        encap.split('/').next().unwrap_or(encap),
+        nodes,
+        "node1",
+        routing,
+        six,
+    )?;
     if routing == HostRouting::AcceptedFlows {
         let (first, _) = pod.run(prog_names::TC_POD_INGRESS, input)?;
         anyhow::ensure!(

@@ -849,7 +849,10 @@ fn program_costs(bin: &Path) -> Result<String> {
              ip -n {PROG_NS} neigh add 192.168.1.11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
              ip -n {PROG_NS} neigh add 192.168.1.1 lladdr 02:00:00:00:00:01 dev ul0 nud permanent && \
              ip -n {PROG_NS} route add default via 192.168.1.1 dev ul0 && \
-             ip netns exec {PROG_NS} sysctl -qw net.ipv4.conf.all.forwarding=1"
+             ip -n {PROG_NS} addr add fd00:1::10/64 dev ul0 nodad && \
+             ip -n {PROG_NS} neigh add fd00:1::11 lladdr 02:00:00:00:00:0b dev ul0 nud permanent && \
+             ip netns exec {PROG_NS} sysctl -qw net.ipv4.conf.all.forwarding=1 && \
+             ip netns exec {PROG_NS} sysctl -qw net.ipv6.conf.all.forwarding=1"
         ))?;
         let costs = |nodes: u32| -> Result<BTreeMap<String, f64>> {
             let out = sh(&format!(
