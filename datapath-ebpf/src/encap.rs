@@ -241,12 +241,6 @@ fn via_csum_device(
     route: &PodRoute,
     inner: &Ipv4Hdr,
 ) -> Result<i32, DropReason> {
-    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
-    // SAFETY: bounds checked just above.
-    unsafe {
-        (*eth).dst_addr = route.vtep_mac;
-        (*eth).src_addr = cfg.vtep_mac;
-    }
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = cfg.vni;
@@ -260,12 +254,33 @@ fn via_csum_device(
     } else {
         0
     };
-    // SAFETY: key lives on the stack for the call; without BPF_F_ZERO_CSUM_TX the key asks
-    // for the outer UDP checksum.
+    let macs = (route.vtep_mac, cfg.vtep_mac);
+    to_tunnel_device(ctx, macs, &mut key, flags, cfg.csum_ifindex)
+}
+
+/// Hands the packet to the kernel's metadata-mode VXLAN device `ifindex`, either family: the
+/// inner Ethernet header addressed (`macs`: destination, source VTEP) and `key` set as its
+/// tunnel with `flags` (without BPF_F_ZERO_CSUM_TX the device writes the outer UDP checksum).
+/// Returns the redirect verdict; `AdjustFailed` when the kernel refuses the key.
+#[inline(always)]
+pub fn to_tunnel_device(
+    ctx: &TcContext,
+    (dst, src): ([u8; 6], [u8; 6]),
+    key: &mut bpf_tunnel_key,
+    flags: u64,
+    ifindex: u32,
+) -> Result<i32, DropReason> {
+    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
+    }
+    // SAFETY: key lives on the caller's stack for the call.
     let rc = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,
-            &mut key,
+            key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
             flags,
         )
@@ -274,7 +289,7 @@ fn via_csum_device(
         return Err(DropReason::AdjustFailed);
     }
     // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(cfg.csum_ifindex, 0) } as i32)
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 #[inline(always)]
@@ -532,6 +547,6 @@ fn inner_l4_check(ctx: &TcContext, inner: &Ipv4Hdr) -> Option<[u8; 2]> {
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN)`: the inner L2 header length, in bits 56..63.
 #[inline(always)]
-const fn encap_l2_len() -> u64 {
+pub const fn encap_l2_len() -> u64 {
     (EthHdr::LEN as u64 & 0xff) << 56
 }

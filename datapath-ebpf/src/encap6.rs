@@ -10,7 +10,6 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_TUNINFO_IPV6, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_tunnel_key,
     },
-    helpers::{bpf_redirect, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 use maps_common::{DropReason, NodeConfig, NodeConfig6, PodRoute6, VXLAN6_OVERHEAD};
@@ -104,8 +103,9 @@ where
 }
 
 /// The kernel device's way, for GSO packets: the inner Ethernet header and an IPv6 tunnel key
-/// written, the packet redirected to the metadata-mode device (`NodeConfig6::vxlan_ifindex`),
-/// which writes the outer headers with a UDP checksum in every segment.
+/// (VNI, addresses in wire order, traffic class and flow label copied from the inner header,
+/// RFC 6040), the packet redirected to the metadata-mode device, which writes the outer
+/// headers with a UDP checksum in every segment.
 #[inline(always)]
 fn key_and_redirect(
     ctx: &TcContext,
@@ -114,39 +114,6 @@ fn key_and_redirect(
     route: &PodRoute6,
     inner: &Ipv6Hdr,
 ) -> Result<i32, DropReason> {
-    let eth = ptr_at_mut::<EthHdr, _>(ctx, 0).ok_or(DropReason::Truncated)?;
-    // SAFETY: bounds checked just above.
-    unsafe {
-        (*eth).dst_addr = route.vtep_mac;
-        (*eth).src_addr = c6.vtep_mac;
-    }
-    let mut key = tunnel_key(cfg, c6, route, inner);
-    // SAFETY: key lives on the stack for the call; without BPF_F_ZERO_CSUM_TX the device
-    // computes the outer UDP checksum.
-    let rc = unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            BPF_F_TUNINFO_IPV6 as u64,
-        )
-    };
-    if rc != 0 {
-        return Err(DropReason::AdjustFailed);
-    }
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(c6.vxlan_ifindex, 0) } as i32)
-}
-
-/// The IPv6 tunnel key toward `route`'s node: VNI, addresses (copied as they are, wire
-/// order), traffic class copied from the inner header (RFC 6040), flow label from it too.
-#[inline(always)]
-fn tunnel_key(
-    cfg: &NodeConfig,
-    c6: &NodeConfig6,
-    route: &PodRoute6,
-    inner: &Ipv6Hdr,
-) -> bpf_tunnel_key {
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = cfg.vni;
@@ -155,7 +122,9 @@ fn tunnel_key(
     key.tunnel_tos = (inner.vcf[0] << 4) | (inner.vcf[1] >> 4);
     key.tunnel_ttl = OUTER_HOP_LIMIT;
     key.tunnel_label = u32::from_be_bytes(inner.vcf) & 0x000f_ffff;
-    key
+    let macs = (route.vtep_mac, c6.vtep_mac);
+    let flags = BPF_F_TUNINFO_IPV6 as u64;
+    encap::to_tunnel_device(ctx, macs, &mut key, flags, c6.vxlan_ifindex)
 }
 
 #[inline(always)]
@@ -173,8 +142,7 @@ fn write_and_forward(
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
-        // BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN): the inner L2 header length, in bits 56..63.
-        | (EthHdr::LEN as u64) << 56;
+        | encap::encap_l2_len();
     ctx.adjust_room(VXLAN6_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustFailed)?;
     // Revalidate after adjust_room: the head moved. Written in place, field by field, and the

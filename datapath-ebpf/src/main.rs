@@ -136,28 +136,12 @@ const MAX_ENDPOINTS: usize = maps_common::MAX_ENDPOINTS as usize;
 /// TC ingress on a local pod's host-side veth: BPF host routing of what the pod sends.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    let code = if is_ipv6(&ctx) {
-        pod_ingress6(skb)
-    } else {
-        pod_ingress4(skb)
-    };
-    tc_action(skb, event_hook::TC_POD_INGRESS, code)
-}
-
-/// `tc_pod_ingress` for IPv4 and other frames. This and the other per-family halves are
-/// BPF-to-BPF calls, never inlined, and so is a drop's report (`drop_call`): each gets a stack
-/// frame of its own, so every path fits the verifier's 512 bytes, which they would not
-/// together. Each returns its outcome in one register (`outcome`).
-#[inline(never)]
-fn pod_ingress4(skb: *mut __sk_buff) -> i64 {
-    outcome::encode(hostroute::try_pod_egress(&TcContext::new(skb)))
-}
-
-/// `tc_pod_ingress` for IPv6 frames.
-#[inline(never)]
-fn pod_ingress6(skb: *mut __sk_buff) -> i64 {
-    outcome::encode(hostroute6::pod_egress6(&TcContext::new(skb)))
+    by_family(
+        &ctx,
+        event_hook::TC_POD_INGRESS,
+        hostroute::try_pod_egress,
+        hostroute6::pod_egress6,
+    )
 }
 
 /// TC egress on a local pod's host-side veth: records the flows netfilter let through to the
@@ -171,25 +155,12 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// TC egress on the underlay: encapsulates traffic for remote pod CIDRs.
 #[classifier]
 pub fn tc_encap_egress(ctx: TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    let code = if is_ipv6(&ctx) {
-        encap_egress6(skb)
-    } else {
-        encap_egress4(skb)
-    };
-    tc_action(skb, event_hook::TC_ENCAP, code)
-}
-
-/// `tc_encap_egress` for IPv4 and other frames (a BPF-to-BPF call, as `pod_ingress4`).
-#[inline(never)]
-fn encap_egress4(skb: *mut __sk_buff) -> i64 {
-    outcome::encode(encap::try_encap(&TcContext::new(skb)))
-}
-
-/// `tc_encap_egress` for IPv6 frames.
-#[inline(never)]
-fn encap_egress6(skb: *mut __sk_buff) -> i64 {
-    outcome::encode(six::try_encap6(&TcContext::new(skb)))
+    by_family(
+        &ctx,
+        event_hook::TC_ENCAP,
+        encap::try_encap,
+        six::try_encap6,
+    )
 }
 
 /// XDP on the underlay: decapsulates IPIP and VXLAN from known nodes.
@@ -241,21 +212,36 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
-/// Whether the frame is IPv6, which each TC program's dispatch hands to its IPv6 half.
+/// A TC program's dispatch: IPv6 frames to its `v6` half, the rest to `v4`; then the action,
+/// or the drop counted, reported and logged (`hook`).
+///
+/// Each half, and a drop's report (`drop_call`), is a BPF-to-BPF call, never inlined
+/// (`half`): each gets a stack frame of its own, so every path fits the verifier's 512 bytes,
+/// which they would not together. A half's outcome comes back in one register (`outcome`).
 #[inline(always)]
-fn is_ipv6(ctx: &TcContext) -> bool {
-    hostroute::ether_type(ctx) == EtherType::Ipv6 as u16
-}
-
-/// A TC program's verdict from a half's outcome (`outcome::encode`): the action, or the drop
-/// counted, reported and logged in a call of its own.
-#[inline(always)]
-fn tc_action(skb: *mut __sk_buff, hook: u8, code: i64) -> i32 {
+fn by_family<F4, F6>(ctx: &TcContext, hook: u8, v4: F4, v6: F6) -> i32
+where
+    F4: Fn(&TcContext) -> Result<i32, DropReason>,
+    F6: Fn(&TcContext) -> Result<i32, DropReason>,
+{
+    let skb = ctx.skb.skb;
+    let code = if hostroute::ether_type(ctx) == EtherType::Ipv6 as u16 {
+        half(v6, skb)
+    } else {
+        half(v4, skb)
+    };
     if code >= 0 {
         code as i32
     } else {
         drop_call(skb, hook, code)
     }
+}
+
+/// Runs one family's half of a TC program in a call of its own (one function per half: `F`
+/// is each half's own zero-sized type).
+#[inline(never)]
+fn half<F: Fn(&TcContext) -> Result<i32, DropReason>>(way: F, skb: *mut __sk_buff) -> i64 {
+    outcome::encode(way(&TcContext::new(skb)))
 }
 
 /// `drop_tc` as a BPF-to-BPF call, beside the halves rather than inside their frames.

@@ -38,27 +38,11 @@ pub fn forward(
     peer: [u8; 4],
     slot: Option<u32>,
 ) -> Result<i32, DropReason> {
-    let tag = cfg.underlay_gen;
-    let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
-    if let Some(nh) = cached_hop(cached, tag) {
-        return send_to(ctx, nh);
-    }
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.ifindex = lookup_ifindex(ctx, cfg);
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
-    let rc = fib_lookup(ctx, &mut params);
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        return send_to(ctx, &resolved(cached, tag, &params));
-    }
-    // SAFETY: all-zero is a valid bpf_redir_neigh.
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    nh.nh_family = AF_INET as u32;
-    // SAFETY: on NO_NEIGH the FIB wrote the next hop's IPv4 address into ipv4_dst.
-    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-    unresolved(rc, params.ifindex, &mut nh)
+    via_fib(ctx, cfg, (slot, cfg.underlay_gen), |params| {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.node_addr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer);
+    })
 }
 
 /// `forward` for an IPv6 peer (`peer`, wire order) from this node's IPv6 address `src`: the
@@ -73,26 +57,36 @@ pub fn forward6(
     slot: Option<u32>,
 ) -> Result<i32, DropReason> {
     let tag = cfg.underlay_gen | maps_common::NEXTHOP_IPV6;
+    via_fib(ctx, cfg, (slot, tag), |params| {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = words(src);
+        params.__bindgen_anon_4.ipv6_dst = words(peer);
+    })
+}
+
+/// Either family: the next hop cached in `slot` under `tag`, else the FIB's answer to the
+/// lookup `fill` writes (family and addresses; only on a miss), cached there. A neighbour
+/// still unresolved is left to `bpf_redirect_neigh`.
+#[inline(always)]
+fn via_fib(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    (slot, tag): (Option<u32>, u32),
+    fill: impl FnOnce(&mut bpf_fib_lookup),
+) -> Result<i32, DropReason> {
     let cached = slot.and_then(|i| DP_NEXTHOPS.get_ptr_mut(i));
     if let Some(nh) = cached_hop(cached, tag) {
         return send_to(ctx, nh);
     }
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET6;
+    fill(&mut params);
     params.ifindex = lookup_ifindex(ctx, cfg);
-    params.__bindgen_anon_3.ipv6_src = words(src);
-    params.__bindgen_anon_4.ipv6_dst = words(peer);
     let rc = fib_lookup(ctx, &mut params);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         return send_to(ctx, &resolved(cached, tag, &params));
     }
-    // SAFETY: all-zero is a valid bpf_redir_neigh.
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    nh.nh_family = AF_INET6 as u32;
-    // SAFETY: on NO_NEIGH the FIB wrote the next hop's IPv6 address into ipv6_dst.
-    nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
-    unresolved(rc, params.ifindex, &mut nh)
+    unresolved(rc, &params)
 }
 
 /// The next hop cached in `slot` when it was looked up under `tag` (the underlay generation,
@@ -161,19 +155,27 @@ fn resolved(slot: Option<*mut NextHop>, tag: u32, params: &bpf_fib_lookup) -> Ne
 }
 
 /// The verdict for a lookup other than a success: the neighbour left to the kernel
-/// (`bpf_redirect_neigh` toward `nh` on `ifindex`) or the reason to drop.
+/// (`bpf_redirect_neigh` toward the next hop the FIB wrote into the destination, on its
+/// interface) or the reason to drop.
 #[inline(always)]
-fn unresolved(rc: u32, ifindex: u32, nh: &mut bpf_redir_neigh) -> Result<i32, DropReason> {
+fn unresolved(rc: u32, params: &bpf_fib_lookup) -> Result<i32, DropReason> {
     match rc {
-        // SAFETY: nh lives on the caller's stack for the call.
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(unsafe {
-            bpf_redirect_neigh(
-                ifindex,
-                nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: all-zero is a valid bpf_redir_neigh.
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = params.family as u32;
+            // SAFETY: on NO_NEIGH the FIB wrote the next hop's address, of its family, there.
+            unsafe {
+                if params.family == AF_INET6 {
+                    nh.__bindgen_anon_1.ipv6_nh = params.__bindgen_anon_4.ipv6_dst;
+                } else {
+                    nh.__bindgen_anon_1.ipv4_nh = params.__bindgen_anon_4.ipv4_dst;
+                }
+            }
+            let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+            // SAFETY: nh lives on the stack for the call.
+            Ok(unsafe { bpf_redirect_neigh(params.ifindex, &mut nh, size, 0) } as i32)
+        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DropReason::TooBig),
         BPF_FIB_LKUP_RET_NOT_FWDED
         | BPF_FIB_LKUP_RET_UNREACHABLE

@@ -121,11 +121,12 @@ pub fn send6(
     {
         return Err(DropReason::TooBig);
     }
+    let action = encap6::encap6(ctx, cfg, c6, route, inner)?;
     count(CounterId::EncapIpv6, len);
     // SAFETY: ctx.skb.skb is the program's __sk_buff; TC programs may write its mark. The
-    // device keeps it, as does a redirect.
+    // redirect happens once the program returns, and the device keeps the mark.
     unsafe { (*ctx.skb.skb).mark = maps_common::MARK_ENCAPSULATED };
-    encap6::encap6(ctx, cfg, c6, route, inner)
+    Ok(action)
 }
 
 /// Classifies an IPv6 frame: `Pass` for what is not VXLAN on the configured port addressed to

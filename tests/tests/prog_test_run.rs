@@ -355,16 +355,9 @@ fn vxlan_over_ipv6_encap_of_tcp_udp_icmpv6_is_exact() {
             "{proto}: flow label not stable"
         );
         let inner_frame = eth(PEER_VTEP6, NODE_VTEP6, 0x86dd, &inner);
-        let mut dgram = udp(sport, 4789, &[vxlan_hdr(4096), inner_frame].concat());
-        let pseudo = [
-            &NODE6[..],
-            &PEER6,
-            &(dgram.len() as u32).to_be_bytes(),
-            &[0, 0, 0, 17],
-        ]
-        .concat();
-        let c = csum(&[pseudo, dgram.clone()].concat());
-        dgram[6..8].copy_from_slice(&c);
+        // The checksum over the whole datagram, computed here from every byte.
+        let dgram = udp(sport, 4789, &[vxlan_hdr(4096), inner_frame].concat());
+        let dgram = with_csum6(NODE6, PEER6, 17, dgram, 6);
         let want = eth(
             PEER_MAC,
             NODE_MAC,
