@@ -102,6 +102,10 @@ pub static DP_MONITOR: PerCpuArray<MonitorState, 1> = PerCpuArray::new();
 #[btf_map]
 pub static DP_HEALTH: HashMap<[u8; 4], PeerHealth, MAX_NODES> = HashMap::new();
 
+/// `DP_HEALTH` for the peers' IPv6 halves, by IPv6 underlay address; no program reads it.
+#[btf_map]
+pub static DP_HEALTH6: HashMap<[u8; 16], PeerHealth, MAX_NODES> = HashMap::new();
+
 /// The event rate limit and trace sampling, written by the agent and `datapath monitor`.
 #[btf_map]
 pub static DP_MONITOR_CONF: Array<MonitorConf, 1> = Array::new();

@@ -66,8 +66,11 @@ pub mod map_names {
     pub const STACK_FLOWS6: &str = "DP_STACK_FLOWS6";
     /// `LruHashMap<FlowKey6, FastFlow>`: `FAST_FLOWS` for IPv6.
     pub const FAST_FLOWS6: &str = "DP_FAST_FLOWS6";
+    /// `HashMap<[u8; 16], PeerHealth>`: `HEALTH` for the peers' IPv6 halves, by their IPv6
+    /// underlay address.
+    pub const HEALTH6: &str = "DP_HEALTH6";
     /// All maps the agent pins, in the order `datapath stats` reads them.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         CONFIG,
         POD_CIDRS,
         POD_ROUTES,
@@ -91,6 +94,7 @@ pub mod map_names {
         ENDPOINTS6,
         STACK_FLOWS6,
         FAST_FLOWS6,
+        HEALTH6,
     ];
 }
 
@@ -120,8 +124,9 @@ pub mod prog_names {
 /// the next-hop cache (`DP_NEXTHOPS`), the ruleset and underlay generations in `NodeConfig` and
 /// four flow counters; 4 the monitor and health maps; 5 the IPv6 maps (`DP_CONFIG6`,
 /// `DP_POD_CIDRS6`, `DP_NODES6`); 6 BPF host routing for IPv6 (`DP_ENDPOINTS6`,
-/// `DP_STACK_FLOWS6`, `DP_FAST_FLOWS6`). The README keeps the history.
-pub const ABI_VERSION: u32 = 6;
+/// `DP_STACK_FLOWS6`, `DP_FAST_FLOWS6`); 7 the IPv6 halves' health (`DP_HEALTH6`). The README
+/// keeps the history.
+pub const ABI_VERSION: u32 = 7;
 
 /// Maps are sized for this many nodes unless the agent is told otherwise (Kubernetes' largest
 /// supported cluster).
@@ -258,7 +263,7 @@ pub const MAX_ENDPOINTS: u32 = 4096;
 /// The layout this build gives each pinned map: (name, key size, value size, max entries), for
 /// maps sized for `max_nodes`. A pinned map that differs in any of them belongs to another
 /// release or another `--max-nodes`, and is migrated rather than reused.
-pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 23] {
+pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 24] {
     use core::mem::size_of;
     let lpm_key = 8; // prefix length (u32) + IPv4 address
     [
@@ -369,6 +374,12 @@ pub const fn map_layouts(max_nodes: u32) -> [(&'static str, u32, u32, u32); 23] 
             size_of::<FlowKey6>() as u32,
             size_of::<FastFlow>() as u32,
             MAX_FLOWS,
+        ),
+        (
+            map_names::HEALTH6,
+            16,
+            size_of::<PeerHealth>() as u32,
+            max_nodes,
         ),
     ]
 }

@@ -16,7 +16,9 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     Capture, Etcd, NodeSpec, Topology,
-    dual::{add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_yaml6, pod_ip6, vxcsum_tx},
+    dual::{
+        add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_addr6, node_yaml6, pod_ip6, vxcsum_tx,
+    },
     ping_log_summary, release_bin, sh, wait_for,
 };
 
@@ -24,8 +26,8 @@ use integration_tests::{
 const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const PREFIX: &str = "/coreos.com/network";
 
-/// The last release of map ABI 5 (IPv6 pods, no BPF host routing for them).
-const ABI5: &str = "60cf52c";
+/// The last release of map ABI 6 (BPF host routing for IPv6 pods, no IPv6 health maps).
+const ABI6: &str = "87da242";
 
 const NODE1_VTEP: &str = "0e:00:c0:a8:01:0a";
 const NODE2_VTEP: &str = "66:00:00:00:00:02";
@@ -228,13 +230,13 @@ fn calico_v6_vni_4096_port_4789() {
     interop6("vxlan-v6.calico", 4096, 4789);
 }
 
-/// Two dual-stack nodes on the last release of map ABI 5 (IPv6 pods without BPF host routing)
-/// upgraded one after the other to this build under a 5 ms ping of each family: the pins
-/// migrate to ABI 6 (the IPv6 host-routing maps) with nothing lost in either; then 8 MiB over
-/// TCP/IPv6 by hash.
+/// Two dual-stack nodes on the last release of map ABI 6 (IPv6 pods with BPF host routing, no
+/// IPv6 health map) upgraded one after the other to this build under a 5 ms ping of each
+/// family: the pins migrate to ABI 7 with nothing lost in either; then 8 MiB over TCP/IPv6 by
+/// hash. (Pins of ABI 5 and before are upgraded in `upgrade.rs` from earlier releases.)
 #[test]
-fn pins_of_map_abi_5_migrate_under_ping_of_both_families() {
-    let old = release_bin(ABI5);
+fn pins_of_map_abi_6_migrate_under_ping_of_both_families() {
+    let old = release_bin(ABI6);
     let mut t = Topology::two_nodes("v6up");
     add_ipv6(&t);
     let cluster = t.write_cluster(&dual_cluster_yaml(&t));
@@ -244,7 +246,7 @@ fn pins_of_map_abi_5_migrate_under_ping_of_both_families() {
         t.wait_agent(i, &log);
     }
     let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
-    assert!(up && t.ping(0, 1, 2) == 2, "{ABI5} carries both families");
+    assert!(up && t.ping(0, 1, 2) == 2, "{ABI6} carries both families");
     let ping = t.flood_ping(0, 1, 12);
     let log6 = t.workdir.join("ping6-1-0.log");
     let ping6 = t.nodes[1].pod.spawn(
@@ -266,14 +268,14 @@ fn pins_of_map_abi_5_migrate_under_ping_of_both_families() {
     assert!(sent >= 1000, "ping sent only {sent}");
     assert_eq!(
         sent, received,
-        "IPv4 packets lost in the upgrade to map ABI 6"
+        "IPv4 packets lost in the upgrade to map ABI 7"
     );
     let _ = ping6.wait();
     let (sent, received) = ping_log_summary(&log6);
     assert!(sent >= 1000, "ping -6 sent only {sent}");
     assert_eq!(
         sent, received,
-        "IPv6 packets lost in the upgrade to map ABI 6"
+        "IPv6 packets lost in the upgrade to map ABI 7"
     );
     let (sent, got) = t.tcp_transfer_via(1, 0, &pod_ip6(0), 5001, 8);
     assert_eq!(sent, got, "8 MiB over TCP/IPv6 between datapath nodes");
@@ -427,4 +429,89 @@ fn cross_subnet_reaches_a_same_subnet_peers_ipv6_pods_natively() {
         "nothing counted as native"
     );
     assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
+}
+
+/// `datapath status --json` of node `i`.
+fn status_json(t: &Topology, i: usize) -> serde_json::Value {
+    let out = t.datapath(
+        i,
+        &format!("status --json --pin-dir {}", t.pin_dir(i).display()),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The health probe in each family: a dual-stack peer answers through the tunnel over both
+/// underlays; a firewall on the underlay dropping VXLAN over IPv6 names the peer's IPv6 half as
+/// unreachable through the tunnel while its IPv6 address answers, its IPv4 half still healthy;
+/// the rule gone, both halves answer again.
+#[test]
+fn the_health_probe_checks_both_halves_of_a_dual_stack_peer() {
+    let mut t = Topology::two_nodes("v6health");
+    add_ipv6(&t);
+    let cluster = t.write_cluster(&dual_cluster_yaml(&t));
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    let both_ok = |t: &Topology| {
+        let st = status_json(t, 0);
+        st["health"]["ok"] == 1 && st["health"]["ipv6"]["ok"] == 1
+    };
+    let healthy = wait_for(Duration::from_secs(25), || both_ok(&t));
+    assert!(
+        healthy,
+        "not healthy in both families: {}",
+        status_json(&t, 0)
+    );
+    let routes = t.datapath(
+        0,
+        &format!("routes --json --pin-dir {}", t.pin_dir(0).display()),
+    );
+    let routes: serde_json::Value = serde_json::from_slice(&routes.stdout).unwrap();
+    let row = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node_addr6(1))
+        .unwrap()
+        .clone();
+    assert_eq!(row["health"]["state"], "ok", "{row}");
+    assert!(
+        row["health"]["tunnel_rtt_ms"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
+    let lo = t.nodes[0].ns.exec("ip -6 addr show dev lo");
+    assert!(
+        lo.contains("fd00:10:244::/128"),
+        "no IPv6 probe address: {lo}"
+    );
+
+    // The underlay drops VXLAN over IPv6 (the bridge's own filter): ICMPv6 still passes.
+    t.underlay.exec(
+        "nft add table bridge dpv6h && \
+         nft add chain bridge dpv6h drop6 '{ type filter hook forward priority 0; }' && \
+         nft add rule bridge dpv6h drop6 ip6 nexthdr udp udp dport '{ 4789, 8472 }' drop",
+    );
+    let named = wait_for(Duration::from_secs(25), || {
+        let st = status_json(&t, 0);
+        st["health"]["ipv6"]["tunnel_down"] == serde_json::json!([node_addr6(1)])
+            && st["health"]["ok"] == 1
+    });
+    let text = String::from_utf8_lossy(
+        &t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()))
+            .stdout,
+    )
+    .to_string();
+    t.underlay.exec("nft delete table bridge dpv6h");
+    assert!(named, "the IPv6 half's broken tunnel is not named: {text}");
+    assert!(
+        text.contains("over IPv6 0 of 1 peers answer through the tunnel; unreachable through the tunnel while the underlay answers")
+            && text.contains(&node_addr6(1)),
+        "{text}"
+    );
+    let back = wait_for(Duration::from_secs(25), || both_ok(&t));
+    assert!(
+        back,
+        "the IPv6 half did not come back: {}",
+        status_json(&t, 0)
+    );
 }

@@ -163,6 +163,19 @@ fn raising_max_nodes_under_ping_loses_nothing() {
     ));
     assert!(info.contains("\"max_entries\":128"), "{info}");
     clean_after_migration(&t, 0);
+    // Every map sized by --max-nodes is: a restart with the same size adopts the pins as they
+    // are, with no migration.
+    t.stop_agents(0);
+    let log = t.spawn_agent(
+        0,
+        &format!("--cluster {} --max-nodes 128", cluster.display()),
+    );
+    t.wait_agent(0, &log);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("adopted=true") && !text.contains("building new maps"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -2,15 +2,19 @@
 //! probe address (the first address of its pod CIDR, which every agent puts on `lo`) from its
 //! own, so the request and the reply each cross a tunnel, both datapaths included; and pings
 //! the peer's underlay address. A peer the underlay reaches but the tunnel does not has a VNI
-//! or port mismatch, or a firewall dropping the tunnel's packets, and is named as such.
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+//! or port mismatch, or a firewall dropping the tunnel's packets, and is named as such. A
+//! dual-stack peer is probed in each family, over each underlay.
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use maps_common::{HealthState, PeerHealth};
 use tracing::{info, warn};
 
 use crate::{
     reconcile::state::{SharedRef, lock, now},
-    underlay::{netlink::Netlink, probe},
+    underlay::{
+        netlink::Netlink,
+        probe::{self, Sources},
+    },
 };
 
 /// How often every peer is probed.
@@ -20,7 +24,7 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Probes every tunnel peer every `PERIOD`, for ever.
 pub async fn watch(shared: SharedRef, nl: Netlink) {
-    let mut last: BTreeMap<Ipv4Addr, PeerHealth> = BTreeMap::new();
+    let mut last: BTreeMap<IpAddr, PeerHealth> = BTreeMap::new();
     loop {
         if let Err(e) = round(&shared, &nl, &mut last).await {
             warn!("probing the peers' health: {e:#}");
@@ -29,56 +33,61 @@ pub async fn watch(shared: SharedRef, nl: Netlink) {
     }
 }
 
-/// One round: the probe address in place, both pings, the results recorded and logged.
+/// One round: the probe addresses in place, both pings, the results recorded and logged.
 async fn round(
     shared: &SharedRef,
     nl: &Netlink,
-    last: &mut BTreeMap<Ipv4Addr, PeerHealth>,
+    last: &mut BTreeMap<IpAddr, PeerHealth>,
 ) -> anyhow::Result<()> {
     let (own, peers) = {
         let s = lock(shared);
-        (s.dp.own_pod_cidr(), s.dp.tunnel_peers())
+        (s.dp.own_probe_addrs(), s.dp.tunnel_peers())
     };
-    let Some(own) = own else { return Ok(()) };
-    nl.ensure_probe_addr(own.addr).await?;
-    let tunnel_targets: Vec<Ipv4Addr> = peers.iter().map(|(_, _, c)| c.addr).collect();
-    let underlay_targets: Vec<Ipv4Addr> = peers.iter().map(|(_, a, _)| *a).collect();
+    if own.v4.is_none() {
+        return Ok(());
+    }
+    let want: Vec<IpAddr> = (own.v4.map(IpAddr::V4).into_iter())
+        .chain(own.v6.map(IpAddr::V6))
+        .collect();
+    nl.ensure_probe_addrs(&want).await?;
+    let tunnel_targets: Vec<IpAddr> = peers.iter().map(|p| p.probe).collect();
+    let underlay_targets: Vec<IpAddr> = peers.iter().map(|p| p.underlay).collect();
     let id = (std::process::id() & 0x7fff) as u16;
     let (tunnel, underlay) = tokio::task::spawn_blocking(move || {
-        let t = probe::echo_all(Some(own.addr), &tunnel_targets, id, TIMEOUT);
-        let u = probe::echo_all(None, &underlay_targets, id | 0x8000, TIMEOUT);
+        let t = probe::echo_all(own, &tunnel_targets, id, TIMEOUT);
+        let u = probe::echo_all(Sources::default(), &underlay_targets, id | 0x8000, TIMEOUT);
         (t, u)
     })
     .await?;
     let (tunnel, underlay) = (tunnel?, underlay?);
     let at = now() as u64;
     let mut s = lock(shared);
-    for (i, (name, addr, _)) in peers.iter().enumerate() {
+    for (i, p) in peers.iter().enumerate() {
         let us = |d: Option<Duration>| d.map_or(0, |d| (d.as_micros() as u32).max(1));
         let mut h = PeerHealth {
             checked_unix: at,
             tunnel_rtt_us: us(tunnel[i]),
             underlay_rtt_us: us(underlay[i]),
             since_unix: at,
-            name: crate::kernel::maps::fixed(name),
+            name: crate::kernel::maps::fixed(&p.name),
         };
-        let before = last.get(addr);
+        let before = last.get(&p.underlay);
         match before {
             Some(b) if (b.tunnel_rtt_us != 0) == (h.tunnel_rtt_us != 0) => {
                 h.since_unix = b.since_unix
             }
-            _ => log_change(name, *addr, &h, before.is_some()),
+            _ => log_change(&p.name, p.underlay, &h, before.is_some()),
         }
-        s.dp.maps.write_health(*addr, &h)?;
-        last.insert(*addr, h);
+        s.dp.maps.write_health(p.underlay, &h)?;
+        last.insert(p.underlay, h);
     }
-    let keep: Vec<Ipv4Addr> = peers.iter().map(|(_, a, _)| *a).collect();
+    let keep: Vec<IpAddr> = peers.iter().map(|p| p.underlay).collect();
     last.retain(|a, _| keep.contains(a));
     s.dp.maps.retain_health(&keep);
     Ok(())
 }
 
-fn log_change(name: &str, addr: Ipv4Addr, h: &PeerHealth, known: bool) {
+fn log_change(name: &str, addr: IpAddr, h: &PeerHealth, known: bool) {
     match h.state() {
         HealthState::Ok if known => {
             info!(peer = %name, %addr, "peer reachable through the tunnel again")

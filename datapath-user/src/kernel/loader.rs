@@ -183,6 +183,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         map_names::PEER_STATS,
         map_names::NEXTHOPS,
         map_names::HEALTH,
+        map_names::POD_CIDRS6,
+        map_names::NODES6,
+        map_names::HEALTH6,
     ] {
         loader.map_max_entries(map, opts.max_nodes);
     }

@@ -2,7 +2,7 @@
 //! pins, and what reading them whole needs (for `stats`, `routes`, metrics and adoption).
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -76,6 +76,8 @@ pub struct DatapathMaps {
     pub endpoints6: Option<HashMap<MapData, [u8; 16], Endpoint>>,
     /// `stack_flows` for IPv6; `None` as `endpoints6`.
     pub stack_flows6: Option<HashMap<MapData, FlowKey6, u32>>,
+    /// `health` for the peers' IPv6 halves; `None` in pins before map ABI 7.
+    pub health6: Option<HashMap<MapData, [u8; 16], PeerHealth>>,
 }
 
 /// Typed handles to the IPv6 maps.
@@ -144,6 +146,7 @@ impl DatapathMaps {
             })(),
             endpoints6: typed(&mut get, map_names::ENDPOINTS6).ok(),
             stack_flows6: typed(&mut get, map_names::STACK_FLOWS6).ok(),
+            health6: typed(&mut get, map_names::HEALTH6).ok(),
         })
     }
 
@@ -193,36 +196,27 @@ impl DatapathMaps {
             .map_err(map_err(map_names::AGENT_NOTE))
     }
 
-    /// Records a peer's last health probe (nothing in pins before map ABI 4).
-    pub fn write_health(&mut self, addr: Ipv4Addr, h: &PeerHealth) -> Result<(), MapsError> {
-        let Some(m) = &mut self.health else {
-            return Ok(());
-        };
-        m.insert(addr.octets(), h, 0)
-            .map_err(map_err(map_names::HEALTH))
-    }
-
-    /// Forgets the health of peers not in `keep`.
-    pub fn retain_health(&mut self, keep: &[Ipv4Addr]) {
-        let Some(m) = &mut self.health else {
-            return;
-        };
-        let gone: Vec<[u8; 4]> = m
-            .keys()
-            .flatten()
-            .filter(|k| !keep.contains(&Ipv4Addr::from(*k)))
-            .collect();
-        for k in gone {
-            let _ = m.remove(&k);
+    /// Records the last health probe of a peer's half at `addr` (nothing in pins before map
+    /// ABI 4, or 7 for IPv6).
+    pub fn write_health(&mut self, addr: IpAddr, h: &PeerHealth) -> Result<(), MapsError> {
+        match addr {
+            IpAddr::V4(a) => put_health(&mut self.health, a.octets(), h, map_names::HEALTH),
+            IpAddr::V6(a) => put_health(&mut self.health6, a.octets(), h, map_names::HEALTH6),
         }
     }
 
-    /// Each peer's last health probe.
-    pub fn read_health(&self) -> BTreeMap<Ipv4Addr, PeerHealth> {
-        self.health
-            .iter()
-            .flat_map(|m| m.iter().flatten())
-            .map(|(k, v)| (Ipv4Addr::from(k), v))
+    /// Forgets the health of peer addresses not in `keep`.
+    pub fn retain_health(&mut self, keep: &[IpAddr]) {
+        drop_health(&mut self.health, |k| keep.contains(&IpAddr::from(*k)));
+        drop_health(&mut self.health6, |k| keep.contains(&IpAddr::from(*k)));
+    }
+
+    /// Each peer half's last health probe, by its underlay address: IPv4 ones first.
+    pub fn read_health(&self) -> BTreeMap<IpAddr, PeerHealth> {
+        let v4 = self.health.iter().flat_map(|m| m.iter().flatten());
+        let v6 = self.health6.iter().flat_map(|m| m.iter().flatten());
+        v4.map(|(k, v)| (IpAddr::from(k), v))
+            .chain(v6.map(|(k, v)| (IpAddr::from(k), v)))
             .collect()
     }
 
@@ -310,4 +304,29 @@ pub fn fixed<const N: usize>(s: &str) -> [u8; N] {
 pub fn from_fixed(b: &[u8]) -> String {
     let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// `write_health` for one family's map, when the pins have it.
+fn put_health<K: aya::Pod>(
+    map: &mut Option<HashMap<MapData, K, PeerHealth>>,
+    key: K,
+    h: &PeerHealth,
+    name: &'static str,
+) -> Result<(), MapsError> {
+    match map {
+        Some(m) => m.insert(key, h, 0).map_err(map_err(name)),
+        None => Ok(()),
+    }
+}
+
+/// Removes the entries of one family's health map that `keep` refuses.
+fn drop_health<K: aya::Pod>(
+    map: &mut Option<HashMap<MapData, K, PeerHealth>>,
+    keep: impl Fn(&K) -> bool,
+) {
+    let Some(m) = map else { return };
+    let gone: Vec<K> = m.keys().flatten().filter(|k| !keep(k)).collect();
+    for k in gone {
+        let _ = m.remove(&k);
+    }
 }

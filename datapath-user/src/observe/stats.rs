@@ -1,13 +1,14 @@
 //! What the datapath counted and what its maps hold, read from the maps and rendered for
 //! people (`datapath stats`, `datapath routes`), scripts (`--json`) and Prometheus.
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
 };
 
 use std::sync::atomic::AtomicU64;
 
-use maps_common::{CounterId, DropReason, node_flags, route_mode};
+use maps_common::{CounterId, DropReason, PeerHealth, node_flags, route_mode};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -128,7 +129,7 @@ impl RouteRow {
 }
 
 /// The IPv6 pod CIDR map's rows (none in pins before map ABI 5).
-fn routes6(maps: &DatapathMaps) -> Vec<RouteRow> {
+fn routes6(maps: &DatapathMaps, health: &BTreeMap<IpAddr, PeerHealth>) -> Vec<RouteRow> {
     let Some(m) = &maps.six else {
         return Vec::new();
     };
@@ -146,6 +147,7 @@ fn routes6(maps: &DatapathMaps) -> Vec<RouteRow> {
             RouteRow {
                 family: "ipv6",
                 vtep_mac: format_mac(&r.vtep_mac),
+                health: health.get(&node).map(Health::of),
                 ..RouteRow::of(maps, cidr, node, (r.mode, r.peer_idx), down)
             }
         })
@@ -244,11 +246,11 @@ impl Snapshot {
                 );
                 RouteRow {
                     vtep_mac: format_mac(&r.vtep_mac),
-                    health: health.get(&node).map(Health::of),
+                    health: health.get(&node.into()).map(Health::of),
                     ..row
                 }
             })
-            .chain(routes6(maps))
+            .chain(routes6(maps, &health))
             .collect();
         Ok(Self {
             node_addr: Ipv4Addr::from(cfg.node_addr),

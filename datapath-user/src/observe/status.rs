@@ -1,6 +1,10 @@
 //! `datapath status`: whether the datapath is attached and on which hooks, the state it runs,
 //! and what the agent last did, read from the pins alone: it answers with no agent running.
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use maps_common::{ABI_VERSION, AgentInfo, HealthState, node_flags, prog_names, route_mode};
 use serde::Serialize;
@@ -124,54 +128,72 @@ pub struct Status {
     pub bgp: Option<crate::bgp::sessions::Summary>,
 }
 
-/// The peers' last health probes in a few numbers and names.
+/// The peers' last health probes in a few numbers and names: their IPv4 halves, and their
+/// IPv6 halves apart.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct HealthSummary {
+    #[serde(flatten)]
+    pub v4: HealthCounts,
+    /// The peers' IPv6 halves, once this node probes any (dual-stack).
+    pub ipv6: Option<HealthCounts>,
+}
+
+/// One family's probes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HealthCounts {
     pub probed: usize,
     pub ok: usize,
     /// Unreachable through the tunnel while the underlay answers: a VNI or port mismatch, a
     /// firewall.
-    pub tunnel_down: Vec<std::net::Ipv4Addr>,
+    pub tunnel_down: Vec<IpAddr>,
     /// Answering neither through the tunnel nor on the underlay.
-    pub down: Vec<std::net::Ipv4Addr>,
+    pub down: Vec<IpAddr>,
+}
+
+impl HealthCounts {
+    /// `N of M peers answer through the tunnel`, and those that do not.
+    fn words(&self) -> String {
+        let names = |v: &[IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let mut s = format!(
+            "{} of {} peers answer through the tunnel",
+            self.ok, self.probed
+        );
+        if !self.tunnel_down.is_empty() {
+            s += &format!(
+                "; unreachable through the tunnel while the underlay answers (VNI or port mismatch, firewall): {}",
+                names(&self.tunnel_down).join(", ")
+            );
+        }
+        if !self.down.is_empty() {
+            s += &format!("; down (neither answers): {}", names(&self.down).join(", "));
+        }
+        s
+    }
+
+    fn add(&mut self, addr: IpAddr, p: &maps_common::PeerHealth) {
+        self.probed += 1;
+        match p.state() {
+            HealthState::Ok => self.ok += 1,
+            HealthState::TunnelDown => self.tunnel_down.push(addr),
+            HealthState::Down => self.down.push(addr),
+        }
+    }
 }
 
 impl HealthSummary {
     /// `  health    ...`, as `datapath status` prints it.
     fn line(&self) -> String {
-        let names = |v: &[std::net::Ipv4Addr]| {
-            v.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let tunnel_down = if self.tunnel_down.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; unreachable through the tunnel while the underlay answers (VNI or port mismatch, firewall): {}",
-                names(&self.tunnel_down)
-            )
-        };
-        let down = if self.down.is_empty() {
-            String::new()
-        } else {
-            format!("; down (neither answers): {}", names(&self.down))
-        };
-        format!(
-            "  health    {} of {} peers answer through the tunnel{tunnel_down}{down}",
-            self.ok, self.probed
-        )
+        let six =
+            (self.ipv6.as_ref()).map_or(String::new(), |h| format!("; over IPv6 {}", h.words()));
+        format!("  health    {}{six}", self.v4.words())
     }
 
     fn read(maps: &DatapathMaps) -> Self {
         let mut h = Self::default();
         for (addr, p) in maps.read_health() {
-            h.probed += 1;
-            match p.state() {
-                HealthState::Ok => h.ok += 1,
-                HealthState::TunnelDown => h.tunnel_down.push(addr),
-                HealthState::Down => h.down.push(addr),
+            match addr {
+                IpAddr::V4(_) => h.v4.add(addr, &p),
+                IpAddr::V6(_) => h.ipv6.get_or_insert_default().add(addr, &p),
             }
         }
         h

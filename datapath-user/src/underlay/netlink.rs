@@ -297,29 +297,34 @@ impl Netlink {
         Ok(())
     }
 
-    /// Puts `addr`/32 on `lo`, labelled `PROBE_LABEL`, as this node's health probe address
-    /// (as flanneld puts its subnet's first address on flannel.1); removes any other it left.
-    pub async fn ensure_probe_addr(&self, addr: Ipv4Addr) -> Result<(), NetError> {
+    /// Puts each of `want` on `lo` (/32, /128) as this node's health probe addresses (as
+    /// flanneld puts its subnet's first address on flannel.1), marked as the agent's (address
+    /// protocol `ROUTE_PROTO`; IPv4 also labelled `PROBE_LABEL`); removes any other it left.
+    pub async fn ensure_probe_addrs(&self, want: &[IpAddr]) -> Result<(), NetError> {
         let lo = self.iface("lo").await?;
+        let mut missing = want.to_vec();
         for (msg, have) in self.probe_addrs().await? {
-            if have == addr {
-                return Ok(());
+            if missing.contains(&have) {
+                missing.retain(|w| *w != have);
+                continue;
             }
-            self.handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(nl_err("removing an old probe address"))?;
+            let req = self.handle.address().del(msg).execute().await;
+            req.map_err(nl_err("removing an old probe address"))?;
         }
-        let mut req = self.handle.address().add(lo.ifindex, IpAddr::V4(addr), 32);
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Label(PROBE_LABEL.into()));
-        req.replace()
-            .execute()
-            .await
-            .map_err(nl_err("adding the probe address on lo"))
+        for addr in missing {
+            let mut req = self
+                .handle
+                .address()
+                .add(lo.ifindex, addr, max_prefix(addr));
+            let attrs = &mut req.message_mut().attributes;
+            attrs.push(AddressAttribute::Protocol(ROUTE_PROTO.into()));
+            if addr.is_ipv4() {
+                attrs.push(AddressAttribute::Label(PROBE_LABEL.into()));
+            }
+            let done = req.replace().execute().await;
+            done.map_err(nl_err("adding a probe address on lo"))?;
+        }
+        Ok(())
     }
 
     /// Removes the probe addresses the agent put on `lo`.
@@ -333,20 +338,21 @@ impl Netlink {
         Ok(())
     }
 
-    async fn probe_addrs(&self) -> Result<Vec<(AddressMessage, Ipv4Addr)>, NetError> {
+    /// The addresses marked as the agent's probe addresses, of both families.
+    async fn probe_addrs(&self) -> Result<Vec<(AddressMessage, IpAddr)>, NetError> {
+        let ours = |x: &AddressAttribute| match x {
+            AddressAttribute::Label(l) => l == PROBE_LABEL,
+            AddressAttribute::Protocol(p) => u8::from(*p) == ROUTE_PROTO,
+            _ => false,
+        };
         let addrs = self.address_dump().await?;
         Ok(addrs
             .into_iter()
-            .filter(|a| {
-                a.attributes
-                    .iter()
-                    .any(|x| matches!(x, AddressAttribute::Label(l) if l == PROBE_LABEL))
-            })
+            .filter(|a| a.attributes.iter().any(ours))
             .filter_map(|a| {
-                let ip = a.attributes.iter().find_map(|x| match x {
-                    AddressAttribute::Local(IpAddr::V4(v4)) => Some(*v4),
-                    _ => None,
-                })?;
+                // IPv4 names its own address in IFA_LOCAL; IPv6 in IFA_ADDRESS alone.
+                let ip = attr!(a.attributes, AddressAttribute::Local(ip) => *ip)
+                    .or(attr!(a.attributes, AddressAttribute::Address(ip) => *ip))?;
                 Some((a, ip))
             })
             .collect())
@@ -567,4 +573,9 @@ where
         .enable_all()
         .build()?
         .block_on(async move { f(Netlink::connect()?).await })
+}
+
+/// The prefix length of a single address of `addr`'s family.
+fn max_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
 }

@@ -3,7 +3,7 @@
 //! nodes. Nothing here reads the maps back or lists kernel routes after the start.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags, route_mode};
@@ -18,7 +18,10 @@ use write::{next_gen, same_node};
 use crate::{
     cluster::{Cidr, Cluster, Encap, Invalid, Node, Settings},
     kernel::maps::{DatapathMaps, MapsError, map_err},
-    underlay::netlink::{Iface, RouteSpec},
+    underlay::{
+        netlink::{Iface, RouteSpec},
+        probe::Sources,
+    },
 };
 
 /// Settings of this node that are not in the cluster state.
@@ -98,6 +101,15 @@ pub enum ApplyError {
     /// applies the whole state instead.
     #[error("the change needs the whole cluster state")]
     NeedsFull,
+}
+
+/// A peer half the health probe checks: echo to `probe` (the first address of its pod CIDR)
+/// through the tunnel, and to `underlay`.
+#[derive(Clone, Debug)]
+pub struct ProbeTarget {
+    pub name: String,
+    pub underlay: IpAddr,
+    pub probe: IpAddr,
 }
 
 /// One peer as applied: its node and what the maps hold for it.
@@ -246,14 +258,27 @@ impl Dataplane {
             .collect()
     }
 
-    /// Every peer reached through a tunnel (IPIP or VXLAN, not crossSubnet's native peers):
-    /// name, underlay address, pod CIDR.
-    pub fn tunnel_peers(&self) -> Vec<(String, Ipv4Addr, Cidr)> {
+    /// The peer halves the health probe checks (tunnelled ones), IPv4 halves first.
+    pub fn tunnel_peers(&self) -> Vec<ProbeTarget> {
         self.peers
             .values()
             .filter(|p| p.route.mode == route_mode::IPIP || p.route.mode == route_mode::VXLAN)
-            .map(|p| (p.node.name.clone(), p.node.address, p.node.pod_cidr))
+            .map(|p| ProbeTarget {
+                name: p.node.name.clone(),
+                underlay: p.node.address.into(),
+                probe: p.node.pod_cidr.addr.into(),
+            })
+            .chain(self.tunnel_peers6())
             .collect()
+    }
+
+    /// This node's probe addresses: its pod CIDRs' first addresses (IPv6 while it carries
+    /// IPv6 pods).
+    pub fn own_probe_addrs(&self) -> Sources {
+        Sources {
+            v4: self.own_pod_cidr().map(|c| c.addr),
+            v6: self.own_pod_cidr6().map(|c| c.addr),
+        }
     }
 
     /// The cluster's pod networks: the state's cluster CIDRs, else every pod CIDR merged

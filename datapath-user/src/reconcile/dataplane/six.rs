@@ -162,6 +162,25 @@ impl Dataplane {
         (v4_flags & !node_flags::UNREACHABLE) | if down { node_flags::UNREACHABLE } else { 0 }
     }
 
+    /// The peers' IPv6 halves reached through the tunnel, for the health probe.
+    pub(super) fn tunnel_peers6(&self) -> Vec<super::ProbeTarget> {
+        let tunnelled = |c: &Cidr6| {
+            self.six
+                .cidrs
+                .get(c)
+                .is_some_and(|r| r.mode == route_mode::VXLAN)
+        };
+        (self.peers.values())
+            .filter_map(|p| p.node.v6.map(|h| (&p.node.name, h)))
+            .filter(|(_, h)| tunnelled(&h.pod_cidr))
+            .map(|(name, h)| super::ProbeTarget {
+                name: name.clone(),
+                underlay: h.address.into(),
+                probe: h.pod_cidr.addr.into(),
+            })
+            .collect()
+    }
+
     /// Peers with an IPv6 half: name, IPv6 address, whether it is marked unreachable.
     pub fn peer_addrs6(&self) -> Vec<(String, Ipv6Addr, bool)> {
         (self.peers.values())
