@@ -49,13 +49,23 @@ pub fn try_encap6(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: ptr_at checked the bounds; copied before the frame changes.
     let inner = unsafe { *ip };
     let route = match DP_POD_CIDRS6.get(&Key::new(128, inner.dst_addr)) {
-        // A crossSubnet peer's own route carries its packets natively; one that came through
-        // the aggregate route meanwhile (routes being replaced) goes encapsulated.
-        Some(r) if r.mode == route_mode::NATIVE && !via_aggregate => {
-            let native = Ok((CounterId::NativeForward, aya_ebpf::bindings::TC_ACT_OK));
-            return counted(native, r.peer_idx, len);
+        // A same-subnet peer's own route carries its packets natively; through the aggregate
+        // route (a peer in another subnet under `encapsulation: none`, or routes being
+        // replaced) they reach it unencapsulated, the FIB's next hop toward it in front.
+        Some(r) if r.mode == route_mode::NATIVE => {
+            let action = match via_aggregate {
+                true => {
+                    nexthop::forward6(ctx, cfg, (&c6.node_addr, &r.node_addr), Some(r.peer_idx))
+                }
+                false => Ok(aya_ebpf::bindings::TC_ACT_OK),
+            };
+            return counted(
+                action.map(|a| (CounterId::NativeForward, a)),
+                r.peer_idx,
+                len,
+            );
         }
-        Some(r) if r.mode == route_mode::VXLAN || r.mode == route_mode::NATIVE => *r,
+        Some(r) if r.mode == route_mode::VXLAN => *r,
         // A packet `encap6` wrote and left to `bpf_redirect_neigh` comes by again once the
         // neighbour resolves, re-sent through the aggregate next hop: its own is known now.
         _ if via_aggregate && DP_NODES6.get_ptr(inner.dst_addr).is_some() => {

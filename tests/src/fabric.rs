@@ -50,10 +50,14 @@ impl Frr {
         try_sh(&self.vtysh_cmd(cmd)).unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
-    /// The router's kernel routes learned over BGP (what it forwards by).
+    /// The router's kernel routes learned over BGP (what it forwards by), IPv4 then IPv6.
     pub fn kernel_routes(&self) -> String {
-        String::from_utf8_lossy(&sh_out(&format!("ip -n {} route show proto bgp", self.ns)).stdout)
-            .into_owned()
+        ["-4", "-6"]
+            .map(|f| {
+                let out = sh_out(&format!("ip {f} -n {} route show proto bgp", self.ns));
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .concat()
     }
 
     /// Waits until the router's kernel has `cidr` via `via` (or, with `via` empty, has no
@@ -89,8 +93,8 @@ impl Drop for Frr {
 }
 
 /// FRR's configuration for a router of AS `asn` with id `router_id`: each neighbour (address,
-/// AS) a route-reflector client when iBGP; graceful restart (RFC 4724) on; `networks`
-/// advertised.
+/// AS, either family: the family of its routes) a route-reflector client when iBGP; graceful
+/// restart (RFC 4724) on; `networks` advertised.
 pub fn frr_config(
     asn: u32,
     router_id: &str,
@@ -103,16 +107,26 @@ pub fn frr_config(
     for (addr, peer_as) in neighbours {
         c.push_str(&format!(" neighbor {addr} remote-as {peer_as}\n"));
     }
-    c.push_str(" address-family ipv4 unicast\n");
-    for n in networks {
-        c.push_str(&format!("  network {n}\n"));
-    }
-    for (addr, peer_as) in neighbours {
-        if *peer_as == asn {
-            c.push_str(&format!("  neighbor {addr} route-reflector-client\n"));
+    for (family, v6) in [("ipv4", false), ("ipv6", true)] {
+        c.push_str(&format!(" address-family {family} unicast\n"));
+        for n in networks.iter().filter(|n| n.contains(':') == v6) {
+            c.push_str(&format!("  network {n}\n"));
         }
+        // Each family over sessions of its own (as Calico peers): an IPv6 neighbour carries
+        // IPv6 routes.
+        for (addr, peer_as) in neighbours {
+            let ours = addr.contains(':') == v6;
+            match ours {
+                true if v6 => c.push_str(&format!("  neighbor {addr} activate\n")),
+                false if !v6 => c.push_str(&format!("  no neighbor {addr} activate\n")),
+                _ => {}
+            }
+            if ours && *peer_as == asn {
+                c.push_str(&format!("  neighbor {addr} route-reflector-client\n"));
+            }
+        }
+        c.push_str(" exit-address-family\n!\n");
     }
-    c.push_str(" exit-address-family\n!\n");
     c
 }
 

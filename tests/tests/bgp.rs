@@ -17,6 +17,7 @@ use std::{
 
 use integration_tests::{
     Capture, Topology,
+    dual::{pod_cidr6, pod_ip6},
     fabric::{Frr, frr_config, host_behind},
     ping_log_spanned, ping_log_summary, tshark_fields, wait_for,
 };
@@ -481,4 +482,104 @@ fn vxlan_to_none_to_ipip_live_loses_nothing() {
         seconds.iter().all(|b| *b > 0.0),
         "a second without TCP progress: {seconds:?}"
     );
+}
+
+/// The nodes' IPv6 underlay addresses in `two_subnets`.
+const NODES6: [&str; 2] = ["fd00:1::10", "fd00:2::10"];
+
+/// Dual-stack BGP native routing, as Calico peers each family: the router is each node's
+/// route reflector over IPv4 and over IPv6 (a BGPPeer of each family). The router learns each
+/// node's IPv6 pod CIDR over the IPv6 session, the nodes take each other's IPv6 halves native,
+/// and the pods' IPv6 packets cross the router's link as they are (no VXLAN), both ways, with
+/// IPv4 native beside them.
+#[test]
+fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
+    let mut t = two_subnets("bgp6");
+    t.underlay.exec(
+        "sysctl -qw net.ipv6.conf.all.forwarding=1 && ip -6 addr add fd00:1::1/64 dev br0 nodad && ip -6 addr add fd00:2::1/64 dev br1 nodad",
+    );
+    for (n, addr) in t.nodes.iter().zip(NODES6) {
+        let gw = addr.replace("::10", "::1");
+        n.ns.exec(&format!(
+            "sysctl -qw net.ipv6.conf.all.forwarding=1 && ip -6 addr add {addr}/64 dev eth0 nodad && ip -6 route add default via {gw}"
+        ));
+    }
+    let neighbours = [
+        (NODE1, 64512),
+        (NODE2, 64512),
+        (NODES6[0], 64512),
+        (NODES6[1], 64512),
+    ];
+    let cfg = frr_config(64512, "192.168.1.1", &neighbours, &["192.168.3.0/24"]);
+    let frr = Frr::start(&t.underlay, &t.workdir.join("frr"), &cfg);
+    let mut yaml = t.cluster_yaml(
+        "none",
+        &(peers_block(64512)
+            + "    - { address: \"fd00:1::1\", asNumber: 64512, node: node1 }\n    - { address: \"fd00:2::1\", asNumber: 64512, node: node2 }\n"),
+    );
+    for (i, addr) in NODES6.iter().enumerate() {
+        let line = format!("    podCIDR: 10.244.{i}.0/24\n");
+        let half = format!(
+            "{line}    addressV6: \"{addr}\"\n    podCIDRv6: \"{}\"\n",
+            pod_cidr6(i)
+        );
+        yaml = yaml.replace(&line, &half);
+    }
+    let cluster = t.write_cluster(&yaml);
+    start(&mut t, 0, &cluster);
+    start(&mut t, 1, &cluster);
+    plug(&mut t);
+
+    for (i, via) in NODES6.iter().enumerate() {
+        assert!(
+            frr.wait_route(&pod_cidr6(i), via, Duration::from_secs(30)),
+            "router has no {} via {via}:\n{}\n{}",
+            pod_cidr6(i),
+            frr.vtysh("show bgp ipv6 unicast"),
+            frr.logs()
+        );
+    }
+    let native = wait_for(Duration::from_secs(30), || {
+        route_mode(&t, 0, &pod_cidr6(1)) == "native" && route_mode(&t, 1, &pod_cidr6(0)) == "native"
+    });
+    assert!(
+        native,
+        "IPv6 halves did not go native: {:?} {:?}",
+        route_mode(&t, 0, &pod_cidr6(1)),
+        route_mode(&t, 1, &pod_cidr6(0))
+    );
+    let st = status_json(&t, 0);
+    let sessions = st["bgp"]["sessions"].as_array().unwrap();
+    let v6 = sessions
+        .iter()
+        .find(|s| s["peer"] == "fd00:1::1")
+        .expect("IPv6 session");
+    assert_eq!(v6["state"], "Established", "{st}");
+    assert_eq!(v6["advertised"], 1, "this node's IPv6 pod CIDR: {st}");
+
+    let cap = Capture::start(
+        &t.underlay,
+        "u0",
+        "(ip6 and not icmp6 and not tcp port 179) or udp",
+        &t.workdir.join("v6.pcap"),
+    );
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "no IPv6 between the pods");
+    assert_eq!(t.ping6(0, 1, 5), 5, "pod1 -> pod2 over IPv6");
+    assert_eq!(t.ping6(1, 0, 5), 5, "pod2 -> pod1 over IPv6");
+    let (sent, got) = t.tcp_transfer_via(0, 1, &pod_ip6(1), 5001, 8);
+    assert_eq!(sent, got, "hashed TCP/IPv6 transfer pod1 -> pod2");
+    let frames = tshark_fields(&cap.stop(), "", &["ipv6.src", "ipv6.dst", "udp.dstport"]);
+    assert!(
+        frames.len() >= 20,
+        "IPv6 traffic on the router's link: {frames:?}"
+    );
+    for f in &frames {
+        assert!(f[2].is_empty(), "UDP (VXLAN) on the router's link: {f:?}");
+        assert!(
+            f[0].starts_with("fd00:10:244:") && f[1].starts_with("fd00:10:244:"),
+            "pod addresses, no outer header: {f:?}"
+        );
+    }
+    assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
 }

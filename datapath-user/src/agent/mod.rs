@@ -262,7 +262,7 @@ fn adopt_fabric(shared: &SharedRef, bird: &bgp::bird::Bird) {
     match bgp::sessions::read(&bird.socket()) {
         Ok(r) => {
             let routes = r.fabric_routes();
-            info!(fabric_routes = routes.len(), dir = %bird.dir.display(), "BGP speaker already running: adopted");
+            info!(fabric_routes = routes.count(), dir = %bird.dir.display(), "BGP speaker already running: adopted");
             if let Err(e) = lock(shared).dp.set_fabric(routes) {
                 warn!("recording the fabric's routes: {e}");
             }

@@ -1,7 +1,7 @@
 //! The agent's loop once the node is up: updates from the source to the reconciler, route
 //! repair, output retries, netfilter ruleset changes, the CNI plugin check, and the signals
 //! that end it.
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -10,11 +10,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    cluster::Cidr,
     observe::http,
     outputs::cni::{self, CniOptions},
     reconcile::{
         Reconciler,
+        dataplane::Fabric,
         state::{SharedRef, lock},
     },
     source::Update,
@@ -37,7 +37,7 @@ pub async fn serve(
     mut rec: Reconciler,
     mut rx: mpsc::Receiver<Update>,
     mut rulesets: Option<mpsc::Receiver<ruleset::Change>>,
-    mut fabric: mpsc::Receiver<BTreeSet<Cidr>>,
+    mut fabric: mpsc::Receiver<Fabric>,
     probe: Arc<http::Probe>,
 ) -> anyhow::Result<()> {
     let shared = rec.shared.clone();

@@ -2,7 +2,7 @@
 //! supervised by the agent, advertises this node's pod CIDR and learns the fabric's routes;
 //! its sessions are logged, counted, and shown in `status` and the metrics.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -20,9 +20,9 @@ use bird::Bird;
 use config::View;
 use sessions::{Reading, Session};
 
-use crate::{
-    cluster::Cidr,
-    reconcile::state::{SharedRef, lock},
+use crate::reconcile::{
+    dataplane::Fabric,
+    state::{SharedRef, lock},
 };
 
 /// `datapath run`'s flags for the BGP speaker; the `bgp` block of the cluster state turns it on.
@@ -82,11 +82,11 @@ pub async fn supervise(
     opts: BgpOptions,
     bird: Bird,
     changed: Arc<Notify>,
-    fabric: mpsc::Sender<BTreeSet<Cidr>>,
+    fabric: mpsc::Sender<Fabric>,
     status: SpeakerRef,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut sent: Option<BTreeSet<Cidr>> = None;
+    let mut sent: Option<Fabric> = None;
     // What BIRD was last configured from: the configuration is rendered again only when the
     // state changed it (or after a failed round).
     let mut configured: Option<Option<View>> = None;
@@ -125,13 +125,18 @@ pub async fn supervise(
 fn view(shared: &SharedRef, opts: &BgpOptions) -> Option<View> {
     let s = lock(shared);
     let bgp = s.dp.settings()?.bgp.clone()?;
-    let me = s.dp.me()?.clone();
+    let mut me = s.dp.me()?.clone();
+    // An IPv6 half this node does not carry (IPIP) is not advertised.
+    if !s.dp.ipv6_active() {
+        me.v6 = None;
+    }
     Some(View {
         bgp,
         router_id: opts.bgp_router_id.unwrap_or(me.address),
         local: opts.bgp_source.unwrap_or(me.address),
         peers: s.dp.peer_nodes().cloned().collect(),
         networks: s.dp.cluster_networks(),
+        networks6: s.dp.cluster_networks6(),
         iface: s.dp.local.iface.name.clone(),
         advertise: !s.reload.left_cluster,
         me,

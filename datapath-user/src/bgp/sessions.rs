@@ -3,13 +3,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    str::FromStr,
 };
 
 use birdc::{Client, Message, ProtoSpecificInfo, ShowProtocolDetailsMessage};
 use serde::Serialize;
 
 use super::config::{MESH_PREFIX, PEER_PREFIX};
-use crate::cluster::Cidr;
+use crate::{
+    cluster::{Cidr, Cidr6},
+    reconcile::dataplane::Fabric,
+};
 
 /// One BGP session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -42,18 +46,28 @@ pub struct Reading {
     pub sessions: Vec<Session>,
     /// Each learned prefix and the sessions it came over.
     pub learned: BTreeMap<Cidr, BTreeSet<String>>,
+    /// The same for IPv6 prefixes.
+    pub learned6: BTreeMap<Cidr6, BTreeSet<String>>,
 }
 
 impl Reading {
     /// Prefixes learned from an explicit peer (a router of the fabric, or its route reflector):
     /// the fabric can route them.
-    pub fn fabric_routes(&self) -> BTreeSet<Cidr> {
-        self.learned
-            .iter()
-            .filter(|(_, from)| from.iter().any(|p| p.starts_with(PEER_PREFIX)))
-            .map(|(c, _)| *c)
-            .collect()
+    pub fn fabric_routes(&self) -> Fabric {
+        Fabric {
+            v4: from_peers(&self.learned),
+            v6: from_peers(&self.learned6),
+        }
     }
+}
+
+/// The prefixes of `learned` that came over an explicit peer's session.
+fn from_peers<C: Copy + Ord>(learned: &BTreeMap<C, BTreeSet<String>>) -> BTreeSet<C> {
+    learned
+        .iter()
+        .filter(|(_, from)| from.iter().any(|p| p.starts_with(PEER_PREFIX)))
+        .map(|(c, _)| *c)
+        .collect()
 }
 
 /// Reads BIRD's sessions and routes through its control socket.
@@ -65,6 +79,7 @@ pub fn read(socket: &Path) -> anyhow::Result<Reading> {
     Ok(Reading {
         sessions,
         learned: learned(&routes),
+        learned6: learned(&routes),
     })
 }
 
@@ -106,18 +121,19 @@ fn session(d: &ShowProtocolDetailsMessage) -> Option<Session> {
     })
 }
 
-/// The prefixes of `show route` and the protocols each came from: a route's first line names
-/// its prefix, lines of further routes for it start with blanks.
-fn learned(messages: &[Message]) -> BTreeMap<Cidr, BTreeSet<String>> {
-    let mut out: BTreeMap<Cidr, BTreeSet<String>> = BTreeMap::new();
+/// The prefixes of `show route` of one family (`C`) and the protocols each came from: a
+/// route's first line names its prefix, lines of further routes for it start with blanks.
+fn learned<C: FromStr + Copy + Ord>(messages: &[Message]) -> BTreeMap<C, BTreeSet<String>> {
+    let mut out: BTreeMap<C, BTreeSet<String>> = BTreeMap::new();
     let mut current = None;
     for m in messages {
         let Message::RouteList(text) = m else {
             continue;
         };
         for line in text.lines() {
-            if let Some(c) = line.split_whitespace().next().and_then(|t| t.parse().ok()) {
-                current = Some(c);
+            // A prefix of the other family ends the current one without starting another.
+            if let Some(t) = line.split_whitespace().next().filter(|t| t.contains('/')) {
+                current = t.parse().ok();
             }
             let proto = line
                 .split_once('[')

@@ -1,6 +1,6 @@
 //! The `bgp` block of a cluster state, after Calico's BGPConfiguration and BGPPeer: the
 //! cluster's AS, the node-to-node mesh and explicit peers, checked like the rest of the state.
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{collections::HashSet, net::IpAddr};
 
 use serde::Deserialize;
 
@@ -22,10 +22,12 @@ pub struct Bgp {
     pub peers: Vec<BgpPeer>,
 }
 
-/// An explicit peer: a top-of-rack router or route reflector.
+/// An explicit peer: a top-of-rack router or route reflector. An IPv6 one carries the IPv6
+/// pod CIDRs (a session from the node's IPv6 address), an IPv4 one the IPv4 pod CIDRs, as
+/// Calico's BGPPeer `peerIP` of either family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BgpPeer {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub as_number: u32,
     /// Only this node peers with it (Calico's per-node BGPPeer); every node when `None`.
     pub node: Option<String>,
@@ -108,7 +110,10 @@ pub fn validate(
         let clash = if !seen.insert((peer.address, p.node.clone())) {
             Some(format!("peer {} is listed twice", peer.address))
         } else {
-            let node = nodes.iter().find(|n| n.address == peer.address);
+            let node = nodes.iter().find(|n| {
+                IpAddr::V4(n.address) == peer.address
+                    || n.v6.is_some_and(|h| IpAddr::V6(h.address) == peer.address)
+            });
             node.filter(|_| mesh).map(|n| {
                 format!(
                     "{} is node {:?}, which the node-to-node mesh already peers with",
@@ -122,6 +127,9 @@ pub fn validate(
                 reason,
             });
         }
+        if let Some(w) = without_ipv6(&peer, nodes) {
+            warnings.push(format!("{}: {w}", at("address")));
+        }
         peers.push(peer);
     }
     Bgp {
@@ -129,6 +137,18 @@ pub fn validate(
         node_to_node_mesh: mesh,
         peers,
     }
+}
+
+/// For an IPv6 peer, the nodes it applies to that have no IPv6 half (they cannot peer with it).
+fn without_ipv6(peer: &BgpPeer, nodes: &[Node]) -> Option<String> {
+    let applies = |n: &&Node| peer.node.as_ref().is_none_or(|p| *p == n.name);
+    let missing: Vec<&str> = (nodes.iter().filter(applies))
+        .filter(|n| n.v6.is_none())
+        .map(|n| n.name.as_str())
+        .collect();
+    (peer.address.is_ipv6() && !missing.is_empty()).then(|| {
+        format!("an IPv6 peer, but node(s) {missing:?} have no IPv6 half: they do not peer with it")
+    })
 }
 
 /// One peer's address and AS checked; the peer when both are good.
@@ -143,13 +163,13 @@ fn read_peer(
             reason,
         })
     };
-    let address = match p.address.as_deref().map(str::parse::<Ipv4Addr>) {
+    let address = match p.address.as_deref().map(str::parse::<IpAddr>) {
         None => Err("missing".to_string()),
         Some(Err(_)) => Err(format!(
-            "{:?} is not an IPv4 address",
+            "{:?} is not an IP address",
             p.address.as_deref().unwrap_or("")
         )),
-        Some(Ok(a)) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
+        Some(Ok(a)) if a.is_unspecified() || a.is_multicast() || a == IpAddr::from([255; 4]) => {
             Err(format!("{a} cannot be a BGP peer"))
         }
         Some(Ok(a)) => Ok(a),

@@ -235,10 +235,9 @@ pub fn warnings6(set: &Settings, nodes: &[Node], own: Option<&Node>) -> Vec<Stri
         return Vec::new();
     }
     let mut out = Vec::new();
-    if set.encap != Encap::Vxlan {
+    if set.encap == Encap::Ipip {
         out.push(format!(
-            "{with_v6} node(s) carry IPv6 pod CIDRs, but IPv6 pods travel in VXLAN only (IPIP is IPv4 only, and native IPv6 routing is not built); encapsulation {}: IPv6 pods get no route",
-            set.encap.name()
+            "{with_v6} node(s) carry IPv6 pod CIDRs, but IPIP is IPv4 only (IPv6 pods travel in VXLAN or natively, with encapsulation vxlan or none): IPv6 pods get no route"
         ));
     }
     if let Some(me) = own.filter(|m| m.v6.is_none()) {

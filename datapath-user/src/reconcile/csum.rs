@@ -10,7 +10,8 @@ use crate::{
 };
 
 /// Creates the checksum device and its drop program when the cluster asks for outer UDP
-/// checksums, or this node carries IPv6 pods (`v6`: it sends every IPv6 VXLAN frame); returns
+/// checksums (VXLAN), or this node carries IPv6 pods (`v6`, VXLAN or native routing: it sends
+/// every IPv6 VXLAN frame); returns
 /// its ifindex, 0 when none is wanted.
 pub async fn with_csum_device(
     shared: &SharedRef,
@@ -18,7 +19,13 @@ pub async fn with_csum_device(
     cluster: &Cluster,
     v6: bool,
 ) -> anyhow::Result<u32> {
-    if cluster.encap != cluster::Encap::Vxlan || !(cluster.udp_checksum || v6) {
+    let wanted = match cluster.encap {
+        cluster::Encap::Vxlan => cluster.udp_checksum || v6,
+        // Native routing's IPv6 halves go in VXLAN over IPv6 until the fabric routes them.
+        cluster::Encap::None => v6,
+        cluster::Encap::Ipip => false,
+    };
+    if !wanted {
         return Ok(0);
     }
     let (ifindex, fresh) = nl.ensure_csum_device(cluster.port).await?;

@@ -1,7 +1,7 @@
 //! Bringing the node to a checked cluster state: one reconciler owns the desired and the
 //! installed state together, the maps (`dataplane`), the kernel routes (`routes`) and the
 //! checksum device (`csum`), and hands the node's outputs what they are written from.
-use std::{collections::BTreeSet, sync::Arc};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::Notify;
@@ -19,7 +19,7 @@ pub mod dataplane;
 pub mod routes;
 pub mod state;
 
-use dataplane::{ApplyError, Changes};
+use dataplane::{ApplyError, Changes, Fabric};
 use routes::Routes;
 use state::{SharedRef, lock, now};
 
@@ -199,8 +199,8 @@ impl Reconciler {
 
     /// Records the pod CIDRs the fabric can route now (the BGP speaker's reading): under
     /// `encapsulation: none` the peers they belong to go natively from here on.
-    pub async fn apply_fabric(&mut self, routes: BTreeSet<Cidr>) {
-        let count = routes.len();
+    pub async fn apply_fabric(&mut self, routes: Fabric) {
+        let count = routes.count();
         let result = lock(&self.shared).dp.set_fabric(routes);
         let mut ch = match result {
             Ok(ch) if ch == Changes::default() => return,

@@ -144,7 +144,7 @@ fn each_class_of_bad_file_is_rejected_with_its_message() {
         (
             "crossSubnet: false",
             "bgp: { peers: [ { address: 10.0.0.300, asNumber: 65001 } ] }",
-            "bgp.peers[0].address: \"10.0.0.300\" is not an IPv4 address",
+            "bgp.peers[0].address: \"10.0.0.300\" is not an IP address",
         ),
         (
             "crossSubnet: false",
@@ -451,7 +451,23 @@ fn a_cluster_files_ipv6_half_is_checked_like_the_rest() {
     let ipip = dual.replace("encapsulation: vxlan", "encapsulation: ipip");
     let c = parse(&ipip, &Defaults::default(), &limits(Some("node1"))).unwrap();
     assert!(
-        c.warnings[0].contains("IPv6 pods travel in VXLAN only"),
+        c.warnings[0].contains("IPIP is IPv4 only"),
+        "{:?}",
+        c.warnings
+    );
+    // Native routing (BGP) carries them: no word; an IPv6 BGP peer of a node without an
+    // IPv6 half is named.
+    let bgp = dual.replace(
+        "encapsulation: vxlan",
+        "encapsulation: none\nbgp: { peers: [ { address: \"fd00::1\", asNumber: 65001 } ] }",
+    );
+    let c = parse(&bgp, &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let c = parse(&bgp.replace("    addressV6: fd00::11\n    podCIDRv6: fd00:10:244:1::/64\n    vtepMACv6: 66:00:00:00:00:06\n", ""), &Defaults::default(), &limits(Some("node1"))).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.starts_with(
+            "bgp.peers[0].address: an IPv6 peer, but node(s) [\"node2\"] have no IPv6 half"
+        )),
         "{:?}",
         c.warnings
     );

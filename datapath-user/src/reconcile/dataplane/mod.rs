@@ -10,6 +10,7 @@ use maps_common::{NodeConfig, NodeEntry, PodRoute, map_names, node_flags, route_
 
 mod delta;
 mod fabric;
+pub use fabric::Fabric;
 mod six;
 mod write;
 
@@ -138,7 +139,7 @@ pub struct Dataplane {
     native: BTreeMap<Cidr, RouteSpec>,
     /// Pod CIDRs this node's BGP speaker holds routes for: under `encapsulation: none` a peer
     /// in another subnet is reached natively only once the fabric can route its pod CIDR.
-    fabric: BTreeSet<Cidr>,
+    fabric: Fabric,
     /// What carries such a peer meanwhile: the encapsulation in use before (VXLAN at first).
     carrier: Encap,
     /// What an earlier agent left in the maps, cleared after the first full state.
@@ -183,7 +184,7 @@ impl Dataplane {
             free,
             aggregates: BTreeMap::new(),
             native: BTreeMap::new(),
-            fabric: BTreeSet::new(),
+            fabric: Fabric::default(),
             carrier: Encap::Vxlan,
             stale_nodes,
             stale_cidrs,

@@ -68,12 +68,13 @@ struct Want6 {
 }
 
 impl Dataplane {
-    /// Whether this node carries IPv6 pods: VXLAN, an IPv6 half of its own, and the metadata
-    /// VXLAN device that sends IPv6 frames.
+    /// Whether this node carries IPv6 pods: VXLAN or native routing (whose IPv6 halves the
+    /// fabric cannot route yet go in VXLAN), an IPv6 half of its own, and the metadata VXLAN
+    /// device that sends IPv6 frames.
     pub fn ipv6_active(&self) -> bool {
         self.settings
             .as_ref()
-            .is_some_and(|s| s.encap == Encap::Vxlan)
+            .is_some_and(|s| s.encap == Encap::Vxlan || s.encap == Encap::None)
             && self.me.as_ref().is_some_and(|m| m.v6.is_some())
             && self.local.csum_ifindex != 0
             && self.maps.six.is_some()
@@ -84,6 +85,13 @@ impl Dataplane {
         self.ipv6_active()
             .then(|| self.me.as_ref()?.v6.map(|h| h.pod_cidr))
             .flatten()
+    }
+
+    /// The cluster's IPv6 pod networks, as the aggregate routes cover them (none while this
+    /// node carries no IPv6 pods).
+    pub fn cluster_networks6(&self) -> Vec<Cidr6> {
+        let aggregates = self.six.routes.iter().filter(|(_, via)| via.is_none());
+        aggregates.map(|(c, _)| *c).collect()
     }
 
     /// Peer nodes whose IPv6 half is in the maps (for the metrics).
@@ -122,7 +130,6 @@ impl Dataplane {
             ..PodRoute6::default()
         };
         w.cidrs.insert(me.pod_cidr, local);
-        let cross_subnet = self.settings.as_ref().is_some_and(|s| s.cross_subnet);
         let subnet = Cidr6::of(me.address, me.prefix_len.unwrap_or(64));
         for p in self.peers.values() {
             let Some(h) = p.node.v6 else { continue };
@@ -136,8 +143,9 @@ impl Dataplane {
                     _pad: [0; 2],
                 },
             );
-            let native = cross_subnet && subnet.contains(h.address);
-            if native {
+            let same_subnet = subnet.contains(h.address);
+            let native = self.native6(h.pod_cidr, same_subnet);
+            if native && same_subnet {
                 w.native.insert(h.pod_cidr, h.address);
             }
             let route = PodRoute6 {
@@ -154,6 +162,20 @@ impl Dataplane {
             w.cidrs.insert(h.pod_cidr, route);
         }
         w
+    }
+
+    /// Whether a peer's IPv6 half is reached natively, as `mode_for` decides for IPv4:
+    /// crossSubnet's same-subnet peers; under `encapsulation: none`, a peer in this subnet, or
+    /// one whose IPv6 pod CIDR the fabric routes (any, without a `bgp` block). A native peer
+    /// in another subnet is sent through the aggregate route, its next hop the FIB's toward it.
+    fn native6(&self, pod_cidr: Cidr6, same_subnet: bool) -> bool {
+        let Some(s) = self.settings.as_ref() else {
+            return false;
+        };
+        match s.encap {
+            Encap::None => same_subnet || s.bgp.is_none() || self.fabric.v6.contains(&pod_cidr),
+            _ => s.cross_subnet && same_subnet,
+        }
     }
 
     /// A peer's IPv4 `node_flags` with `UNREACHABLE` as its IPv6 half's own verdict.
@@ -221,6 +243,18 @@ impl Dataplane {
         m.nodes
             .insert(key, *e, 0)
             .map_err(map_err(map_names::NODES6))
+    }
+
+    /// `sync6`, returning how many IPv6 pod CIDR entries it changed.
+    pub(super) fn resync6(&mut self) -> Result<usize, MapsError> {
+        let before = self.six.cidrs.clone();
+        self.sync6()?;
+        let after = &self.six.cidrs;
+        let changed = after
+            .iter()
+            .filter(|(c, r)| before.get(c) != Some(r))
+            .count();
+        Ok(changed + before.keys().filter(|c| !after.contains_key(c)).count())
     }
 
     /// Brings the IPv6 maps and routes to the applied state: nodes before the pod CIDRs that

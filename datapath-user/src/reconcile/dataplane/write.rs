@@ -239,7 +239,7 @@ impl Dataplane {
         let s = self.settings.as_ref().expect("settings set before nodes");
         let same_subnet = self.same_subnet(n.address);
         let native = match s.encap {
-            Encap::None => same_subnet || s.bgp.is_none() || self.fabric.contains(&n.pod_cidr),
+            Encap::None => same_subnet || s.bgp.is_none() || self.fabric.v4.contains(&n.pod_cidr),
             _ => s.cross_subnet && same_subnet,
         };
         let encap = if s.encap == Encap::None {
