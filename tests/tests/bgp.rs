@@ -17,7 +17,7 @@ use std::{
 
 use integration_tests::{
     Capture, Topology,
-    dual::{pod_cidr6, pod_ip6},
+    dual::{add_ipv6, dual_cluster_yaml, pod_cidr6, pod_ip6},
     fabric::{Frr, frr_config, host_behind},
     ping_log_spanned, ping_log_summary, tshark_fields, wait_for,
 };
@@ -350,23 +350,42 @@ fn ebgp_to_top_of_rack_router() {
     }
 }
 
+/// A mesh of two dual-stack nodes in one subnet, no router: a session between their IPv4
+/// addresses and one between their IPv6 addresses, each with one prefix each way; pods reached
+/// natively in both families.
 #[test]
 fn node_to_node_mesh_without_router() {
-    let (t, _cluster) =
-        Topology::two_nodes_running("bgpmesh", "none", "bgp:\n  asNumber: 64512\n", "");
-    // The default --bgp-dir: derived from the pin directory, one per node.
-    let ok = wait_for(Duration::from_secs(30), || {
-        let st = status_json_default(&t, 0);
-        st["bgp"]["sessions"][0]["state"] == "Established"
-            && st["bgp"]["sessions"][0]["received"] == 1
-    });
-    assert!(ok, "mesh session: {}", status_json_default(&t, 0));
-    let st = status_json_default(&t, 1);
-    assert_eq!(
-        st["bgp"]["sessions"][0]["kind"], "node-to-node mesh",
-        "{st}"
+    let mut t = Topology::two_nodes("bgpmesh");
+    add_ipv6(&t);
+    let yaml = dual_cluster_yaml(&t).replace(
+        "encapsulation: vxlan\n",
+        "encapsulation: none\nbgp:\n  asNumber: 64512\n",
     );
-    assert_eq!(st["bgp"]["sessions"][0]["peer"], "192.168.1.10", "{st}");
+    let cluster = t.write_cluster(&yaml);
+    for i in 0..2 {
+        t.start_agent(i, &cluster, "");
+    }
+    // The default --bgp-dir: derived from the pin directory, one per node.
+    let session = |i: usize, peer: &str| {
+        let st = status_json_default(&t, i);
+        let all = st["bgp"]["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        all.into_iter()
+            .find(|s| s["peer"] == peer)
+            .unwrap_or_default()
+    };
+    let ok = wait_for(Duration::from_secs(30), || {
+        ["192.168.1.11", "fd00:1::11"].iter().all(|p| {
+            let s = session(0, p);
+            s["state"] == "Established" && s["received"] == 1
+        })
+    });
+    assert!(ok, "mesh sessions: {}", status_json_default(&t, 0));
+    let s = session(1, "192.168.1.10");
+    assert_eq!(s["kind"], "node-to-node mesh", "{s}");
+    assert_eq!(session(1, "fd00:1::10")["kind"], "node-to-node mesh");
     let text = String::from_utf8_lossy(
         &t.datapath(0, &format!("status --pin-dir {}", t.pin_dir(0).display()))
             .stdout,
@@ -377,15 +396,22 @@ fn node_to_node_mesh_without_router() {
         "{text}"
     );
     assert_eq!(route_mode(&t, 0, "10.244.1.0/24"), "native");
+    assert_eq!(route_mode(&t, 0, &pod_cidr6(1)), "native");
     let cap = Capture::start(
         &t.underlay,
         "u0",
-        "icmp or ip proto 4 or udp",
+        "icmp or ip proto 4 or udp or icmp6[0] == 128 or icmp6[0] == 129",
         &t.workdir.join("m.pcap"),
     );
     assert_eq!(t.ping(0, 1, 5), 5);
-    let frames = tshark_fields(&cap.stop(), "", &["ip.proto"]);
-    assert!(frames.iter().all(|f| f[0] == "1"), "plain ICMP: {frames:?}");
+    assert_eq!(t.ping6(0, 1, 5), 5);
+    let frames = tshark_fields(&cap.stop(), "", &["ip.proto", "ipv6.nxt"]);
+    let plain = |f: &Vec<String>| f[0] == "1" || (f[0].is_empty() && f[1] == "58");
+    assert!(frames.len() >= 20, "pings on the wire: {frames:?}");
+    assert!(
+        frames.iter().all(plain),
+        "plain ICMP and ICMPv6: {frames:?}"
+    );
 }
 
 fn status_json_default(t: &Topology, i: usize) -> serde_json::Value {
