@@ -7,7 +7,12 @@ use maps_common::{
     DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, DropReason, Event, MonitorConf, MonitorState,
     event_kind,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vxlan::VxlanHdr,
+};
 
 use crate::{
     DP_EVENTS, DP_MONITOR, DP_MONITOR_CONF,
@@ -15,6 +20,7 @@ use crate::{
 };
 
 const IPV4: u16 = 0x0800u16.to_be();
+const IPV6: u16 = 0x86ddu16.to_be();
 /// `bpf_ringbuf_output` flag: do not wake the reader.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const ETH_IP: usize = EthHdr::LEN;
@@ -51,9 +57,10 @@ pub fn forwarded<P: Packet>(ctx: &P, hook: u8) {
     }
 }
 
-#[inline(always)]
 /// Writes one event (kind, hook, reason) if this CPU's bucket has a token; `conf`, read once
-/// by the caller, sets the bucket.
+/// by the caller, sets the bucket. The event is written in place in the ring (104 bytes the
+/// stack does not have to hold).
+#[inline(always)]
 fn emit<P: Packet>(ctx: &P, conf: Option<&MonitorConf>, (kind, hook, reason): (u8, u8, u8)) {
     let Some(st) = DP_MONITOR.get_ptr_mut(0) else {
         return;
@@ -66,21 +73,22 @@ fn emit<P: Packet>(ctx: &P, conf: Option<&MonitorConf>, (kind, hook, reason): (u
         st.limited += 1;
         return;
     }
-    let mut ev = Event {
-        ts_ns: now,
-        kind,
-        hook,
-        reason,
-        ifindex: ctx.ifindex(),
-        len: ctx.packet_len() as u32,
-        ..Event::default()
+    let Some(mut entry) = DP_EVENTS.reserve(0) else {
+        st.lost += 1;
+        return;
     };
-    decode(ctx, &mut ev);
+    // SAFETY: the reserved entry is ours to write, an Event's size; all-zero is a valid Event.
+    let ev = unsafe {
+        let p = entry.as_mut_ptr();
+        core::ptr::write_bytes(p, 0, 1);
+        &mut *p
+    };
+    (ev.ts_ns, ev.kind, ev.hook, ev.reason) = (now, kind, hook, reason);
+    (ev.ifindex, ev.len) = (ctx.ifindex(), ctx.packet_len() as u32);
+    decode(ctx, ev);
     // No wakeup per event (an irq_work each, microseconds under a flood): the monitor polls.
-    match DP_EVENTS.output(ev, BPF_RB_NO_WAKEUP) {
-        Ok(()) => st.sent += 1,
-        Err(_) => st.lost += 1,
-    }
+    entry.submit(BPF_RB_NO_WAKEUP);
+    st.sent += 1;
 }
 
 /// One token from this CPU's bucket, refilled at `rate` a second up to `burst`.
@@ -110,59 +118,75 @@ fn take_token(st: &mut MonitorState, conf: Option<&MonitorConf>, now: u64) -> bo
     true
 }
 
-/// The frame's first IPv4 header, its ports, and for IPIP and VXLAN (outer header without
-/// options) the inner header and its ports.
+/// The frame's first IP header, its ports, and for IPIP and VXLAN (outer header without
+/// options or extension headers) the inner header and its ports.
 #[inline(always)]
 fn decode<P: Packet>(ctx: &P, ev: &mut Event) {
     let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return;
     };
     // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).ether_type } != IPV4 {
-        return;
-    }
-    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_IP) else {
+    let ty = unsafe { (*eth).ether_type };
+    let outer = (&mut ev.family, &mut ev.proto, &mut ev.src, &mut ev.dst);
+    let Some(l4) = ip_at(ctx, ty, ETH_IP, outer) else {
         return;
     };
-    // SAFETY: ptr_at checked the bounds.
-    let ip = unsafe { *ip };
-    ev.proto = ip.proto;
-    ev.src = ip.src_addr;
-    ev.dst = ip.dst_addr;
-    let plain = ip.vihl == 0x45;
-    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
-    if !plain || !first {
-        return;
-    }
-    let l4 = ETH_IP + Ipv4Hdr::LEN;
-    if let Some((s, d)) = ports(ctx, ip.proto, l4) {
+    if let Some((s, d)) = ports(ctx, ev.proto, l4) {
         (ev.sport, ev.dport) = (s, d);
     }
-    let inner_at = match ip.proto {
-        IPPROTO_IPIP => l4,
-        IPPROTO_UDP => match vni(ctx, l4) {
-            Some(v) => {
+    let (inner_at, inner_ty) = match ev.proto {
+        IPPROTO_IPIP => (l4, IPV4),
+        IPPROTO_UDP => match vxlan(ctx, l4) {
+            Some((v, ty)) => {
                 ev.vni = v;
-                l4 + UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN
+                (l4 + UdpHdr::LEN + VxlanHdr::LEN + EthHdr::LEN, ty)
             }
             None => return,
         },
         _ => return,
     };
-    let Some(inner) = ptr_at::<Ipv4Hdr, _>(ctx, inner_at) else {
-        return;
-    };
-    // SAFETY: ptr_at checked the bounds.
-    let inner = unsafe { *inner };
-    ev.inner_proto = inner.proto;
-    ev.inner_src = inner.src_addr;
-    ev.inner_dst = inner.dst_addr;
-    if inner.vihl == 0x45
-        && u16::from_be_bytes(inner.frags) & IP_OFFSET == 0
-        && let Some((s, d)) = ports(ctx, inner.proto, inner_at + Ipv4Hdr::LEN)
+    let inner = (
+        &mut ev.inner_family,
+        &mut ev.inner_proto,
+        &mut ev.inner_src,
+        &mut ev.inner_dst,
+    );
+    if let Some(l4) = ip_at(ctx, inner_ty, inner_at, inner)
+        && let Some((s, d)) = ports(ctx, ev.inner_proto, l4)
     {
         (ev.inner_sport, ev.inner_dport) = (s, d);
     }
+}
+
+/// The IP header of Ethernet type `ty` at `off` into (family, protocol, source, destination);
+/// the offset of what follows when its ports can be read there (IPv4 without options, first
+/// fragment; IPv6 without extension headers).
+#[inline(always)]
+fn ip_at<P: Packet>(
+    ctx: &P,
+    ty: u16,
+    off: usize,
+    (family, proto, src, dst): (&mut u8, &mut u8, &mut [u8; 16], &mut [u8; 16]),
+) -> Option<usize> {
+    if ty == IPV6 {
+        let ip = ptr_at::<Ipv6Hdr, _>(ctx, off)?;
+        // SAFETY: ptr_at checked the bounds.
+        let ip = unsafe { &*ip };
+        (*family, *proto) = (6, ip.next_hdr);
+        (*src, *dst) = (ip.src_addr, ip.dst_addr);
+        return Some(off + Ipv6Hdr::LEN);
+    }
+    if ty != IPV4 {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    (*family, *proto) = (4, ip.proto);
+    src[..4].copy_from_slice(&ip.src_addr);
+    dst[..4].copy_from_slice(&ip.dst_addr);
+    let first = u16::from_be_bytes(ip.frags) & IP_OFFSET == 0;
+    (ip.vihl == 0x45 && first).then_some(off + Ipv4Hdr::LEN)
 }
 
 /// TCP or UDP ports at `off`.
@@ -177,16 +201,19 @@ fn ports<P: Packet>(ctx: &P, proto: u8, off: usize) -> Option<([u8; 2], [u8; 2])
     Some((p[0], p[1]))
 }
 
-/// The VNI of what follows the UDP header at `udp_at`, when it reads as VXLAN carrying
-/// IPv4 (I flag set, inner Ethernet type IPv4), whatever the port.
+/// The VNI and inner Ethernet type of what follows the UDP header at `udp_at`, when it reads
+/// as VXLAN carrying IPv4 or IPv6 (I flag set), whatever the port.
 #[inline(always)]
-fn vni<P: Packet>(ctx: &P, udp_at: usize) -> Option<u32> {
+fn vxlan<P: Packet>(ctx: &P, udp_at: usize) -> Option<(u32, u16)> {
     let vx = ptr_at::<VxlanHdr, _>(ctx, udp_at + UdpHdr::LEN)?;
     let eth = ptr_at::<EthHdr, _>(ctx, udp_at + UdpHdr::LEN + VxlanHdr::LEN)?;
     // SAFETY: ptr_at checked the bounds.
     let (vx, eth_type) = unsafe { (*vx, (*eth).ether_type) };
-    if vx.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0 || eth_type != IPV4 {
+    if vx.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0
+        || (eth_type != IPV4 && eth_type != IPV6)
+    {
         return None;
     }
-    Some(((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32)
+    let vni = ((vx.vni[0] as u32) << 16) | ((vx.vni[1] as u32) << 8) | vx.vni[2] as u32;
+    Some((vni, eth_type))
 }

@@ -471,7 +471,7 @@ pub mod event_hook {
 }
 
 /// One packet for `datapath monitor`, headers decoded in the program: the packet's first
-/// IPv4 header (outer, for a tunnel packet) and, for IPIP and VXLAN, the inner one.
+/// IPv4 or IPv6 header (outer, for a tunnel packet) and, for IPIP and VXLAN, the inner one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -483,27 +483,33 @@ pub struct Event {
     pub hook: u8,
     /// `DropReason` for drops; 0 for traces.
     pub reason: u8,
-    /// IPv4 protocol of the first header; 0 when the frame is not IPv4.
+    /// IP protocol (IPv6: next header) of the first header; 0 when the frame is neither IPv4
+    /// nor IPv6.
     pub proto: u8,
     pub ifindex: u32,
     /// The frame's length.
     pub len: u32,
     /// VXLAN's VNI; 0 for anything else.
     pub vni: u32,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    /// IP version of the first header (4 or 6; 0: neither) and of the inner one (0: none).
+    pub family: u8,
+    pub inner_family: u8,
+    /// IP protocol of the inner header; 0 without one.
+    pub inner_proto: u8,
+    pub _pad0: u8,
     /// TCP/UDP ports of the first header (wire order); 0 otherwise.
     pub sport: [u8; 2],
     pub dport: [u8; 2],
-    pub inner_src: [u8; 4],
-    pub inner_dst: [u8; 4],
     pub inner_sport: [u8; 2],
     pub inner_dport: [u8; 2],
-    /// IPv4 protocol of the inner header; 0 without one.
-    pub inner_proto: u8,
-    pub _pad: [u8; 15],
+    /// Addresses, IPv4 ones in their first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub inner_src: [u8; 16],
+    pub inner_dst: [u8; 16],
+    pub _pad1: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 64);
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
 
 /// Each CPU's event token bucket, and what it did with events.
 #[repr(C)]

@@ -15,7 +15,7 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    Capture, Etcd, NodeSpec, Topology,
+    Capture, Etcd, NodeSpec, Topology, datapath_bin,
     dual::{
         add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_addr6, node_yaml6, pod_ip6, vxcsum_tx,
     },
@@ -160,6 +160,16 @@ fn hostile6(t: &Topology, vni: u32, port: u16) {
     );
     let path = t.workdir.join("hostile6.py");
     std::fs::write(&path, script).expect("script");
+    let out = t.workdir.join("monitor6.jsonl");
+    let monitor = t.nodes[0].ns.spawn(
+        &format!(
+            "{} monitor --json --count 9 --duration 10 --pin-dir {}",
+            datapath_bin().display(),
+            t.pin_dir(0).display()
+        ),
+        &out,
+    );
+    thread::sleep(Duration::from_millis(500));
     t.nodes[1]
         .ns
         .exec(&format!("/usr/bin/python3 {}", path.display()));
@@ -170,6 +180,33 @@ fn hostile6(t: &Topology, vni: u32, port: u16) {
             "{reason}: IPv6 VXLAN not refused and counted"
         );
     }
+    let _ = { monitor }.wait();
+    monitor6(&out, vni);
+}
+
+/// `datapath monitor --json` showed `hostile6`'s drops with their IPv6 headers: outer
+/// addresses, VNI, the inner (spoofed) source, the sender's name.
+fn monitor6(out: &std::path::Path, vni: u32) {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let evs: Vec<serde_json::Value> = (text.lines())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let spoofed = evs
+        .iter()
+        .find(|e| e["reason"] == "inner_src_spoofed")
+        .unwrap_or_else(|| panic!("no spoof event:\n{text}"));
+    assert_eq!(spoofed["outer"]["src"], "fd00:1::11", "{spoofed}");
+    assert_eq!(spoofed["outer"]["dst"], "fd00:1::10", "{spoofed}");
+    assert_eq!(spoofed["outer"]["proto"], "udp", "{spoofed}");
+    assert_eq!(spoofed["vni"], vni, "{spoofed}");
+    assert_eq!(spoofed["inner"]["src"], "fd00:10:244:9::5", "{spoofed}");
+    assert_eq!(spoofed["inner"]["proto"], "icmpv6", "{spoofed}");
+    assert_eq!(spoofed["peer"], "fd00:1::11", "{spoofed}");
+    assert!(
+        evs.iter()
+            .any(|e| e["reason"] == "unknown_peer" && e["outer"]["src"] == "fd00:1::99"),
+        "{text}"
+    );
 }
 
 /// Every captured frame node1 sent: outer IPv6 to node2, UDP to `port` with a checksum tshark

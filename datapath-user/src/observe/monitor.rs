@@ -4,7 +4,7 @@
 //! with the reason. Traces of forwarded packets are sampled only while a monitor asks.
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -36,12 +36,14 @@ pub struct MonitorArgs {
     /// One JSON object per event, one per line.
     #[arg(long)]
     pub json: bool,
-    /// Only events whose outer (underlay) source or destination is this node address.
+    /// Only events whose outer (underlay) source or destination is this node address (IPv4
+    /// or IPv6).
     #[arg(long)]
-    pub node: Option<Ipv4Addr>,
-    /// Only events whose (inner, or only) source or destination is this pod address.
+    pub node: Option<IpAddr>,
+    /// Only events whose (inner, or only) source or destination is this pod address (IPv4 or
+    /// IPv6).
     #[arg(long)]
-    pub pod: Option<Ipv4Addr>,
+    pub pod: Option<IpAddr>,
     /// Only drops for this reason (the names `datapath stats` uses, e.g. wrong_vni).
     #[arg(long)]
     pub reason: Option<String>,
@@ -73,22 +75,22 @@ pub struct Shown {
     pub ifindex: u32,
     pub iface: Option<String>,
     pub len: u32,
-    /// The packet's first IPv4 header (the outer one of a tunnel packet).
+    /// The packet's first IPv4 or IPv6 header (the outer one of a tunnel packet).
     pub outer: Option<Headers>,
     /// VXLAN's VNI.
     pub vni: Option<u32>,
-    /// The inner IPv4 header of an IPIP or VXLAN packet.
+    /// The inner IP header of an IPIP or VXLAN packet.
     pub inner: Option<Headers>,
     /// The node at the other end of the underlay, when the maps know the address.
-    pub peer: Option<Ipv4Addr>,
-    /// That node's name, once the agent has probed it (`DP_HEALTH`).
+    pub peer: Option<IpAddr>,
+    /// That node's name, once the agent has probed it (`DP_HEALTH`, `DP_HEALTH6`).
     pub peer_name: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Headers {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub proto: &'static str,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
@@ -175,11 +177,13 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
         Kind::All => true,
     };
     let reason = is_drop.then(|| drop_name(ev.reason));
-    let outer = (ev.proto != 0).then(|| headers(ev.src, ev.dst, ev.proto, ev.sport, ev.dport));
-    let inner = (ev.inner_proto != 0).then(|| {
-        let (s, d) = (ev.inner_sport, ev.inner_dport);
-        headers(ev.inner_src, ev.inner_dst, ev.inner_proto, s, d)
-    });
+    let outer = headers(ev.family, (ev.src, ev.dst), ev.proto, (ev.sport, ev.dport));
+    let inner = headers(
+        ev.inner_family,
+        (ev.inner_src, ev.inner_dst),
+        ev.inner_proto,
+        (ev.inner_sport, ev.inner_dport),
+    );
     let node_ok = args
         .node
         .is_none_or(|n| outer.as_ref().is_some_and(|o| o.src == n || o.dst == n));
@@ -191,12 +195,11 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
     if !(wanted && node_ok && pod_ok && reason_ok) {
         return None;
     }
-    let known = |a: Ipv4Addr| maps.nodes.get(&a.octets(), 0).is_ok();
     let peer = outer
         .as_ref()
-        .and_then(|o| [o.src, o.dst].into_iter().find(|a| known(*a)));
+        .and_then(|o| [o.src, o.dst].into_iter().find(|a| known_node(maps, *a)));
     let peer_name = peer.and_then(|p| {
-        let h = maps.health.as_ref()?.get(&p.octets(), 0).ok()?;
+        let h = maps.read_health().remove(&p)?;
         Some(crate::kernel::maps::from_fixed(&h.name)).filter(|n| !n.is_empty())
     });
     let (program, hook) = event_hook::name(ev.hook)
@@ -228,21 +231,41 @@ fn drop_name(code: u8) -> &'static str {
         .map_or("unknown", |r| r.name())
 }
 
-fn headers(src: [u8; 4], dst: [u8; 4], proto: u8, sport: [u8; 2], dport: [u8; 2]) -> Headers {
+/// Whether `a` is a node the maps know (either family).
+fn known_node(maps: &DatapathMaps, a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => maps.nodes.get(&a.octets(), 0).is_ok(),
+        IpAddr::V6(a) => (maps.six.as_ref()).is_some_and(|m| m.nodes.get(&a.octets(), 0).is_ok()),
+    }
+}
+
+/// One header as the event holds it: `None` when the family is neither 4 nor 6 (no header).
+fn headers(
+    family: u8,
+    (src, dst): ([u8; 16], [u8; 16]),
+    proto: u8,
+    (sport, dport): ([u8; 2], [u8; 2]),
+) -> Option<Headers> {
+    let addr = |a: [u8; 16]| match family {
+        4 => Some(IpAddr::from(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        6 => Some(IpAddr::from(Ipv6Addr::from(a))),
+        _ => None,
+    };
     let ports = matches!(proto, 6 | 17);
-    Headers {
-        src: src.into(),
-        dst: dst.into(),
+    Some(Headers {
+        src: addr(src)?,
+        dst: addr(dst)?,
         proto: match proto {
             1 => "icmp",
             4 => "ipip",
             6 => "tcp",
             17 => "udp",
+            58 => "icmpv6",
             _ => "other",
         },
         sport: ports.then(|| u16::from_be_bytes(sport)),
         dport: ports.then(|| u16::from_be_bytes(dport)),
-    }
+    })
 }
 
 /// An event's CLOCK_MONOTONIC nanoseconds as wall-clock time.
@@ -297,7 +320,10 @@ fn print(s: &Shown, json: bool) -> anyhow::Result<()> {
 /// One line: time, type and reason, program, interface, length, headers, peer.
 fn text(s: &Shown) -> String {
     let hdr = |h: &Headers| match (h.sport, h.dport) {
-        (Some(sp), Some(dp)) => format!("{}:{sp} > {}:{dp} {}", h.src, h.dst, h.proto),
+        (Some(sp), Some(dp)) => {
+            let (from, to) = (SocketAddr::new(h.src, sp), SocketAddr::new(h.dst, dp));
+            format!("{from} > {to} {}", h.proto)
+        }
         _ => format!("{} > {} {}", h.src, h.dst, h.proto),
     };
     let mut line = format!(
