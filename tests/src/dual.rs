@@ -61,6 +61,20 @@ pub fn dual_cluster_yaml(t: &Topology) -> String {
     s
 }
 
+/// Two dual-stack nodes on one subnet with hand-made pods of both families, each running an
+/// agent (with `flags`) on the dual-stack cluster file whose first line is replaced by `head`
+/// (e.g. `encapsulation: none\nbgp: ...\n`).
+pub fn two_dual_nodes(tag: &str, head: &str, flags: &str) -> Topology {
+    let mut t = Topology::two_nodes(tag);
+    add_ipv6(&t);
+    let yaml = dual_cluster_yaml(&t).replacen("encapsulation: vxlan\n", head, 1);
+    let cluster = t.write_cluster(&yaml);
+    for i in 0..2 {
+        t.start_agent(i, &cluster, flags);
+    }
+    t
+}
+
 /// The cluster-file lines of node `i`'s IPv6 half (indented for a `nodes:` entry), with
 /// `vtep` as its IPv6 VTEP MAC when given.
 pub fn node_yaml6(i: usize, vtep: Option<&str>) -> String {

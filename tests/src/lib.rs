@@ -253,16 +253,22 @@ impl Topology {
 
     /// The JSON of `datapath stats --json` on node `i`.
     pub fn stats(&self, i: usize) -> serde_json::Value {
-        let out = self.datapath(
-            i,
-            &format!("stats --json --pin-dir {}", self.pin_dir(i).display()),
-        );
-        assert!(
-            out.status.success(),
-            "stats failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("stats json")
+        self.json(i, "stats")
+    }
+
+    /// The rows of `datapath routes --json` on node `i`.
+    pub fn routes(&self, i: usize) -> Vec<serde_json::Value> {
+        let v = self.json(i, "routes");
+        v["routes"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `datapath <command> --json` on node `i`, parsed; panics when the command fails.
+    fn json(&self, i: usize, command: &str) -> serde_json::Value {
+        let args = format!("{command} --json --pin-dir {}", self.pin_dir(i).display());
+        let out = self.datapath(i, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command} failed: {err}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{command} JSON: {e}"))
     }
 
     /// A counter of node `i`'s `stats --json` (`direction`, `mode`) in packets.

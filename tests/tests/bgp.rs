@@ -17,7 +17,7 @@ use std::{
 
 use integration_tests::{
     Capture, Topology,
-    dual::{add_ipv6, dual_cluster_yaml, pod_cidr6, pod_ip6},
+    dual::{pod_cidr6, pod_ip6, two_dual_nodes},
     fabric::{Frr, frr_config, host_behind},
     ping_log_spanned, ping_log_summary, tshark_fields, wait_for,
 };
@@ -94,18 +94,11 @@ fn status_json(t: &Topology, i: usize) -> serde_json::Value {
 
 /// The mode `datapath routes` shows for `cidr` on node `i`.
 fn route_mode(t: &Topology, i: usize, cidr: &str) -> String {
-    let out = t.datapath(
-        i,
-        &format!("routes --json --pin-dir {}", t.pin_dir(i).display()),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["pod_cidr"] == cidr)
-        .map(|r| r["mode"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default()
+    let rows = t.routes(i);
+    let row = rows.iter().find(|r| r["pod_cidr"] == cidr);
+    row.and_then(|r| r["mode"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Waits until both nodes reach each other's pods natively (the fabric has the routes).
@@ -355,16 +348,8 @@ fn ebgp_to_top_of_rack_router() {
 /// natively in both families.
 #[test]
 fn node_to_node_mesh_without_router() {
-    let mut t = Topology::two_nodes("bgpmesh");
-    add_ipv6(&t);
-    let yaml = dual_cluster_yaml(&t).replace(
-        "encapsulation: vxlan\n",
-        "encapsulation: none\nbgp:\n  asNumber: 64512\n",
-    );
-    let cluster = t.write_cluster(&yaml);
-    for i in 0..2 {
-        t.start_agent(i, &cluster, "");
-    }
+    let head = "encapsulation: none\nbgp:\n  asNumber: 64512\n";
+    let t = two_dual_nodes("bgpmesh", head, "");
     // The default --bgp-dir: derived from the pin directory, one per node.
     let session = |i: usize, peer: &str| {
         let st = status_json_default(&t, i);

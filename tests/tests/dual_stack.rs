@@ -17,7 +17,8 @@ use std::{thread, time::Duration};
 use integration_tests::{
     Capture, Etcd, NodeSpec, Topology, datapath_bin,
     dual::{
-        add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_addr6, node_yaml6, pod_ip6, vxcsum_tx,
+        add_ipv6, add_ipv6_underlay, dual_cluster_yaml, node_addr6, node_yaml6, pod_ip6,
+        two_dual_nodes, vxcsum_tx,
     },
     ping_log_summary, release_bin, sh, wait_for,
 };
@@ -424,16 +425,8 @@ fn register_claims_a_subnet_of_each_family_in_one_lease() {
 /// natively, by a route via the peer: the underlay carries the pods' own packets, no VXLAN.
 #[test]
 fn cross_subnet_reaches_a_same_subnet_peers_ipv6_pods_natively() {
-    let mut t = Topology::two_nodes("v6cross");
-    add_ipv6(&t);
-    let yaml = dual_cluster_yaml(&t).replace(
-        "encapsulation: vxlan\n",
-        "encapsulation: vxlan\ncrossSubnet: true\n",
-    );
-    let cluster = t.write_cluster(&yaml);
-    for i in 0..2 {
-        t.start_agent(i, &cluster, "");
-    }
+    let head = "encapsulation: vxlan\ncrossSubnet: true\n";
+    let t = two_dual_nodes("v6cross", head, "");
     let routes = t.nodes[0].ns.exec("ip -6 route show proto 199");
     assert!(
         routes.contains("fd00:10:244:1::/64 via fd00:1::11 dev eth0"),
@@ -483,12 +476,7 @@ fn status_json(t: &Topology, i: usize) -> serde_json::Value {
 /// the rule gone, both halves answer again.
 #[test]
 fn the_health_probe_checks_both_halves_of_a_dual_stack_peer() {
-    let mut t = Topology::two_nodes("v6health");
-    add_ipv6(&t);
-    let cluster = t.write_cluster(&dual_cluster_yaml(&t));
-    for i in 0..2 {
-        t.start_agent(i, &cluster, "");
-    }
+    let t = two_dual_nodes("v6health", "encapsulation: vxlan\n", "--health-interval 2");
     let both_ok = |t: &Topology| {
         let st = status_json(t, 0);
         st["health"]["ok"] == 1 && st["health"]["ipv6"]["ok"] == 1
@@ -499,18 +487,8 @@ fn the_health_probe_checks_both_halves_of_a_dual_stack_peer() {
         "not healthy in both families: {}",
         status_json(&t, 0)
     );
-    let routes = t.datapath(
-        0,
-        &format!("routes --json --pin-dir {}", t.pin_dir(0).display()),
-    );
-    let routes: serde_json::Value = serde_json::from_slice(&routes.stdout).unwrap();
-    let row = routes["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == node_addr6(1))
-        .unwrap()
-        .clone();
+    let routes = t.routes(0);
+    let row = routes.iter().find(|r| r["node"] == node_addr6(1)).unwrap();
     assert_eq!(row["health"]["state"], "ok", "{row}");
     assert!(
         row["health"]["tunnel_rtt_ms"].as_f64().unwrap() > 0.0,

@@ -239,8 +239,9 @@ fn a_peer_whose_tunnel_is_broken_is_named_while_its_underlay_answers() {
     // node2 reads a file of its own, the same for now.
     let own = t.workdir.join("node2.yaml");
     fs::copy(&shared, &own).unwrap();
-    t.start_agent(0, &shared, "");
-    t.start_agent(1, &own, "");
+    // Probes every 2 s (10 s by default): the changes show sooner.
+    t.start_agent(0, &shared, "--health-interval 2");
+    t.start_agent(1, &own, "--health-interval 2");
     let healthy = wait_for(Duration::from_secs(25), || {
         status(&t, 0)["health"]["ok"] == 1
     });
@@ -249,18 +250,8 @@ fn a_peer_whose_tunnel_is_broken_is_named_while_its_underlay_answers() {
         "node2 never answered through the tunnel: {}",
         status(&t, 0)
     );
-    let routes = t.datapath(
-        0,
-        &format!("routes --json --pin-dir {}", t.pin_dir(0).display()),
-    );
-    let routes: Value = serde_json::from_slice(&routes.stdout).unwrap();
-    let peer = routes["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == "192.168.1.11")
-        .unwrap()
-        .clone();
+    let routes = t.routes(0);
+    let peer = routes.iter().find(|r| r["node"] == "192.168.1.11").unwrap();
     assert_eq!(peer["health"]["state"], "ok", "{peer}");
     assert!(
         peer["health"]["tunnel_rtt_ms"].as_f64().unwrap() > 0.0,

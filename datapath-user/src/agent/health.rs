@@ -1,9 +1,10 @@
-//! Node-to-node health, as cilium-health does it: every 10 s the agent pings each tunnel peer's
-//! probe address (the first address of its pod CIDR, which every agent puts on `lo`) from its
-//! own, so the request and the reply each cross a tunnel, both datapaths included; and pings
-//! the peer's underlay address. A peer the underlay reaches but the tunnel does not has a VNI
-//! or port mismatch, or a firewall dropping the tunnel's packets, and is named as such. A
-//! dual-stack peer is probed in each family, over each underlay.
+//! Node-to-node health, as cilium-health does it: every 10 s (`--health-interval`) the agent
+//! pings each tunnel peer's probe address (the first address of its pod CIDR, which every
+//! agent puts on `lo`) from its own, so the request and the reply each cross a tunnel, both
+//! datapaths included; and pings the peer's underlay address. A peer the underlay reaches but
+//! the tunnel does not has a VNI or port mismatch, or a firewall dropping the tunnel's
+//! packets, and is named as such. A dual-stack peer is probed in each family, over each
+//! underlay.
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use maps_common::{HealthState, PeerHealth};
@@ -17,19 +18,17 @@ use crate::{
     },
 };
 
-/// How often every peer is probed.
-pub const PERIOD: Duration = Duration::from_secs(10);
 /// How long a probe's reply is waited for.
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Probes every tunnel peer every `PERIOD`, for ever.
-pub async fn watch(shared: SharedRef, nl: Netlink) {
+/// Probes every tunnel peer every `period` (`--health-interval`), for ever.
+pub async fn watch(shared: SharedRef, nl: Netlink, period: Duration) {
     let mut last: BTreeMap<IpAddr, PeerHealth> = BTreeMap::new();
     loop {
         if let Err(e) = round(&shared, &nl, &mut last).await {
             warn!("probing the peers' health: {e:#}");
         }
-        tokio::time::sleep(PERIOD).await;
+        tokio::time::sleep(period).await;
     }
 }
 

@@ -114,6 +114,10 @@ pub struct AgentOptions {
     /// Events each CPU may send at once before the rate applies.
     #[arg(long, default_value_t = maps_common::DEFAULT_EVENT_BURST)]
     pub monitor_burst: u32,
+    /// Seconds between two rounds of the node-to-node health probe (every tunnel peer, each
+    /// family, through the tunnel and over the underlay), as cilium-health's interval.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub health_interval: u64,
     /// Ignored: the cluster file is watched with inotify (kept so older command lines run).
     #[arg(long, hide = true)]
     pub watch_ms: Option<u64>,
@@ -233,7 +237,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         speaker.clone(),
     ));
     reconciler.speaker.notify_one();
-    tokio::spawn(health::watch(shared.clone(), nl.clone()));
+    let period = std::time::Duration::from_secs(opts.health_interval);
+    tokio::spawn(health::watch(shared.clone(), nl.clone(), period));
     tokio::spawn(underlay::watch(
         shared.clone(),
         nl,

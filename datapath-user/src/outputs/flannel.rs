@@ -52,8 +52,13 @@ fn masq_rules(network: &Cidr) -> Vec<String> {
     ]
 }
 
+/// IPv4 iptables, numeric: a listing (`-L`, which `chain_exists` runs) never waits on reverse
+/// DNS for the rules' addresses (5 s a lookup on a node whose resolver does not answer: seen
+/// as a 20 s `detach`).
 fn ipt() -> anyhow::Result<iptables::IPTables> {
-    iptables::new(false).map_err(|e| anyhow::anyhow!("iptables: {e}"))
+    let mut ipt = iptables::new(false).map_err(|e| anyhow::anyhow!("iptables: {e}"))?;
+    ipt.set_numeric(true);
+    Ok(ipt)
 }
 
 fn err(what: String) -> impl FnOnce(Box<dyn std::error::Error>) -> anyhow::Error {
