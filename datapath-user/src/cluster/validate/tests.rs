@@ -448,37 +448,27 @@ fn a_cluster_files_ipv6_half_is_checked_like_the_rest() {
         ["nodes[1].addressV6: duplicate IPv6 address fd00::10 (also node \"node1\")"]
     );
     // IPv6 data where IPv6 pods cannot be carried is named, never dropped without a word.
-    let ipip = dual.replace("encapsulation: vxlan", "encapsulation: ipip");
-    let c = parse(&ipip, &Defaults::default(), &limits(Some("node1"))).unwrap();
-    assert!(
-        c.warnings[0].contains("IPIP is IPv4 only"),
-        "{:?}",
+    let warnings = |text: &str| {
+        let c = parse(text, &Defaults::default(), &limits(Some("node1"))).unwrap();
         c.warnings
-    );
+    };
+    let w = warnings(&dual.replace("encapsulation: vxlan", "encapsulation: ipip"));
+    assert!(w[0].contains("IPIP is IPv4 only"), "{w:?}");
     // Native routing (BGP) carries them: no word; an IPv6 BGP peer of a node without an
     // IPv6 half is named.
     let bgp = dual.replace(
         "encapsulation: vxlan",
         "encapsulation: none\nbgp: { peers: [ { address: \"fd00::1\", asNumber: 65001 } ] }",
     );
-    let c = parse(&bgp, &Defaults::default(), &limits(Some("node1"))).unwrap();
-    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
-    let c = parse(&bgp.replace("    addressV6: fd00::11\n    podCIDRv6: fd00:10:244:1::/64\n    vtepMACv6: 66:00:00:00:00:06\n", ""), &Defaults::default(), &limits(Some("node1"))).unwrap();
-    assert!(
-        c.warnings.iter().any(|w| w.starts_with(
-            "bgp.peers[0].address: an IPv6 peer, but node(s) [\"node2\"] have no IPv6 half"
-        )),
-        "{:?}",
-        c.warnings
-    );
+    assert!(warnings(&bgp).is_empty(), "{:?}", warnings(&bgp));
+    let half2 = "    addressV6: fd00::11\n    podCIDRv6: fd00:10:244:1::/64\n    vtepMACv6: 66:00:00:00:00:06\n";
+    let w = warnings(&bgp.replace(half2, ""));
+    let named = "bgp.peers[0].address: an IPv6 peer, but node(s) [\"node2\"] have no IPv6 half";
+    assert!(w.iter().any(|x| x.starts_with(named)), "{w:?}");
     let own_v4 = dual.replace(
         "    addressV6: fd00::10\n    podCIDRv6: fd00:10:244::/64\n",
         "",
     );
-    let c = parse(&own_v4, &Defaults::default(), &limits(Some("node1"))).unwrap();
-    assert!(
-        c.warnings[0].contains("no IPv6 underlay"),
-        "{:?}",
-        c.warnings
-    );
+    let w = warnings(&own_v4);
+    assert!(w[0].contains("no IPv6 underlay"), "{w:?}");
 }
