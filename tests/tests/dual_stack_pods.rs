@@ -111,6 +111,12 @@ fn inspect_ipv6(t: &Topology) {
         encap6.is_some_and(|n| n > 100),
         "no IPv6 encapsulation counted:\n{metrics}"
     );
+    // The health probe's IPv6 half (probed every 10 s).
+    let probed = wait_for(Duration::from_secs(15), || {
+        let m = t.nodes[0].ns.exec("curl -s http://127.0.0.1:9464/metrics");
+        m.contains("datapath_peer_underlay_up{peer=\"fd00:1::11\"} 1")
+    });
+    assert!(probed, "no health of node2's IPv6 half in the metrics");
     let dump = sh(&format!(
         "bpftool map dump pinned {}/maps/DP_ENDPOINTS6",
         t.pin_dir(0).display()
