@@ -399,24 +399,13 @@ fn ipv6_next_hops_are_cached_apart_from_ipv4_ones() {
     let dst_mac = |out: &[u8]| <[u8; 6]>::try_from(&out[..6]).unwrap();
     let (_, v6) = inner_packets6().remove(0);
     let (_, v4) = inner_packets().remove(0);
-    let send6 = |env: &Env| {
-        dst_mac(
-            &env.run_tc(
-                prog_names::TC_ENCAP_EGRESS,
-                &eth(NODE_MAC, NODE_MAC, 0x86dd, &v6),
-            )
-            .1,
-        )
+    // The next hop's MAC the encap program gives a packet of `ether_type`.
+    let send = |env: &Env, ether_type: u16, ip: &[u8]| {
+        let frame = eth(NODE_MAC, NODE_MAC, ether_type, ip);
+        dst_mac(&env.run_tc(prog_names::TC_ENCAP_EGRESS, &frame).1)
     };
-    let send4 = |env: &Env| {
-        dst_mac(
-            &env.run_tc(
-                prog_names::TC_ENCAP_EGRESS,
-                &eth(NODE_MAC, NODE_MAC, 0x0800, &v4),
-            )
-            .1,
-        )
-    };
+    let send6 = |env: &Env| send(env, 0x86dd, &v6);
+    let send4 = |env: &Env| send(env, 0x0800, &v4);
     const V6_NEIGH: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
     testkit::net::sh("ip neigh replace fd00:1::11 lladdr 02:00:00:00:00:0c dev ul0 nud permanent");
     env.dp.bump_underlay_gen().expect("bump");

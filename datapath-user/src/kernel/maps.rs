@@ -211,6 +211,14 @@ impl DatapathMaps {
         drop_health(&mut self.health6, |k| keep.contains(&IpAddr::from(*k)));
     }
 
+    /// The last health probe of the peer half at `addr`, if any.
+    pub fn health_of(&self, addr: IpAddr) -> Option<PeerHealth> {
+        match addr {
+            IpAddr::V4(a) => self.health.as_ref()?.get(&a.octets(), 0).ok(),
+            IpAddr::V6(a) => self.health6.as_ref()?.get(&a.octets(), 0).ok(),
+        }
+    }
+
     /// Each peer half's last health probe, by its underlay address: IPv4 ones first.
     pub fn read_health(&self) -> BTreeMap<IpAddr, PeerHealth> {
         let v4 = self.health.iter().flat_map(|m| m.iter().flatten());

@@ -199,7 +199,7 @@ fn show(ev: &Event, args: &MonitorArgs, maps: &DatapathMaps) -> Option<Shown> {
         .as_ref()
         .and_then(|o| [o.src, o.dst].into_iter().find(|a| known_node(maps, *a)));
     let peer_name = peer.and_then(|p| {
-        let h = maps.read_health().remove(&p)?;
+        let h = maps.health_of(p)?;
         Some(crate::kernel::maps::from_fixed(&h.name)).filter(|n| !n.is_empty())
     });
     let (program, hook) = event_hook::name(ev.hook)

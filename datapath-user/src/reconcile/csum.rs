@@ -11,8 +11,7 @@ use crate::{
 
 /// Creates the checksum device and its drop program when the cluster asks for outer UDP
 /// checksums (VXLAN), or this node carries IPv6 pods (`v6`, VXLAN or native routing: it sends
-/// every IPv6 VXLAN frame); returns
-/// its ifindex, 0 when none is wanted.
+/// every IPv6 VXLAN frame); returns its ifindex, 0 when none is wanted.
 pub async fn with_csum_device(
     shared: &SharedRef,
     nl: &Netlink,

@@ -38,7 +38,7 @@ impl Dataplane {
         }
         let v6_moved = learned.v6 != self.fabric.v6;
         self.fabric = learned;
-        let halves6 = if v6_moved { self.resync6()? } else { 0 };
+        let halves6 = if v6_moved { self.sync6()? } else { 0 };
         let (Some(me), Some(settings)) = (self.me.clone(), self.settings.clone()) else {
             return Ok(Changes::default());
         };

@@ -245,25 +245,15 @@ impl Dataplane {
             .map_err(map_err(map_names::NODES6))
     }
 
-    /// `sync6`, returning how many IPv6 pod CIDR entries it changed.
-    pub(super) fn resync6(&mut self) -> Result<usize, MapsError> {
-        let before = self.six.cidrs.clone();
-        self.sync6()?;
-        let after = &self.six.cidrs;
-        let changed = after
-            .iter()
-            .filter(|(c, r)| before.get(c) != Some(r))
-            .count();
-        Ok(changed + before.keys().filter(|c| !after.contains_key(c)).count())
-    }
-
     /// Brings the IPv6 maps and routes to the applied state: nodes before the pod CIDRs that
-    /// name them, removals after. Nothing to do in pins without IPv6 maps.
-    pub(super) fn sync6(&mut self) -> Result<(), MapsError> {
+    /// name them, removals after. Returns how many IPv6 pod CIDR entries changed. Nothing to
+    /// do in pins without IPv6 maps.
+    pub(super) fn sync6(&mut self) -> Result<usize, MapsError> {
         let want = self.want6();
         let Some(m) = self.maps.six.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
+        let mut changed = 0;
         let have = &mut self.six;
         for (k, v) in &want.nodes {
             if have.nodes.get(k) != Some(v) {
@@ -274,6 +264,7 @@ impl Dataplane {
         }
         for (c, r) in &want.cidrs {
             if have.cidrs.get(c) != Some(r) {
+                changed += 1;
                 let key = Key::new(c.len as u32, c.addr.octets());
                 m.pod_cidrs
                     .insert(&key, r, 0)
@@ -286,6 +277,7 @@ impl Dataplane {
                 .map_err(map_err(map_names::CONFIG6))?;
         }
         for c in have.cidrs.keys().filter(|c| !want.cidrs.contains_key(c)) {
+            changed += 1;
             let _ = m.pod_cidrs.remove(&Key::new(c.len as u32, c.addr.octets()));
         }
         for k in have.nodes.keys().filter(|k| !want.nodes.contains_key(*k)) {
@@ -301,6 +293,6 @@ impl Dataplane {
         have.routes
             .extend(want.native.iter().map(|(c, via)| (*c, Some(*via))));
         (have.config, have.nodes, have.cidrs) = (want.config, want.nodes, want.cidrs);
-        Ok(())
+        Ok(changed)
     }
 }
