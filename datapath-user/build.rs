@@ -2,6 +2,8 @@
 //! from where `src/loader.rs` embeds it in the `datapath` binary; records the commit built
 //! for `datapath --version`.
 use anyhow::Context as _;
+use std::{fs, path::PathBuf};
+
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
@@ -15,7 +17,34 @@ fn main() -> anyhow::Result<()> {
     } else {
         &[]
     };
-    aya_build::build_ebpf(
+    build_shared(ebpf_dir, features)
+}
+
+/// aya-build compiles the kernel crate, and `core` with it, in a target directory under
+/// OUT_DIR, which is new for every profile, feature set and target datapath-user is built
+/// with: five times in `cargo xtask test`, each half a minute. Here aya-build is pointed at
+/// one directory per kernel feature set under the workspace's target directory instead (the
+/// ancestor of OUT_DIR holding cargo's CACHEDIR.TAG), one build script at a time (a
+/// file lock), and the object is copied into this build's OUT_DIR.
+fn build_shared(ebpf_dir: &str, features: &[&str]) -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
+    let tagged = |d: &&std::path::Path| d.join("CACHEDIR.TAG").exists();
+    let nearest = out_dir.ancestors().find(tagged).unwrap_or(&out_dir);
+    // A --target build's directory is tagged too, inside the target directory.
+    let root = nearest.parent().filter(tagged).unwrap_or(nearest);
+    let set = if features.is_empty() {
+        "default".to_string()
+    } else {
+        features.join("-")
+    };
+    let shared = root.join("ebpf").join(set);
+    fs::create_dir_all(&shared).context("creating the shared kernel build directory")?;
+    let lock = fs::File::create(shared.join(".lock")).context("creating the build lock")?;
+    lock.lock().context("taking the build lock")?;
+    // SAFETY: the build script has a single thread here; aya-build reads OUT_DIR to place its
+    // target directory and the object, and it is set back right after.
+    unsafe { std::env::set_var("OUT_DIR", &shared) };
+    let built = aya_build::build_ebpf(
         [Package {
             name: "datapath-ebpf",
             root_dir: ebpf_dir,
@@ -23,7 +52,13 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         Toolchain::default(),
-    )
+    );
+    // SAFETY: as above.
+    unsafe { std::env::set_var("OUT_DIR", &out_dir) };
+    built?;
+    fs::copy(shared.join("datapath"), out_dir.join("datapath"))
+        .context("copying the kernel object into OUT_DIR")?;
+    Ok(())
 }
 
 /// `DATAPATH_VERSION`: the package version and the commit built (with `-dirty` for

@@ -499,10 +499,11 @@ fn vxlan_to_none_to_ipip_live_loses_nothing() {
 const NODES6: [&str; 2] = ["fd00:1::10", "fd00:2::10"];
 
 /// Dual-stack BGP native routing, as Calico peers each family: the router is each node's
-/// route reflector over IPv4 and over IPv6 (a BGPPeer of each family). The router learns each
-/// node's IPv6 pod CIDR over the IPv6 session, the nodes take each other's IPv6 halves native,
-/// and the pods' IPv6 packets cross the router's link as they are (no VXLAN), both ways, with
-/// IPv4 native beside them.
+/// route reflector over IPv4 and over IPv6 (a BGPPeer of each family). Before the router runs,
+/// the IPv6 halves (in another IPv6 subnet, so not native at once) go in VXLAN over IPv6. Once
+/// it runs, the router learns each node's IPv6 pod CIDR over the IPv6 session, the nodes take
+/// each other's IPv6 halves native, and the pods' IPv6 packets cross the router's link as they
+/// are (no VXLAN), both ways, with IPv4 native beside them.
 #[test]
 fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
     let mut t = two_subnets("bgp6");
@@ -521,8 +522,6 @@ fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
         (NODES6[0], 64512),
         (NODES6[1], 64512),
     ];
-    let cfg = frr_config(64512, "192.168.1.1", &neighbours, &["192.168.3.0/24"]);
-    let frr = Frr::start(&t.underlay, &t.workdir.join("frr"), &cfg);
     let mut yaml = t.cluster_yaml(
         "none",
         &(peers_block(64512)
@@ -540,7 +539,10 @@ fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
     start(&mut t, 0, &cluster);
     start(&mut t, 1, &cluster);
     plug(&mut t);
+    ipv6_goes_in_vxlan_until_the_fabric_routes_it(&t);
 
+    let cfg = frr_config(64512, "192.168.1.1", &neighbours, &["192.168.3.0/24"]);
+    let frr = Frr::start(&t.underlay, &t.workdir.join("frr"), &cfg);
     for (i, via) in NODES6.iter().enumerate() {
         assert!(
             frr.wait_route(&pod_cidr6(i), via, Duration::from_secs(30)),
@@ -593,4 +595,38 @@ fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
         );
     }
     assert_eq!(t.ping(0, 1, 3), 3, "IPv4 beside it");
+}
+
+/// Under `encapsulation: none`, before any BGP peer has advertised them: the peer's IPv6 half,
+/// in another IPv6 subnet, is `vxlan`, and the pods' IPv6 ping crosses the router's link in
+/// VXLAN over IPv6 (outer node addresses, port 4789, the pods' addresses inside).
+fn ipv6_goes_in_vxlan_until_the_fabric_routes_it(t: &Topology) {
+    assert_eq!(
+        route_mode(t, 0, &pod_cidr6(1)),
+        "vxlan",
+        "before the fabric"
+    );
+    assert_eq!(
+        route_mode(t, 1, &pod_cidr6(0)),
+        "vxlan",
+        "before the fabric"
+    );
+    let cap = Capture::start(
+        &t.underlay,
+        "u0",
+        "ip6 and udp",
+        &t.workdir.join("vx6.pcap"),
+    );
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "no IPv6 between the pods in VXLAN");
+    assert_eq!(t.ping6(1, 0, 3), 3, "pod2 -> pod1 in VXLAN over IPv6");
+    let fields = ["ipv6.src", "udp.dstport", "vxlan.vni", "ipv6.dst"];
+    let frames = tshark_fields(&cap.stop(), "", &fields);
+    assert!(frames.len() >= 6, "VXLAN over IPv6 on the link: {frames:?}");
+    for f in &frames {
+        let outer = f[0].split(',').next().unwrap_or("");
+        assert!(NODES6.contains(&outer), "outer source a node: {f:?}");
+        assert_eq!(f[1], "4789", "{f:?}");
+        assert!(f[3].contains("fd00:10:244:"), "inner pod address: {f:?}");
+    }
 }

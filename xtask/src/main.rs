@@ -453,7 +453,9 @@ fn test(filter: Option<&str>) -> Result<()> {
     if built {
         // Namespace tests share the machine's two cores: one at a time.
         let mut cmd = cargo();
-        cmd.args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
+        // With the agent's features as built above: the library compiles once for both.
+        cmd.args(["test", "-p", "integration-tests", "--features"])
+            .args(["datapath-user/fault-injection", "--", "--test-threads=1"])
             .args(&filter_args);
         if image_built {
             cmd.env("DATAPATH_IMAGE", TEST_IMAGE);
