@@ -42,15 +42,15 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
-/// A TCP stream from pod1 to pod2:`port` for 5 s, with `rule` run on `node` 2 s in and
+/// A TCP stream from pod1 to pod2:`port` for 3.5 s, with `rule` run on `node` 1.5 s in and
 /// `undo` after; returns the Unix time the rule went in and the times the echoes came back.
 fn stream_across(t: &Topology, port: u16, node: usize, rule: &str, undo: &str) -> (f64, Vec<f64>) {
     let log = t.workdir.join(format!("stream-{port}.json"));
     let mut client = t.nodes[0].pod.spawn(
-        &format!("{} stream {} {port} 5", traffic_py(), t.nodes[1].pod_ip),
+        &format!("{} stream {} {port} 3.5", traffic_py(), t.nodes[1].pod_ip),
         &log,
     );
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_millis(1500));
     let at = now();
     t.nodes[node].ns.exec(rule);
     let status = client.wait().unwrap();
@@ -152,9 +152,10 @@ fn policy(encap: &str) {
         &format!("iptables -I FORWARD {drop_new_8080}"),
         &format!("iptables -D FORWARD {drop_new_8080}"),
     );
+    // An echo every 50 ms: some 20 in the second after the first one.
     let after = echoes.iter().filter(|e| **e > at + 1.0).count();
     assert!(
-        after > 30,
+        after > 10,
         "NEW-only rule stalled an established flow: {after} echoes after it"
     );
     for (node, tool) in [(1, "iptables"), (0, "iptables-legacy")] {

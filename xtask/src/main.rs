@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod lab;
+mod test;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -100,7 +101,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { filter } => {
             setup()?;
-            test(filter.as_deref())
+            test::run(filter.as_deref())
         }
     }
 }
@@ -353,166 +354,5 @@ fn build() -> Result<()> {
     let started = Instant::now();
     run(cargo().args(["build", "--quiet", "-p", "datapath-user"]))?;
     println!("build: done in {:.0} s", started.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// Runs `cmd`, echoing its output, and adds the counts of cargo's `test result:` lines.
-fn run_counting(cmd: &mut Command, tests: &mut (u64, u64)) -> bool {
-    use std::io::{BufRead as _, BufReader};
-    let Ok(mut child) = cmd.stdout(Stdio::piped()).spawn() else {
-        return false;
-    };
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                let count = |word: &str| {
-                    rest.split("; ")
-                        .find_map(|p| {
-                            p.trim_start_matches("ok. ")
-                                .trim_start_matches("FAILED. ")
-                                .strip_suffix(word)
-                        })
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                tests.0 += count(" passed");
-                tests.1 += count(" failed");
-            }
-        }
-    }
-    child.wait().is_ok_and(|s| s.success())
-}
-
-/// The image the tests run the agent's binary from; removed afterwards.
-const TEST_IMAGE: &str = "localhost/datapath:test";
-
-fn test(filter: Option<&str>) -> Result<()> {
-    let started = Instant::now();
-    let mut summary: Vec<(String, bool, f64)> = Vec::new();
-    let mut tests = (0u64, 0u64);
-    let mut step = |name: &str, cmd: &mut Command, tests: &mut (u64, u64)| -> bool {
-        println!("\n=== {name}");
-        let t = Instant::now();
-        let ok = run_counting(cmd, tests);
-        summary.push((name.to_string(), ok, t.elapsed().as_secs_f64()));
-        ok
-    };
-    let filter_args: Vec<&str> = filter.into_iter().collect();
-    step(
-        "cargo fmt --check",
-        cargo().args(["fmt", "--all", "--check"]),
-        &mut tests,
-    );
-    step(
-        "cargo clippy",
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--quiet",
-            "--",
-            "-D",
-            "warnings",
-        ]),
-        &mut tests,
-    );
-    let built = step(
-        "build datapath (with the upgrade tests' crash points)",
-        cargo().args([
-            "build",
-            "--quiet",
-            "-p",
-            "datapath-user",
-            "--features",
-            "fault-injection",
-        ]),
-        &mut tests,
-    );
-    step(
-        "unit tests (maps-common, datapath-user)",
-        cargo()
-            .args(["test", "-p", "maps-common", "-p", "datapath-user", "--"])
-            .args(&filter_args),
-        &mut tests,
-    );
-    // The image test's prerequisite: built whenever that test is among those that run.
-    let image_test = "the_image_holds_a_self_contained_agent";
-    let image_built = filter.is_none_or(|f| image_test.contains(f))
-        && step(
-            "container image (static datapath, deploy/Containerfile)",
-            Command::new(std::env::current_exe()?).args(["image", "--tag", TEST_IMAGE]),
-            &mut tests,
-        );
-    // The binary the image ships, searched as `strings` would: no test or benchmark code.
-    let shipped_clean = image_built.then(|| {
-        let shipped = std::fs::read(workspace().join(STATIC_BIN)).unwrap_or_default();
-        let has = |needle: &[u8]| shipped.windows(needle.len()).any(|w| w == needle);
-        !shipped.is_empty() && !has(b"DATAPATH_FAULT") && !has(b"tc_floor")
-    });
-    if built {
-        // Namespace tests share the machine's two cores: one at a time.
-        let mut cmd = cargo();
-        // With the agent's features as built above: the library compiles once for both.
-        cmd.args(["test", "-p", "integration-tests", "--features"])
-            .args(["datapath-user/fault-injection", "--", "--test-threads=1"])
-            .args(&filter_args);
-        if image_built {
-            cmd.env("DATAPATH_IMAGE", TEST_IMAGE);
-        }
-        step(
-            "program tests (BPF_PROG_TEST_RUN) and namespace integration tests",
-            &mut cmd,
-            &mut tests,
-        );
-    }
-    if image_built {
-        let _ = Command::new("podman")
-            .args(["rmi", "-f", TEST_IMAGE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    let leftovers =
-        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
-            .lines()
-            .filter(|l| l.starts_with("dpt"))
-            .count();
-    summary.push(("no namespaces left behind".into(), leftovers == 0, 0.0));
-    if let Some(clean) = shipped_clean {
-        summary.push((
-            "the shipped binary holds neither DATAPATH_FAULT nor tc_floor".into(),
-            clean,
-            0.0,
-        ));
-    }
-    // The tests pin only on bpffs mounts of their own under /run/datapath-tests.
-    let mounts = std::fs::read_to_string("/proc/mounts")?
-        .lines()
-        .filter(|l| {
-            l.split(' ')
-                .nth(1)
-                .is_some_and(|m| m.starts_with("/run/datapath-tests"))
-        })
-        .count();
-    summary.push((
-        "no bpffs mounts or pins left behind".into(),
-        mounts == 0,
-        0.0,
-    ));
-
-    println!("\n=== summary ({:.0} s)", started.elapsed().as_secs_f64());
-    for (name, ok, secs) in &summary {
-        println!(
-            "  {:<4} {name} ({secs:.1} s)",
-            if *ok { "ok" } else { "FAIL" }
-        );
-    }
-    let failed_steps = summary.iter().filter(|s| !s.1).count() as u64;
-    // One plain closing line: tests passed, and failed tests plus failed steps.
-    println!("{} passed, {} failed", tests.0, tests.1.max(failed_steps));
-    if failed_steps > 0 {
-        bail!("{failed_steps} step(s) failed");
-    }
     Ok(())
 }
