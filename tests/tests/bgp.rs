@@ -576,10 +576,7 @@ fn ipv6_pod_cidrs_are_advertised_over_ipv6_sessions_and_routed_natively() {
         "(ip6 and not icmp6 and not tcp port 179) or udp",
         &t.workdir.join("v6.pcap"),
     );
-    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
-    assert!(up, "no IPv6 between the pods");
-    assert_eq!(t.ping6(0, 1, 5), 5, "pod1 -> pod2 over IPv6");
-    assert_eq!(t.ping6(1, 0, 5), 5, "pod2 -> pod1 over IPv6");
+    ping6_both_ways(&t, 5, "natively");
     let (sent, got) = t.tcp_transfer_via(0, 1, &pod_ip6(1), 5001, 8);
     assert_eq!(sent, got, "hashed TCP/IPv6 transfer pod1 -> pod2");
     let frames = tshark_fields(&cap.stop(), "", &["ipv6.src", "ipv6.dst", "udp.dstport"]);
@@ -617,9 +614,7 @@ fn ipv6_goes_in_vxlan_until_the_fabric_routes_it(t: &Topology) {
         "ip6 and udp",
         &t.workdir.join("vx6.pcap"),
     );
-    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
-    assert!(up, "no IPv6 between the pods in VXLAN");
-    assert_eq!(t.ping6(1, 0, 3), 3, "pod2 -> pod1 in VXLAN over IPv6");
+    ping6_both_ways(t, 3, "in VXLAN over IPv6");
     let fields = ["ipv6.src", "udp.dstport", "vxlan.vni", "ipv6.dst"];
     let frames = tshark_fields(&cap.stop(), "", &fields);
     assert!(frames.len() >= 6, "VXLAN over IPv6 on the link: {frames:?}");
@@ -629,4 +624,12 @@ fn ipv6_goes_in_vxlan_until_the_fabric_routes_it(t: &Topology) {
         assert_eq!(f[1], "4789", "{f:?}");
         assert!(f[3].contains("fd00:10:244:"), "inner pod address: {f:?}");
     }
+}
+
+/// Once IPv6 is up between the pods, `n` pings each way all answered.
+fn ping6_both_ways(t: &Topology, n: u32, how: &str) {
+    let up = wait_for(Duration::from_secs(10), || t.ping6(0, 1, 1) == 1);
+    assert!(up, "no IPv6 between the pods {how}");
+    assert_eq!(t.ping6(0, 1, n), n, "pod1 -> pod2 {how}");
+    assert_eq!(t.ping6(1, 0, n), n, "pod2 -> pod1 {how}");
 }
