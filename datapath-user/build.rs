@@ -23,21 +23,20 @@ fn main() -> anyhow::Result<()> {
 /// aya-build compiles the kernel crate, and `core` with it, in a target directory under
 /// OUT_DIR, which is new for every profile, feature set and target datapath-user is built
 /// with: five times in `cargo xtask test`, each half a minute. Here aya-build is pointed at
-/// one directory per kernel feature set under the workspace's target directory instead (the
-/// ancestor of OUT_DIR holding cargo's CACHEDIR.TAG), one build script at a time (a
-/// file lock), and the object is copied into this build's OUT_DIR.
+/// one directory per architecture and kernel feature set under the workspace's target
+/// directory instead (the ancestor of OUT_DIR holding cargo's CACHEDIR.TAG), one build script
+/// at a time (a file lock), and the object is copied into this build's OUT_DIR.
 fn build_shared(ebpf_dir: &str, features: &[&str]) -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
     let tagged = |d: &&std::path::Path| d.join("CACHEDIR.TAG").exists();
     let nearest = out_dir.ancestors().find(tagged).unwrap_or(&out_dir);
     // A --target build's directory is tagged too, inside the target directory.
     let root = nearest.parent().filter(tagged).unwrap_or(nearest);
-    let set = if features.is_empty() {
-        "default".to_string()
-    } else {
-        features.join("-")
-    };
-    let shared = root.join("ebpf").join(set);
+    // What the object depends on besides the sources: the target architecture aya-build
+    // compiles for (`bpf_target_arch`) and the kernel features.
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+    let set = [arch.as_str()].into_iter().chain(features.iter().copied());
+    let shared = root.join("ebpf").join(set.collect::<Vec<_>>().join("-"));
     fs::create_dir_all(&shared).context("creating the shared kernel build directory")?;
     let lock = fs::File::create(shared.join(".lock")).context("creating the build lock")?;
     lock.lock().context("taking the build lock")?;

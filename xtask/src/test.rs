@@ -65,10 +65,15 @@ pub fn run(filter: Option<&str>) -> Result<()> {
             .args(["test", "-p", "maps-common", "-p", "datapath-user", "--"])
             .args(&filter_args),
     );
-    let image = filter
-        .is_none_or(|f| IMAGE_TEST.contains(f))
-        .then(ImageBuild::start)
-        .transpose()?;
+    let image = if filter.is_none_or(|f| IMAGE_TEST.contains(f)) {
+        ImageBuild::start()
+            .inspect_err(|e| {
+                steps.record(&format!("container image: not started: {e:#}"), false, 0.0)
+            })
+            .ok()
+    } else {
+        None
+    };
     if built {
         let mut cmd = integration_tests(&filter_args);
         if image.is_some() {
